@@ -1,0 +1,59 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test unit integration e2e install system-deps crd bench lint clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Python packages: torch (CPU wheel here, ~200 MB) and everything the tests use.
+.stamp-python: pyproject.toml | $(BIN)/python
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+# Real services the tests talk to: Debian's redis-server, prometheus (promtool) packages.
+.stamp-system:
+	@if ! command -v redis-server >/dev/null || ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server prometheus >/dev/null; \
+	fi
+	@command -v redis-server >/dev/null && command -v promtool >/dev/null && command -v prometheus >/dev/null
+	touch $@
+
+install: .stamp-python .stamp-system
+
+crd: .stamp-python
+	$(BIN)/sdop crd > crds/stablediffusionservices.sdop.io.yaml
+	cp crds/stablediffusionservices.sdop.io.yaml charts/sdop/crds/
+
+# The main job with no cluster: render every example, then serve the built-in tiny model
+# and generate an image through the HTTP API.
+demo: install
+	@mkdir -p demo-output
+	@for f in examples/*.yaml; do \
+	  echo "== sdop render -f $$f"; $(BIN)/sdop render -f $$f > demo-output/$$(basename $$f .yaml).rendered.yaml || exit 1; \
+	  grep '^kind:' demo-output/$$(basename $$f .yaml).rendered.yaml | sort | uniq -c; \
+	done
+	$(BIN)/python -m sdserve.demo --out demo-output
+
+test: install
+	$(BIN)/python -m pytest -q
+
+unit: .stamp-python
+	$(BIN)/python -m pytest -q tests/unit
+
+e2e: install
+	$(BIN)/python -m pytest -q --run-e2e tests/e2e
+
+bench: install
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .stamp-* demo-output

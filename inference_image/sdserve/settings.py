@@ -1,0 +1,97 @@
+"""All server settings, from SDSERVE_* environment variables (the operator's ConfigMap).
+
+This is the only place that reads the environment. The operator renders these names
+(``sdop/render/config.py``); ``tests/unit/test_config_contract.py`` ties the two.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SDSERVE_", extra="ignore", populate_by_name=True)
+
+    # Model
+    model: str = Field("tiny", description="'tiny', a Hugging Face id, a diffusers folder or a .safetensors file.")
+    model_revision: str = "main"
+    pipeline: Literal["sd", "sdxl"] = "sd"
+    variant: str | None = None
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    hf_token: str | None = Field(None, description="Hugging Face token (from a Secret).")
+    compile: bool = False
+    channels_last: bool = True
+    scheduler: Literal["default", "euler", "euler_a", "dpmpp_2m", "ddim"] = "default"
+    warmup: bool = True
+    safety_checker_path: str | None = None
+    nsfw_check: bool = False
+
+    # Batching and queue
+    max_batch_size: int = Field(4, ge=1, le=64)
+    max_wait_ms: int = Field(25, ge=0)
+    queue_size: int = Field(64, ge=1)
+    timeout_seconds: float = Field(120, gt=0)
+
+    # Request limits
+    min_side: int = 256
+    max_width: int = 1024
+    max_height: int = 1024
+    max_steps: int = 50
+    max_images: int = 4
+    max_prompt_length: int = 1000
+    default_steps: int = 25
+    default_guidance_scale: float = 7.5
+
+    # Result cache
+    cache_type: Literal["none", "memory", "redis"] = "memory"
+    cache_max_entries: int = Field(256, ge=1)
+    cache_ttl_seconds: int = Field(86400, ge=1)
+    redis_url: str | None = None
+
+    # Auth
+    api_keys_file: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_jwks_url: str | None = None
+    jwt_key_file: str | None = None
+    jwt_algorithms: str = "RS256"
+
+    # Rate limit (token bucket per key)
+    rate_limit_enabled: bool = False
+    rate_limit_rps: float = Field(2.0, gt=0)
+    rate_limit_burst: int = Field(10, ge=1)
+
+    # Safety
+    blocklist_file: str | None = None
+
+    # Process
+    host: str = "0.0.0.0"
+    port: int = 8000
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    drain_seconds: float = Field(150, ge=0, description="Longest a SIGTERM waits for queued work.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.cache_type == "redis" and not self.redis_url:
+            raise ValueError("SDSERVE_CACHE_TYPE=redis needs SDSERVE_REDIS_URL")
+        if self.jwt_issuer and not (self.jwt_jwks_url or self.jwt_key_file):
+            raise ValueError("SDSERVE_JWT_ISSUER needs SDSERVE_JWT_JWKS_URL or SDSERVE_JWT_KEY_FILE")
+        return self
+
+    @property
+    def model_id(self) -> str:
+        """What identifies the weights in cache keys and /v1/models."""
+        return self.model
+
+    @property
+    def jwt_algorithm_list(self) -> list[str]:
+        return [a.strip() for a in self.jwt_algorithms.split(",") if a.strip()]
+
+
+def env_names() -> set[str]:
+    """Every environment variable Settings reads."""
+    return {f"SDSERVE_{name.upper()}" for name in Settings.model_fields}

@@ -1,0 +1,42 @@
+"""GPU type presets: the hardware matrix users pick from instead of tuning by hand.
+
+Each preset says what a replica of that GPU can sustain for SD 1.5 at 512x512 in fp16:
+the largest batch that fits with headroom, the host memory and CPU to request, the node
+label that GPU feature discovery puts on such nodes, and the largest image side that
+fits in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+GpuType = Literal["rtx3080-10gb", "rtx4090-24gb", "a100-40gb", "h100-80gb", "custom"]
+
+#: Node label set by NVIDIA GPU feature discovery (part of the GPU operator).
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+
+
+@dataclass(frozen=True)
+class GpuPreset:
+    gpu_memory_gib: int
+    max_batch_size: int
+    max_side: int
+    cpu: str
+    memory: str
+    product: str
+
+
+PRESETS: dict[str, GpuPreset] = {
+    "rtx3080-10gb": GpuPreset(10, 2, 768, "4", "16Gi", "NVIDIA-GeForce-RTX-3080"),
+    "rtx4090-24gb": GpuPreset(24, 4, 1024, "6", "24Gi", "NVIDIA-GeForce-RTX-4090"),
+    "a100-40gb": GpuPreset(40, 8, 1024, "8", "48Gi", "NVIDIA-A100-SXM4-40GB"),
+    "h100-80gb": GpuPreset(80, 16, 1536, "12", "64Gi", "NVIDIA-H100-80GB-HBM3"),
+}
+
+#: What a ``custom`` GPU gets: the conservative end of the matrix.
+CUSTOM = GpuPreset(0, 4, 1024, "4", "16Gi", "")
+
+
+def preset(gpu_type: str) -> GpuPreset:
+    return PRESETS.get(gpu_type, CUSTOM)

@@ -1,0 +1,53 @@
+"""Rules a CR can break while passing the CRD schema: they depend on the GPU preset table.
+
+The operator reports a broken rule as Degraded with the field named and applies nothing;
+``sdop validate`` prints the same problems.
+"""
+
+from __future__ import annotations
+
+from .presets import GPU_PRODUCT_LABEL, PRESETS, preset
+from .spec import StableDiffusionServiceSpec
+
+
+def problems(spec: StableDiffusionServiceSpec) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    gpu_type = spec.gpu.type
+    if gpu_type not in PRESETS:
+        if spec.gpu.count == 0 and spec.model.pipeline == "sdxl":
+            out.append(("spec.gpu.count", "SDXL needs a GPU: set gpu.count >= 1"))
+        return out
+    p = PRESETS[gpu_type]
+    product = spec.scheduling.node_selector.get(GPU_PRODUCT_LABEL)
+    if product is not None and product != p.product:
+        out.append((
+            f"spec.scheduling.nodeSelector[{GPU_PRODUCT_LABEL}]",
+            f"selects {product!r} but gpu.type {gpu_type} means {p.product!r}; use gpu.type custom to pick nodes yourself",
+        ))
+    if spec.gpu.count == 0:
+        out.append(("spec.gpu.count", f"gpu.type {gpu_type} needs gpu.count >= 1 (use gpu.type custom for CPU replicas)"))
+    mbs = spec.batching.max_batch_size
+    if mbs is not None and mbs > p.max_batch_size:
+        out.append(("spec.batching.maxBatchSize", f"{mbs} exceeds what {gpu_type} fits ({p.max_batch_size}); lower it or use gpu.type custom"))
+    # Sides set explicitly must fit; defaults are capped to the preset (see max_sides()).
+    for name, attr in (("maxWidth", "max_width"), ("maxHeight", "max_height")):
+        value = getattr(spec.limits, attr)
+        if attr in spec.limits.model_fields_set and value > p.max_side:
+            out.append((f"spec.limits.{name}", f"{value} exceeds the largest side {gpu_type} fits ({p.max_side})"))
+    if spec.model.pipeline == "sdxl" and p.gpu_memory_gib < 16:
+        out.append(("spec.model.pipeline", f"sdxl does not fit {gpu_type} ({p.gpu_memory_gib} GiB)"))
+    return out
+
+
+def max_batch_size(spec: StableDiffusionServiceSpec) -> int:
+    return spec.batching.max_batch_size or preset(spec.gpu.type).max_batch_size
+
+
+def max_sides(spec: StableDiffusionServiceSpec) -> tuple[int, int]:
+    """Largest width and height the server allows: explicit values, or defaults capped by the GPU preset."""
+    side = preset(spec.gpu.type).max_side
+    out = []
+    for attr in ("max_width", "max_height"):
+        value = getattr(spec.limits, attr)
+        out.append(value if attr in spec.limits.model_fields_set else min(value, side))
+    return out[0], out[1]

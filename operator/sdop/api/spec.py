@@ -1,0 +1,414 @@
+"""The StableDiffusionService spec, defined once.
+
+The CRD (``sdop crd``), the defaults, the CLI's validation and the operator's parsing all
+come from these models. Cross-field rules are written twice on purpose: as a pydantic
+validator (what the CLI and the operator run) and as a CEL rule in the CRD (what the API
+server runs); ``tests/unit/test_crd.py`` evaluates both on the same CRs so they cannot drift.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .base import ApiModel, cel
+from .presets import GpuType
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
+DURATION = r"^[0-9]+(ms|s|m|h)$"
+
+
+class SecretKeyRef(ApiModel):
+    """A key of a Secret in the same namespace."""
+
+    name: str = Field(description="Name of the Secret.", min_length=1, max_length=253, pattern=DNS_LABEL.replace("([-a-z0-9]", "([-.a-z0-9]"))
+    key: str = Field(description="Key inside the Secret.", min_length=1, max_length=253)
+
+
+class ConfigMapKeyRef(ApiModel):
+    """A key of a ConfigMap in the same namespace."""
+
+    name: str = Field(description="Name of the ConfigMap.", min_length=1, max_length=253, pattern=DNS_LABEL.replace("([-a-z0-9]", "([-.a-z0-9]"))
+    key: str = Field(description="Key inside the ConfigMap.", min_length=1, max_length=253)
+
+
+class PvcSource(ApiModel):
+    """Model files already present on a PersistentVolumeClaim."""
+
+    claim_name: str = Field(description="Name of an existing PersistentVolumeClaim holding the model.", min_length=1, max_length=253)
+    sub_path: str = Field("", description="Folder inside the volume that holds the diffusers model (model_index.json) or the .safetensors file.", max_length=1024)
+
+
+class ModelCache(ApiModel):
+    """A PersistentVolumeClaim that keeps downloaded weights across restarts, filled once by a prefetch Job."""
+
+    enabled: bool = Field(False, description="Create a PVC for the Hugging Face cache and mount it in every replica.")
+    size: str = Field("30Gi", description="Requested size of the cache volume.", pattern=QUANTITY)
+    storage_class_name: str | None = Field(None, description="StorageClass of the cache volume; the cluster default when unset.")
+    access_mode: Literal["ReadWriteMany", "ReadWriteOnce", "ReadOnlyMany"] = Field(
+        "ReadWriteMany", description="Access mode of the cache volume. ReadWriteMany lets replicas on several nodes share it."
+    )
+    prefetch: bool = Field(True, description="Run a Job that downloads the weights into the cache before the replicas start.")
+
+
+class ModelSpec(ApiModel):
+    """Which weights to serve, from where, in which precision."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": cel(
+            ("(has(self.id) ? 1 : 0) + (has(self.path) ? 1 : 0) + (has(self.pvc) ? 1 : 0) == 1",
+             "exactly one of model.id, model.path and model.pvc must be set", None),
+            ("!has(self.tokenSecretRef) || has(self.id)", "model.tokenSecretRef is only used with model.id", ".tokenSecretRef"),
+            ("!self.cache.enabled || has(self.id)", "model.cache needs model.id: only Hugging Face downloads are cached", ".cache"),
+        )
+    }
+
+    id: str | None = Field(
+        None,
+        description="Hugging Face model id, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5. The built-in test model is 'tiny'.",
+        min_length=1,
+        max_length=256,
+        pattern=r"^(tiny|[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)$",
+    )
+    revision: str = Field("main", description="Hugging Face branch, tag or commit of model.id.", min_length=1, max_length=128)
+    path: str | None = Field(
+        None,
+        description="Absolute path inside the inference image to a diffusers folder or a single .safetensors checkpoint.",
+        pattern=r"^/.*",
+        max_length=1024,
+    )
+    pvc: PvcSource | None = Field(None, description="Load the model from an existing PersistentVolumeClaim (mounted read-only).")
+    pipeline: Literal["sd", "sdxl"] = Field("sd", description="Pipeline family: 'sd' (SD 1.x/2.x) or 'sdxl'.")
+    variant: str | None = Field(None, description="Weights variant to download, e.g. fp16.", max_length=32)
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="Precision of the weights: auto is float16 on a GPU and float32 on a CPU."
+    )
+    token_secret_ref: SecretKeyRef | None = Field(None, description="Secret key holding a Hugging Face token for gated or private models.")
+    cache: ModelCache = Field(default_factory=ModelCache, description="Persistent download cache and prefetch Job.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        sources = [n for n in ("id", "path", "pvc") if getattr(self, n) is not None]
+        if len(sources) != 1:
+            raise ValueError("exactly one of model.id, model.path and model.pvc must be set")
+        if self.token_secret_ref is not None and self.id is None:
+            raise ValueError("model.tokenSecretRef is only used with model.id")
+        if self.cache.enabled and self.id is None:
+            raise ValueError("model.cache needs model.id: only Hugging Face downloads are cached")
+        return self
+
+
+class ImageSpec(ApiModel):
+    """The inference server image."""
+
+    repository: str | None = Field(None, description="Image repository; the operator's default inference image when unset.", max_length=512)
+    tag: str | None = Field(None, description="Image tag; the operator's default when unset.", max_length=128)
+    pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Image pull policy.")
+    pull_secrets: list[str] = Field(default_factory=list, description="Names of Secrets used to pull the image.", max_length=16)
+
+
+class GpuSpec(ApiModel):
+    """GPUs per replica and the hardware preset that sizes batching and memory."""
+
+    count: int = Field(1, description="GPUs per replica. The server runs one process per GPU; more than 1 is for models that do not fit one GPU.", ge=0, le=8)
+    type: GpuType = Field(
+        "a100-40gb",
+        description="GPU preset: rtx3080-10gb, rtx4090-24gb, a100-40gb, h100-80gb or custom. It sets the default batch size, CPU/memory requests, largest image side and the nvidia.com/gpu.product node selector.",
+    )
+    resource_name: str = Field("nvidia.com/gpu", description="Extended resource name of the GPU device plugin.", max_length=128)
+
+
+class ResourcesSpec(ApiModel):
+    """Explicit CPU and memory per replica; the GPU preset's values when unset."""
+
+    cpu: str | None = Field(None, description="CPU request and limit per replica.", pattern=QUANTITY)
+    memory: str | None = Field(None, description="Memory request and limit per replica.", pattern=QUANTITY)
+    shm_size: str = Field("2Gi", description="Size of the in-memory /dev/shm volume.", pattern=QUANTITY)
+
+
+class Toleration(ApiModel):
+    """A Kubernetes toleration."""
+
+    key: str | None = Field(None, description="Taint key.")
+    operator: Literal["Equal", "Exists"] = Field("Equal", description="Equal or Exists.")
+    value: str | None = Field(None, description="Taint value for operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(None, description="Taint effect; all effects when unset.")
+    toleration_seconds: int | None = Field(None, description="For NoExecute: how long the pod stays bound after the taint appears.", ge=0)
+
+
+class SchedulingSpec(ApiModel):
+    """Where replicas may run."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node labels a replica's node must have.")
+    tolerations: list[Toleration] = Field(
+        default_factory=lambda: [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")],
+        description="Tolerations; by default the usual nvidia.com/gpu NoSchedule taint is tolerated.",
+        max_length=32,
+    )
+    affinity: dict | None = Field(None, description="A Kubernetes Affinity object, passed through unchanged.", json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    priority_class_name: str | None = Field(None, description="PriorityClass of the replicas.", max_length=253)
+    topology_spread: bool = Field(True, description="Spread replicas across nodes (soft topology spread constraint).")
+
+
+class ReplicasSpec(ApiModel):
+    """Replica bounds; equal min and max mean a fixed size."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": cel(("self.min <= self.max", "replicas.min must be <= replicas.max", ".min"))
+    }
+
+    min: int = Field(1, description="Fewest replicas. 0 is allowed only with autoscaling.provider keda and autoscaling.scaleToZero.", ge=0, le=1000)
+    max: int = Field(1, description="Most replicas.", ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ReplicasSpec":
+        if self.min > self.max:
+            raise ValueError(f"replicas.min ({self.min}) must be <= replicas.max ({self.max})")
+        return self
+
+
+class AutoscalingSpec(ApiModel):
+    """Scaling on queue depth per replica, the signal that matches GPU saturation (CPU does not)."""
+
+    enabled: bool = Field(True, description="Scale between replicas.min and replicas.max. Off: replicas.min replicas.")
+    provider: Literal["hpa", "keda"] = Field(
+        "hpa",
+        description="hpa: autoscaling/v2 on the pods metric sdserve_queue_depth (needs prometheus-adapter). keda: a KEDA ScaledObject with a Prometheus trigger; needed for scale to zero.",
+    )
+    target_queue_depth: int = Field(4, description="Queued requests per replica to aim for.", ge=1, le=10000)
+    scale_up_stabilization_seconds: int = Field(0, description="Stabilisation window before scaling up.", ge=0, le=3600)
+    scale_down_stabilization_seconds: int = Field(300, description="Stabilisation window before scaling down; long, since a replica is slow to start.", ge=0, le=3600)
+    scale_to_zero: bool = Field(False, description="Allow zero replicas when idle (keda only).")
+    idle_seconds: int = Field(600, description="With scaleToZero: idle time before going to zero (KEDA cooldownPeriod).", ge=30, le=86400)
+    prometheus_address: str = Field(
+        "http://prometheus-operated.monitoring.svc:9090",
+        description="Prometheus the KEDA trigger queries.",
+        pattern=r"^https?://",
+    )
+
+
+class BatchingSpec(ApiModel):
+    """Dynamic batching of compatible requests."""
+
+    max_batch_size: int | None = Field(None, description="Largest batch of images run together; the GPU preset's value when unset.", ge=1, le=64)
+    max_wait_ms: int = Field(25, description="How long the batcher waits to fill a batch.", ge=0, le=10000)
+
+
+class LimitsSpec(ApiModel):
+    """Request limits enforced by the server."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": cel(
+            ("self.minSide <= self.maxWidth && self.minSide <= self.maxHeight", "limits.minSide must be <= limits.maxWidth and limits.maxHeight", ".minSide"),
+        )
+    }
+
+    min_side: int = Field(256, description="Smallest width or height in pixels.", ge=64, le=4096, multiple_of=8)
+    max_width: int = Field(1024, description="Largest width in pixels (a multiple of 8).", ge=64, le=4096, multiple_of=8)
+    max_height: int = Field(1024, description="Largest height in pixels (a multiple of 8).", ge=64, le=4096, multiple_of=8)
+    max_steps: int = Field(50, description="Most denoising steps per request.", ge=1, le=500)
+    max_images: int = Field(4, description="Most images per request (n).", ge=1, le=16)
+    max_prompt_length: int = Field(1000, description="Most characters in a prompt.", ge=1, le=100000)
+    queue_size: int = Field(64, description="Most requests waiting per replica; beyond it the server answers 429.", ge=1, le=100000)
+    timeout_seconds: int = Field(120, description="Longest a request may wait and run before it fails with 504.", ge=1, le=3600)
+
+    @model_validator(mode="after")
+    def _sides(self) -> "LimitsSpec":
+        if self.min_side > self.max_width or self.min_side > self.max_height:
+            raise ValueError("limits.minSide must be <= limits.maxWidth and limits.maxHeight")
+        return self
+
+
+class RedisSpec(ApiModel):
+    """Where the Redis for the result cache (and shared rate limits) lives."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": cel(("has(self.urlSecretRef) != self.managed", "set exactly one of cache.redis.urlSecretRef and cache.redis.managed", None))
+    }
+
+    url_secret_ref: SecretKeyRef | None = Field(None, description="Secret key holding a redis:// or rediss:// URL of an existing Redis.")
+    managed: bool = Field(False, description="Deploy a single Redis next to the service, owned by it.")
+    image: str = Field("redis:7.4-alpine", description="Image of the managed Redis.")
+
+    @model_validator(mode="after")
+    def _one(self) -> "RedisSpec":
+        if (self.url_secret_ref is not None) == self.managed:
+            raise ValueError("set exactly one of cache.redis.urlSecretRef and cache.redis.managed")
+        return self
+
+
+class CacheSpec(ApiModel):
+    """Result cache for seeded requests (same model revision, same request, same seed: same image)."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": cel(("self.type == 'redis' ? has(self.redis) : !has(self.redis)", "cache.redis is required with cache.type redis and allowed only then", ".redis"))
+    }
+
+    type: Literal["none", "memory", "redis"] = Field("memory", description="none, memory (per replica LRU) or redis (shared).")
+    max_entries: int = Field(256, description="Most entries in the in-memory cache.", ge=1, le=1000000)
+    ttl_seconds: int = Field(86400, description="Entry lifetime in Redis.", ge=1, le=31536000)
+    redis: RedisSpec | None = Field(None, description="Redis settings, with type redis.")
+
+    @model_validator(mode="after")
+    def _redis(self) -> "CacheSpec":
+        if (self.type == "redis") != (self.redis is not None):
+            raise ValueError("cache.redis is required with cache.type redis and allowed only then")
+        return self
+
+
+class JwtSpec(ApiModel):
+    """JSON Web Token validation."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": cel(("has(self.jwksUrl) != has(self.keySecretRef)", "set exactly one of auth.jwt.jwksUrl and auth.jwt.keySecretRef", None))
+    }
+
+    issuer: str = Field(description="Required iss claim.", min_length=1)
+    audience: str = Field(description="Required aud claim.", min_length=1)
+    jwks_url: str | None = Field(None, description="JWKS endpoint of the issuer (RS256/ES256 keys).", pattern=r"^https?://")
+    key_secret_ref: SecretKeyRef | None = Field(None, description="Secret key with an HS256 shared secret or a PEM public key.")
+    algorithms: list[Literal["HS256", "RS256", "ES256"]] = Field(default_factory=lambda: ["RS256"], description="Accepted signing algorithms.", min_length=1)
+
+    @model_validator(mode="after")
+    def _key(self) -> "JwtSpec":
+        if (self.jwks_url is None) == (self.key_secret_ref is None):
+            raise ValueError("set exactly one of auth.jwt.jwksUrl and auth.jwt.keySecretRef")
+        return self
+
+
+class AuthSpec(ApiModel):
+    """Who may call the API; open when neither is set."""
+
+    api_keys_secret_ref: SecretKeyRef | None = Field(None, description="Secret key with API keys, one per line (optionally 'name:key').")
+    jwt: JwtSpec | None = Field(None, description="Accept bearer JWTs.")
+
+
+class RateLimitSpec(ApiModel):
+    """Token bucket per API key (or client address when auth is off)."""
+
+    enabled: bool = Field(False, description="Enforce the limit.")
+    requests_per_second: float = Field(2.0, description="Sustained requests per second per key.", gt=0, le=10000)
+    burst: int = Field(10, description="Requests a key may make at once.", ge=1, le=100000)
+
+
+class SafetySpec(ApiModel):
+    """Content safety."""
+
+    blocklist_config_map_ref: ConfigMapKeyRef | None = Field(None, description="ConfigMap key with blocked words, one per line; lines 're:PATTERN' are regexes.")
+    nsfw_check: bool = Field(False, description="Run the diffusers safety checker on images (needs its weights in the model).")
+
+
+class ThresholdsSpec(ApiModel):
+    """Alert thresholds of the PrometheusRule."""
+
+    gpu_temperature_celsius: int = Field(85, description="GPU temperature alert threshold.", ge=40, le=120)
+    p95_latency_seconds: float = Field(30.0, description="p95 end-to-end latency alert threshold.", gt=0, le=3600)
+    error_ratio: float = Field(0.05, description="Share of 5xx responses that alerts.", gt=0, le=1)
+    rejection_ratio: float = Field(0.10, description="Share of 429 responses that alerts.", gt=0, le=1)
+    for_duration: str = Field("5m", description="How long a condition holds before alerting.", pattern=DURATION)
+
+
+class MonitoringSpec(ApiModel):
+    """Prometheus Operator integration."""
+
+    service_monitor: bool = Field(True, description="Render a ServiceMonitor (needs monitoring.coreos.com).")
+    prometheus_rule: bool = Field(True, description="Render a PrometheusRule with the alerts (needs monitoring.coreos.com).")
+    dashboard: bool = Field(False, description="Render the Grafana dashboard as a ConfigMap labelled grafana_dashboard=1.")
+    interval: str = Field("15s", description="Scrape interval.", pattern=DURATION)
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on ServiceMonitor and PrometheusRule, e.g. release: prometheus.")
+    thresholds: ThresholdsSpec = Field(default_factory=ThresholdsSpec, description="Alert thresholds.")
+
+
+class ServiceSpec(ApiModel):
+    """The Service in front of the replicas."""
+
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field("ClusterIP", description="Service type.")
+    port: int = Field(80, description="Service port.", ge=1, le=65535)
+
+
+class IngressTls(ApiModel):
+    secret_name: str = Field(description="Secret with the TLS certificate for ingress.host.", min_length=1)
+
+
+class IngressSpec(ApiModel):
+    """Optional Ingress."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": cel(("!self.enabled || has(self.host)", "ingress.host is required when ingress.enabled", ".host"))
+    }
+
+    enabled: bool = Field(False, description="Render an Ingress.")
+    class_name: str | None = Field(None, description="IngressClass name.")
+    host: str | None = Field(None, description="Host name.", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    path: str = Field("/", description="Path prefix.", pattern=r"^/")
+    tls: IngressTls | None = Field(None, description="TLS for the host.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations, e.g. for cert-manager or body size.")
+
+    @model_validator(mode="after")
+    def _host(self) -> "IngressSpec":
+        if self.enabled and not self.host:
+            raise ValueError("ingress.host is required when ingress.enabled")
+        return self
+
+
+class RolloutSpec(ApiModel):
+    """How new versions roll out and old replicas drain."""
+
+    max_surge: int = Field(1, description="Extra replicas during a rollout.", ge=0, le=100)
+    max_unavailable: int = Field(0, description="Replicas that may be missing during a rollout.", ge=0, le=100)
+    termination_grace_period_seconds: int = Field(180, description="Time a stopping replica has to finish queued work.", ge=10, le=3600)
+    startup_timeout_seconds: int = Field(1800, description="Longest a replica may take to load the model before it is restarted.", ge=60, le=21600)
+
+
+class ServerSpec(ApiModel):
+    """Inference server tuning."""
+
+    compile: bool = Field(False, description="torch.compile the UNet (slower start, faster steps).")
+    channels_last: bool = Field(True, description="channels_last memory format for the UNet and VAE.")
+    scheduler: Literal["default", "euler", "euler_a", "dpmpp_2m", "ddim"] = Field("default", description="Default noise scheduler.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Server log level.")
+
+
+class StableDiffusionServiceSpec(ApiModel):
+    """Desired state of a Stable Diffusion service."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": cel(
+            ("self.replicas.min >= 1 || (self.autoscaling.enabled && self.autoscaling.provider == 'keda' && self.autoscaling.scaleToZero)",
+             "replicas.min 0 needs autoscaling.provider keda with autoscaling.scaleToZero", ".replicas.min"),
+            ("!self.autoscaling.scaleToZero || self.autoscaling.provider == 'keda'", "autoscaling.scaleToZero needs autoscaling.provider keda", ".autoscaling.scaleToZero"),
+            ("!has(self.batching.maxBatchSize) || self.batching.maxBatchSize <= self.limits.queueSize", "batching.maxBatchSize must be <= limits.queueSize", ".batching.maxBatchSize"),
+        )
+    }
+
+    model: ModelSpec = Field(description="Model weights to serve.")
+    image: ImageSpec = Field(default_factory=ImageSpec, description="Inference server image.")
+    gpu: GpuSpec = Field(default_factory=GpuSpec, description="GPUs per replica and the hardware preset.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="CPU and memory per replica.")
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Node selection.")
+    replicas: ReplicasSpec = Field(default_factory=ReplicasSpec, description="Replica bounds.")
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Autoscaling on queue depth.")
+    batching: BatchingSpec = Field(default_factory=BatchingSpec, description="Dynamic batching.")
+    limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Request limits.")
+    cache: CacheSpec = Field(default_factory=CacheSpec, description="Result cache.")
+    auth: AuthSpec = Field(default_factory=AuthSpec, description="Authentication.")
+    rate_limit: RateLimitSpec = Field(default_factory=RateLimitSpec, description="Per-key rate limit.")
+    safety: SafetySpec = Field(default_factory=SafetySpec, description="Content safety.")
+    monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec, description="Metrics, alerts and dashboard.")
+    service: ServiceSpec = Field(default_factory=ServiceSpec, description="Service.")
+    ingress: IngressSpec = Field(default_factory=IngressSpec, description="Ingress.")
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Rollout and drain.")
+    server: ServerSpec = Field(default_factory=ServerSpec, description="Server tuning.")
+
+    @model_validator(mode="after")
+    def _cross(self) -> "StableDiffusionServiceSpec":
+        a = self.autoscaling
+        if self.replicas.min == 0 and not (a.enabled and a.provider == "keda" and a.scale_to_zero):
+            raise ValueError("replicas.min 0 needs autoscaling.provider keda with autoscaling.scaleToZero")
+        if a.scale_to_zero and a.provider != "keda":
+            raise ValueError("autoscaling.scaleToZero needs autoscaling.provider keda")
+        if self.batching.max_batch_size is not None and self.batching.max_batch_size > self.limits.queue_size:
+            raise ValueError("batching.maxBatchSize must be <= limits.queueSize")
+        return self

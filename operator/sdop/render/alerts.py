@@ -1,0 +1,96 @@
+"""The alert rules of a service, with the CR's thresholds. Tested with promtool (tests/promtool)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .context import Ctx
+
+RUNBOOK = "https://github.com/sdop/sdop/blob/main/docs/runbook.md"
+GENERATE_ROUTES = "/v1/images/generations|/generate"
+
+
+def _alert(name: str, expr: str, for_: str, severity: str, summary: str, description: str) -> dict[str, Any]:
+    return {
+        "alert": name,
+        "expr": expr,
+        "for": for_,
+        "labels": {"severity": severity},
+        "annotations": {
+            "summary": summary,
+            "description": description,
+            "runbook_url": f"{RUNBOOK}#{name.lower()}",
+        },
+    }
+
+
+def rule_groups(ctx: Ctx) -> list[dict[str, Any]]:
+    t = ctx.spec.monitoring.thresholds
+    sel = f'namespace="{ctx.namespace}",service="{ctx.name}"'
+    by = "namespace, service"
+    target = ctx.spec.autoscaling.target_queue_depth
+    max_replicas = ctx.spec.replicas.max
+    svc = f"{ctx.namespace}/{ctx.name}"
+    rules = [
+        _alert(
+            "SDGpuTemperatureHigh",
+            f"max by ({by}, pod, gpu) (sdserve_gpu_temperature_celsius{{{sel}}}) > {t.gpu_temperature_celsius}",
+            t.for_duration, "warning",
+            f"GPU of {svc} is above {t.gpu_temperature_celsius} C",
+            "GPU {{ $labels.gpu }} on pod {{ $labels.pod }} is at {{ $value }} C.",
+        ),
+        _alert(
+            "SDInferenceLatencyHigh",
+            f'histogram_quantile(0.95, sum by ({by}, le) (rate(sdserve_request_duration_seconds_bucket{{{sel},route=~"{GENERATE_ROUTES}"}}[5m]))) > {t.p95_latency_seconds}',
+            t.for_duration, "warning",
+            f"p95 image latency of {svc} is above {t.p95_latency_seconds}s",
+            "p95 end-to-end latency of generation requests is {{ $value | humanizeDuration }}.",
+        ),
+        _alert(
+            "SDModelLoadFailed",
+            # A new process starts its counter at 1, which increase() would miss.
+            f"sdserve_model_load_failures_total{{{sel}}} > 0 and on ({by}, pod) sdserve_model_loaded{{{sel}}} == 0",
+            "0m", "critical",
+            f"{svc} failed to load its model",
+            "Pod {{ $labels.pod }} could not load the model; it stays unready. See its log.",
+        ),
+        _alert(
+            "SDTargetDown",
+            f"up{{{sel}}} == 0",
+            t.for_duration, "critical",
+            f"A replica of {svc} cannot be scraped",
+            "Prometheus cannot scrape {{ $labels.pod }}: the server is down or hung.",
+        ),
+        _alert(
+            "SDQueueBacklog",
+            f"(sum by ({by}) (sdserve_queue_depth{{{sel}}}) / count by ({by}) (up{{{sel}}} == 1)) > {target}"
+            f" and on ({by}) count by ({by}) (up{{{sel}}} == 1) >= {max_replicas}",
+            "10m", "warning",
+            f"{svc} is at max replicas and still backlogged",
+            f"Queue depth per replica is {{{{ $value }}}} (target {target}) with all {max_replicas} replicas running.",
+        ),
+        _alert(
+            "SDHighErrorRate",
+            f'sum by ({by}) (rate(sdserve_http_requests_total{{{sel},status=~"5.."}}[5m]))'
+            f" / sum by ({by}) (rate(sdserve_http_requests_total{{{sel}}}[5m])) > {t.error_ratio}",
+            t.for_duration, "critical",
+            f"{svc} answers more than {t.error_ratio:.0%} of requests with 5xx",
+            "{{ $value | humanizePercentage }} of requests fail with a server error.",
+        ),
+        _alert(
+            "SDHighRejectionRate",
+            f'sum by ({by}) (rate(sdserve_http_requests_total{{{sel},status="429"}}[5m]))'
+            f" / sum by ({by}) (rate(sdserve_http_requests_total{{{sel}}}[5m])) > {t.rejection_ratio}",
+            t.for_duration, "warning",
+            f"{svc} rejects more than {t.rejection_ratio:.0%} of requests with 429",
+            "{{ $value | humanizePercentage }} of requests are rejected (queue full or rate limited).",
+        ),
+        _alert(
+            "SDPodsNotReady",
+            f"count by ({by}) (up{{{sel}}} == 1) - sum by ({by}) (sdserve_ready{{{sel}}}) > 0",
+            "15m", "warning",
+            f"Replicas of {svc} are running but not ready",
+            "{{ $value }} replica(s) have not been ready for 15 minutes (model loading or draining).",
+        ),
+    ]
+    return [{"name": f"sdop.{ctx.namespace}.{ctx.name}", "rules": rules}]

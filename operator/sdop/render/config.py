@@ -1,0 +1,83 @@
+"""The ConfigMap of server settings: SDSERVE_* names read by sdserve.settings.Settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..api.semantics import max_sides
+from .context import HTTP_PORT, Ctx
+
+AUTH_DIR = "/etc/sdserve/auth"
+SAFETY_DIR = "/etc/sdserve/safety"
+MODEL_PVC_DIR = "/models"
+HF_HOME = "/var/cache/huggingface"
+
+
+def model_location(ctx: Ctx) -> str:
+    m = ctx.spec.model
+    if m.id:
+        return m.id
+    if m.path:
+        return m.path
+    sub = m.pvc.sub_path.strip("/")
+    return f"{MODEL_PVC_DIR}/{sub}" if sub else MODEL_PVC_DIR
+
+
+def settings_env(ctx: Ctx) -> dict[str, str]:
+    s = ctx.spec
+    env: dict[str, Any] = {
+        "SDSERVE_MODEL": model_location(ctx),
+        "SDSERVE_MODEL_REVISION": s.model.revision,
+        "SDSERVE_PIPELINE": s.model.pipeline,
+        "SDSERVE_DTYPE": s.model.dtype,
+        "SDSERVE_DEVICE": "cuda" if s.gpu.count > 0 else "cpu",
+        "SDSERVE_COMPILE": s.server.compile,
+        "SDSERVE_CHANNELS_LAST": s.server.channels_last,
+        "SDSERVE_SCHEDULER": s.server.scheduler,
+        "SDSERVE_NSFW_CHECK": s.safety.nsfw_check,
+        "SDSERVE_MAX_BATCH_SIZE": ctx.max_batch_size,
+        "SDSERVE_MAX_WAIT_MS": s.batching.max_wait_ms,
+        "SDSERVE_QUEUE_SIZE": s.limits.queue_size,
+        "SDSERVE_TIMEOUT_SECONDS": s.limits.timeout_seconds,
+        "SDSERVE_MIN_SIDE": s.limits.min_side,
+        "SDSERVE_MAX_WIDTH": max_sides(s)[0],
+        "SDSERVE_MAX_HEIGHT": max_sides(s)[1],
+        "SDSERVE_MAX_STEPS": s.limits.max_steps,
+        "SDSERVE_MAX_IMAGES": s.limits.max_images,
+        "SDSERVE_MAX_PROMPT_LENGTH": s.limits.max_prompt_length,
+        "SDSERVE_CACHE_TYPE": s.cache.type,
+        "SDSERVE_CACHE_MAX_ENTRIES": s.cache.max_entries,
+        "SDSERVE_CACHE_TTL_SECONDS": s.cache.ttl_seconds,
+        "SDSERVE_RATE_LIMIT_ENABLED": s.rate_limit.enabled,
+        "SDSERVE_RATE_LIMIT_RPS": s.rate_limit.requests_per_second,
+        "SDSERVE_RATE_LIMIT_BURST": s.rate_limit.burst,
+        "SDSERVE_LOG_LEVEL": s.server.log_level,
+        "SDSERVE_PORT": HTTP_PORT,
+        # Leave a margin inside the grace period for the final responses.
+        "SDSERVE_DRAIN_SECONDS": max(5, s.rollout.termination_grace_period_seconds - 15),
+    }
+    if s.model.variant:
+        env["SDSERVE_VARIANT"] = s.model.variant
+    if s.auth.api_keys_secret_ref:
+        env["SDSERVE_API_KEYS_FILE"] = f"{AUTH_DIR}/api-keys"
+    if s.auth.jwt:
+        j = s.auth.jwt
+        env["SDSERVE_JWT_ISSUER"] = j.issuer
+        env["SDSERVE_JWT_AUDIENCE"] = j.audience
+        env["SDSERVE_JWT_ALGORITHMS"] = ",".join(j.algorithms)
+        if j.jwks_url:
+            env["SDSERVE_JWT_JWKS_URL"] = j.jwks_url
+        else:
+            env["SDSERVE_JWT_KEY_FILE"] = f"{AUTH_DIR}/jwt-key"
+    if s.safety.blocklist_config_map_ref:
+        env["SDSERVE_BLOCKLIST_FILE"] = f"{SAFETY_DIR}/blocklist"
+    return {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in sorted(env.items())}
+
+
+def configmap(ctx: Ctx) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": ctx.meta(ctx.child("config"), "server"),
+        "data": settings_env(ctx),
+    }

@@ -1,0 +1,102 @@
+"""What rendering needs besides the CR: names, labels and cluster facts, all plain data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..api import StableDiffusionService
+from ..api.semantics import max_batch_size
+from ..api.presets import preset
+
+DEFAULT_IMAGE_REPOSITORY = "ghcr.io/sdop/sdserve"
+DEFAULT_IMAGE_TAG = "0.1.0"
+HTTP_PORT = 8000
+APP_NAME = "stable-diffusion"
+
+MONITORING_API = "monitoring.coreos.com/v1"
+KEDA_API = "keda.sh/v1alpha1"
+
+
+@dataclass(frozen=True)
+class ClusterFacts:
+    """Facts about the cluster the operator discovered (the CLI assumes everything is there)."""
+
+    optional_apis: frozenset[str] = frozenset({MONITORING_API, KEDA_API})
+    default_image_repository: str = DEFAULT_IMAGE_REPOSITORY
+    default_image_tag: str = DEFAULT_IMAGE_TAG
+
+
+@dataclass(frozen=True)
+class Ctx:
+    cr: StableDiffusionService
+    facts: ClusterFacts = field(default_factory=ClusterFacts)
+
+    @property
+    def spec(self):
+        return self.cr.spec
+
+    @property
+    def name(self) -> str:
+        return self.cr.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        return self.cr.metadata.namespace
+
+    @property
+    def preset(self):
+        return preset(self.spec.gpu.type)
+
+    @property
+    def max_batch_size(self) -> int:
+        return max_batch_size(self.spec)
+
+    @property
+    def image(self) -> str:
+        img = self.spec.image
+        return f"{img.repository or self.facts.default_image_repository}:{img.tag or self.facts.default_image_tag}"
+
+    def child(self, suffix: str = "") -> str:
+        return f"{self.name}-{suffix}" if suffix else self.name
+
+    def labels(self, component: str) -> dict[str, str]:
+        return {
+            "app.kubernetes.io/name": APP_NAME,
+            "app.kubernetes.io/instance": self.name,
+            "app.kubernetes.io/component": component,
+            "app.kubernetes.io/part-of": "sdop",
+            "app.kubernetes.io/managed-by": "sdop",
+        }
+
+    def selector(self, component: str) -> dict[str, str]:
+        return {k: v for k, v in self.labels(component).items() if k in (
+            "app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component")}
+
+    def meta(self, name: str, component: str, **extra: Any) -> dict[str, Any]:
+        out = {"name": name, "namespace": self.namespace, "labels": self.labels(component)}
+        out.update(extra)
+        return out
+
+    def has_api(self, api: str) -> bool:
+        return api in self.facts.optional_apis
+
+    @property
+    def redis_url_managed(self) -> str:
+        return f"redis://{self.child('redis')}.{self.namespace}.svc:6379/0"
+
+    @property
+    def endpoint(self) -> str:
+        ing = self.spec.ingress
+        if ing.enabled and ing.host:
+            scheme = "https" if ing.tls else "http"
+            return f"{scheme}://{ing.host}{ing.path.rstrip('/')}"
+        port = "" if self.spec.service.port == 80 else f":{self.spec.service.port}"
+        return f"http://{self.name}.{self.namespace}.svc{port}"
+
+
+def digest(obj: Any, length: int = 12) -> str:
+    """Stable short hash of JSON-able data."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:length]

@@ -1,0 +1,70 @@
+"""The model download cache: a PVC and a Job that fills it before replicas need it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import HF_HOME
+from .context import Ctx, digest
+from .workload import container_security_context, pod_security_context
+
+COMPONENT = "model-cache"
+
+
+def cache_pvc(ctx: Ctx) -> dict[str, Any] | None:
+    c = ctx.spec.model.cache
+    if not c.enabled:
+        return None
+    spec: dict[str, Any] = {"accessModes": [c.access_mode], "resources": {"requests": {"storage": c.size}}}
+    if c.storage_class_name:
+        spec["storageClassName"] = c.storage_class_name
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": ctx.meta(ctx.child("model-cache"), COMPONENT), "spec": spec}
+
+
+def prefetch_job_name(ctx: Ctx) -> str:
+    m = ctx.spec.model
+    # A Job's pod template is immutable: a new model or revision gets a new Job.
+    return ctx.child(f"prefetch-{digest([m.id, m.revision, m.variant], 8)}")
+
+
+def prefetch_job(ctx: Ctx) -> dict[str, Any] | None:
+    m = ctx.spec.model
+    if not (m.cache.enabled and m.cache.prefetch):
+        return None
+    env: list[dict[str, Any]] = [{"name": "HF_HOME", "value": HF_HOME}]
+    if m.token_secret_ref:
+        env.append({"name": "SDSERVE_HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": m.token_secret_ref.name, "key": m.token_secret_ref.key}}})
+    args = ["prefetch", "--model", m.id, "--revision", m.revision]
+    if m.variant:
+        args += ["--variant", m.variant]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": ctx.meta(prefetch_job_name(ctx), COMPONENT),
+        "spec": {
+            "backoffLimit": 6,
+            "template": {
+                "metadata": {"labels": ctx.labels(COMPONENT)},
+                "spec": {
+                    "restartPolicy": "OnFailure",
+                    "serviceAccountName": ctx.name,
+                    "automountServiceAccountToken": False,
+                    "securityContext": pod_security_context(),
+                    "containers": [{
+                        "name": "prefetch",
+                        "image": ctx.image,
+                        "imagePullPolicy": ctx.spec.image.pull_policy,
+                        "args": args,
+                        "env": env,
+                        "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
+                        "securityContext": container_security_context(),
+                        "volumeMounts": [{"name": "hf-cache", "mountPath": HF_HOME}, {"name": "tmp", "mountPath": "/tmp"}],
+                    }],
+                    "volumes": [
+                        {"name": "hf-cache", "persistentVolumeClaim": {"claimName": ctx.child("model-cache")}},
+                        {"name": "tmp", "emptyDir": {}},
+                    ],
+                },
+            },
+        },
+    }

@@ -1,0 +1,219 @@
+"""The serving workload: ServiceAccount, Deployment, Service, PodDisruptionBudget."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..api.presets import GPU_PRODUCT_LABEL
+from .config import AUTH_DIR, HF_HOME, MODEL_PVC_DIR, SAFETY_DIR, configmap
+from .context import HTTP_PORT, Ctx, digest
+
+COMPONENT = "server"
+RUN_AS = 1000
+
+
+def pod_security_context() -> dict[str, Any]:
+    """Pod Security Standards "restricted"."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS,
+        "runAsGroup": RUN_AS,
+        "fsGroup": RUN_AS,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def service_account(ctx: Ctx) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": ctx.meta(ctx.name, COMPONENT),
+        "automountServiceAccountToken": False,
+    }
+
+
+def _env(ctx: Ctx) -> list[dict[str, Any]]:
+    s = ctx.spec
+    env: list[dict[str, Any]] = [{"name": "HF_HOME", "value": HF_HOME}]
+    if s.model.token_secret_ref:
+        ref = s.model.token_secret_ref
+        env.append({"name": "SDSERVE_HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    if s.cache.type == "redis" and s.cache.redis:
+        if s.cache.redis.managed:
+            env.append({"name": "SDSERVE_REDIS_URL", "value": ctx.redis_url_managed})
+        else:
+            ref = s.cache.redis.url_secret_ref
+            env.append({"name": "SDSERVE_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    return env
+
+
+def _volumes(ctx: Ctx) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    s = ctx.spec
+    volumes: list[dict[str, Any]] = [
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": s.resources.shm_size}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "hf-cache", "mountPath": HF_HOME},
+    ]
+    if s.model.cache.enabled:
+        volumes.append({"name": "hf-cache", "persistentVolumeClaim": {"claimName": ctx.child("model-cache")}})
+    else:
+        volumes.append({"name": "hf-cache", "emptyDir": {}})
+    if s.model.pvc:
+        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": s.model.pvc.claim_name, "readOnly": True}})
+        mounts.append({"name": "model", "mountPath": MODEL_PVC_DIR, "readOnly": True})
+    auth_items = []
+    if s.auth.api_keys_secret_ref:
+        ref = s.auth.api_keys_secret_ref
+        auth_items.append({"secret": {"name": ref.name, "items": [{"key": ref.key, "path": "api-keys"}]}})
+    if s.auth.jwt and s.auth.jwt.key_secret_ref:
+        ref = s.auth.jwt.key_secret_ref
+        auth_items.append({"secret": {"name": ref.name, "items": [{"key": ref.key, "path": "jwt-key"}]}})
+    if auth_items:
+        volumes.append({"name": "auth", "projected": {"sources": auth_items, "defaultMode": 0o440}})
+        mounts.append({"name": "auth", "mountPath": AUTH_DIR, "readOnly": True})
+    if s.safety.blocklist_config_map_ref:
+        ref = s.safety.blocklist_config_map_ref
+        volumes.append({"name": "safety", "configMap": {"name": ref.name, "items": [{"key": ref.key, "path": "blocklist"}]}})
+        mounts.append({"name": "safety", "mountPath": SAFETY_DIR, "readOnly": True})
+    return volumes, mounts
+
+
+def _resources(ctx: Ctx) -> dict[str, Any]:
+    s = ctx.spec
+    cpu = s.resources.cpu or ctx.preset.cpu
+    memory = s.resources.memory or ctx.preset.memory
+    limits: dict[str, Any] = {"cpu": cpu, "memory": memory}
+    if s.gpu.count > 0:
+        limits[s.gpu.resource_name] = s.gpu.count
+    return {"requests": {"cpu": cpu, "memory": memory}, "limits": limits}
+
+
+def _probes(ctx: Ctx) -> dict[str, Any]:
+    def http(path: str, period: int, failures: int, timeout: int = 2) -> dict[str, Any]:
+        return {
+            "httpGet": {"path": path, "port": "http"},
+            "periodSeconds": period,
+            "timeoutSeconds": timeout,
+            "failureThreshold": failures,
+        }
+
+    startup_period = 10
+    return {
+        # A model load can take many minutes: the startup probe holds off liveness until then.
+        "startupProbe": http("/readyz", startup_period, max(1, ctx.spec.rollout.startup_timeout_seconds // startup_period)),
+        "readinessProbe": http("/readyz", 5, 2),
+        "livenessProbe": http("/healthz", 10, 3, timeout=5),
+    }
+
+
+def _scheduling(ctx: Ctx, pod: dict[str, Any]) -> None:
+    s = ctx.spec
+    selector = dict(s.scheduling.node_selector)
+    if ctx.preset.product and s.gpu.count > 0:
+        selector.setdefault(GPU_PRODUCT_LABEL, ctx.preset.product)
+    if selector:
+        pod["nodeSelector"] = dict(sorted(selector.items()))
+    if s.scheduling.tolerations:
+        pod["tolerations"] = [t.wire() for t in s.scheduling.tolerations]
+    if s.scheduling.affinity:
+        pod["affinity"] = s.scheduling.affinity
+    if s.scheduling.priority_class_name:
+        pod["priorityClassName"] = s.scheduling.priority_class_name
+    if s.scheduling.topology_spread and s.replicas.max > 1:
+        pod["topologySpreadConstraints"] = [{
+            "maxSkew": 1,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": ctx.selector(COMPONENT)},
+        }]
+
+
+def deployment(ctx: Ctx) -> dict[str, Any]:
+    s = ctx.spec
+    volumes, mounts = _volumes(ctx)
+    container: dict[str, Any] = {
+        "name": "sdserve",
+        "image": ctx.image,
+        "imagePullPolicy": s.image.pull_policy,
+        "args": ["serve"],
+        "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
+        "envFrom": [{"configMapRef": {"name": ctx.child("config")}}],
+        "env": _env(ctx),
+        "resources": _resources(ctx),
+        "volumeMounts": mounts,
+        "securityContext": container_security_context(),
+        # Readiness turns false first, then queued work finishes (see sdserve drain).
+        "lifecycle": {"preStop": {"exec": {"command": ["sdserve", "drain", "--port", str(HTTP_PORT)]}}},
+        **_probes(ctx),
+    }
+    pod: dict[str, Any] = {
+        "serviceAccountName": ctx.name,
+        "automountServiceAccountToken": False,
+        "securityContext": pod_security_context(),
+        "terminationGracePeriodSeconds": s.rollout.termination_grace_period_seconds,
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if s.image.pull_secrets:
+        pod["imagePullSecrets"] = [{"name": n} for n in s.image.pull_secrets]
+    _scheduling(ctx, pod)
+    spec: dict[str, Any] = {
+        "selector": {"matchLabels": ctx.selector(COMPONENT)},
+        "strategy": {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxSurge": s.rollout.max_surge, "maxUnavailable": s.rollout.max_unavailable},
+        },
+        "revisionHistoryLimit": 5,
+        "progressDeadlineSeconds": s.rollout.startup_timeout_seconds + 300,
+        "template": {
+            "metadata": {
+                "labels": ctx.labels(COMPONENT),
+                # A settings change rolls the pods.
+                "annotations": {"sdop.io/config-hash": digest(configmap(ctx)["data"])},
+            },
+            "spec": pod,
+        },
+    }
+    if not s.autoscaling.enabled:
+        spec["replicas"] = s.replicas.min
+    # With autoscaling, replicas is owned by the HPA / KEDA: leaving it out of the applied
+    # object stops the operator and the autoscaler fighting over it.
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": ctx.meta(ctx.name, COMPONENT), "spec": spec}
+
+
+def service(ctx: Ctx) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": ctx.meta(ctx.name, COMPONENT),
+        "spec": {
+            "type": ctx.spec.service.type,
+            "selector": ctx.selector(COMPONENT),
+            "ports": [{"name": "http", "port": ctx.spec.service.port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def pod_disruption_budget(ctx: Ctx) -> dict[str, Any] | None:
+    if ctx.spec.replicas.max <= 1:
+        return None  # a PDB on one replica would block every node drain
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": ctx.meta(ctx.name, COMPONENT),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": ctx.selector(COMPONENT)}},
+    }

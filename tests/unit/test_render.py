@@ -1,0 +1,178 @@
+"""render(cr) is pure, deterministic, valid Kubernetes, and each field touches only its objects."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from sdop.api import SpecError
+from sdop.render import ClusterFacts, render
+from tests.helpers import EXAMPLES, K8S_VERSIONS, by_kind, example, load_yaml
+
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_rendered_objects_validate_against_kubernetes_schemas(path, version):
+    objs = render(load_yaml(path))
+    checked = 0
+    for obj in objs:
+        if obj["kind"] in CRD_KINDS:
+            continue
+        kubernetes_validate.validate(obj, version, strict=True)
+        checked += 1
+    assert checked >= 5
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_rendering_is_deterministic(path):
+    cr = load_yaml(path)
+    a = yaml.safe_dump_all(render(cr))
+    b = yaml.safe_dump_all(render(copy.deepcopy(cr)))
+    assert a == b
+
+
+def _diff(cr_a, cr_b, facts=None):
+    a, b = by_kind(render(cr_a, facts)), by_kind(render(cr_b, facts))
+    changed = {k for k in a.keys() & b.keys() if json.dumps(a[k], sort_keys=True) != json.dumps(b[k], sort_keys=True)}
+    return changed, set(b) - set(a), set(a) - set(b)
+
+
+def test_every_child_has_recommended_labels_and_namespace():
+    for obj in render(example("sd15-production")):
+        labels = obj["metadata"]["labels"]
+        for key in ("name", "instance", "component", "part-of", "managed-by"):
+            assert f"app.kubernetes.io/{key}" in labels, (obj["kind"], key)
+        assert obj["metadata"]["namespace"] == "images"
+
+
+def test_batch_size_changes_only_configmap_and_pod_template():
+    a = example("sd15-production")
+    b = copy.deepcopy(a)
+    b["spec"]["batching"]["maxBatchSize"] = 4
+    changed, added, removed = _diff(a, b)
+    assert changed == {("ConfigMap", "sd15-config"), ("Deployment", "sd15")}
+    assert not added and not removed
+    dep = by_kind(render(b))[("Deployment", "sd15")]
+    assert by_kind(render(a))[("Deployment", "sd15")]["spec"]["template"]["metadata"]["annotations"] != dep["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_replicas_max_changes_hpa_and_alert_only():
+    a = example("sd15-production")
+    b = copy.deepcopy(a)
+    b["spec"]["replicas"]["max"] = 12
+    changed, added, removed = _diff(a, b)
+    assert changed == {("HorizontalPodAutoscaler", "sd15"), ("PrometheusRule", "sd15")}
+
+
+def test_disabling_monitoring_removes_only_monitoring_objects():
+    a = example("sd15-production")
+    b = copy.deepcopy(a)
+    b["spec"]["monitoring"].update(serviceMonitor=False, prometheusRule=False, dashboard=False)
+    changed, added, removed = _diff(a, b)
+    assert removed == {("ServiceMonitor", "sd15"), ("PrometheusRule", "sd15"), ("ConfigMap", "sd15-dashboard")}
+    assert not changed and not added
+
+
+def test_ingress_off_removes_ingress_and_changes_nothing_else():
+    a = example("sd15-production")
+    b = copy.deepcopy(a)
+    b["spec"]["ingress"]["enabled"] = False
+    changed, added, removed = _diff(a, b)
+    assert removed == {("Ingress", "sd15")} and not changed
+
+
+def test_managed_redis_renders_redis_and_points_server_at_it():
+    objs = by_kind(render(example("sd15-production")))
+    assert ("Deployment", "sd15-redis") in objs and ("Service", "sd15-redis") in objs
+    env = objs[("Deployment", "sd15")]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "SDSERVE_REDIS_URL", "value": "redis://sd15-redis.images.svc:6379/0"} in env
+
+
+def test_cache_none_has_no_redis_and_settings_say_none():
+    cr = example("sd15-production")
+    cr["spec"]["cache"] = {"type": "none"}
+    objs = by_kind(render(cr))
+    assert not any(name.endswith("-redis") for _, name in objs)
+    assert objs[("ConfigMap", "sd15-config")]["data"]["SDSERVE_CACHE_TYPE"] == "none"
+
+
+def test_gpu_preset_sets_limits_node_selector_and_batch():
+    objs = by_kind(render(example("minimal")))
+    pod = objs[("Deployment", "sd-minimal")]["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-A100-SXM4-40GB"
+    assert objs[("ConfigMap", "sd-minimal-config")]["data"]["SDSERVE_MAX_BATCH_SIZE"] == "8"
+    cr = example("minimal")
+    cr["spec"]["gpu"] = {"type": "rtx3080-10gb"}
+    assert by_kind(render(cr))[("ConfigMap", "sd-minimal-config")]["data"]["SDSERVE_MAX_BATCH_SIZE"] == "2"
+
+
+def test_deployment_is_restricted_and_has_probes_drain_and_shm():
+    pod = by_kind(render(example("minimal")))[("Deployment", "sd-minimal")]["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] >= 1800
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["lifecycle"]["preStop"]["exec"]["command"][:2] == ["sdserve", "drain"]
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+
+
+def test_autoscaled_deployment_leaves_replicas_to_the_autoscaler():
+    dep = by_kind(render(example("sd15-production")))[("Deployment", "sd15")]
+    assert "replicas" not in dep["spec"]
+    tiny = by_kind(render(example("tiny-cpu")))[("Deployment", "sd-tiny")]
+    assert tiny["spec"]["replicas"] == 1
+
+
+def test_keda_scale_to_zero_renders_scaled_object_not_hpa():
+    objs = by_kind(render(example("keda-scale-to-zero")))
+    so = objs[("ScaledObject", "sd-on-demand")]
+    assert so["spec"]["minReplicaCount"] == 0 and so["spec"]["cooldownPeriod"] == 900
+    assert "sdserve_queue_depth" in so["spec"]["triggers"][0]["metadata"]["query"]
+    assert not any(k == "HorizontalPodAutoscaler" for k, _ in objs)
+
+
+def test_hpa_targets_queue_depth_per_pod():
+    hpa = by_kind(render(example("sd15-production")))[("HorizontalPodAutoscaler", "sd15")]
+    m = hpa["spec"]["metrics"][0]
+    assert m["type"] == "Pods" and m["pods"]["metric"]["name"] == "sdserve_queue_depth"
+    assert m["pods"]["target"]["averageValue"] == "6"
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 600
+
+
+def test_without_optional_apis_monitoring_and_keda_objects_are_left_out():
+    facts = ClusterFacts(optional_apis=frozenset())
+    kinds = {o["kind"] for o in render(example("sd15-production"), facts)} | {o["kind"] for o in render(example("keda-scale-to-zero"), facts)}
+    assert not kinds & CRD_KINDS
+
+
+def test_model_change_renames_prefetch_job():
+    a = example("sd15-production")
+    b = copy.deepcopy(a)
+    b["spec"]["model"]["revision"] = "v2"
+    changed, added, removed = _diff(a, b)
+    assert len(added) == 1 and next(iter(added))[0] == "Job"
+    assert len(removed) == 1 and next(iter(removed))[0] == "Job"
+
+
+def test_preset_conflict_is_a_spec_error_naming_the_field():
+    cr = example("minimal")
+    cr["spec"]["scheduling"] = {"nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}}
+    with pytest.raises(SpecError) as e:
+        render(cr)
+    assert e.value.fields == ["spec.scheduling.nodeSelector[nvidia.com/gpu.product]"]
+    cr = example("minimal")
+    cr["spec"]["batching"] = {"maxBatchSize": 32}
+    with pytest.raises(SpecError) as e:
+        render(cr)
+    assert e.value.fields == ["spec.batching.maxBatchSize"]
