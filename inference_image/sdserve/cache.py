@@ -1,0 +1,118 @@
+"""Result cache for seeded requests: in-memory LRU or Redis.
+
+The key is a hash of the model, its revision and the canonical request (seed included):
+the same key always means the same images. A Redis that is down never fails a request:
+the server serves without the cache, logs once per outage and sets
+sdserve_cache_backend_up to 0, and tries again after a back-off.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import time
+from typing import Any
+
+from . import metrics
+
+log = logging.getLogger("sdserve.cache")
+
+
+def cache_key(model: str, revision: str, request: dict[str, Any]) -> str:
+    canonical = json.dumps({"model": model, "revision": revision, "request": request}, sort_keys=True, separators=(",", ":"))
+    return "sdserve:result:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class NoCache:
+    async def get(self, key: str) -> bytes | None:
+        return None
+
+    async def set(self, key: str, value: bytes) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class MemoryCache(NoCache):
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        self._data: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        metrics.CACHE_UP.set(1)
+
+    async def get(self, key: str) -> bytes | None:
+        value = self._data.get(key)
+        if value is not None:
+            self._data.move_to_end(key)
+        return value
+
+    async def set(self, key: str, value: bytes) -> None:
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self.max_entries:
+            self._data.popitem(last=False)
+
+
+class RedisCache(NoCache):
+    RETRY_SECONDS = 5.0
+
+    def __init__(self, url: str, ttl_seconds: int, timeout: float = 0.5):
+        import redis.asyncio as aioredis
+
+        self.ttl = ttl_seconds
+        self._redis = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self._down_since: float | None = None
+        metrics.CACHE_UP.set(1)
+
+    def _usable(self) -> bool:
+        return self._down_since is None or time.monotonic() - self._down_since >= self.RETRY_SECONDS
+
+    def _failed(self, e: Exception) -> None:
+        metrics.CACHE_ERRORS.inc()
+        metrics.CACHE_UP.set(0)
+        if self._down_since is None:
+            log.warning("redis cache unavailable, serving without the cache: %s", e)
+        self._down_since = time.monotonic()
+
+    def _ok(self) -> None:
+        if self._down_since is not None:
+            log.info("redis cache is back")
+        self._down_since = None
+        metrics.CACHE_UP.set(1)
+
+    async def get(self, key: str) -> bytes | None:
+        if not self._usable():
+            return None
+        try:
+            value = await self._redis.get(key)
+        except Exception as e:  # noqa: BLE001 - any backend failure means "no cache"
+            self._failed(e)
+            return None
+        self._ok()
+        return value
+
+    async def set(self, key: str, value: bytes) -> None:
+        if not self._usable():
+            return
+        try:
+            await self._redis.set(key, value, ex=self.ttl)
+        except Exception as e:  # noqa: BLE001
+            self._failed(e)
+            return
+        self._ok()
+
+    async def close(self) -> None:
+        try:
+            await self._redis.aclose()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def make_cache(settings) -> NoCache:
+    if settings.cache_type == "memory":
+        return MemoryCache(settings.cache_max_entries)
+    if settings.cache_type == "redis":
+        return RedisCache(settings.redis_url, settings.cache_ttl_seconds)
+    return NoCache()

@@ -1,0 +1,96 @@
+"""The sdserve command: serve (default), drain (preStop hook), prefetch (cache Job)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import urllib.request
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app, start_drain
+    from .settings import Settings
+
+    overrides = {k: v for k, v in {"model": args.model, "port": args.port, "host": args.host}.items() if v is not None}
+    settings = Settings(**overrides)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+
+    class DrainingServer(uvicorn.Server):
+        """SIGTERM: readiness false, new requests 503, queued work finishes, then exit."""
+
+        draining_task = None
+
+        def handle_exit(self, sig, frame):
+            if sig == signal.SIGTERM and self.draining_task is None and self.started:
+                loop = asyncio.get_event_loop()
+                self.draining_task = loop.create_task(self._drain_then_exit())
+                return
+            super().handle_exit(sig, frame)
+
+        async def _drain_then_exit(self):
+            await start_drain(app.state.sd)
+            self.should_exit = True
+
+    # One process per GPU: a second worker would load a second copy of the model.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=1, log_level=settings.log_level,
+                            timeout_graceful_shutdown=int(settings.drain_seconds) + 5, access_log=False)
+    DrainingServer(config).run()
+    return 0
+
+
+def _drain(args: argparse.Namespace) -> int:
+    req = urllib.request.Request(f"http://127.0.0.1:{args.port}/admin/drain", method="POST", data=b"")
+    try:
+        with urllib.request.urlopen(req, timeout=args.timeout) as r:
+            print(r.read().decode())
+    except Exception as e:  # noqa: BLE001 - a preStop hook must not fail the shutdown
+        print(f"drain: {e}", file=sys.stderr)
+    return 0
+
+
+def _prefetch(args: argparse.Namespace) -> int:
+    from huggingface_hub import snapshot_download
+
+    kwargs = {"revision": args.revision, "token": os.environ.get("SDSERVE_HF_TOKEN") or None}
+    if args.variant:
+        # The variant's weights plus everything that is not a weight file.
+        kwargs["allow_patterns"] = [f"*.{args.variant}.safetensors", "*.json", "*.txt", "*.model"]
+    path = snapshot_download(args.model, **kwargs)
+    print(json.dumps({"model": args.model, "revision": args.revision, "path": path}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):
+        argv = ["serve", *argv]  # `sdserve --model tiny --port 8000`
+    p = argparse.ArgumentParser(prog="sdserve")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="run the HTTP server (settings from SDSERVE_* variables)")
+    s.add_argument("--model", help="tiny, a Hugging Face id, a diffusers folder or a .safetensors file")
+    s.add_argument("--port", type=int)
+    s.add_argument("--host")
+    s.set_defaults(func=_serve)
+    d = sub.add_parser("drain", help="ask the local server to drain (preStop hook)")
+    d.add_argument("--port", type=int, default=8000)
+    d.add_argument("--timeout", type=float, default=600)
+    d.set_defaults(func=_drain)
+    f = sub.add_parser("prefetch", help="download a model into the Hugging Face cache")
+    f.add_argument("--model", required=True)
+    f.add_argument("--revision", default="main")
+    f.add_argument("--variant")
+    f.set_defaults(func=_prefetch)
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

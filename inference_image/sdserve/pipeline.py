@@ -1,0 +1,297 @@
+"""Model loading and batched generation. Everything here runs in the worker thread.
+
+Loading: the built-in ``tiny`` model, a Hugging Face id (revision, token, variant), a
+local diffusers folder, or a single-file .safetensors checkpoint. Precision is fp16 on a
+GPU and fp32 on a CPU unless set; attention uses PyTorch SDPA (diffusers' default
+processor on torch 2); channels_last and torch.compile are optional; a warm-up batch runs
+before the server reports ready.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .settings import Settings
+
+log = logging.getLogger("sdserve.pipeline")
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory for one request on its own."""
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Requests with equal keys can run in one pipeline call."""
+
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    scheduler: str
+
+
+@dataclass
+class Item:
+    """One request's share of a batch: n images from one prompt with consecutive seeds."""
+
+    prompt: str
+    negative_prompt: str | None
+    n: int
+    seed: int
+    images: list[Any] = field(default_factory=list)
+
+
+def resolve_device(setting: str) -> str:
+    import torch
+
+    if setting != "auto":
+        return setting
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(setting: str, device: str):
+    import torch
+
+    if setting == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[setting]
+
+
+_SCHEDULERS = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "ddim": ("DDIMScheduler", {}),
+}
+
+
+class Pipeline:
+    """A loaded diffusers pipeline plus the schedulers it can switch between."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.pipe: Any = None
+        self.revision = settings.model_revision
+        self.load_seconds = 0.0
+        self._schedulers: dict[str, Any] = {}
+        self._safety = None
+
+    # ---- loading ---------------------------------------------------------------------
+    def load(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.pipe = self._load_pipe()
+        except Exception as e:  # noqa: BLE001 - every load failure is reported the same way
+            raise ModelLoadError(f"cannot load model {self.settings.model!r}: {type(e).__name__}: {e}") from e
+        self._optimise()
+        self._schedulers["default"] = self.pipe.scheduler
+        if self.settings.nsfw_check:
+            self._load_safety_checker()
+        if self.settings.warmup:
+            self.warmup()
+        self.load_seconds = time.perf_counter() - t0
+        log.info("model %s loaded on %s (%s) in %.1fs", self.settings.model, self.device, self.dtype, self.load_seconds)
+
+    def _load_pipe(self):
+        import torch  # noqa: F401
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        s = self.settings
+        cls = StableDiffusionXLPipeline if s.pipeline == "sdxl" else StableDiffusionPipeline
+        if s.model == "tiny":
+            from .tiny import build_tiny_pipeline
+
+            self.revision = "tiny-v1"
+            pipe = build_tiny_pipeline()
+        elif s.model.endswith((".safetensors", ".ckpt")):
+            if not pathlib.Path(s.model).is_file():
+                raise FileNotFoundError(f"no checkpoint file at {s.model}")
+            self.revision = f"file:{os.path.getsize(s.model)}:{int(os.path.getmtime(s.model))}"
+            pipe = cls.from_single_file(s.model, torch_dtype=self.dtype)
+        elif pathlib.Path(s.model).is_dir() or s.model.startswith("/"):
+            if not (pathlib.Path(s.model) / "model_index.json").is_file():
+                raise FileNotFoundError(f"{s.model} is not a diffusers folder (no model_index.json)")
+            self.revision = f"dir:{int(os.path.getmtime(pathlib.Path(s.model) / 'model_index.json'))}"
+            pipe = cls.from_pretrained(s.model, torch_dtype=self.dtype, safety_checker=None, local_files_only=True)
+        else:
+            kwargs: dict[str, Any] = {"torch_dtype": self.dtype, "revision": s.model_revision}
+            if s.variant:
+                kwargs["variant"] = s.variant
+            if s.hf_token:
+                kwargs["token"] = s.hf_token
+            if s.pipeline == "sd":
+                kwargs["safety_checker"] = None  # loaded separately when nsfw_check is on
+            pipe = cls.from_pretrained(s.model, **kwargs)
+            self.revision = _resolved_revision(pipe, s.model_revision)
+        pipe = pipe.to(self.device, self.dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _optimise(self) -> None:
+        import torch
+
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        pipe = self.pipe
+        # PyTorch scaled-dot-product attention (flash / memory-efficient kernels on GPU).
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+        if hasattr(pipe, "vae"):
+            pipe.vae.set_attn_processor(AttnProcessor2_0())
+        if self.settings.channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+        if self.device.startswith("cuda"):
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        if self.settings.compile:
+            pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
+
+    def _load_safety_checker(self) -> None:
+        path = self.settings.safety_checker_path
+        if not path:
+            log.warning("nsfw_check is on but no safety_checker_path is set: images are not checked")
+            return
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+        from transformers import CLIPImageProcessor
+
+        self._safety = (
+            StableDiffusionSafetyChecker.from_pretrained(path).to(self.device, self.dtype),
+            CLIPImageProcessor.from_pretrained(path),
+        )
+
+    def scheduler(self, name: str):
+        if name in ("", "default") or name not in _SCHEDULERS:
+            name = "default" if name in ("", "default") else self.settings.scheduler
+        if name not in self._schedulers:
+            import diffusers
+
+            cls_name, extra = _SCHEDULERS[name]
+            cls = getattr(diffusers, cls_name)
+            self._schedulers[name] = cls.from_config(self._schedulers["default"].config, **extra)
+        return self._schedulers[name]
+
+    def warmup(self) -> None:
+        side = 64 if self.settings.model == "tiny" else 512
+        key = BatchKey(side, side, 2, 7.5, "default")
+        self.run(key, [Item("warm-up", None, 1, 0)])
+
+    # ---- generation ------------------------------------------------------------------
+    def run(self, key: BatchKey, items: list[Item]) -> list[Item]:
+        """Generate every item's images; a CUDA OOM splits the batch and retries the halves."""
+        try:
+            self._run(key, items)
+        except Exception as e:  # noqa: BLE001
+            if not _is_oom(e):
+                raise
+            self._free()
+            total = sum(i.n for i in items)
+            if total == 1:
+                raise OutOfMemory(f"out of memory for one {key.width}x{key.height} image") from e
+            from .metrics import OOM_SPLITS
+
+            OOM_SPLITS.inc()
+            log.warning("out of memory at batch %d; splitting", total)
+            if len(items) == 1:
+                item = items[0]
+                half = item.n // 2
+                a = Item(item.prompt, item.negative_prompt, half, item.seed)
+                b = Item(item.prompt, item.negative_prompt, item.n - half, item.seed + half)
+                self.run(key, [a])
+                self.run(key, [b])
+                item.images = a.images + b.images
+            else:
+                mid = len(items) // 2
+                self.run(key, items[:mid])
+                self.run(key, items[mid:])
+        return items
+
+    def _run(self, key: BatchKey, items: list[Item]) -> None:
+        import torch
+
+        prompts, negatives, generators = [], [], []
+        gen_device = self.device if self.device.startswith("cuda") else "cpu"
+        for item in items:
+            for i in range(item.n):
+                prompts.append(item.prompt)
+                negatives.append(item.negative_prompt or "")
+                # One generator per image: its noise depends on its seed alone, not on the batch.
+                generators.append(torch.Generator(gen_device).manual_seed(item.seed + i))
+        pipe = self.pipe
+        pipe.scheduler = self.scheduler(key.scheduler)
+        with torch.inference_mode():
+            out = pipe(
+                prompt=prompts,
+                negative_prompt=negatives if any(negatives) else None,
+                width=key.width,
+                height=key.height,
+                num_inference_steps=key.steps,
+                guidance_scale=key.guidance_scale,
+                generator=generators,
+                output_type="pil",
+            )
+        images = out.images
+        if self._safety is not None:
+            images = self._check_nsfw(images)
+        pos = 0
+        for item in items:
+            item.images = images[pos: pos + item.n]
+            pos += item.n
+
+    def _check_nsfw(self, images):
+        import numpy as np
+        import torch
+
+        checker, processor = self._safety
+        inputs = processor(images, return_tensors="pt").to(self.device)
+        arrays = [np.asarray(im) for im in images]
+        with torch.inference_mode():
+            _, flagged = checker(images=arrays, clip_input=inputs.pixel_values.to(self.dtype))
+        from .metrics import NSFW_FLAGGED
+
+        out = []
+        for im, bad in zip(images, flagged):
+            if bad:
+                NSFW_FLAGGED.inc()
+                out.append(None)
+            else:
+                out.append(im)
+        return out
+
+    def _free(self) -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _resolved_revision(pipe, requested: str) -> str:
+    """The commit the files came from, when the hub cache says it."""
+    path = getattr(pipe, "config", {}).get("_name_or_path", "") if hasattr(pipe, "config") else ""
+    parts = pathlib.Path(str(path)).parts
+    if "snapshots" in parts:
+        i = parts.index("snapshots")
+        if i + 1 < len(parts):
+            return parts[i + 1]
+    return requested

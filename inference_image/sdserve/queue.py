@@ -1,0 +1,213 @@
+"""Bounded request queue and dynamic batcher.
+
+The event loop only enqueues jobs and awaits their futures. One batcher task takes the
+oldest job, gathers queued jobs with the same BatchKey until ``max_batch_size`` images or
+``max_wait_ms``, and hands the batch to the single worker thread that owns the model.
+Jobs whose client left or timed out are dropped before they reach the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import metrics
+from .pipeline import BatchKey, Item, OutOfMemory, Pipeline
+
+log = logging.getLogger("sdserve.queue")
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        self.retry_after = retry_after
+
+
+class Draining(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    key: BatchKey
+    item: Item
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+    started: float | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.future.done()
+
+
+class Batcher:
+    def __init__(self, pipeline: Pipeline, *, max_batch_size: int, max_wait_ms: int, queue_size: int):
+        self.pipeline = pipeline
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000.0
+        self.queue_size = queue_size
+        self._pending: collections.deque[Job] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdserve-gpu")
+        self._task: asyncio.Task | None = None
+        self.inflight = 0
+        self.draining = False
+        self._batch_seconds = 1.0  # running estimate of one batch, for Retry-After
+
+    # ---- event-loop side -------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="sdserve-batcher")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def idle(self) -> bool:
+        return self.inflight == 0 and all(j.cancelled for j in self._pending)
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has room again, roughly: the batches ahead times their cost."""
+        batches_ahead = max(1, self.depth // max(1, self.max_batch_size))
+        return max(1, int(batches_ahead * self._batch_seconds + 0.999))
+
+    def submit(self, key: BatchKey, item: Item) -> Job:
+        if self.draining:
+            raise Draining()
+        if item.n > self.max_batch_size:
+            raise ValueError("n exceeds the batch size")  # validated before; defensive
+        if len(self._pending) >= self.queue_size:
+            metrics.REJECTED.labels("queue_full").inc()
+            raise QueueFull(self.retry_after())
+        job = Job(key, item, asyncio.get_running_loop().create_future())
+        self._pending.append(job)
+        metrics.QUEUE_DEPTH.set(len(self._pending))
+        self._wakeup.set()
+        return job
+
+    def _drop_cancelled(self) -> None:
+        if any(j.cancelled for j in self._pending):
+            self._pending = collections.deque(j for j in self._pending if not j.cancelled)
+            metrics.QUEUE_DEPTH.set(len(self._pending))
+
+    def _take(self) -> list[Job]:
+        """The oldest job and every compatible queued job that fits, oldest first."""
+        self._drop_cancelled()
+        if not self._pending:
+            return []
+        key = self._pending[0].key
+        batch, size, keep = [], 0, collections.deque()
+        for job in self._pending:
+            if job.key == key and size + job.item.n <= self.max_batch_size:
+                batch.append(job)
+                size += job.item.n
+            else:
+                keep.append(job)
+        self._pending = keep
+        metrics.QUEUE_DEPTH.set(len(self._pending))
+        return batch
+
+    def _compatible_images(self) -> int:
+        if not self._pending:
+            return 0
+        key = self._pending[0].key
+        return sum(j.item.n for j in self._pending if j.key == key and not j.cancelled)
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            # Fill the batch: wait up to max_wait from the oldest job's arrival.
+            deadline = self._pending[0].enqueued + self.max_wait if self._pending else 0
+            while self._compatible_images() < self.max_batch_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            batch = self._take()
+            if not batch:
+                continue
+            await self._run(loop, batch)
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[Job]) -> None:
+        now = time.monotonic()
+        for job in batch:
+            job.started = now
+            metrics.QUEUE_WAIT.observe(now - job.enqueued)
+        self.inflight = len(batch)
+        metrics.INFLIGHT.set(self.inflight)
+        images = sum(j.item.n for j in batch)
+        metrics.BATCH_SIZE.observe(images)
+        t0 = time.perf_counter()
+        try:
+            await loop.run_in_executor(self._executor, self.pipeline.run, batch[0].key, [j.item for j in batch])
+        except OutOfMemory:
+            # The batch was split down to single images and one still did not fit.
+            # Retry one at a time so that only the request that cannot fit fails.
+            await self._run_singly(loop, batch)
+        except Exception as e:  # noqa: BLE001 - the worker never dies; the batch's requests fail
+            log.exception("batch of %d failed", images)
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(e)
+        else:
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_result(job.item)
+            metrics.IMAGES.inc(images)
+        finally:
+            elapsed = time.perf_counter() - t0
+            metrics.INFERENCE_DURATION.observe(elapsed)
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+            self.inflight = 0
+            metrics.INFLIGHT.set(0)
+
+    async def _run_singly(self, loop: asyncio.AbstractEventLoop, batch: list[Job]) -> None:
+        for job in batch:
+            if job.future.done():
+                continue
+            try:
+                await loop.run_in_executor(self._executor, self.pipeline.run, job.key, [job.item])
+                job.future.set_result(job.item)
+                metrics.IMAGES.inc(job.item.n)
+            except Exception as e:  # noqa: BLE001
+                if not job.future.done():
+                    job.future.set_exception(e)
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new work and wait until queued and running work is done."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while not self.idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.idle
+
+
+def cancel(job: Job, reason: str) -> None:
+    """The client is gone or out of time: drop the job if it has not started."""
+    if not job.future.done() and job.started is None:
+        job.future.cancel()
+        metrics.CANCELLED.labels(reason).inc()
+
+
+def result_of(job: Job) -> Any:
+    return job.future.result()

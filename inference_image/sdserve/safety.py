@@ -1,0 +1,44 @@
+"""Prompt blocklist: words (whole-word, case-insensitive) and 're:' regular expressions."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+
+class Blocklist:
+    def __init__(self, words: list[str], patterns: list[str]):
+        self.words = [w.lower() for w in words]
+        self._word_re = re.compile(r"\b(" + "|".join(re.escape(w) for w in self.words) + r")\b", re.IGNORECASE) if words else None
+        self._patterns = [re.compile(p, re.IGNORECASE) for p in patterns]
+
+    @classmethod
+    def from_text(cls, text: str) -> "Blocklist":
+        words, patterns = [], []
+        for raw in text.splitlines():
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("re:"):
+                patterns.append(line[3:].strip())
+            else:
+                words.append(line)
+        return cls(words, patterns)
+
+    @classmethod
+    def from_file(cls, path: str | None) -> "Blocklist":
+        if not path:
+            return cls([], [])
+        return cls.from_text(pathlib.Path(path).read_text(encoding="utf-8"))
+
+    def check(self, *texts: str | None) -> str | None:
+        """The reason code of the first match, or None."""
+        for text in texts:
+            if not text:
+                continue
+            if self._word_re and self._word_re.search(text):
+                return "blocked_word"
+            for p in self._patterns:
+                if p.search(text):
+                    return "blocked_pattern"
+        return None

@@ -1,0 +1,112 @@
+"""Request and response bodies, and the limit checks that depend on the settings."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEDULERS = Literal["default", "euler", "euler_a", "dpmpp_2m", "ddim"]
+
+
+class Extensions(BaseModel):
+    """Stable Diffusion parameters beyond the OpenAI Images API."""
+
+    negative_prompt: str | None = Field(None, description="What the image should not show.")
+    num_inference_steps: int | None = Field(None, ge=1, description="Denoising steps (server default when unset).")
+    guidance_scale: float | None = Field(None, ge=0, le=50, description="Classifier-free guidance scale.")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="Seed of the first image; image i uses seed+i. Seeded requests are cached.")
+    scheduler: SCHEDULERS = Field("default", description="Noise scheduler.")
+
+
+class OpenAIImageRequest(Extensions):
+    """POST /v1/images/generations, as in the OpenAI Images API."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="Text prompt.")
+    model: str | None = Field(None, description="Model id; must be the served model when set.")
+    n: int = Field(1, ge=1, description="Number of images.")
+    size: str = Field("512x512", description="WIDTHxHEIGHT in pixels, each a multiple of 8.")
+    response_format: Literal["b64_json", "url"] = Field("b64_json", description="Only b64_json is supported.")
+    quality: str | None = Field(None, description="Accepted for compatibility; ignored.")
+    style: str | None = Field(None, description="Accepted for compatibility; ignored.")
+    user: str | None = Field(None, description="Accepted for compatibility; ignored.")
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str
+    revised_prompt: str | None = None
+    seed: int
+
+
+class OpenAIImageResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
+
+
+class GenerateRequest(Extensions):
+    """POST /generate: the classic Stable Diffusion service request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1)
+    width: int = Field(512, ge=8)
+    height: int = Field(512, ge=8)
+    num_images: int = Field(1, ge=1)
+
+
+class Timings(BaseModel):
+    queue_seconds: float
+    inference_seconds: float
+    total_seconds: float
+
+
+class GenerateResponse(BaseModel):
+    images: list[str] = Field(description="Base64 PNGs.")
+    seeds: list[int]
+    model: str
+    revision: str
+    cached: bool
+    timings: Timings
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    code: str
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def parse_size(size: str) -> tuple[int, int] | None:
+    m = _SIZE.match(size.strip())
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def limit_problems(settings, *, prompt: str, negative: str | None, width: int, height: int, n: int,
+                   steps: int, width_field: str, height_field: str, n_field: str) -> list[tuple[str, str]]:
+    """(field, message) for every limit the request breaks."""
+    s = settings
+    out: list[tuple[str, str]] = []
+    if len(prompt) > s.max_prompt_length:
+        out.append(("prompt", f"prompt is {len(prompt)} characters; the limit is {s.max_prompt_length}"))
+    if negative and len(negative) > s.max_prompt_length:
+        out.append(("negative_prompt", f"negative_prompt is {len(negative)} characters; the limit is {s.max_prompt_length}"))
+    for name, value, top in ((width_field, width, s.max_width), (height_field, height, s.max_height)):
+        if value % 8:
+            out.append((name, f"{value} is not a multiple of 8"))
+        elif not s.min_side <= value <= top:
+            out.append((name, f"{value} is outside {s.min_side}..{top}"))
+    if n > min(s.max_images, s.max_batch_size):
+        out.append((n_field, f"{n} images requested; the limit is {min(s.max_images, s.max_batch_size)}"))
+    if steps > s.max_steps:
+        out.append(("num_inference_steps", f"{steps} steps requested; the limit is {s.max_steps}"))
+    return out
