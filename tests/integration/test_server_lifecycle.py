@@ -1,0 +1,55 @@
+"""Start-up and shut-down: load failures leave the server up but unready; SIGTERM drains."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_model_load_failure_is_logged_exported_and_unready(start_server, tmp_path):
+    s = start_server(wait="/healthz", model=str(tmp_path / "no-such-model"))
+    deadline = time.time() + 30
+    while time.time() < deadline and s.metric("sdserve_model_load_failures_total") == 0:
+        time.sleep(0.2)
+    assert s.metric("sdserve_model_load_failures_total") == 1
+    assert s.metric("sdserve_model_loaded") == 0
+    r = httpx.get(s.url + "/readyz")
+    assert r.status_code == 503 and r.json()["reason"] == "model_load_failed"
+    assert "no-such-model" in r.json()["message"]
+    g = httpx.post(s.url + "/generate", json={"prompt": "x", "width": 64, "height": 64})
+    assert g.status_code == 503 and g.json()["error"]["code"] == "model_not_ready" and "Retry-After" in g.headers
+    assert "MODEL LOAD FAILED" in s.log()
+
+
+def test_sigterm_drains_queued_and_inflight_work_and_refuses_new(start_server):
+    s = start_server(max_batch_size=1, max_wait_ms=0, queue_size=16, cache_type="none", drain_seconds=60)
+    body = {"prompt": "drain", "width": 128, "height": 128, "num_inference_steps": 10}
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(httpx.post, s.url + "/generate", json=body, timeout=120) for _ in range(5)]
+        time.sleep(1.0)
+        assert s.metric("sdserve_queue_depth") >= 1
+        s.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        ready = httpx.get(s.url + "/readyz", timeout=5)
+        assert ready.status_code == 503 and ready.json()["reason"] == "draining"
+        late = httpx.post(s.url + "/generate", json=body, timeout=10)
+        assert late.status_code == 503 and late.json()["error"]["code"] == "draining"
+        results = [f.result() for f in futures]
+    assert [r.status_code for r in results] == [200] * 5, [r.text for r in results]
+    assert s.proc.wait(timeout=30) == 0
+
+
+def test_drain_endpoint_only_from_localhost_and_preStop_command(start_server):
+    s = start_server(cache_type="none")
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "sdserve", "drain", "--port", str(s.port)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and '"drained":true' in out.stdout.replace(" ", "")
+    assert httpx.get(s.url + "/readyz").status_code == 503
