@@ -10,7 +10,7 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-SLOW = {"prompt": "slow", "width": 256, "height": 256, "num_inference_steps": 12}
+SLOW = {"prompt": "slow", "width": 192, "height": 192, "num_inference_steps": 10}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_client_that_disconnects_has_its_queued_work_cancelled(small_queue):
 def test_request_timeout_is_504(start_server):
     s = start_server(max_batch_size=1, max_wait_ms=0, queue_size=8, cache_type="none", timeout_seconds=1)
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(httpx.post, s.url + "/generate", json={**SLOW, "num_inference_steps": 30}, timeout=60) for _ in range(3)]
+        futures = [pool.submit(httpx.post, s.url + "/generate", json={**SLOW, "num_inference_steps": 20}, timeout=60) for _ in range(3)]
         results = [f.result() for f in futures]
     assert 504 in [r.status_code for r in results]
     assert [r for r in results if r.status_code == 504][0].json()["error"]["code"] == "timeout"
