@@ -1,0 +1,188 @@
+"""The kopf operator: `kopf run -m sdop.operator` or `sdop operator`.
+
+Handlers only call render(), apply the result through reconcile.children and report
+status; every decision about what to create lives in sdop.render.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+
+import kopf
+
+from .api import API_VERSION, GROUP, KIND, PLURAL, VERSION, SpecError
+from .reconcile import conditions as cond
+from .reconcile.children import sync
+from .reconcile.kube import Kube, KubeError
+from .render import ClusterFacts, Ctx, load, render
+from .render.context import KEDA_API, MONITORING_API
+from .settings import OperatorSettings
+
+log = logging.getLogger("sdop.operator")
+SETTINGS = OperatorSettings()
+OPTIONAL_APIS = (MONITORING_API, KEDA_API)
+
+_kube: Kube | None = None
+
+
+def kube() -> Kube:
+    global _kube
+    if _kube is None:
+        _kube = Kube()
+    return _kube
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def discover(k: Kube) -> set[str]:
+    return {api for api in OPTIONAL_APIS if await k.has_api(api)}
+
+
+def _needed_apis(cr) -> list[str]:
+    s = cr.spec
+    need = []
+    if s.monitoring.service_monitor or s.monitoring.prometheus_rule:
+        need.append(MONITORING_API)
+    if s.autoscaling.enabled and s.autoscaling.provider == "keda":
+        need.append(KEDA_API)
+    return need
+
+
+async def reconcile(body: dict, *, prune: bool) -> None:
+    """Converge one service; idempotent, safe to run again at any time."""
+    k = kube()
+    meta = body["metadata"]
+    ns, name, generation = meta["namespace"], meta["name"], meta.get("generation", 1)
+    previous = body.get("status") or {}
+    if meta.get("deletionTimestamp"):
+        return  # children go with it by garbage collection (owner references)
+    try:
+        cr = load(body)
+    except SpecError as e:
+        new = cond.status(cond.Facts(generation=generation, spec_error=str(e)), previous, _now())
+        await _write_status(body, previous, new)
+        return
+    apis = await discover(k)
+    facts = ClusterFacts(optional_apis=frozenset(apis), default_image_repository=SETTINGS.default_image_repository,
+                         default_image_tag=SETTINGS.default_image_tag)
+    ctx = Ctx(cr, facts)
+    base = dict(generation=generation, min_replicas=cr.spec.replicas.min, endpoint=ctx.endpoint,
+                scale_to_zero=cr.spec.autoscaling.scale_to_zero, model_revision=cr.spec.model.revision,
+                missing_apis=[a for a in _needed_apis(cr) if a not in apis], optional_apis=sorted(apis))
+    apply_error = None
+    try:
+        result = await sync(k, body, render(cr, facts), apis, prune=prune)
+    except KubeError as e:
+        if e.retryable:
+            raise kopf.TemporaryError(f"applying children: {e}", delay=5)
+        apply_error = str(e)  # rejected by the API server: report it, do not loop
+        result = None
+    if result and result.applied:
+        kopf.event(body, type="Normal", reason="Applied", message=", ".join(result.applied))
+    if result and result.pruned:
+        kopf.event(body, type="Normal", reason="Pruned", message=", ".join(result.pruned))
+    dep = await k.get("apps/v1", "Deployment", ns, name)
+    new = cond.status(cond.Facts(deployment=dep, apply_error=apply_error, **base), previous, _now())
+    await _write_status(body, previous, new)
+
+
+async def _write_status(body: dict, previous: dict, new: dict) -> None:
+    if cond.same(previous, new):
+        return
+    m = body["metadata"]
+    try:
+        await kube().patch_status(API_VERSION, KIND, m["namespace"], m["name"], new)
+    except KubeError as e:
+        if e.status == 404:
+            return  # deleted meanwhile
+        raise kopf.TemporaryError(f"writing status: {e}", delay=5)
+    for type_, old, now, reason in cond.transitions(previous, new):
+        if type_ in ("Ready", "Degraded"):
+            bad = (type_ == "Ready" and now != "True") or (type_ == "Degraded" and now == "True")
+            message = next(c["message"] for c in new["conditions"] if c["type"] == type_)
+            kopf.event(body, type="Warning" if bad else "Normal", reason=reason, message=f"{type_}={now}: {message}")
+
+
+# ---- handlers -----------------------------------------------------------------------
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_):
+    # kopf's own state in annotations under sdop.io/, never in our status.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key="last-handled-configuration")
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    # Only our explicit events and warnings become Kubernetes Events, not every log line.
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.reconnect_backoff = 1.0
+    settings.networking.request_timeout = 30
+    settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
+    if SETTINGS.peering:
+        settings.peering.name = SETTINGS.peering
+        settings.peering.standalone = False
+    else:
+        settings.peering.standalone = True
+    logging.getLogger("sdop").setLevel(SETTINGS.log_level.upper())
+
+
+@kopf.on.cleanup()
+async def close(**_):
+    if _kube is not None:
+        await _kube.close()
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+async def changed(body, **_):
+    await reconcile(dict(body), prune=True)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
+async def resync(body, **_):
+    """Drift repair: a child edited or deleted by someone else is put back. No-op: no writes."""
+    await reconcile(dict(body), prune=True)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": "sdop", "app.kubernetes.io/component": "server"})
+async def deployment_event(event, body, **_):
+    """Follow the serving Deployment: replicas into status at once, and back if it is deleted."""
+    owner = next((r for r in body.get("metadata", {}).get("ownerReferences") or []
+                  if r.get("kind") == KIND and r.get("controller")), None)
+    if owner is None:
+        return
+    ns = body["metadata"]["namespace"]
+    try:
+        cr = await kube().get(API_VERSION, KIND, ns, owner["name"])
+    except KubeError as e:
+        log.warning("cannot read %s/%s after a Deployment event: %s", ns, owner["name"], e)
+        return
+    if cr is None or cr.get("metadata", {}).get("uid") != owner.get("uid"):
+        return
+    try:
+        await reconcile(cr, prune=False)
+    except kopf.TemporaryError as e:
+        log.warning("reconcile after Deployment %s: %s (the resync timer retries)", event.get("type"), e)
+
+
+def run(verbose: bool = False) -> int:
+    """`sdop operator`: kopf with the namespaces, peering and liveness from SDOP_* settings."""
+    import asyncio
+
+    logging.basicConfig(level=logging.DEBUG if verbose else SETTINGS.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    namespaces = SETTINGS.namespace_list
+    liveness = f"http://0.0.0.0:{SETTINGS.liveness_port}/healthz" if SETTINGS.liveness_port else None
+    asyncio.run(kopf.operator(
+        clusterwide=not namespaces,
+        namespaces=namespaces,
+        standalone=not SETTINGS.peering,
+        peering_name=SETTINGS.peering or None,
+        liveness_endpoint=liveness,
+    ))
+    return 0

@@ -1,0 +1,1 @@
+"""The layer between render() and the API server: apply, prune, status."""

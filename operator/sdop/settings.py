@@ -1,0 +1,26 @@
+"""Operator settings, from SDOP_* environment variables (the Helm chart sets them)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .render.context import DEFAULT_IMAGE_REPOSITORY, DEFAULT_IMAGE_TAG
+
+
+class OperatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SDOP_", extra="ignore")
+
+    namespaces: str = Field("", description="Comma-separated namespaces (globs allowed) to watch; empty: cluster-wide.")
+    default_image_repository: str = DEFAULT_IMAGE_REPOSITORY
+    default_image_tag: str = DEFAULT_IMAGE_TAG
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    resync_seconds: float = Field(60, gt=0, description="How often every service is checked for drift.")
+    peering: str = Field("", description="kopf peering name for HA (several operator replicas); empty: standalone, one replica.")
+    liveness_port: int = Field(8080, ge=0, description="Port of /healthz; 0 turns it off.")
+
+    @property
+    def namespace_list(self) -> list[str]:
+        return [n.strip() for n in self.namespaces.split(",") if n.strip()]

@@ -1,0 +1,251 @@
+"""The operator, run for real (kopf run) against a Kubernetes API emulator on loopback."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from tests.helpers import example
+from tests.kapi import EmulatedCluster, Fault
+
+pytestmark = pytest.mark.integration
+
+SDS = ("sdop.io/v1alpha1", "stablediffusionservices")
+RESYNC = 1.5
+
+
+def eventually(check, timeout=20.0, interval=0.2):
+    """Retry an assertion until it holds (a field not written yet counts as not holding)."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            return check()
+        except (AssertionError, KeyError, TypeError):
+            if time.time() > deadline:
+                raise
+            time.sleep(interval)
+
+
+class Operator:
+    def __init__(self, cluster: EmulatedCluster, tmp_path):
+        self.log_path = tmp_path / "operator.log"
+        env = dict(os.environ, KUBECONFIG=cluster.kubeconfig(tmp_path / "kubeconfig"), SDOP_RESYNC_SECONDS=str(RESYNC),
+                   PYTHONUNBUFFERED="1")
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "kopf", "run", "-A", "--standalone", "-m", "sdop.operator", "--verbose"],
+                                     env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        code = self.proc.wait(30)
+        self._log.close()
+        return code
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = EmulatedCluster()
+    op = Operator(c, tmp_path_factory.mktemp("op"))
+    c.operator = op
+    yield c
+    code = op.stop()
+    c.close()
+    assert code == 0, op.log()[-3000:]
+
+
+def make(cluster, name, mutate=None, ns="images"):
+    cr = example("sd15-production")
+    cr["metadata"] = {"name": name, "namespace": ns}
+    if mutate:
+        mutate(cr["spec"])
+    return cluster.create(cr)
+
+
+def status(cluster, name, ns="images"):
+    return (cluster.get(*SDS, ns, name) or {}).get("status") or {}
+
+
+def condition(cluster, name, type_, ns="images"):
+    found = next((c for c in status(cluster, name, ns).get("conditions", []) if c["type"] == type_), None)
+    assert found is not None, f"no {type_} condition yet"
+    return found
+
+
+def test_children_are_created_with_owner_references_and_status(cluster):
+    cr = make(cluster, "owned")
+    uid = cr["metadata"]["uid"]
+
+    def created():
+        kids = cluster.children("images", "owned")
+        assert len(kids) == 16, sorted(kids)
+        return kids
+
+    kids = eventually(created)
+    for (kind, name), obj in kids.items():
+        refs = obj["metadata"]["ownerReferences"]
+        assert refs == [{"apiVersion": "sdop.io/v1alpha1", "kind": "StableDiffusionService", "name": "owned", "uid": uid,
+                         "controller": True, "blockOwnerDeletion": True}], (kind, name)
+
+    def has_status():
+        st = status(cluster, "owned")
+        assert st.get("observedGeneration") == 1
+        assert {c["type"] for c in st["conditions"]} >= {"Ready", "Progressing", "Degraded", "ModelReady"}
+        for c in st["conditions"]:
+            assert c["observedGeneration"] == 1 and c["lastTransitionTime"] and c["reason"]
+        assert st["endpoint"] == "https://images.example.com"
+        assert condition(cluster, "owned", "Ready")["status"] == "False"
+
+    eventually(has_status)
+
+    def event_posted():
+        reasons = [o.raw.get("reason") for (res, _, _), o in list(cluster.api.objects.items())
+                   if res.plural == "events" and not o.deleted and o.raw.get("involvedObject", {}).get("name") == "owned"]
+        assert "Applied" in reasons, reasons
+
+    eventually(event_posted)
+
+
+def test_status_follows_the_deployment_and_ready_turns_true(cluster):
+    make(cluster, "follow")
+    eventually(lambda: cluster.get("apps/v1", "deployments", "images", "follow") or (_ for _ in ()).throw(AssertionError()))
+    gen = cluster.get("apps/v1", "deployments", "images", "follow")["metadata"].get("generation", 1)
+    cluster.patch("apps/v1", "deployments", "images", "follow", {"status": {
+        "observedGeneration": gen, "replicas": 2, "readyReplicas": 2, "updatedReplicas": 2, "availableReplicas": 2}}, sub="status")
+
+    def ready():
+        st = status(cluster, "follow")
+        assert st.get("readyReplicas") == 2 and st.get("replicas") == 2
+        assert condition(cluster, "follow", "Ready")["status"] == "True"
+        assert condition(cluster, "follow", "ModelReady")["reason"] == "ModelLoaded"
+        assert condition(cluster, "follow", "Progressing")["status"] == "False"
+
+    eventually(ready)
+
+
+def test_spec_change_updates_children_and_observed_generation(cluster):
+    make(cluster, "change")
+    eventually(lambda: cluster.children("images", "change").get(("ConfigMap", "change-config")) or (_ for _ in ()).throw(AssertionError()))
+    cluster.patch(*SDS, "images", "change", {"spec": {"batching": {"maxBatchSize": 4}}})
+
+    def updated():
+        cm = cluster.get("v1", "configmaps", "images", "change-config")
+        assert cm["data"]["SDSERVE_MAX_BATCH_SIZE"] == "4"
+        assert status(cluster, "change")["observedGeneration"] == 2
+
+    eventually(updated)
+
+
+def test_disabled_features_prune_their_children(cluster):
+    make(cluster, "prune")
+    eventually(lambda: len(cluster.children("images", "prune")) == 16 or (_ for _ in ()).throw(AssertionError()))
+    cluster.patch(*SDS, "images", "prune", {"spec": {
+        "monitoring": {"serviceMonitor": False, "prometheusRule": False, "dashboard": False},
+        "ingress": {"enabled": False},
+        "cache": {"type": "none", "redis": None},
+    }})
+
+    def pruned():
+        kids = set(cluster.children("images", "prune"))
+        gone = {("ServiceMonitor", "prune"), ("PrometheusRule", "prune"), ("ConfigMap", "prune-dashboard"), ("Ingress", "prune"),
+                ("Deployment", "prune-redis"), ("Service", "prune-redis"), ("NetworkPolicy", "prune-redis")}
+        assert not kids & gone, kids & gone
+        assert ("Deployment", "prune") in kids and len(kids) == 9
+
+    eventually(pruned)
+
+
+def test_deleted_or_edited_children_are_repaired(cluster):
+    make(cluster, "drift")
+    eventually(lambda: len(cluster.children("images", "drift")) == 16 or (_ for _ in ()).throw(AssertionError()))
+    cluster.delete("apps/v1", "deployments", "images", "drift")
+    cluster.delete("v1", "services", "images", "drift")
+    cluster.patch("v1", "configmaps", "images", "drift-config", {"data": {"SDSERVE_QUEUE_SIZE": "1"}})
+
+    def repaired():
+        assert cluster.get("apps/v1", "deployments", "images", "drift") is not None
+        assert cluster.get("v1", "services", "images", "drift") is not None
+        assert cluster.get("v1", "configmaps", "images", "drift-config")["data"]["SDSERVE_QUEUE_SIZE"] == "128"
+
+    eventually(repaired)
+
+
+def test_a_resync_with_nothing_changed_writes_nothing(cluster):
+    make(cluster, "quiet")
+    eventually(lambda: status(cluster, "quiet").get("observedGeneration") == 1 or (_ for _ in ()).throw(AssertionError()))
+    time.sleep(2 * RESYNC)  # let the events and status settle
+    mark = len(cluster.api.writes)
+    time.sleep(3 * RESYNC)  # at least two timer resyncs of every service
+    writes = cluster.writes_since(mark)
+    assert writes == [], writes
+    assert "Timer 'resync' succeeded" in cluster.operator.log()
+
+
+def test_invalid_spec_is_degraded_with_the_field_and_nothing_applied(cluster):
+    def conflict(spec):
+        spec["scheduling"]["nodeSelector"] = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+
+    make(cluster, "invalid", conflict)
+
+    def degraded():
+        d = condition(cluster, "invalid", "Degraded")
+        assert d["status"] == "True" and d["reason"] == "InvalidSpec"
+        assert "spec.scheduling.nodeSelector[nvidia.com/gpu.product]" in d["message"]
+        assert condition(cluster, "invalid", "Ready")["status"] == "False"
+
+    eventually(degraded)
+    time.sleep(RESYNC)
+    assert cluster.children("images", "invalid") == {}
+    # Fixing the spec recovers.
+    cluster.patch(*SDS, "images", "invalid", {"spec": {"scheduling": {"nodeSelector": None}}})
+    eventually(lambda: len(cluster.children("images", "invalid")) == 16 or (_ for _ in ()).throw(AssertionError()))
+    eventually(lambda: condition(cluster, "invalid", "Degraded")["status"] == "False" or (_ for _ in ()).throw(AssertionError()))
+
+
+def test_api_errors_and_dropped_watches_are_retried_without_dying(cluster):
+    cluster.api.faults += [
+        Fault("PATCH", "/deployments/flaky", 500, 2),
+        Fault("PATCH", "/configmaps/flaky-config", 409, 1),
+        Fault("PATCH", "/stablediffusionservices/flaky/status", 500, 1),
+    ]
+    make(cluster, "flaky")
+
+    def converged():
+        assert len(cluster.children("images", "flaky")) == 16
+        assert status(cluster, "flaky").get("observedGeneration") == 1
+
+    eventually(converged, timeout=40)
+    assert all(f.times == 0 for f in cluster.api.faults)
+    cluster.call(cluster.api.drop_watches())
+    time.sleep(1)
+    cluster.patch(*SDS, "images", "flaky", {"spec": {"limits": {"queueSize": 100}}})
+    eventually(lambda: cluster.get("v1", "configmaps", "images", "flaky-config")["data"]["SDSERVE_QUEUE_SIZE"] == "100"
+               or (_ for _ in ()).throw(AssertionError()), timeout=40)
+    assert cluster.operator.proc.poll() is None
+
+
+def test_missing_optional_apis_are_reported_and_the_rest_works(tmp_path):
+    c = EmulatedCluster(monitoring=False, keda=False)
+    op = Operator(c, tmp_path)
+    try:
+        cr = example("sd15-production")
+        c.create(cr)
+
+        def reported():
+            cond = condition(c, "sd15", "OptionalAPIsAvailable")
+            assert cond and cond["status"] == "False" and "monitoring.coreos.com/v1" in cond["message"]
+            kinds = {k for k, _ in c.children("images", "sd15")}
+            assert "Deployment" in kinds and not kinds & {"ServiceMonitor", "PrometheusRule"}
+
+        eventually(reported)
+    finally:
+        assert op.stop() == 0
+        c.close()
