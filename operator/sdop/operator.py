@@ -11,6 +11,7 @@ import logging
 
 import kopf
 
+from . import metrics
 from .api import API_VERSION, GROUP, KIND, PLURAL, VERSION, SpecError
 from .reconcile import conditions as cond
 from .reconcile.children import sync
@@ -51,8 +52,18 @@ def _needed_apis(cr) -> list[str]:
     return need
 
 
-async def reconcile(body: dict, *, prune: bool) -> None:
+async def reconcile(body: dict, *, prune: bool, trigger: str) -> None:
     """Converge one service; idempotent, safe to run again at any time."""
+    with metrics.RECONCILE_SECONDS.time():
+        try:
+            await _reconcile(body, prune=prune)
+        except Exception:
+            metrics.RECONCILES.labels(trigger, "error").inc()
+            raise
+    metrics.RECONCILES.labels(trigger, "ok").inc()
+
+
+async def _reconcile(body: dict, *, prune: bool) -> None:
     k = kube()
     meta = body["metadata"]
     ns, name, generation = meta["namespace"], meta["name"], meta.get("generation", 1)
@@ -62,6 +73,7 @@ async def reconcile(body: dict, *, prune: bool) -> None:
     try:
         cr = load(body)
     except SpecError as e:
+        metrics.INVALID.inc()
         new = cond.status(cond.Facts(generation=generation, spec_error=str(e)), previous, _now())
         await _write_status(body, previous, new)
         return
@@ -80,6 +92,10 @@ async def reconcile(body: dict, *, prune: bool) -> None:
             raise kopf.TemporaryError(f"applying children: {e}", delay=5)
         apply_error = str(e)  # rejected by the API server: report it, do not loop
         result = None
+    for r in result.applied if result else []:
+        metrics.APPLIED.labels(r.split("/")[0]).inc()
+    for r in result.pruned if result else []:
+        metrics.PRUNED.labels(r.split("/")[0]).inc()
     if result and result.applied:
         kopf.event(body, type="Normal", reason="Applied", message=", ".join(result.applied))
     if result and result.pruned:
@@ -128,6 +144,10 @@ def configure(settings: kopf.OperatorSettings, **_):
     else:
         settings.peering.standalone = True
     logging.getLogger("sdop").setLevel(SETTINGS.log_level.upper())
+    if SETTINGS.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(SETTINGS.metrics_port, registry=metrics.REGISTRY)
 
 
 @kopf.on.cleanup()
@@ -139,14 +159,14 @@ async def close(**_):
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
 @kopf.on.resume(GROUP, VERSION, PLURAL)
-async def changed(body, **_):
-    await reconcile(dict(body), prune=True)
+async def changed(body, reason, **_):
+    await reconcile(dict(body), prune=True, trigger=str(reason))
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
 async def resync(body, **_):
     """Drift repair: a child edited or deleted by someone else is put back. No-op: no writes."""
-    await reconcile(dict(body), prune=True)
+    await reconcile(dict(body), prune=True, trigger="resync")
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": "sdop", "app.kubernetes.io/component": "server"})
@@ -165,7 +185,7 @@ async def deployment_event(event, body, **_):
     if cr is None or cr.get("metadata", {}).get("uid") != owner.get("uid"):
         return
     try:
-        await reconcile(cr, prune=False)
+        await reconcile(cr, prune=False, trigger="deployment")
     except kopf.TemporaryError as e:
         log.warning("reconcile after Deployment %s: %s (the resync timer retries)", event.get("type"), e)
 

@@ -35,8 +35,11 @@ def eventually(check, timeout=20.0, interval=0.2):
 class Operator:
     def __init__(self, cluster: EmulatedCluster, tmp_path):
         self.log_path = tmp_path / "operator.log"
+        from tests.conftest import free_port
+
+        self.metrics_port = free_port()
         env = dict(os.environ, KUBECONFIG=cluster.kubeconfig(tmp_path / "kubeconfig"), SDOP_RESYNC_SECONDS=str(RESYNC),
-                   PYTHONUNBUFFERED="1")
+                   SDOP_METRICS_PORT=str(self.metrics_port), PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "kopf", "run", "-A", "--standalone", "-m", "sdop.operator", "--verbose"],
                                      env=env, stdout=self._log, stderr=subprocess.STDOUT)
@@ -249,3 +252,11 @@ def test_missing_optional_apis_are_reported_and_the_rest_works(tmp_path):
     finally:
         assert op.stop() == 0
         c.close()
+
+
+def test_operator_exports_its_own_metrics(cluster):
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{cluster.operator.metrics_port}/metrics").text
+    assert 'sdop_reconciles_total{result="ok",trigger="resync"}' in text
+    assert "sdop_children_applied_total" in text and "sdop_reconcile_duration_seconds_bucket" in text
