@@ -59,13 +59,15 @@ class GpuCollector:
         return self._nvml is not None
 
     def collect(self):
-        if self._nvml is None:
-            return []
-        n = self._nvml
+        # The families are always declared (so dashboards and alerts find the names);
+        # they carry samples only where NVML sees a GPU.
         used = GaugeMetricFamily("sdserve_gpu_memory_used_bytes", "GPU memory in use.", labels=["gpu"])
         total = GaugeMetricFamily("sdserve_gpu_memory_total_bytes", "GPU memory.", labels=["gpu"])
         util = GaugeMetricFamily("sdserve_gpu_utilization_ratio", "GPU busy fraction over the last sample period.", labels=["gpu"])
         temp = GaugeMetricFamily("sdserve_gpu_temperature_celsius", "GPU temperature.", labels=["gpu"])
+        if self._nvml is None:
+            return [used, total, util, temp]
+        n = self._nvml
         try:
             for i in range(n.nvmlDeviceGetCount()):
                 h = n.nvmlDeviceGetHandleByIndex(i)
@@ -80,5 +82,4 @@ class GpuCollector:
 
 
 GPU = GpuCollector()
-if GPU.available:
-    REGISTRY.register(GPU)
+REGISTRY.register(GPU)
