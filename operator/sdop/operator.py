@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 
 import kopf
 
@@ -38,8 +39,17 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+_discovered: tuple[float, set[str]] | None = None
+DISCOVERY_TTL = 60.0
+
+
 async def discover(k: Kube) -> set[str]:
-    return {api for api in OPTIONAL_APIS if await k.has_api(api)}
+    """Optional APIs present in the cluster, asked at most once a minute."""
+    global _discovered
+    now = time.monotonic()
+    if _discovered is None or now - _discovered[0] > DISCOVERY_TTL:
+        _discovered = (now, {api for api in OPTIONAL_APIS if await k.has_api(api)})
+    return _discovered[1]
 
 
 def _needed_apis(cr) -> list[str]:
@@ -165,8 +175,12 @@ async def changed(body, reason, **_):
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
 async def resync(body, **_):
-    """Drift repair: a child edited or deleted by someone else is put back. No-op: no writes."""
-    await reconcile(dict(body), prune=True, trigger="resync")
+    """Drift repair: a child edited or deleted by someone else is put back. No-op: no writes.
+
+    Reads only the rendered children (no listing): pruning follows spec changes, which the
+    create/update/resume handlers see.
+    """
+    await reconcile(dict(body), prune=False, trigger="resync")
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": "sdop", "app.kubernetes.io/component": "server"})
