@@ -96,6 +96,29 @@ class ApiServer(kmock.KubernetesEmulator):
             if request.subresource is None and "spec" in data and data["spec"] != existing.get("spec"):
                 meta["generation"] = (existing.get("metadata", {}).get("generation") or 1) + 1
 
+    async def _serve_fetch(self, request):
+        # One dict lookup instead of kmock's scan of every stored object.
+        key = (request.resource, request.namespace, request.name)
+        obj = self._objects[key] if key in self._objects else None
+        if obj is None or obj.deleted:
+            raise kmock_k8s.KubernetesObjectNotFoundError()
+        return obj.raw
+
+    async def _serve_list(self, request):
+        # Namespace and equality label selectors filtered here, as the API server does.
+        if request.resource not in set(self._get_resources()):
+            raise kmock_k8s.KubernetesResourceNotFoundError()
+        wanted = dict(p.split("=", 1) for p in request.params.get("labelSelector", "").split(",") if "=" in p)
+        items = []
+        for (resource, namespace, _), obj in list(self._objects.items()):
+            if resource != request.resource or obj.deleted or (request.namespace and namespace != request.namespace):
+                continue
+            raw = obj.raw
+            labels = raw.get("metadata", {}).get("labels") or {}
+            if all(labels.get(k) == v for k, v in wanted.items()):
+                items.append(raw)
+        return {"metadata": {"resourceVersion": str(next(self._rv))}, "items": items}
+
     async def _serve_watch(self, request):
         async for event in super()._serve_watch(request):
             if event == _DROP:

@@ -34,6 +34,7 @@ log = logging.getLogger("sdserve.app")
 
 ROUTES = {"/v1/images/generations", "/generate", "/v1/models", "/healthz", "/readyz", "/metrics", "/admin/drain", "/docs", "/openapi.json"}
 GENERATION_ROUTES = {"/v1/images/generations", "/generate"}
+DISCONNECT_POLL_SECONDS = 1.0
 
 
 class ApiError(Exception):
@@ -243,7 +244,8 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
             if remaining <= 0:
                 cancel(job, "timeout")
                 raise ApiError(504, "timeout", f"not done within {state.settings.timeout_seconds:g}s", type_="server_error")
-            await asyncio.wait({job.future}, timeout=min(0.25, remaining))
+            # Wake once a second to notice a departed client; the result itself wakes us at once.
+            await asyncio.wait({job.future}, timeout=min(DISCONNECT_POLL_SECONDS, remaining))
             if not job.future.done() and await request.is_disconnected():
                 cancel(job, "client_disconnected")
                 raise ApiError(499, "client_closed_request", "client disconnected")
