@@ -6,6 +6,7 @@ status; every decision about what to create lives in sdop.render.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import time
@@ -15,7 +16,7 @@ import kopf
 from . import metrics
 from .api import API_VERSION, GROUP, KIND, PLURAL, VERSION, SpecError
 from .reconcile import conditions as cond
-from .reconcile.children import sync
+from .reconcile.children import owned, sync, up_to_date
 from .reconcile.kube import Kube, KubeError
 from .render import ClusterFacts, Ctx, load, render
 from .render.context import KEDA_API, MONITORING_API
@@ -62,15 +63,27 @@ def _needed_apis(cr) -> list[str]:
     return need
 
 
+_slots: asyncio.Semaphore | None = None
+
+
+def slots() -> asyncio.Semaphore:
+    """Bounded concurrency: a thousand services must not become a thousand API storms at once."""
+    global _slots
+    if _slots is None:
+        _slots = asyncio.Semaphore(SETTINGS.max_concurrent_reconciles)
+    return _slots
+
+
 async def reconcile(body: dict, *, prune: bool, trigger: str) -> None:
     """Converge one service; idempotent, safe to run again at any time."""
-    with metrics.RECONCILE_SECONDS.time():
-        try:
-            await _reconcile(body, prune=prune)
-        except Exception:
-            metrics.RECONCILES.labels(trigger, "error").inc()
-            raise
-    metrics.RECONCILES.labels(trigger, "ok").inc()
+    async with slots():
+        with metrics.RECONCILE_SECONDS.time():
+            try:
+                await _reconcile(body, prune=prune)
+            except Exception:
+                metrics.RECONCILES.labels(trigger, "error").inc()
+                raise
+        metrics.RECONCILES.labels(trigger, "ok").inc()
 
 
 async def _reconcile(body: dict, *, prune: bool) -> None:
@@ -87,13 +100,7 @@ async def _reconcile(body: dict, *, prune: bool) -> None:
         new = cond.status(cond.Facts(generation=generation, spec_error=str(e)), previous, _now())
         await _write_status(body, previous, new)
         return
-    apis = await discover(k)
-    facts = ClusterFacts(optional_apis=frozenset(apis), default_image_repository=SETTINGS.default_image_repository,
-                         default_image_tag=SETTINGS.default_image_tag)
-    ctx = Ctx(cr, facts)
-    base = dict(generation=generation, min_replicas=cr.spec.replicas.min, endpoint=ctx.endpoint,
-                scale_to_zero=cr.spec.autoscaling.scale_to_zero, model_revision=cr.spec.model.revision,
-                missing_apis=[a for a in _needed_apis(cr) if a not in apis], optional_apis=sorted(apis))
+    apis, facts = await _cluster_facts(k)
     apply_error = None
     try:
         result = await sync(k, body, render(cr, facts), apis, prune=prune)
@@ -111,8 +118,22 @@ async def _reconcile(body: dict, *, prune: bool) -> None:
     if result and result.pruned:
         kopf.event(body, type="Normal", reason="Pruned", message=", ".join(result.pruned))
     dep = await k.get("apps/v1", "Deployment", ns, name)
-    new = cond.status(cond.Facts(deployment=dep, apply_error=apply_error, **base), previous, _now())
-    await _write_status(body, previous, new)
+    await _write_status(body, previous, _status(cr, generation, apis, facts, dep, apply_error, previous))
+
+
+async def _cluster_facts(k: Kube) -> tuple[set[str], ClusterFacts]:
+    apis = await discover(k)
+    return apis, ClusterFacts(optional_apis=frozenset(apis), default_image_repository=SETTINGS.default_image_repository,
+                              default_image_tag=SETTINGS.default_image_tag)
+
+
+def _status(cr, generation: int, apis: set[str], facts: ClusterFacts, dep: dict | None, apply_error: str | None,
+            previous: dict) -> dict:
+    s = cr.spec
+    return cond.status(cond.Facts(
+        generation=generation, deployment=dep, apply_error=apply_error, min_replicas=s.replicas.min,
+        endpoint=Ctx(cr, facts).endpoint, scale_to_zero=s.autoscaling.scale_to_zero, model_revision=s.model.revision,
+        missing_apis=[a for a in _needed_apis(cr) if a not in apis], optional_apis=sorted(apis)), previous, _now())
 
 
 async def _write_status(body: dict, previous: dict, new: dict) -> None:
@@ -185,7 +206,7 @@ async def resync(body, **_):
 
 @kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": "sdop", "app.kubernetes.io/component": "server"})
 async def deployment_event(event, body, **_):
-    """Follow the serving Deployment: replicas into status at once, and back if it is deleted."""
+    """Follow the serving Deployment: replicas into status at once; put it back if deleted or edited."""
     owner = next((r for r in body.get("metadata", {}).get("ownerReferences") or []
                   if r.get("kind") == KIND and r.get("controller")), None)
     if owner is None:
@@ -196,12 +217,48 @@ async def deployment_event(event, body, **_):
     except KubeError as e:
         log.warning("cannot read %s/%s after a Deployment event: %s", ns, owner["name"], e)
         return
-    if cr is None or cr.get("metadata", {}).get("uid") != owner.get("uid"):
+    if cr is None or cr.get("metadata", {}).get("uid") != owner.get("uid") or cr["metadata"].get("deletionTimestamp"):
         return
     try:
-        await reconcile(cr, prune=False, trigger="deployment")
+        async with slots():
+            if event.get("type") == "DELETED":
+                await _reconcile(cr, prune=False)
+            else:
+                await _follow_deployment(cr, dict(body))
+        metrics.RECONCILES.labels("deployment", "ok").inc()
     except kopf.TemporaryError as e:
-        log.warning("reconcile after Deployment %s: %s (the resync timer retries)", event.get("type"), e)
+        metrics.RECONCILES.labels("deployment", "error").inc()
+        log.warning("after a Deployment %s event: %s (the resync timer retries)", event.get("type"), e)
+
+
+async def _follow_deployment(cr: dict, dep: dict) -> None:
+    """The Deployment changed: re-apply it if it drifted, and refresh the status from it."""
+    meta = cr["metadata"]
+    try:
+        parsed = load(cr)
+    except SpecError:
+        return  # the change handlers own the InvalidSpec status
+    k = kube()
+    apis, facts = await _cluster_facts(k)
+    desired = next(o for o in owned(cr, render(parsed, facts)) if o["kind"] == "Deployment" and o["metadata"]["name"] == meta["name"])
+    if not up_to_date(dep, desired):
+        try:
+            dep = await k.apply(desired)
+        except KubeError as e:
+            raise kopf.TemporaryError(f"re-applying the Deployment: {e}", delay=5)
+        metrics.APPLIED.labels("Deployment").inc()
+        kopf.event(cr, type="Normal", reason="Applied", message=f"Deployment/{meta['name']} (drift repaired)")
+    previous = cr.get("status") or {}
+    new = _status(parsed, meta.get("generation", 1), apis, facts, dep, _carried_apply_error(previous), previous)
+    await _write_status(cr, previous, new)
+
+
+def _carried_apply_error(previous: dict) -> str | None:
+    """An ApplyFailed from the last full reconcile stays until a full reconcile clears it."""
+    for c in previous.get("conditions") or []:
+        if c.get("type") == "Degraded" and c.get("reason") == "ApplyFailed" and c.get("status") == "True":
+            return c.get("message")
+    return None
 
 
 def run(verbose: bool = False) -> int:

@@ -19,6 +19,7 @@ class OperatorSettings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     resync_seconds: float = Field(60, gt=0, description="How often every service is checked for drift.")
     peering: str = Field("", description="kopf peering name for HA (several operator replicas); empty: standalone, one replica.")
+    max_concurrent_reconciles: int = Field(16, ge=1, le=1000, description="Reconciles running at once; the rest wait their turn.")
     metrics_port: int = Field(8081, ge=0, description="Port of the operator's /metrics; 0 turns it off.")
     liveness_port: int = Field(8080, ge=0, description="Port of /healthz; 0 turns it off.")
 

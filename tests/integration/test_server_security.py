@@ -93,3 +93,46 @@ def test_blocklist_words_and_patterns_are_400_with_reason(secured):
     # Substrings of other words are not blocked.
     h = {"Authorization": f"Bearer {token(sub='gina')}"}
     assert post(secured, h, prompt="unforbiddenness").status_code == 200
+
+
+def test_jwt_rs256_via_jwks_endpoint(start_server):
+    """RS256 tokens checked against keys fetched from a JWKS URL (served on loopback)."""
+    import http.server
+    import json
+    import threading
+
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from jwt.algorithms import RSAAlgorithm
+
+    from tests.conftest import free_port
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
+    jwk.update(kid="k1", use="sig", alg="RS256")
+    body = json.dumps({"keys": [jwk]}).encode()
+
+    class Jwks(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    port = free_port()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Jwks)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        s = start_server(jwt_issuer="https://idp.test/", jwt_audience="sd", jwt_jwks_url=f"http://127.0.0.1:{port}/jwks.json",
+                         jwt_algorithms="RS256")
+        claims = {"sub": "svc", "aud": "sd", "iss": "https://idp.test/", "exp": int(time.time()) + 60}
+        good = jwt.encode(claims, key, algorithm="RS256", headers={"kid": "k1"})
+        assert post(s, {"Authorization": f"Bearer {good}"}).status_code == 200
+        other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        forged = jwt.encode(claims, other, algorithm="RS256", headers={"kid": "k1"})
+        r = post(s, {"Authorization": f"Bearer {forged}"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_token"
+    finally:
+        httpd.shutdown()

@@ -1,0 +1,35 @@
+"""The benchmark scripts run (small sizes) and write their result files; figures live in bench/."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def bench(tmp_path, *args, timeout=300):
+    env = dict(os.environ, SDOP_BENCH_RESULTS=str(tmp_path))
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def test_gpu_pipeline_bench_smoke_on_cpu(tmp_path):
+    out = bench(tmp_path, "bench/gpu_pipeline.py", "--smoke")
+    assert "sdop/plain" in out
+    result = json.loads((tmp_path / "gpu_pipeline_tiny_smoke_cpu.json").read_text())
+    assert [r["batch"] for r in result["sdop"]] == [1, 2] and result["flops_per_image"] > 0
+
+
+def test_operator_scale_bench_small(tmp_path):
+    out = bench(tmp_path, "bench/operator_scale.py", "--count", "6", "--namespaces", "2", "--resync-seconds", "4")
+    result = json.loads((tmp_path / "operator_scale.json").read_text())
+    assert result["reconciled"] == 6 and result["writes in no-op resync"] == 0, out
+    assert result["resyncs in window"] >= 6
