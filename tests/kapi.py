@@ -15,6 +15,7 @@ kmock 0.8 fails on cluster-wide namespace listing, so the operator runs cluster-
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import datetime
 import itertools
@@ -47,16 +48,16 @@ class ApiServer(kmock.KubernetesEmulator):
         self.faults: list[Fault] = []
         self.writes: list[tuple[str, str]] = []
         self._rv = itertools.count(1)
+        self._index: dict[tuple, set[str]] = collections.defaultdict(set)  # (resource, namespace) -> names
 
     def _now(self) -> str:
         return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
     async def _handle(self, request):
         # kmock keeps every request, and matching a request to a reaction scans that whole
-        # history (View.__contains__): each request gets slower. Keep a short window (the
-        # newest, this one, included); tests read `writes` instead.
-        if len(self._requests) > 64:
-            del self._requests[:-16]
+        # history (View.__contains__): each request gets slower. Keep only this request;
+        # tests read `writes` instead.
+        del self._requests[:-1]
         path = str(request.url.path)
         method = str(request.method.value)
         for f in self.faults:
@@ -67,7 +68,11 @@ class ApiServer(kmock.KubernetesEmulator):
             self.writes.append((method, path))
         if request.resource is not None and isinstance(request.data, dict):
             self._emulate(request, method)
-        return await super()._handle(request)
+        response = await super()._handle(request)
+        if method == "POST" and request.action == kmock.action.CREATE and response.status < 300:
+            meta = request.data.get("metadata", {})
+            self._index[(request.resource, request.namespace or meta.get("namespace"))].add(meta.get("name"))
+        return response
 
     def _emulate(self, request, method: str) -> None:
         data = request.data
@@ -91,32 +96,48 @@ class ApiServer(kmock.KubernetesEmulator):
                         self._objects[key] = new
                     else:
                         existing.create(new)
+                    self._index[(request.resource, request.namespace)].add(request.name)
                 return
             meta["resourceVersion"] = str(next(self._rv))
             if request.subresource is None and "spec" in data and data["spec"] != existing.get("spec"):
                 meta["generation"] = (existing.get("metadata", {}).get("generation") or 1) + 1
 
+    # kmock finds the object of a request by scanning every stored object; with thousands of
+    # objects that dominates. These look it up by key, as an API server's storage does.
+    def _lookup(self, request, name: str | None = None):
+        key = (request.resource, request.namespace, name or request.name)
+        return self._objects[key] if key in self._objects else None
+
     async def _serve_fetch(self, request):
-        # One dict lookup instead of kmock's scan of every stored object.
-        key = (request.resource, request.namespace, request.name)
-        obj = self._objects[key] if key in self._objects else None
+        obj = self._lookup(request)
         if obj is None or obj.deleted:
             raise kmock_k8s.KubernetesObjectNotFoundError()
         return obj.raw
 
+    async def _serve_create(self, request):
+        return self._lookup(request, request.data.get("metadata", {}).get("name")).last.raw
+
+    async def _serve_update(self, request):
+        return self._lookup(request).last.raw
+
+    async def _serve_delete(self, request):
+        return self._lookup(request).last.raw
+
     async def _serve_list(self, request):
         # Namespace and equality label selectors filtered here, as the API server does.
-        if request.resource not in set(self._get_resources()):
-            raise kmock_k8s.KubernetesResourceNotFoundError()
         wanted = dict(p.split("=", 1) for p in request.params.get("labelSelector", "").split(",") if "=" in p)
         items = []
-        for (resource, namespace, _), obj in list(self._objects.items()):
-            if resource != request.resource or obj.deleted or (request.namespace and namespace != request.namespace):
-                continue
-            raw = obj.raw
-            labels = raw.get("metadata", {}).get("labels") or {}
-            if all(labels.get(k) == v for k, v in wanted.items()):
-                items.append(raw)
+        groups = [(request.resource, request.namespace)] if request.namespace else [
+            k for k in list(self._index) if k[0] == request.resource]
+        for resource, namespace in groups:
+            for name in sorted(self._index.get((resource, namespace), ())):
+                obj = self._objects[(resource, namespace, name)]
+                if obj.deleted:
+                    continue
+                raw = obj.raw
+                labels = raw.get("metadata", {}).get("labels") or {}
+                if all(labels.get(k) == v for k, v in wanted.items()):
+                    items.append(raw)
         return {"metadata": {"resourceVersion": str(next(self._rv))}, "items": items}
 
     async def _serve_watch(self, request):
@@ -224,6 +245,17 @@ class EmulatedCluster:
             labels = raw.get("metadata", {}).get("labels") or {}
             if labels.get("app.kubernetes.io/instance") == instance and raw.get("kind") != "StableDiffusionService":
                 out[(raw.get("kind"), name)] = raw
+        return out
+
+    def objects_of(self, plural: str) -> list[dict]:
+        """Live objects of one resource, through the emulator's index (cheap at any scale)."""
+        out = []
+        for (resource, namespace), names in list(self.api._index.items()):
+            if resource.plural == plural:
+                for name in list(names):
+                    obj = self.api.objects[(resource, namespace, name)]
+                    if not obj.deleted:
+                        out.append(obj.raw)
         return out
 
     def writes_since(self, mark: int) -> list[tuple[str, str]]:

@@ -105,7 +105,6 @@ class Pipeline:
         log.info("model %s loaded on %s (%s) in %.1fs", self.settings.model, self.device, self.dtype, self.load_seconds)
 
     def _load_pipe(self):
-        import torch  # noqa: F401
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         s = self.settings

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 import sys
 import time
 
 import pytest
-import yaml
 
 from tests.helpers import example
 from tests.kapi import EmulatedCluster, Fault

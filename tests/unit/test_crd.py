@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import yaml
 
 from sdop.api import SpecError, parse
 from sdop.api.crd import crd, crd_yaml
