@@ -259,8 +259,10 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
 
     def key_for(width: int, height: int, steps: int | None, guidance: float | None, scheduler: str) -> BatchKey:
         s = state.settings
+        # "default" resolved here: the cache key and batch grouping see the scheduler that runs.
         return BatchKey(width, height, steps or s.default_steps,
-                        float(s.default_guidance_scale if guidance is None else guidance), scheduler)
+                        float(s.default_guidance_scale if guidance is None else guidance),
+                        s.scheduler if scheduler == "default" else scheduler)
 
     # ---- routes ---------------------------------------------------------------------
     errors = {401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 422: {"model": ErrorResponse},

@@ -172,8 +172,9 @@ class Pipeline:
         )
 
     def scheduler(self, name: str):
-        if name in ("", "default") or name not in _SCHEDULERS:
-            name = "default" if name in ("", "default") else self.settings.scheduler
+        """The scheduler a request asked for; "default" is the server's SDSERVE_SCHEDULER."""
+        if name in ("", "default"):
+            name = self.settings.scheduler
         if name not in self._schedulers:
             import diffusers
 

@@ -14,7 +14,6 @@ import concurrent.futures
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from . import metrics
 from .pipeline import BatchKey, Item, OutOfMemory, Pipeline
@@ -208,6 +207,3 @@ def cancel(job: Job, reason: str) -> None:
         job.future.cancel()
         metrics.CANCELLED.labels(reason).inc()
 
-
-def result_of(job: Job) -> Any:
-    return job.future.result()
