@@ -193,10 +193,13 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
             metrics.PROMPTS_REJECTED.labels(reason).inc()
             raise ApiError(400, reason, "the prompt contains blocked content", param="prompt")
 
+    def draining() -> ApiError:
+        metrics.REJECTED.labels("draining").inc()
+        return ApiError(503, "draining", "this replica is shutting down; retry", retry_after=1)
+
     async def run(gen: Generation, request: Request) -> Result:
         if state.draining:
-            metrics.REJECTED.labels("draining").inc()
-            raise ApiError(503, "draining", "this replica is shutting down; retry", retry_after=1)
+            raise draining()
         if not state.loaded:
             metrics.REJECTED.labels("not_ready").inc()
             raise ApiError(503, "model_not_ready", state.load_error or "the model is still loading", retry_after=10)
@@ -220,10 +223,8 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
             job = state.batcher.submit(gen.key, item)
         except QueueFull as e:
             raise ApiError(429, "queue_full", "the queue is full; retry later", retry_after=e.retry_after, type_="rate_limit_error")
-        except Draining:
-            metrics.REJECTED.labels("draining").inc()
-            raise ApiError(503, "draining", "this replica is shutting down; retry", retry_after=1)
-        metrics.QUEUE_DEPTH.set(state.batcher.depth)
+        except Draining:  # drain began while the cache was consulted
+            raise draining()
         await wait_for_job(job, request)
         done = time.monotonic()
         images = job.future.result().images
@@ -321,7 +322,6 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
 
     @app.get("/metrics", tags=["health"])
     async def metrics_endpoint():
-        metrics.QUEUE_DEPTH.set(state.batcher.depth if state.batcher else 0)
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/admin/drain", tags=["admin"])

@@ -240,7 +240,8 @@ async def _follow_deployment(cr: dict, dep: dict) -> None:
         return  # the change handlers own the InvalidSpec status
     k = kube()
     apis, facts = await _cluster_facts(k)
-    desired = next(o for o in owned(cr, render(parsed, facts)) if o["kind"] == "Deployment" and o["metadata"]["name"] == meta["name"])
+    deployment = [o for o in render(parsed, facts) if o["kind"] == "Deployment" and o["metadata"]["name"] == meta["name"]]
+    desired = owned(cr, deployment)[0]
     if not up_to_date(dep, desired):
         try:
             dep = await k.apply(desired)
@@ -263,8 +264,6 @@ def _carried_apply_error(previous: dict) -> str | None:
 
 def run(verbose: bool = False) -> int:
     """`sdop operator`: kopf with the namespaces, peering and liveness from SDOP_* settings."""
-    import asyncio
-
     logging.basicConfig(level=logging.DEBUG if verbose else SETTINGS.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     namespaces = SETTINGS.namespace_list

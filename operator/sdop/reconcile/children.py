@@ -39,11 +39,6 @@ MANAGED_KINDS: list[tuple[str, str, str | None]] = [
 class SyncResult:
     applied: list[str] = field(default_factory=list)
     pruned: list[str] = field(default_factory=list)
-    unchanged: int = 0
-
-    @property
-    def changed(self) -> bool:
-        return bool(self.applied or self.pruned)
 
 
 def ref(obj: dict[str, Any]) -> str:
@@ -89,7 +84,6 @@ async def apply_children(kube: Kube, desired: list[dict[str, Any]], result: Sync
         m = obj["metadata"]
         live = await kube.get(obj["apiVersion"], obj["kind"], m["namespace"], m["name"])
         if up_to_date(live, obj):
-            result.unchanged += 1
             continue
         await kube.apply(obj)
         result.applied.append(ref(obj))

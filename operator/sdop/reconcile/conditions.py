@@ -28,7 +28,7 @@ def _cond(type_: str, ok: bool | None, reason: str, message: str) -> dict[str, A
     return {"type": type_, "status": "Unknown" if ok is None else ("True" if ok else "False"), "reason": reason, "message": message}
 
 
-def _deployment_state(dep: dict[str, Any] | None, generation_seen: bool) -> tuple[int, int, int, bool, str | None]:
+def _deployment_state(dep: dict[str, Any] | None) -> tuple[int, int, int, bool, str | None]:
     """(replicas, ready, updated, rolled out, failure message)."""
     if dep is None:
         return 0, 0, 0, False, None
@@ -54,8 +54,7 @@ def conditions(f: Facts) -> list[dict[str, Any]]:
             _cond("Degraded", True, "InvalidSpec", f.spec_error),
             _cond("ModelReady", None, "InvalidSpec", "not attempted"),
         ]
-    replicas, ready, updated, rolled_out, failure = _deployment_state(f.deployment, True)
-    out = []
+    replicas, ready, updated, rolled_out, failure = _deployment_state(f.deployment)
     if f.apply_error:
         degraded = _cond("Degraded", True, "ApplyFailed", f.apply_error)
     elif failure:
@@ -99,7 +98,7 @@ def status(f: Facts, previous: dict[str, Any] | None, now: str) -> dict[str, Any
         c["lastTransitionTime"] = old["lastTransitionTime"] if old and old.get("status") == c["status"] and old.get("lastTransitionTime") else now
         c["observedGeneration"] = f.generation
         conds.append(c)
-    replicas, ready, *_ = _deployment_state(f.deployment, True)
+    replicas, ready, *_ = _deployment_state(f.deployment)
     return {
         "observedGeneration": f.generation,
         "conditions": conds,
