@@ -42,7 +42,12 @@ def write(name: str, payload: dict) -> pathlib.Path:
     out = pathlib.Path(os.environ.get("SDOP_BENCH_RESULTS", RESULTS))  # tests point this elsewhere
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
-    payload = {"benchmark": name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(), **payload}
+    payload = {
+        "benchmark": name,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        **payload,
+    }
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
 
@@ -90,4 +95,6 @@ def wait_http(url: str, timeout: float = 180) -> None:
 
 def spawn(args: list[str], env: dict | None = None, log: str | None = None) -> subprocess.Popen:
     out = open(log, "w") if log else subprocess.DEVNULL
-    return subprocess.Popen([sys.executable, *args], env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, *args], env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT
+    )

@@ -24,7 +24,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import table, write  # noqa: E402
+from common import table, write
 
 CONFIGS = pathlib.Path(__file__).resolve().parent / "configs"
 
@@ -54,12 +54,26 @@ def build(arch: str, device: str, dtype):
         if arch == "sdxl":
             te2_cfg = {k: v for k, v in cfg("text_encoder_2").items() if k != "architectures"}
             text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**te2_cfg)).to(dtype)
-            pipe = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                                       tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+            pipe = diffusers.StableDiffusionXLPipeline(
+                vae=vae,
+                text_encoder=text_encoder,
+                text_encoder_2=text_encoder_2,
+                tokenizer=tokenizer,
+                tokenizer_2=tokenizer,
+                unet=unet,
+                scheduler=scheduler,
+            )
         else:
-            pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                                     scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                                     requires_safety_checker=False)
+            pipe = diffusers.StableDiffusionPipeline(
+                vae=vae,
+                text_encoder=text_encoder,
+                tokenizer=tokenizer,
+                unet=unet,
+                scheduler=scheduler,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -99,8 +113,14 @@ def sync(device: str) -> None:
 
 
 def call(pipe, batch: int, args) -> None:
-    pipe(prompt=["a photograph of an astronaut riding a horse"] * batch, num_inference_steps=args.steps,
-         guidance_scale=7.5, width=args.size, height=args.size, output_type="pil")
+    pipe(
+        prompt=["a photograph of an astronaut riding a horse"] * batch,
+        num_inference_steps=args.steps,
+        guidance_scale=7.5,
+        width=args.size,
+        height=args.size,
+        output_type="pil",
+    )
 
 
 def measure(pipe, batch: int, args) -> dict:
@@ -114,7 +134,12 @@ def measure(pipe, batch: int, args) -> dict:
         sync(args.device)
         times.append(time.perf_counter() - t0)
     best = min(times)
-    return {"batch": batch, "seconds_per_call": best, "images_per_s": batch / best, "latency_s": best if batch == 1 else None}
+    return {
+        "batch": batch,
+        "seconds_per_call": best,
+        "images_per_s": batch / best,
+        "latency_s": best if batch == 1 else None,
+    }
 
 
 def flops_per_image(pipe, args) -> float:
@@ -185,16 +210,25 @@ def main() -> int:
     best = max(results["sdop"], key=lambda r: r["images_per_s"])
     results["speedup_best_sdop_over_plain_batch1"] = best["images_per_s"] / plain_b1
     rows = []
-    for p, s in zip(results["plain"], results["sdop"]):
-        row = {"batch": p["batch"], "plain img/s": p["images_per_s"], "sdop img/s": s["images_per_s"],
-               "sdop/plain": s["images_per_s"] / p["images_per_s"]}
+    for p, s in zip(results["plain"], results["sdop"], strict=True):
+        row = {
+            "batch": p["batch"],
+            "plain img/s": p["images_per_s"],
+            "sdop img/s": s["images_per_s"],
+            "sdop/plain": s["images_per_s"] / p["images_per_s"],
+        }
         if peak:
             row["sdop % of bf16 peak"] = 100 * results["flops_per_image"] * s["images_per_s"] / peak
         rows.append(row)
     print(table(rows, ["batch", "plain img/s", "sdop img/s", "sdop/plain", "sdop % of bf16 peak"]))
-    print(f"\nFLOPs per image: {results['flops_per_image'] / 1e12:.2f} TFLOP; batch-1 latency plain "
-          f"{results['plain'][0]['seconds_per_call']:.3f}s, sdop {results['sdop'][0]['seconds_per_call']:.3f}s")
-    print(f"best sdop (batch {best['batch']}) / plain batch 1 = {results['speedup_best_sdop_over_plain_batch1']:.2f}x (target >= 2x)")
+    print(
+        f"\nFLOPs per image: {results['flops_per_image'] / 1e12:.2f} TFLOP; batch-1 latency plain "
+        f"{results['plain'][0]['seconds_per_call']:.3f}s, sdop {results['sdop'][0]['seconds_per_call']:.3f}s"
+    )
+    print(
+        f"best sdop (batch {best['batch']}) / plain batch 1 = "
+        f"{results['speedup_best_sdop_over_plain_batch1']:.2f}x (target >= 2x)"
+    )
     name = f"gpu_pipeline_{args.arch}" + ("_smoke_cpu" if args.smoke else "")
     print(f"wrote {write(name, results)}")
     return 0

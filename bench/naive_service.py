@@ -30,8 +30,9 @@ async def generate(req: Req):
     import torch
 
     gen = torch.Generator().manual_seed(req.seed or 0)
-    image = pipe(req.prompt, width=req.width, height=req.height, num_inference_steps=req.num_inference_steps,
-                 generator=gen).images[0]
+    image = pipe(
+        req.prompt, width=req.width, height=req.height, num_inference_steps=req.num_inference_steps, generator=gen
+    ).images[0]
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return {"images": [base64.b64encode(buf.getvalue()).decode()]}

@@ -4,17 +4,15 @@
 
 Measures the time until every service is reconciled (status.observedGeneration written),
 the write calls during a window in which every service gets a no-op timer resync
-(target 0), and the operator process's peak RSS. The operator runs as `kopf run`, in its
-own process, exactly as in the integration tests.
+(target 0), and the operator process's peak RSS. The operator runs as `sdop operator`, in
+its own process, exactly as in the integration tests.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -24,11 +22,13 @@ import httpx
 import psutil
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-from common import free_port, table, write  # noqa: E402
-from tests.helpers import example  # noqa: E402
-from tests.kapi import EmulatedCluster  # noqa: E402
+# Run from anywhere: the bench's own helpers and the shared ones in testing/.
+sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "testing")]
+from common import table, write  # noqa: E402 - needs the path set above
+
+from sdtesting.examples import example  # noqa: E402 - needs the path set above
+from sdtesting.kapi import EmulatedCluster  # noqa: E402 - needs the path set above
+from sdtesting.procs import OperatorProc  # noqa: E402 - needs the path set above
 
 
 class RssSampler(threading.Thread):
@@ -48,7 +48,11 @@ class RssSampler(threading.Thread):
 
 
 def reconciled(cluster: EmulatedCluster) -> int:
-    return sum(1 for o in cluster.objects_of("stablediffusionservices") if (o.get("status") or {}).get("observedGeneration") == 1)
+    return sum(
+        1
+        for o in cluster.objects_of("stablediffusionservices")
+        if (o.get("status") or {}).get("observedGeneration") == 1
+    )
 
 
 def resync_count(metrics_url: str) -> float:
@@ -67,15 +71,16 @@ def main() -> int:
 
     cluster = EmulatedCluster()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="sdop-scale-"))
-    metrics_port = free_port()
-    env = dict(os.environ, KUBECONFIG=cluster.kubeconfig(tmp / "kubeconfig"), SDOP_RESYNC_SECONDS=str(args.resync_seconds),
-               SDOP_METRICS_PORT=str(metrics_port), SDOP_LOG_LEVEL="warning")
-    log = open(tmp / "operator.log", "w")
-    op = subprocess.Popen([sys.executable, "-m", "kopf", "run", "-A", "--standalone", "-m", "sdop.operator", "--quiet"],
-                          env=env, stdout=log, stderr=subprocess.STDOUT)
-    rss = RssSampler(op.pid)
+    op = OperatorProc(
+        cluster.kubeconfig(tmp / "kubeconfig"),
+        tmp,
+        verbose=False,
+        resync_seconds=args.resync_seconds,
+        log_level="warning",
+    )
+    rss = RssSampler(op.proc.pid)
     rss.start()
-    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    metrics_url = op.metrics_url
     try:
         time.sleep(3)
         base = example("sd15-production")
@@ -92,8 +97,11 @@ def main() -> int:
                 break
             time.sleep(1)
         all_reconciled_s = time.perf_counter() - t0
-        children = sum(1 for (res, _, _), o in list(cluster.api.objects.items())
-                       if not o.deleted and res.plural not in ("stablediffusionservices", "events"))
+        children = sum(
+            1
+            for (res, _, _), o in list(cluster.api.objects.items())
+            if not o.deleted and res.plural not in ("stablediffusionservices", "events")
+        )
         print(f"{done}/{args.count} reconciled in {all_reconciled_s:.1f}s ({children} children)", flush=True)
 
         # Settle: the last services' follow-up events (Deployment created, status written) drain.
@@ -111,16 +119,32 @@ def main() -> int:
         resyncs = resync_count(metrics_url) - resyncs0
     finally:
         rss.stop.set()
-        op.terminate()
-        op.wait(60)
+        op.stop()
         cluster.close()
 
-    row = {"services": args.count, "children": children, "reconciled": done, "create calls s": created_s,
-           "all reconciled s": all_reconciled_s, "settled s": settled_s, "services/s": done / all_reconciled_s, "resyncs in window": resyncs,
-           "writes in no-op resync": len(writes), "operator peak RSS MiB": rss.peak / 2**20}
+    row = {
+        "services": args.count,
+        "children": children,
+        "reconciled": done,
+        "create calls s": created_s,
+        "all reconciled s": all_reconciled_s,
+        "settled s": settled_s,
+        "services/s": done / all_reconciled_s,
+        "resyncs in window": resyncs,
+        "writes in no-op resync": len(writes),
+        "operator peak RSS MiB": rss.peak / 2**20,
+    }
     print(table([row], list(row)))
-    path = write("operator_scale", {"settings": vars(args), **row, "writes_sample": writes[:20],
-                                    "targets": {"writes_in_noop_resync": 0}, "met": {"noop_writes": len(writes) == 0}})
+    path = write(
+        "operator_scale",
+        {
+            "settings": vars(args),
+            **row,
+            "writes_sample": writes[:20],
+            "targets": {"writes_in_noop_resync": 0},
+            "met": {"noop_writes": len(writes) == 0},
+        },
+    )
     print(f"wrote {path}")
     return 0 if done >= args.count else 1
 

@@ -20,7 +20,7 @@ import time
 import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import free_port, percentile, spawn, table, wait_http, write  # noqa: E402
+from common import free_port, percentile, spawn, table, wait_http, write
 
 
 def raw_pipeline(args) -> dict:
@@ -49,7 +49,10 @@ async def load(url: str, route: str, body_for, requests: int, concurrency: int) 
     done = asyncio.Event()
     counter = iter(range(requests))
 
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+    async with httpx.AsyncClient(
+        base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)
+    ) as client:
+
         async def worker():
             for i in counter:
                 t0 = time.perf_counter()
@@ -74,26 +77,49 @@ async def load(url: str, route: str, body_for, requests: int, concurrency: int) 
         await probe_task
     ok = statuses.get(200, 0)
     return {
-        "requests": requests, "ok": ok, "statuses": statuses, "seconds": elapsed, "images_per_s": ok / elapsed,
-        "p50_s": percentile(latencies, 0.50), "p95_s": percentile(latencies, 0.95), "p99_s": percentile(latencies, 0.99),
-        "healthz_samples": len(health), "healthz_p50_ms": percentile(health, 0.50) * 1000,
-        "healthz_p99_ms": percentile(health, 0.99) * 1000, "healthz_max_ms": max(health) * 1000 if health else float("nan"),
+        "requests": requests,
+        "ok": ok,
+        "statuses": statuses,
+        "seconds": elapsed,
+        "images_per_s": ok / elapsed,
+        "p50_s": percentile(latencies, 0.50),
+        "p95_s": percentile(latencies, 0.95),
+        "p99_s": percentile(latencies, 0.99),
+        "healthz_samples": len(health),
+        "healthz_p50_ms": percentile(health, 0.50) * 1000,
+        "healthz_p99_ms": percentile(health, 0.99) * 1000,
+        "healthz_max_ms": max(health) * 1000 if health else float("nan"),
     }
 
 
 def body(args, i: int) -> dict:
-    return {"prompt": f"bench {i}", "width": args.size, "height": args.size, "num_inference_steps": args.steps, "seed": i}
+    return {
+        "prompt": f"bench {i}",
+        "width": args.size,
+        "height": args.size,
+        "num_inference_steps": args.steps,
+        "seed": i,
+    }
 
 
 def run_sdserve(args) -> dict:
     port = free_port()
-    env = {"SDSERVE_MODEL": args.model, "SDSERVE_MAX_BATCH_SIZE": str(args.batch), "SDSERVE_MAX_WAIT_MS": str(args.max_wait_ms),
-           "SDSERVE_QUEUE_SIZE": str(args.requests * 2), "SDSERVE_CACHE_TYPE": "none", "SDSERVE_MIN_SIDE": "64",
-           "SDSERVE_LOG_LEVEL": "warning", "SDSERVE_TIMEOUT_SECONDS": "3600"}
+    env = {
+        "SDSERVE_MODEL": args.model,
+        "SDSERVE_MAX_BATCH_SIZE": str(args.batch),
+        "SDSERVE_MAX_WAIT_MS": str(args.max_wait_ms),
+        "SDSERVE_QUEUE_SIZE": str(args.requests * 2),
+        "SDSERVE_CACHE_TYPE": "none",
+        "SDSERVE_MIN_SIDE": "64",
+        "SDSERVE_LOG_LEVEL": "warning",
+        "SDSERVE_TIMEOUT_SECONDS": "3600",
+    }
     proc = spawn(["-m", "sdserve", "serve", "--host", "127.0.0.1", "--port", str(port)], env)
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz")
-        return asyncio.run(load(f"http://127.0.0.1:{port}", "/generate", lambda i: body(args, i), args.requests, args.concurrency))
+        return asyncio.run(
+            load(f"http://127.0.0.1:{port}", "/generate", lambda i: body(args, i), args.requests, args.concurrency)
+        )
     finally:
         proc.terminate()
         proc.wait(60)
@@ -128,27 +154,54 @@ def main() -> int:
     raw_before = raw_pipeline(args)
     served = run_sdserve(args)
     raw_after = raw_pipeline(args)
-    raw = {"images_per_s": (raw_before["images_per_s"] + raw_after["images_per_s"]) / 2,
-           "before": raw_before, "after": raw_after}
+    raw = {
+        "images_per_s": (raw_before["images_per_s"] + raw_after["images_per_s"]) / 2,
+        "before": raw_before,
+        "after": raw_after,
+    }
     naive = None if args.skip_naive or args.model != "tiny" else run_naive(args)
     rows = [
         {"setup": f"raw pipeline, batch {args.batch} (before)", "images/s": raw_before["images_per_s"]},
         {"setup": f"raw pipeline, batch {args.batch} (after)", "images/s": raw_after["images_per_s"]},
-        {"setup": "sdserve (queue + batcher)", "images/s": served["images_per_s"], "p50 s": served["p50_s"], "p95 s": served["p95_s"],
-         "p99 s": served["p99_s"], "healthz p99 ms": served["healthz_p99_ms"], "healthz max ms": served["healthz_max_ms"]},
+        {
+            "setup": "sdserve (queue + batcher)",
+            "images/s": served["images_per_s"],
+            "p50 s": served["p50_s"],
+            "p95 s": served["p95_s"],
+            "p99 s": served["p99_s"],
+            "healthz p99 ms": served["healthz_p99_ms"],
+            "healthz max ms": served["healthz_max_ms"],
+        },
     ]
     if naive:
-        rows.append({"setup": "naive (pipeline in async handler)", "images/s": naive["images_per_s"], "p50 s": naive["p50_s"],
-                     "p95 s": naive["p95_s"], "p99 s": naive["p99_s"], "healthz p99 ms": naive["healthz_p99_ms"],
-                     "healthz max ms": naive["healthz_max_ms"]})
+        rows.append(
+            {
+                "setup": "naive (pipeline in async handler)",
+                "images/s": naive["images_per_s"],
+                "p50 s": naive["p50_s"],
+                "p95 s": naive["p95_s"],
+                "p99 s": naive["p99_s"],
+                "healthz p99 ms": naive["healthz_p99_ms"],
+                "healthz max ms": naive["healthz_max_ms"],
+            }
+        )
     ratio = served["images_per_s"] / raw["images_per_s"]
     print(table(rows, ["setup", "images/s", "p50 s", "p95 s", "p99 s", "healthz p99 ms", "healthz max ms"]))
-    print(f"\nsdserve / raw = {ratio:.3f} (target >= 0.95); healthz p99 {served['healthz_p99_ms']:.1f} ms (target < 50)")
-    path = write("server_overhead", {
-        "settings": vars(args), "raw": raw, "sdserve": served, "naive": naive, "sdserve_over_raw": ratio,
-        "targets": {"sdserve_over_raw_min": 0.95, "healthz_p99_ms_max": 50},
-        "met": {"throughput": ratio >= 0.95, "healthz": served["healthz_p99_ms"] < 50},
-    })
+    print(
+        f"\nsdserve / raw = {ratio:.3f} (target >= 0.95); healthz p99 {served['healthz_p99_ms']:.1f} ms (target < 50)"
+    )
+    path = write(
+        "server_overhead",
+        {
+            "settings": vars(args),
+            "raw": raw,
+            "sdserve": served,
+            "naive": naive,
+            "sdserve_over_raw": ratio,
+            "targets": {"sdserve_over_raw_min": 0.95, "healthz_p99_ms_max": 50},
+            "met": {"throughput": ratio >= 0.95, "healthz": served["healthz_p99_ms"] < 50},
+        },
+    )
     print(f"wrote {path}")
     return 0
 

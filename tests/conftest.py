@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from typing import Any
 
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+
+from sdtesting.procs import RedisProc, ServerProc
 
 
 def pytest_addoption(parser):
@@ -27,64 +20,6 @@ def pytest_collection_modifyitems(config, items):
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = [i for i in items if "e2e" not in i.keywords]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProc:
-    """A real `sdserve serve` process with the tiny model."""
-
-    def __init__(self, tmp_path, **settings: Any):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SDSERVE_")}
-        env.update({"SDSERVE_MODEL": "tiny", "SDSERVE_MIN_SIDE": "64", "SDSERVE_LOG_LEVEL": "info", "SDSERVE_HOST": "127.0.0.1",
-                    "SDSERVE_PORT": str(self.port), "PYTHONUNBUFFERED": "1"})
-        env.update({f"SDSERVE_{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v) for k, v in settings.items()})
-        self.log_path = tmp_path / f"sdserve-{self.port}.log"
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "sdserve", "serve"], env=env, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def wait(self, path: str = "/readyz", timeout: float = 120) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"sdserve exited {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + path, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"sdserve not answering {path}:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def metrics(self) -> dict[tuple[str, tuple], float]:
-        text = httpx.get(self.url + "/metrics", timeout=5).text
-        out = {}
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-        return out
-
-    def metric(self, name: str, **labels: str) -> float:
-        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 @pytest.fixture(scope="module")
@@ -101,34 +36,6 @@ def start_server(tmp_path_factory):
     yield start
     for s in started:
         s.stop()
-
-
-class RedisProc:
-    def __init__(self, tmp_path):
-        if not shutil.which("redis-server"):
-            pytest.fail("redis-server is not installed: run `make test`, which installs Debian's redis-server")
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis
-
-        client = redis.Redis.from_url(self.url)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        else:
-            raise RuntimeError("redis-server did not start")
-        self.client = client
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -19,27 +19,54 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import metrics
-from .auth import AuthError, Authenticator
+from .auth import Authenticator, AuthError
 from .cache import cache_key, make_cache
 from .encode import png_b64
 from .pipeline import BatchKey, Item, ModelLoadError, OutOfMemory, Pipeline
 from .queue import Batcher, Draining, QueueFull, cancel
 from .ratelimit import make_limiter
 from .safety import Blocklist
-from .schemas import (ErrorResponse, GenerateRequest, GenerateResponse, OpenAIImage, OpenAIImageRequest,
-                      OpenAIImageResponse, Timings, limit_problems, parse_size)
+from .schemas import (
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    OpenAIImage,
+    OpenAIImageRequest,
+    OpenAIImageResponse,
+    Timings,
+    limit_problems,
+    parse_size,
+)
 from .settings import Settings
 
 log = logging.getLogger("sdserve.app")
 
-ROUTES = {"/v1/images/generations", "/generate", "/v1/models", "/healthz", "/readyz", "/metrics", "/admin/drain", "/docs", "/openapi.json"}
+ROUTES = {
+    "/v1/images/generations",
+    "/generate",
+    "/v1/models",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/admin/drain",
+    "/docs",
+    "/openapi.json",
+}
 GENERATION_ROUTES = {"/v1/images/generations", "/generate"}
 DISCONNECT_POLL_SECONDS = 1.0
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, *, param: str | None = None,
-                 retry_after: int | None = None, type_: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after: int | None = None,
+        type_: str | None = None,
+    ):
         self.status, self.code, self.message, self.param = status, code, message, param
         self.retry_after = retry_after
         self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
@@ -128,7 +155,9 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         s = state.settings
-        state.batcher = Batcher(state.pipeline, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms, queue_size=s.queue_size)
+        state.batcher = Batcher(
+            state.pipeline, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms, queue_size=s.queue_size
+        )
         state.batcher.start()
         state.cache = make_cache(s)
         state.auth = Authenticator(s)
@@ -163,8 +192,10 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
         loc = [str(p) for p in first["loc"] if p != "body"]
         param = loc[-1] if loc else None
         message = "; ".join(f"{'.'.join(str(p) for p in err['loc'] if p != 'body')}: {err['msg']}" for err in errors)
-        body = {"error": {"message": message, "type": "invalid_request_error", "code": "invalid_value", "param": param},
-                "detail": json.loads(json.dumps(errors, default=str))}
+        body = {
+            "error": {"message": message, "type": "invalid_request_error", "code": "invalid_value", "param": param},
+            "detail": json.loads(json.dumps(errors, default=str)),
+        }
         return JSONResponse(body, status_code=422)
 
     # ---- request path steps -----------------------------------------------------------
@@ -180,8 +211,13 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
             allowed, wait = await state.limiter.take(key)
             if not allowed:
                 metrics.RATE_LIMITED.inc()
-                raise ApiError(429, "rate_limited", f"rate limit of {state.settings.rate_limit_rps}/s exceeded", retry_after=wait,
-                               type_="rate_limit_error")
+                raise ApiError(
+                    429,
+                    "rate_limited",
+                    f"rate limit of {state.settings.rate_limit_rps}/s exceeded",
+                    retry_after=wait,
+                    type_="rate_limit_error",
+                )
         return principal
 
     def check(gen: Generation, problems: list[tuple[str, str]]) -> None:
@@ -206,11 +242,21 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
         seed = gen.seed
         key = None
         if seed is not None:
-            key = cache_key(state.settings.model_id, state.pipeline.revision, {
-                "prompt": gen.prompt, "negative_prompt": gen.negative_prompt, "n": gen.n, "seed": seed,
-                "width": gen.key.width, "height": gen.key.height, "steps": gen.key.steps,
-                "guidance_scale": gen.key.guidance_scale, "scheduler": gen.key.scheduler,
-            })
+            key = cache_key(
+                state.settings.model_id,
+                state.pipeline.revision,
+                {
+                    "prompt": gen.prompt,
+                    "negative_prompt": gen.negative_prompt,
+                    "n": gen.n,
+                    "seed": seed,
+                    "width": gen.key.width,
+                    "height": gen.key.height,
+                    "steps": gen.key.steps,
+                    "guidance_scale": gen.key.guidance_scale,
+                    "scheduler": gen.key.scheduler,
+                },
+            )
             hit = await state.cache.get(key)
             if hit is not None:
                 metrics.CACHE_HITS.inc()
@@ -222,7 +268,9 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
         try:
             job = state.batcher.submit(gen.key, item)
         except QueueFull as e:
-            raise ApiError(429, "queue_full", "the queue is full; retry later", retry_after=e.retry_after, type_="rate_limit_error")
+            raise ApiError(
+                429, "queue_full", "the queue is full; retry later", retry_after=e.retry_after, type_="rate_limit_error"
+            )
         except Draining:  # drain began while the cache was consulted
             raise draining()
         await wait_for_job(job, request)
@@ -235,8 +283,13 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
         metrics.ENCODE_DURATION.observe(time.perf_counter() - t0)
         if key is not None:
             await state.cache.set(key, json.dumps(encoded).encode())
-        return Result(images=encoded, seeds=[seed + i for i in range(gen.n)], cached=False,
-                      queue_seconds=(job.started or done) - job.enqueued, inference_seconds=done - (job.started or done))
+        return Result(
+            images=encoded,
+            seeds=[seed + i for i in range(gen.n)],
+            cached=False,
+            queue_seconds=(job.started or done) - job.enqueued,
+            inference_seconds=done - (job.started or done),
+        )
 
     async def wait_for_job(job, request: Request) -> None:
         deadline = time.monotonic() + state.settings.timeout_seconds
@@ -244,7 +297,9 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 cancel(job, "timeout")
-                raise ApiError(504, "timeout", f"not done within {state.settings.timeout_seconds:g}s", type_="server_error")
+                raise ApiError(
+                    504, "timeout", f"not done within {state.settings.timeout_seconds:g}s", type_="server_error"
+                )
             # Wake once a second to notice a departed client; the result itself wakes us at once.
             await asyncio.wait({job.future}, timeout=min(DISCONNECT_POLL_SECONDS, remaining))
             if not job.future.done() and await request.is_disconnected():
@@ -261,52 +316,124 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
     def key_for(width: int, height: int, steps: int | None, guidance: float | None, scheduler: str) -> BatchKey:
         s = state.settings
         # "default" resolved here: the cache key and batch grouping see the scheduler that runs.
-        return BatchKey(width, height, steps or s.default_steps,
-                        float(s.default_guidance_scale if guidance is None else guidance),
-                        s.scheduler if scheduler == "default" else scheduler)
+        return BatchKey(
+            width,
+            height,
+            steps or s.default_steps,
+            float(s.default_guidance_scale if guidance is None else guidance),
+            s.scheduler if scheduler == "default" else scheduler,
+        )
 
     # ---- routes ---------------------------------------------------------------------
-    errors = {401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
-              429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}, 504: {"model": ErrorResponse}}
+    errors = {
+        401: {"model": ErrorResponse},
+        403: {"model": ErrorResponse},
+        422: {"model": ErrorResponse},
+        429: {"model": ErrorResponse},
+        503: {"model": ErrorResponse},
+        504: {"model": ErrorResponse},
+    }
 
     @app.post("/v1/images/generations", response_model=OpenAIImageResponse, responses=errors, tags=["images"])
     async def images_generations(body: OpenAIImageRequest, request: Request, principal: str = Depends(rate_limit)):
         if body.response_format != "b64_json":
-            raise ApiError(422, "unsupported_value", "response_format 'url' is not supported; use b64_json", param="response_format")
+            raise ApiError(
+                422,
+                "unsupported_value",
+                "response_format 'url' is not supported; use b64_json",
+                param="response_format",
+            )
         if body.model and body.model != state.settings.model_id:
-            raise ApiError(404, "model_not_found", f"this server serves {state.settings.model_id!r}, not {body.model!r}", param="model")
+            raise ApiError(
+                404,
+                "model_not_found",
+                f"this server serves {state.settings.model_id!r}, not {body.model!r}",
+                param="model",
+            )
         size = parse_size(body.size) if body.size != "auto" else (512, 512)
         if size is None:
             raise ApiError(422, "invalid_value", f"size must be WIDTHxHEIGHT, got {body.size!r}", param="size")
-        gen = Generation(key_for(size[0], size[1], body.num_inference_steps, body.guidance_scale, body.scheduler),
-                         body.prompt, body.negative_prompt, body.n, body.seed)
-        check(gen, limit_problems(state.settings, prompt=body.prompt, negative=body.negative_prompt, width=size[0],
-                                  height=size[1], n=body.n, steps=gen.key.steps, width_field="size",
-                                  height_field="size", n_field="n"))
+        gen = Generation(
+            key_for(size[0], size[1], body.num_inference_steps, body.guidance_scale, body.scheduler),
+            body.prompt,
+            body.negative_prompt,
+            body.n,
+            body.seed,
+        )
+        check(
+            gen,
+            limit_problems(
+                state.settings,
+                prompt=body.prompt,
+                negative=body.negative_prompt,
+                width=size[0],
+                height=size[1],
+                n=body.n,
+                steps=gen.key.steps,
+                width_field="size",
+                height_field="size",
+                n_field="n",
+            ),
+        )
         r = await run(gen, request)
-        return OpenAIImageResponse(created=int(time.time()), data=[
-            OpenAIImage(b64_json=b, seed=s) for b, s in zip(r.images, r.seeds)])
+        return OpenAIImageResponse(
+            created=int(time.time()), data=[OpenAIImage(b64_json=b, seed=s) for b, s in zip(r.images, r.seeds)]
+        )
 
     @app.post("/generate", response_model=GenerateResponse, responses=errors, tags=["images"])
     async def generate(body: GenerateRequest, request: Request, principal: str = Depends(rate_limit)):
         t0 = time.perf_counter()
-        gen = Generation(key_for(body.width, body.height, body.num_inference_steps, body.guidance_scale, body.scheduler),
-                         body.prompt, body.negative_prompt, body.num_images, body.seed)
-        check(gen, limit_problems(state.settings, prompt=body.prompt, negative=body.negative_prompt, width=body.width,
-                                  height=body.height, n=body.num_images, steps=gen.key.steps, width_field="width",
-                                  height_field="height", n_field="num_images"))
+        gen = Generation(
+            key_for(body.width, body.height, body.num_inference_steps, body.guidance_scale, body.scheduler),
+            body.prompt,
+            body.negative_prompt,
+            body.num_images,
+            body.seed,
+        )
+        check(
+            gen,
+            limit_problems(
+                state.settings,
+                prompt=body.prompt,
+                negative=body.negative_prompt,
+                width=body.width,
+                height=body.height,
+                n=body.num_images,
+                steps=gen.key.steps,
+                width_field="width",
+                height_field="height",
+                n_field="num_images",
+            ),
+        )
         r = await run(gen, request)
-        return GenerateResponse(images=r.images, seeds=r.seeds, model=state.settings.model_id,
-                                revision=state.pipeline.revision, cached=r.cached,
-                                timings=Timings(queue_seconds=r.queue_seconds, inference_seconds=r.inference_seconds,
-                                                total_seconds=time.perf_counter() - t0))
+        return GenerateResponse(
+            images=r.images,
+            seeds=r.seeds,
+            model=state.settings.model_id,
+            revision=state.pipeline.revision,
+            cached=r.cached,
+            timings=Timings(
+                queue_seconds=r.queue_seconds,
+                inference_seconds=r.inference_seconds,
+                total_seconds=time.perf_counter() - t0,
+            ),
+        )
 
     @app.get("/v1/models", tags=["models"])
     async def models(principal: str = Depends(authenticate)):
-        return {"object": "list", "data": [{
-            "id": state.settings.model_id, "object": "model", "created": int(state.started), "owned_by": "sdop",
-            "revision": state.pipeline.revision, "ready": state.ready,
-        }]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.settings.model_id,
+                    "object": "model",
+                    "created": int(state.started),
+                    "owned_by": "sdop",
+                    "revision": state.pipeline.revision,
+                    "ready": state.ready,
+                }
+            ],
+        }
 
     @app.get("/healthz", tags=["health"])
     async def healthz():
@@ -318,7 +445,9 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
         if state.ready:
             return {"status": "ready", "model": state.settings.model_id, "revision": state.pipeline.revision}
         reason = "draining" if state.draining else ("model_load_failed" if state.load_error else "loading")
-        return JSONResponse({"status": "not_ready", "reason": reason, "message": state.load_error or reason}, status_code=503)
+        return JSONResponse(
+            {"status": "not_ready", "reason": reason, "message": state.load_error or reason}, status_code=503
+        )
 
     @app.get("/metrics", tags=["health"])
     async def metrics_endpoint():
@@ -351,7 +480,7 @@ async def _load_model(state: State) -> None:
         metrics.MODEL_LOAD_FAILURES.inc()
         log.error("MODEL LOAD FAILED: %s (the server stays up, unready; see sdserve_model_load_failures_total)", e)
         return
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         state.load_error = f"{type(e).__name__}: {e}"
         metrics.MODEL_LOAD_FAILURES.inc()
         log.exception("MODEL LOAD FAILED")
@@ -359,6 +488,8 @@ async def _load_model(state: State) -> None:
     state.loaded = True
     metrics.MODEL_LOAD_SECONDS.set(state.pipeline.load_seconds)
     metrics.MODEL_LOADED.set(1)
-    metrics.MODEL_INFO.labels(state.settings.model_id, state.pipeline.revision, state.pipeline.device, str(state.pipeline.dtype)).set(1)
+    metrics.MODEL_INFO.labels(
+        state.settings.model_id, state.pipeline.revision, state.pipeline.device, str(state.pipeline.dtype)
+    ).set(1)
     if not state.draining:
         metrics.READY.set(1)

@@ -66,7 +66,9 @@ class Authenticator:
         if not credential and authorization:
             scheme, _, value = authorization.partition(" ")
             if scheme.lower() != "bearer" or not value:
-                raise self._fail(401, "invalid_authorization_header", "Authorization must be 'Bearer <API key or token>'")
+                raise self._fail(
+                    401, "invalid_authorization_header", "Authorization must be 'Bearer <API key or token>'"
+                )
             credential = value.strip()
         if not credential:
             raise self._fail(401, "missing_credentials", "send an API key or token: Authorization: Bearer <key>")
@@ -87,13 +89,17 @@ class Authenticator:
             else:
                 key = self._jwt_key
             claims = jwt.decode(
-                token, key, algorithms=self.algorithms, audience=self.audience, issuer=self.issuer,
+                token,
+                key,
+                algorithms=self.algorithms,
+                audience=self.audience,
+                issuer=self.issuer,
                 options={"require": ["exp", "iss", "aud"]},
             )
         except (jwt.InvalidAudienceError, jwt.InvalidIssuerError) as e:
-            raise self._fail(403, "token_not_for_this_service", f"token rejected: {e}")
+            raise self._fail(403, "token_not_for_this_service", f"token rejected: {e}") from None
         except jwt.ExpiredSignatureError:
-            raise self._fail(401, "token_expired", "the token has expired")
+            raise self._fail(401, "token_expired", "the token has expired") from None
         except jwt.PyJWTError as e:
-            raise self._fail(401, "invalid_token", f"the token is not valid: {e}")
+            raise self._fail(401, "invalid_token", f"the token is not valid: {e}") from None
         return f"jwt:{claims.get('sub', 'unknown')}"

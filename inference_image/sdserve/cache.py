@@ -21,7 +21,9 @@ log = logging.getLogger("sdserve.cache")
 
 
 def cache_key(model: str, revision: str, request: dict[str, Any]) -> str:
-    canonical = json.dumps({"model": model, "revision": revision, "request": request}, sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(
+        {"model": model, "revision": revision, "request": request}, sort_keys=True, separators=(",", ":")
+    )
     return "sdserve:result:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -40,8 +40,15 @@ def _serve(args: argparse.Namespace) -> int:
             self.should_exit = True
 
     # One process per GPU: a second worker would load a second copy of the model.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=1, log_level=settings.log_level,
-                            timeout_graceful_shutdown=int(settings.drain_seconds) + 5, access_log=False)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        workers=1,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.drain_seconds) + 5,
+        access_log=False,
+    )
     DrainingServer(config).run()
     return 0
 

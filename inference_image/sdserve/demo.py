@@ -27,7 +27,9 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     env = dict(os.environ, SDSERVE_MIN_SIDE="64", SDSERVE_LOG_LEVEL="warning")
-    server = subprocess.Popen([sys.executable, "-m", "sdserve", "--model", "tiny", "--port", str(port), "--host", "127.0.0.1"], env=env)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "sdserve", "--model", "tiny", "--port", str(port), "--host", "127.0.0.1"], env=env
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -46,17 +48,27 @@ def main() -> int:
 
         client = OpenAI(base_url=base + "/v1", api_key="demo")
         t0 = time.perf_counter()
-        resp = client.images.generate(model="tiny", prompt="a lighthouse at dawn, oil painting", n=2, size="128x128",
-                                      response_format="b64_json", extra_body={"seed": 42, "num_inference_steps": 10})
+        resp = client.images.generate(
+            model="tiny",
+            prompt="a lighthouse at dawn, oil painting",
+            n=2,
+            size="128x128",
+            response_format="b64_json",
+            extra_body={"seed": 42, "num_inference_steps": 10},
+        )
         took = time.perf_counter() - t0
         for i, img in enumerate(resp.data):
             path = out / f"tiny-{i}.png"
             path.write_bytes(base64.b64decode(img.b64_json))
             print(f"== wrote {path} ({path.stat().st_size} bytes)")
-        print(f"== 2 images via the OpenAI SDK in {took:.2f}s (random-weight tiny model: the images are noise patterns)")
+        print(
+            f"== 2 images via the OpenAI SDK in {took:.2f}s (random-weight tiny model: the images are noise patterns)"
+        )
         with urllib.request.urlopen(base + "/metrics") as r:
             for line in r.read().decode().splitlines():
-                if line.startswith(("sdserve_images_generated_total", "sdserve_batch_size_count", "sdserve_model_load_seconds")):
+                if line.startswith(
+                    ("sdserve_images_generated_total", "sdserve_batch_size_count", "sdserve_model_load_seconds")
+                ):
                     print("   " + line)
         return 0
     finally:

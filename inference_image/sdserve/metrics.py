@@ -13,23 +13,62 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300)
 
-HTTP_REQUESTS = Counter("sdserve_http_requests", "HTTP requests by route, method and status.", ["route", "method", "status"], registry=REGISTRY)
-REQUEST_DURATION = Histogram("sdserve_request_duration_seconds", "End-to-end request latency.", ["route"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
-QUEUE_WAIT = Histogram("sdserve_queue_wait_seconds", "Time a request waited before its batch started.", buckets=LATENCY_BUCKETS, registry=REGISTRY)
-INFERENCE_DURATION = Histogram("sdserve_inference_duration_seconds", "Time one batch spent in the pipeline.", buckets=LATENCY_BUCKETS, registry=REGISTRY)
-ENCODE_DURATION = Histogram("sdserve_encode_duration_seconds", "Time to encode a response's images.", buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1), registry=REGISTRY)
-BATCH_SIZE = Histogram("sdserve_batch_size", "Images per pipeline call.", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=REGISTRY)
+HTTP_REQUESTS = Counter(
+    "sdserve_http_requests",
+    "HTTP requests by route, method and status.",
+    ["route", "method", "status"],
+    registry=REGISTRY,
+)
+REQUEST_DURATION = Histogram(
+    "sdserve_request_duration_seconds",
+    "End-to-end request latency.",
+    ["route"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+QUEUE_WAIT = Histogram(
+    "sdserve_queue_wait_seconds",
+    "Time a request waited before its batch started.",
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+INFERENCE_DURATION = Histogram(
+    "sdserve_inference_duration_seconds",
+    "Time one batch spent in the pipeline.",
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+ENCODE_DURATION = Histogram(
+    "sdserve_encode_duration_seconds",
+    "Time to encode a response's images.",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+    registry=REGISTRY,
+)
+BATCH_SIZE = Histogram(
+    "sdserve_batch_size", "Images per pipeline call.", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=REGISTRY
+)
 QUEUE_DEPTH = Gauge("sdserve_queue_depth", "Requests waiting for a batch.", registry=REGISTRY)
 INFLIGHT = Gauge("sdserve_inflight_requests", "Requests in the batch being generated.", registry=REGISTRY)
 IMAGES = Counter("sdserve_images_generated", "Images generated.", registry=REGISTRY)
 CACHE_HITS = Counter("sdserve_cache_hits", "Result cache hits.", registry=REGISTRY)
 CACHE_MISSES = Counter("sdserve_cache_misses", "Result cache misses (seeded requests only).", registry=REGISTRY)
-CACHE_ERRORS = Counter("sdserve_cache_errors", "Result cache backend errors (served without the cache).", registry=REGISTRY)
-CACHE_UP = Gauge("sdserve_cache_backend_up", "1 when the cache backend answers (always 1 for memory).", registry=REGISTRY)
+CACHE_ERRORS = Counter(
+    "sdserve_cache_errors", "Result cache backend errors (served without the cache).", registry=REGISTRY
+)
+CACHE_UP = Gauge(
+    "sdserve_cache_backend_up", "1 when the cache backend answers (always 1 for memory).", registry=REGISTRY
+)
 RATE_LIMITED = Counter("sdserve_rate_limited", "Requests refused by the per-key rate limit.", registry=REGISTRY)
-PROMPTS_REJECTED = Counter("sdserve_prompts_rejected", "Prompts refused by the blocklist.", ["reason"], registry=REGISTRY)
+PROMPTS_REJECTED = Counter(
+    "sdserve_prompts_rejected", "Prompts refused by the blocklist.", ["reason"], registry=REGISTRY
+)
 REJECTED = Counter("sdserve_requests_rejected", "Requests refused before the queue.", ["reason"], registry=REGISTRY)
-CANCELLED = Counter("sdserve_requests_cancelled", "Queued requests dropped because the client left or timed out.", ["reason"], registry=REGISTRY)
+CANCELLED = Counter(
+    "sdserve_requests_cancelled",
+    "Queued requests dropped because the client left or timed out.",
+    ["reason"],
+    registry=REGISTRY,
+)
 AUTH_FAILURES = Counter("sdserve_auth_failures", "Requests refused by authentication.", ["reason"], registry=REGISTRY)
 NSFW_FLAGGED = Counter("sdserve_nsfw_flagged_images", "Images withheld by the NSFW check.", registry=REGISTRY)
 OOM_SPLITS = Counter("sdserve_oom_splits", "Batches split after a device out-of-memory error.", registry=REGISTRY)
@@ -37,7 +76,9 @@ MODEL_LOAD_SECONDS = Gauge("sdserve_model_load_seconds", "Time the model took to
 MODEL_LOAD_FAILURES = Counter("sdserve_model_load_failures", "Failed model loads.", registry=REGISTRY)
 MODEL_LOADED = Gauge("sdserve_model_loaded", "1 once the model is loaded and warmed up.", registry=REGISTRY)
 READY = Gauge("sdserve_ready", "1 while /readyz answers 200 (model loaded, not draining).", registry=REGISTRY)
-MODEL_INFO = Gauge("sdserve_model_info", "The served model.", ["model", "revision", "device", "dtype"], registry=REGISTRY)
+MODEL_INFO = Gauge(
+    "sdserve_model_info", "The served model.", ["model", "revision", "device", "dtype"], registry=REGISTRY
+)
 
 
 class GpuCollector:
@@ -63,7 +104,9 @@ class GpuCollector:
         # they carry samples only where NVML sees a GPU.
         used = GaugeMetricFamily("sdserve_gpu_memory_used_bytes", "GPU memory in use.", labels=["gpu"])
         total = GaugeMetricFamily("sdserve_gpu_memory_total_bytes", "GPU memory.", labels=["gpu"])
-        util = GaugeMetricFamily("sdserve_gpu_utilization_ratio", "GPU busy fraction over the last sample period.", labels=["gpu"])
+        util = GaugeMetricFamily(
+            "sdserve_gpu_utilization_ratio", "GPU busy fraction over the last sample period.", labels=["gpu"]
+        )
         temp = GaugeMetricFamily("sdserve_gpu_temperature_celsius", "GPU temperature.", labels=["gpu"])
         if self._nvml is None:
             return [used, total, util, temp]

@@ -93,7 +93,7 @@ class Pipeline:
         t0 = time.perf_counter()
         try:
             self.pipe = self._load_pipe()
-        except Exception as e:  # noqa: BLE001 - every load failure is reported the same way
+        except Exception as e:
             raise ModelLoadError(f"cannot load model {self.settings.model!r}: {type(e).__name__}: {e}") from e
         self._optimise()
         self._schedulers["default"] = self.pipe.scheduler
@@ -140,7 +140,6 @@ class Pipeline:
 
     def _optimise(self) -> None:
         import torch
-
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         pipe = self.pipe
@@ -193,7 +192,7 @@ class Pipeline:
         """Generate every item's images; a CUDA OOM splits the batch and retries the halves."""
         try:
             self._run(key, items)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             if not _is_oom(e):
                 raise
             self._free()
@@ -247,7 +246,7 @@ class Pipeline:
             images = self._check_nsfw(images)
         pos = 0
         for item in items:
-            item.images = images[pos: pos + item.n]
+            item.images = images[pos : pos + item.n]
             pos += item.n
 
     def _check_nsfw(self, images):
@@ -262,7 +261,7 @@ class Pipeline:
         from .metrics import NSFW_FLAGGED
 
         out = []
-        for im, bad in zip(images, flagged):
+        for im, bad in zip(images, flagged, strict=True):
             if bad:
                 NSFW_FLAGGED.inc()
                 out.append(None)

@@ -140,7 +140,7 @@ class Batcher:
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             batch = self._take()
             if not batch:
@@ -163,7 +163,7 @@ class Batcher:
             # The batch was split down to single images and one still did not fit.
             # Retry one at a time so that only the request that cannot fit fails.
             await self._run_singly(loop, batch)
-        except Exception as e:  # noqa: BLE001 - the worker never dies; the batch's requests fail
+        except Exception as e:
             log.exception("batch of %d failed", images)
             for job in batch:
                 if not job.future.done():
@@ -206,4 +206,3 @@ def cancel(job: Job, reason: str) -> None:
     if not job.future.done() and job.started is None:
         job.future.cancel()
         metrics.CANCELLED.labels(reason).inc()
-

@@ -57,7 +57,9 @@ class RedisBuckets:
 
     async def take(self, key: str) -> tuple[bool, int]:
         try:
-            allowed, tokens_milli = await self._script(keys=[f"sdserve:ratelimit:{key}"], args=[self.rate, self.burst, time.time()])
+            allowed, tokens_milli = await self._script(
+                keys=[f"sdserve:ratelimit:{key}"], args=[self.rate, self.burst, time.time()]
+            )
         except Exception as e:  # noqa: BLE001
             log.warning("redis rate limit unavailable, limiting per replica: %s", e)
             return await self._local.take(key)

@@ -9,11 +9,13 @@ import re
 class Blocklist:
     def __init__(self, words: list[str], patterns: list[str]):
         self.words = [w.lower() for w in words]
-        self._word_re = re.compile(r"\b(" + "|".join(re.escape(w) for w in self.words) + r")\b", re.IGNORECASE) if words else None
+        self._word_re = (
+            re.compile(r"\b(" + "|".join(re.escape(w) for w in self.words) + r")\b", re.IGNORECASE) if words else None
+        )
         self._patterns = [re.compile(p, re.IGNORECASE) for p in patterns]
 
     @classmethod
-    def from_text(cls, text: str) -> "Blocklist":
+    def from_text(cls, text: str) -> Blocklist:
         words, patterns = [], []
         for raw in text.splitlines():
             line = raw.strip()
@@ -26,7 +28,7 @@ class Blocklist:
         return cls(words, patterns)
 
     @classmethod
-    def from_file(cls, path: str | None) -> "Blocklist":
+    def from_file(cls, path: str | None) -> Blocklist:
         if not path:
             return cls([], [])
         return cls.from_text(pathlib.Path(path).read_text(encoding="utf-8"))

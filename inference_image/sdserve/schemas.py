@@ -16,7 +16,9 @@ class Extensions(BaseModel):
     negative_prompt: str | None = Field(None, description="What the image should not show.")
     num_inference_steps: int | None = Field(None, ge=1, description="Denoising steps (server default when unset).")
     guidance_scale: float | None = Field(None, ge=0, le=50, description="Classifier-free guidance scale.")
-    seed: int | None = Field(None, ge=0, lt=2**63, description="Seed of the first image; image i uses seed+i. Seeded requests are cached.")
+    seed: int | None = Field(
+        None, ge=0, lt=2**63, description="Seed of the first image; image i uses seed+i. Seeded requests are cached."
+    )
     scheduler: SCHEDULERS = Field("default", description="Noise scheduler.")
 
 
@@ -91,15 +93,28 @@ def parse_size(size: str) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def limit_problems(settings, *, prompt: str, negative: str | None, width: int, height: int, n: int,
-                   steps: int, width_field: str, height_field: str, n_field: str) -> list[tuple[str, str]]:
+def limit_problems(
+    settings,
+    *,
+    prompt: str,
+    negative: str | None,
+    width: int,
+    height: int,
+    n: int,
+    steps: int,
+    width_field: str,
+    height_field: str,
+    n_field: str,
+) -> list[tuple[str, str]]:
     """(field, message) for every limit the request breaks."""
     s = settings
     out: list[tuple[str, str]] = []
     if len(prompt) > s.max_prompt_length:
         out.append(("prompt", f"prompt is {len(prompt)} characters; the limit is {s.max_prompt_length}"))
     if negative and len(negative) > s.max_prompt_length:
-        out.append(("negative_prompt", f"negative_prompt is {len(negative)} characters; the limit is {s.max_prompt_length}"))
+        out.append(
+            ("negative_prompt", f"negative_prompt is {len(negative)} characters; the limit is {s.max_prompt_length}")
+        )
     for name, value, top in ((width_field, width, s.max_width), (height_field, height, s.max_height)):
         if value % 8:
             out.append((name, f"{value} is not a multiple of 8"))

@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(150, ge=0, description="Longest a SIGTERM waits for queued work.")
 
     @model_validator(mode="after")
-    def _check(self) -> "Settings":
+    def _check(self) -> Settings:
         if self.cache_type == "redis" and not self.redis_url:
             raise ValueError("SDSERVE_CACHE_TYPE=redis needs SDSERVE_REDIS_URL")
         if self.jwt_issuer and not (self.jwt_jwks_url or self.jwt_key_file):

@@ -8,20 +8,20 @@ from typing import Any
 
 import yaml
 
-from .api import SpecError
+from .api import SpecError, load
 from .api.crd import crd_yaml
-from .render import ClusterFacts, load, render
+from .render import ClusterFacts, render
 
 
 def _read_docs(path: str) -> list[dict[str, Any]]:
     try:
         text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
     except OSError as e:
-        raise SystemExit(f"sdop: cannot read {path}: {e.strerror}")
+        raise SystemExit(f"sdop: cannot read {path}: {e.strerror}") from None
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as e:
-        raise SystemExit(f"sdop: {path} is not valid YAML: {e}")
+        raise SystemExit(f"sdop: {path} is not valid YAML: {e}") from None
     if not docs:
         raise SystemExit(f"sdop: {path} holds no document")
     for d in docs:
@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("render", help="print the objects the operator would apply for a CR (like helm template)")
     r.add_argument("-f", "--file", required=True, help="CR YAML file, or - for stdin")
-    r.add_argument("--no-optional-apis", action="store_true", help="render as for a cluster without Prometheus Operator and KEDA")
+    r.add_argument(
+        "--no-optional-apis", action="store_true", help="render as for a cluster without Prometheus Operator and KEDA"
+    )
     r.set_defaults(func=cmd_render)
     v = sub.add_parser("validate", help="check CRs against the schema and the operator's rules")
     v.add_argument("-f", "--file", required=True, help="CR YAML file, or - for stdin")

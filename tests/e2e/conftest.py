@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.helpers import ROOT
+from sdtesting.examples import ROOT
 
 IMAGE = "sdop/sdserve:e2e"
 
@@ -37,8 +37,20 @@ def kind_cluster(tmp_path_factory):
     kubeconfig = tmp_path_factory.mktemp("kind") / "kubeconfig"
     kubeconfig.write_text(sh("kind", "get", "kubeconfig", "--name", name).stdout)
     env = dict(os.environ, KUBECONFIG=str(kubeconfig))
-    sh("docker", "build", "-f", "inference_image/Dockerfile", "-t", IMAGE, "--build-arg", "CUDA_IMAGE=ubuntu:22.04",
-       "--build-arg", "TORCH_INDEX=https://download.pytorch.org/whl/cpu", ".", cwd=ROOT)
+    sh(
+        "docker",
+        "build",
+        "-f",
+        "inference_image/Dockerfile",
+        "-t",
+        IMAGE,
+        "--build-arg",
+        "CUDA_IMAGE=ubuntu:22.04",
+        "--build-arg",
+        "TORCH_INDEX=https://download.pytorch.org/whl/cpu",
+        ".",
+        cwd=ROOT,
+    )
     sh("kind", "load", "docker-image", IMAGE, "--name", name)
     sh("kubectl", "apply", "--server-side", "-f", str(ROOT / "crds"), env=env)
     sh("kubectl", "wait", "--for=condition=Established", "crd/stablediffusionservices.sdop.io", env=env)
@@ -50,9 +62,17 @@ def kind_cluster(tmp_path_factory):
 @pytest.fixture(scope="session")
 def operator(kind_cluster, tmp_path_factory):
     log = open(tmp_path_factory.mktemp("op") / "operator.log", "w")
-    env = dict(kind_cluster, SDOP_RESYNC_SECONDS="5", SDOP_DEFAULT_IMAGE_REPOSITORY="sdop/sdserve", SDOP_DEFAULT_IMAGE_TAG="e2e",
-               SDOP_METRICS_PORT="0", SDOP_LIVENESS_PORT="0")
-    proc = subprocess.Popen([sys.executable, "-m", "sdop.cli", "operator"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    env = dict(
+        kind_cluster,
+        SDOP_RESYNC_SECONDS="5",
+        SDOP_DEFAULT_IMAGE_REPOSITORY="sdop/sdserve",
+        SDOP_DEFAULT_IMAGE_TAG="e2e",
+        SDOP_METRICS_PORT="0",
+        SDOP_LIVENESS_PORT="0",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdop.cli", "operator"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     time.sleep(3)
     yield proc
     proc.terminate()

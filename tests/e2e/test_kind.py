@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.helpers import ROOT
+from sdtesting.examples import ROOT
 
 pytestmark = pytest.mark.e2e
 NS = "default"
@@ -40,9 +40,25 @@ def test_tiny_service_becomes_ready_and_serves(kind_cluster, operator):
     assert sds["status"]["readyReplicas"] >= 1
     dep = get(env, "deployment", "sd-tiny")
     assert dep["metadata"]["ownerReferences"][0]["uid"] == sds["metadata"]["uid"]
-    out = kubectl(env, "run", "curl", "--rm", "-i", "--restart=Never", "--image=curlimages/curl", "--",
-                  "curl", "-s", "-X", "POST", "http://sd-tiny/generate", "-H", "content-type: application/json",
-                  "-d", '{"prompt":"e2e","width":256,"height":256,"num_inference_steps":2}')
+    out = kubectl(
+        env,
+        "run",
+        "curl",
+        "--rm",
+        "-i",
+        "--restart=Never",
+        "--image=curlimages/curl",
+        "--",
+        "curl",
+        "-s",
+        "-X",
+        "POST",
+        "http://sd-tiny/generate",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        '{"prompt":"e2e","width":256,"height":256,"num_inference_steps":2}',
+    )
     assert '"images"' in out.stdout
 
 
@@ -55,8 +71,17 @@ def test_deleted_deployment_comes_back(kind_cluster, operator):
 
 def test_spec_change_and_prune(kind_cluster, operator):
     env = kind_cluster
-    kubectl(env, "patch", "sds", "sd-tiny", "-n", NS, "--type=merge", "-p",
-            '{"spec":{"ingress":{"enabled":true,"host":"tiny.local"},"limits":{"queueSize":10}}}')
+    kubectl(
+        env,
+        "patch",
+        "sds",
+        "sd-tiny",
+        "-n",
+        NS,
+        "--type=merge",
+        "-p",
+        '{"spec":{"ingress":{"enabled":true,"host":"tiny.local"},"limits":{"queueSize":10}}}',
+    )
     wait_until(lambda: get(env, "ingress", "sd-tiny") is not None, 60)
     wait_until(lambda: get(env, "configmap", "sd-tiny-config")["data"]["SDSERVE_QUEUE_SIZE"] == "10", 60)
     kubectl(env, "patch", "sds", "sd-tiny", "-n", NS, "--type=merge", "-p", '{"spec":{"ingress":{"enabled":false}}}')
@@ -64,8 +89,10 @@ def test_spec_change_and_prune(kind_cluster, operator):
 
 
 def test_invalid_spec_rejected_by_api_server(kind_cluster):
-    bad = ("apiVersion: sdop.io/v1alpha1\nkind: StableDiffusionService\nmetadata: {name: bad}\n"
-           "spec:\n  model: {id: tiny}\n  replicas: {min: 3, max: 1}\n")
+    bad = (
+        "apiVersion: sdop.io/v1alpha1\nkind: StableDiffusionService\nmetadata: {name: bad}\n"
+        "spec:\n  model: {id: tiny}\n  replicas: {min: 3, max: 1}\n"
+    )
     r = subprocess.run(["kubectl", "apply", "-f", "-"], env=kind_cluster, text=True, capture_output=True, input=bad)
     assert r.returncode != 0 and "replicas.min must be <= replicas.max" in r.stderr
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from sdtesting.examples import ROOT
 
 pytestmark = pytest.mark.integration
 

@@ -15,8 +15,8 @@ import yaml
 
 from sdop.render import render
 from sdop.render.dashboard import dashboard_json
-from tests.conftest import free_port
-from tests.helpers import example
+from sdtesting.examples import example
+from sdtesting.procs import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -64,20 +64,38 @@ def prometheus(server, tmp_path_factory):
     d = tmp_path_factory.mktemp("prom")
     rules = next(o for o in render(example("sd15-production")) if o["kind"] == "PrometheusRule")
     (d / "rules.yaml").write_text(yaml.safe_dump(rules["spec"], width=400))
-    (d / "prometheus.yml").write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(d / "rules.yaml")],
-        "scrape_configs": [{
-            "job_name": "sd15",
-            "static_configs": [{"targets": [f"127.0.0.1:{server.port}"],
+    (d / "prometheus.yml").write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(d / "rules.yaml")],
+                "scrape_configs": [
+                    {
+                        "job_name": "sd15",
+                        "static_configs": [
+                            {
+                                "targets": [f"127.0.0.1:{server.port}"],
                                 # what the Prometheus Operator adds from the ServiceMonitor
-                                "labels": {"namespace": "images", "service": "sd15", "pod": "sd15-0"}}],
-        }],
-    }))
+                                "labels": {"namespace": "images", "service": "sd15", "pod": "sd15-0"},
+                            }
+                        ],
+                    }
+                ],
+            }
+        )
+    )
     port = free_port()
     log = open(d / "prometheus.log", "w")
-    proc = subprocess.Popen(["prometheus", f"--config.file={d / 'prometheus.yml'}", f"--storage.tsdb.path={d / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            "prometheus",
+            f"--config.file={d / 'prometheus.yml'}",
+            f"--storage.tsdb.path={d / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -112,7 +130,11 @@ def test_prometheus_scrapes_queue_depth_and_latency_under_load(server, prometheu
         assert up and up[0]["value"][1] == "1"
         peak = query(prometheus, 'max_over_time(sdserve_queue_depth{service="sd15"}[5m])')
         assert peak and float(peak[0]["value"][1]) >= 1, peak
-        p95 = query(prometheus, 'histogram_quantile(0.95, sum by (le) (rate(sdserve_request_duration_seconds_bucket{service="sd15",route="/generate"}[1m])))')
+        p95 = query(
+            prometheus,
+            "histogram_quantile(0.95, sum by (le) "
+            '(rate(sdserve_request_duration_seconds_bucket{service="sd15",route="/generate"}[1m])))',
+        )
         assert p95 and float(p95[0]["value"][1]) > 0, p95
         batch = query(prometheus, 'max_over_time(sdserve_batch_size_count{service="sd15"}[5m])')
         assert batch and float(batch[0]["value"][1]) >= 8

@@ -37,8 +37,14 @@ def test_health_endpoints_and_models(server):
 
 def test_openai_sdk_is_a_client_unchanged(server):
     client = OpenAI(base_url=server.url + "/v1", api_key="unused")
-    resp = client.images.generate(model="tiny", prompt="a red fox", n=2, size="64x64", response_format="b64_json",
-                                  extra_body={"seed": 11, "num_inference_steps": 2})
+    resp = client.images.generate(
+        model="tiny",
+        prompt="a red fox",
+        n=2,
+        size="64x64",
+        response_format="b64_json",
+        extra_body={"seed": 11, "num_inference_steps": 2},
+    )
     assert len(resp.data) == 2
     a, b = decode(resp.data[0].b64_json), decode(resp.data[1].b64_json)
     assert a.shape == (64, 64, 3) and b.shape == (64, 64, 3)
@@ -54,16 +60,19 @@ def test_generate_shape(server):
     assert set(body["timings"]) == {"queue_seconds", "inference_seconds", "total_seconds"}
 
 
-@pytest.mark.parametrize("body,field", [
-    ({"width": 100}, "width"),
-    ({"height": 4096}, "height"),
-    ({"num_inference_steps": 500}, "num_inference_steps"),
-    ({"num_images": 9}, "num_images"),
-    ({"prompt": "x" * 5000}, "prompt"),
-    ({"guidance_scale": -1}, "guidance_scale"),
-    ({"colour": "blue"}, "colour"),
-    ({"seed": -3}, "seed"),
-])
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({"width": 100}, "width"),
+        ({"height": 4096}, "height"),
+        ({"num_inference_steps": 500}, "num_inference_steps"),
+        ({"num_images": 9}, "num_images"),
+        ({"prompt": "x" * 5000}, "prompt"),
+        ({"guidance_scale": -1}, "guidance_scale"),
+        ({"colour": "blue"}, "colour"),
+        ({"seed": -3}, "seed"),
+    ],
+)
 def test_bad_generate_request_is_422_naming_the_field(server, body, field):
     r = gen(server, **body)
     assert r.status_code == 422, r.text
@@ -76,13 +85,16 @@ def test_missing_prompt_is_422(server):
     assert r.status_code == 422 and r.json()["error"]["param"] == "prompt"
 
 
-@pytest.mark.parametrize("body,status,param", [
-    ({"size": "64by64"}, 422, "size"),
-    ({"size": "60x64"}, 422, "size"),
-    ({"response_format": "url"}, 422, "response_format"),
-    ({"model": "dall-e-3"}, 404, "model"),
-    ({"n": 0}, 422, "n"),
-])
+@pytest.mark.parametrize(
+    "body,status,param",
+    [
+        ({"size": "64by64"}, 422, "size"),
+        ({"size": "60x64"}, 422, "size"),
+        ({"response_format": "url"}, 422, "response_format"),
+        ({"model": "dall-e-3"}, 404, "model"),
+        ({"n": 0}, 422, "n"),
+    ],
+)
 def test_bad_openai_request(server, body, status, param):
     r = httpx.post(server.url + "/v1/images/generations", json={"prompt": "p", "size": "64x64", **body})
     assert r.status_code == status, r.text
@@ -108,7 +120,10 @@ def test_same_seed_same_image_whatever_else_is_in_the_batch(start_server):
     count0, sum0 = s.metric("sdserve_batch_size_count"), s.metric("sdserve_batch_size_sum")
     others = [{"prompt": f"other {i}", "seed": i, **SMALL} for i in range(3)]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(httpx.post, s.url + "/generate", json=b, timeout=60) for b in [others[0], body, others[1], others[2]]]
+        futures = [
+            pool.submit(httpx.post, s.url + "/generate", json=b, timeout=60)
+            for b in [others[0], body, others[1], others[2]]
+        ]
         results = [f.result() for f in futures]
     assert all(r.status_code == 200 for r in results)
     batches = s.metric("sdserve_batch_size_count") - count0
@@ -126,7 +141,15 @@ def test_metrics_count_requests_by_route_and_status(server):
     gen(server, width=7)
     assert server.metric("sdserve_http_requests_total", route="/generate", method="POST", status="422") == before + 1
     names = {k[0] for k in server.metrics()}
-    for name in ("sdserve_request_duration_seconds_bucket", "sdserve_queue_wait_seconds_bucket",
-                 "sdserve_inference_duration_seconds_bucket", "sdserve_queue_depth", "sdserve_inflight_requests",
-                 "sdserve_batch_size_bucket", "sdserve_images_generated_total", "sdserve_model_load_seconds", "sdserve_ready"):
+    for name in (
+        "sdserve_request_duration_seconds_bucket",
+        "sdserve_queue_wait_seconds_bucket",
+        "sdserve_inference_duration_seconds_bucket",
+        "sdserve_queue_depth",
+        "sdserve_inflight_requests",
+        "sdserve_batch_size_bucket",
+        "sdserve_images_generated_total",
+        "sdserve_model_load_seconds",
+        "sdserve_ready",
+    ):
         assert name in names, name

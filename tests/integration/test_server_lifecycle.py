@@ -50,6 +50,8 @@ def test_drain_endpoint_only_from_localhost_and_preStop_command(start_server):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "sdserve", "drain", "--port", str(s.port)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "sdserve", "drain", "--port", str(s.port)], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0 and '"drained":true' in out.stdout.replace(" ", "")
     assert httpx.get(s.url + "/readyz").status_code == 503

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import httpx
 import pytest
 
@@ -34,14 +33,20 @@ def test_cache_hits_through_redis_and_survives_redis_going_away(start_server, re
 
 
 def test_rate_limit_is_shared_by_replicas_through_redis(start_server, tmp_path):
-    from tests.conftest import RedisProc
+    from sdtesting.procs import RedisProc
 
     redis = RedisProc(tmp_path)
     try:
         keys = tmp_path / "keys"
         keys.write_text("shared:key-shared\n")
-        common = dict(cache_type="none", redis_url=redis.url, rate_limit_enabled=True, rate_limit_rps=0.1,
-                      rate_limit_burst=2, api_keys_file=keys)
+        common = dict(
+            cache_type="none",
+            redis_url=redis.url,
+            rate_limit_enabled=True,
+            rate_limit_rps=0.1,
+            rate_limit_burst=2,
+            api_keys_file=keys,
+        )
         a, b = start_server(**common), start_server(**common)
         h = {"Authorization": "Bearer key-shared"}
         body = {**BODY, "seed": None}

@@ -21,9 +21,17 @@ def secured(start_server, tmp_path_factory):
     (d / "keys").write_text("# team keys\nalice:key-alice\nbob:key-bob\nkey-anon\n")
     (d / "jwt").write_text(SECRET)
     (d / "blocklist").write_text("forbidden\nre:bad\\s+thing\n")
-    return start_server(api_keys_file=d / "keys", jwt_issuer="https://issuer.test/", jwt_audience="sd-api",
-                        jwt_key_file=d / "jwt", jwt_algorithms="HS256", rate_limit_enabled=True,
-                        rate_limit_rps=0.2, rate_limit_burst=3, blocklist_file=d / "blocklist")
+    return start_server(
+        api_keys_file=d / "keys",
+        jwt_issuer="https://issuer.test/",
+        jwt_audience="sd-api",
+        jwt_key_file=d / "jwt",
+        jwt_algorithms="HS256",
+        rate_limit_enabled=True,
+        rate_limit_rps=0.2,
+        rate_limit_burst=3,
+        blocklist_file=d / "blocklist",
+    )
 
 
 def post(server, headers=None, **body):
@@ -58,7 +66,11 @@ def test_jwt_valid_wrong_audience_and_expired(secured):
     assert r.status_code == 403 and r.json()["error"]["code"] == "token_not_for_this_service"
     r = post(secured, {"Authorization": f"Bearer {token(exp=-60, sub='jwt-exp')}"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "token_expired"
-    bad = jwt.encode({"sub": "x", "aud": "sd-api", "iss": "https://issuer.test/", "exp": int(time.time()) + 60}, "another-secret-of-enough-length-xx", algorithm="HS256")
+    bad = jwt.encode(
+        {"sub": "x", "aud": "sd-api", "iss": "https://issuer.test/", "exp": int(time.time()) + 60},
+        "another-secret-of-enough-length-xx",
+        algorithm="HS256",
+    )
     assert post(secured, {"Authorization": f"Bearer {bad}"}).json()["error"]["code"] == "invalid_token"
 
 
@@ -104,7 +116,7 @@ def test_jwt_rs256_via_jwks_endpoint(start_server):
     from cryptography.hazmat.primitives.asymmetric import rsa
     from jwt.algorithms import RSAAlgorithm
 
-    from tests.conftest import free_port
+    from sdtesting.procs import free_port
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     jwk = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
@@ -125,8 +137,12 @@ def test_jwt_rs256_via_jwks_endpoint(start_server):
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Jwks)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
-        s = start_server(jwt_issuer="https://idp.test/", jwt_audience="sd", jwt_jwks_url=f"http://127.0.0.1:{port}/jwks.json",
-                         jwt_algorithms="RS256")
+        s = start_server(
+            jwt_issuer="https://idp.test/",
+            jwt_audience="sd",
+            jwt_jwks_url=f"http://127.0.0.1:{port}/jwks.json",
+            jwt_algorithms="RS256",
+        )
         claims = {"sub": "svc", "aud": "sd", "iss": "https://idp.test/", "exp": int(time.time()) + 60}
         good = jwt.encode(claims, key, algorithm="RS256", headers={"kid": "k1"})
         assert post(s, {"Authorization": f"Bearer {good}"}).status_code == 200

@@ -6,7 +6,7 @@ import lupa
 import pytest
 
 from sdop.reconcile import conditions as cond
-from tests.helpers import ROOT
+from sdtesting.examples import ROOT
 
 SCRIPT = (ROOT / "docs" / "argocd-health.lua").read_text()
 
@@ -14,8 +14,12 @@ SCRIPT = (ROOT / "docs" / "argocd-health.lua").read_text()
 def health(obj):
     lua = lupa.LuaRuntime(unpack_returned_tuples=True)
     fn = lua.eval("function(obj) " + SCRIPT + " end")
-    to_lua = lambda v: lua.table_from({k: to_lua(x) for k, x in v.items()}) if isinstance(v, dict) else (
-        lua.table_from([to_lua(x) for x in v]) if isinstance(v, list) else v)
+
+    def to_lua(v):
+        if isinstance(v, dict):
+            return lua.table_from({k: to_lua(x) for k, x in v.items()})
+        return lua.table_from([to_lua(x) for x in v]) if isinstance(v, list) else v
+
     result = fn(to_lua(obj))
     return result["status"], result["message"]
 
@@ -25,8 +29,11 @@ def obj(status, generation=1):
 
 
 def ready_deployment(n):
-    return {"metadata": {"generation": 1}, "spec": {"replicas": n},
-            "status": {"observedGeneration": 1, "replicas": n, "readyReplicas": n, "updatedReplicas": n}}
+    return {
+        "metadata": {"generation": 1},
+        "spec": {"replicas": n},
+        "status": {"observedGeneration": 1, "replicas": n, "readyReplicas": n, "updatedReplicas": n},
+    }
 
 
 def test_no_status_is_progressing():
@@ -34,7 +41,9 @@ def test_no_status_is_progressing():
 
 
 def test_ready_service_is_healthy():
-    st = cond.status(cond.Facts(generation=1, deployment=ready_deployment(2), min_replicas=2, endpoint="http://x"), None, "t")
+    st = cond.status(
+        cond.Facts(generation=1, deployment=ready_deployment(2), min_replicas=2, endpoint="http://x"), None, "t"
+    )
     assert health(obj(st)) == ("Healthy", "2 replica(s) serving at http://x")
 
 
@@ -58,7 +67,9 @@ def test_status_of_an_older_generation_is_not_healthy():
 def test_stuck_rollout_or_rejected_apply_is_degraded(reason):
     dep = ready_deployment(1)
     if reason == "RolloutStuck":
-        dep["status"]["conditions"] = [{"type": "Progressing", "reason": "ProgressDeadlineExceeded", "message": "deadline"}]
+        dep["status"]["conditions"] = [
+            {"type": "Progressing", "reason": "ProgressDeadlineExceeded", "message": "deadline"}
+        ]
         f = cond.Facts(generation=1, deployment=dep)
     else:
         f = cond.Facts(generation=1, deployment=dep, apply_error="HTTP 422: invalid")

@@ -7,13 +7,17 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.helpers import K8S_VERSIONS, ROOT
+from sdtesting.examples import K8S_VERSIONS, ROOT
 
 CHART = ROOT / "charts" / "sdop"
 SETUPS = {
     "defaults": {},
     "namespaced": {"watchNamespaces": ["team-a", "team-b"]},
-    "ha": {"replicaCount": 2, "peering": {"enabled": True, "name": "sdop"}, "metrics": {"serviceMonitor": {"enabled": True}}},
+    "ha": {
+        "replicaCount": 2,
+        "peering": {"enabled": True, "name": "sdop"},
+        "metrics": {"serviceMonitor": {"enabled": True}},
+    },
 }
 NOT_BUILTIN = {"ServiceMonitor", "ClusterKopfPeering", "KopfPeering"}
 
@@ -60,7 +64,10 @@ def test_namespaced_mode_uses_roles_in_each_namespace_and_no_cluster_write_role(
     cluster_roles = [d for d in docs if d["kind"] == "ClusterRole"]
     assert len(cluster_roles) == 1
     assert all(set(r["verbs"]) <= {"get", "list", "watch"} for r in cluster_roles[0]["rules"])
-    env = {e["name"]: e["value"] for e in next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env = {
+        e["name"]: e["value"]
+        for e in next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     assert env["SDOP_NAMESPACES"] == "team-a,team-b"
 
 
@@ -69,19 +76,24 @@ def test_operator_pod_is_restricted_and_settings_are_wired():
     pod = dep["spec"]["template"]["spec"]
     c = pod["containers"][0]
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert c["securityContext"]["readOnlyRootFilesystem"] is True and c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True and c["securityContext"]["capabilities"] == {
+        "drop": ["ALL"]
+    }
     env = {e["name"] for e in c["env"]}
-    from sdop.settings import OperatorSettings
+    from sdop.operator.settings import OperatorSettings
 
     assert env == {f"SDOP_{n.upper()}" for n in OperatorSettings.model_fields}
 
 
-@pytest.mark.parametrize("values,message", [
-    ({"replicaCount": 2}, "peering"),
-    ({"logLevel": "verbose"}, "logLevel"),
-    ({"watchNamespaces": ["Bad_Name"]}, "watchNamespaces"),
-    ({"unknownKey": 1}, "unknownKey"),
-])
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"replicaCount": 2}, "peering"),
+        ({"logLevel": "verbose"}, "logLevel"),
+        ({"watchNamespaces": ["Bad_Name"]}, "watchNamespaces"),
+        ({"unknownKey": 1}, "unknownKey"),
+    ],
+)
 def test_values_schema_rejects_bad_values(values, message):
     with pytest.raises(helm.HelmValuesError) as e:
         helm.Chart.load(CHART).validate_schema(values)

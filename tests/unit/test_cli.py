@@ -7,11 +7,13 @@ import sys
 
 import yaml
 
-from tests.helpers import CRD_FILE, ROOT
+from sdtesting.examples import CRD_FILE, ROOT
 
 
 def sdop(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "sdop.cli", *args], capture_output=True, text=True, input=stdin, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "sdop.cli", *args], capture_output=True, text=True, input=stdin, cwd=ROOT
+    )
 
 
 def test_render_prints_multi_document_yaml():

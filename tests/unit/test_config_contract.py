@@ -6,13 +6,17 @@ import pytest
 
 from sdop.render import render
 from sdserve.settings import Settings, env_names
-from tests.helpers import EXAMPLES, load_yaml
+from sdtesting.examples import EXAMPLES, load_yaml
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_every_rendered_setting_is_read_by_the_server(path):
     objs = render(load_yaml(path))
-    dep = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["labels"]["app.kubernetes.io/component"] == "server")
+    dep = next(
+        o
+        for o in objs
+        if o["kind"] == "Deployment" and o["metadata"]["labels"]["app.kubernetes.io/component"] == "server"
+    )
     cm = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-config"))
     env = dict(cm["data"])
     extra_env = [e["name"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]]

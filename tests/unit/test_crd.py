@@ -6,13 +6,15 @@ import pytest
 
 from sdop.api import SpecError, parse
 from sdop.api.crd import crd, crd_yaml
-from tests.helpers import CRD_FILE, EXAMPLES, example, load_yaml
+from sdtesting.examples import CRD_FILE, EXAMPLES, example, load_yaml
 
 from .crdschema import validate
 
 
 def test_committed_crd_is_the_generated_one():
-    assert CRD_FILE.read_text() == crd_yaml(), "crds/ is stale: run `sdop crd > crds/stablediffusionservices.sdop.io.yaml`"
+    assert CRD_FILE.read_text() == crd_yaml(), (
+        "crds/ is stale: run `sdop crd > crds/stablediffusionservices.sdop.io.yaml`"
+    )
 
 
 def test_chart_crd_is_the_generated_one():

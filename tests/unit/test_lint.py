@@ -7,12 +7,13 @@ from contextlib import redirect_stdout
 
 from pyflakes import api, reporter
 
-from tests.helpers import ROOT
+from sdtesting.examples import ROOT
 
 
 def test_pyflakes_is_clean():
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out):
-        count = api.checkRecursive([str(ROOT / d) for d in ("operator", "inference_image", "tests", "bench")],
-                                   reporter.Reporter(out, err))
+        count = api.checkRecursive(
+            [str(ROOT / d) for d in ("operator", "inference_image", "tests", "bench")], reporter.Reporter(out, err)
+        )
     assert count == 0, out.getvalue() + err.getvalue()

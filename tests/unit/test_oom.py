@@ -59,7 +59,7 @@ def test_split_images_keep_their_seeds(loaded):
     tight.run(KEY, [split])  # split into 1 + 1 with seeds 42 and 43
     import numpy as np
 
-    for a, b in zip(whole.images, split.images):
+    for a, b in zip(whole.images, split.images, strict=True):
         assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
 
 

@@ -11,7 +11,7 @@ import yaml
 
 from sdop.api import SpecError
 from sdop.render import ClusterFacts, render
-from tests.helpers import EXAMPLES, K8S_VERSIONS, by_kind, example, load_yaml
+from sdtesting.examples import EXAMPLES, K8S_VERSIONS, by_kind, example, load_yaml
 
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
 
@@ -59,7 +59,10 @@ def test_batch_size_changes_only_configmap_and_pod_template():
     assert changed == {("ConfigMap", "sd15-config"), ("Deployment", "sd15")}
     assert not added and not removed
     dep = by_kind(render(b))[("Deployment", "sd15")]
-    assert by_kind(render(a))[("Deployment", "sd15")]["spec"]["template"]["metadata"]["annotations"] != dep["spec"]["template"]["metadata"]["annotations"]
+    assert (
+        by_kind(render(a))[("Deployment", "sd15")]["spec"]["template"]["metadata"]["annotations"]
+        != dep["spec"]["template"]["metadata"]["annotations"]
+    )
 
 
 def test_replicas_max_changes_hpa_and_alert_only():
@@ -152,7 +155,9 @@ def test_hpa_targets_queue_depth_per_pod():
 
 def test_without_optional_apis_monitoring_and_keda_objects_are_left_out():
     facts = ClusterFacts(optional_apis=frozenset())
-    kinds = {o["kind"] for o in render(example("sd15-production"), facts)} | {o["kind"] for o in render(example("keda-scale-to-zero"), facts)}
+    kinds = {o["kind"] for o in render(example("sd15-production"), facts)} | {
+        o["kind"] for o in render(example("keda-scale-to-zero"), facts)
+    }
     assert not kinds & CRD_KINDS
 
 

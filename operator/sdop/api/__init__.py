@@ -1,11 +1,41 @@
 """The StableDiffusionService API: pydantic models, the one definition of every field."""
 
-from .resource import (API_VERSION, FIELD_MANAGER, GROUP, KIND, PLURAL, VERSION, SpecError,
-                       StableDiffusionService, parse)
-from .spec import StableDiffusionServiceSpec
+from .kinds import KEDA_API, KINDS, MANAGED, MONITORING_API, OPTIONAL_APIS, Kind, kind_of
+from .resource import (
+    API_VERSION,
+    FIELD_MANAGER,
+    GROUP,
+    KIND,
+    PLURAL,
+    VERSION,
+    SpecError,
+    StableDiffusionService,
+    parse,
+)
+from .spec import DEFAULT_IMAGE_REPOSITORY, DEFAULT_IMAGE_TAG, StableDiffusionServiceSpec
 from .status import StableDiffusionServiceStatus
+from .validate import load
 
 __all__ = [
-    "API_VERSION", "FIELD_MANAGER", "GROUP", "KIND", "PLURAL", "VERSION", "SpecError",
-    "StableDiffusionService", "StableDiffusionServiceSpec", "StableDiffusionServiceStatus", "parse",
+    "API_VERSION",
+    "DEFAULT_IMAGE_REPOSITORY",
+    "DEFAULT_IMAGE_TAG",
+    "FIELD_MANAGER",
+    "GROUP",
+    "KEDA_API",
+    "KIND",
+    "KINDS",
+    "MANAGED",
+    "MONITORING_API",
+    "OPTIONAL_APIS",
+    "PLURAL",
+    "VERSION",
+    "Kind",
+    "SpecError",
+    "StableDiffusionService",
+    "StableDiffusionServiceSpec",
+    "StableDiffusionServiceStatus",
+    "kind_of",
+    "load",
+    "parse",
 ]

@@ -19,10 +19,30 @@ from .spec import StableDiffusionServiceSpec
 from .status import StableDiffusionServiceStatus
 
 _KEEP = {
-    "type", "description", "default", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
-    "minLength", "maxLength", "pattern", "minItems", "maxItems", "multipleOf", "items", "properties",
-    "required", "additionalProperties", "format", "nullable", "x-kubernetes-validations",
-    "x-kubernetes-preserve-unknown-fields", "x-kubernetes-int-or-string", "x-kubernetes-list-type",
+    "type",
+    "description",
+    "default",
+    "enum",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "minItems",
+    "maxItems",
+    "multipleOf",
+    "items",
+    "properties",
+    "required",
+    "additionalProperties",
+    "format",
+    "nullable",
+    "x-kubernetes-validations",
+    "x-kubernetes-preserve-unknown-fields",
+    "x-kubernetes-int-or-string",
+    "x-kubernetes-list-type",
     "x-kubernetes-map-type",
 }
 
@@ -136,7 +156,8 @@ def crd() -> dict[str, Any]:
     status_schema["properties"]["conditions"]["x-kubernetes-list-map-keys"] = ["type"]
     root = {
         "type": "object",
-        "description": "StableDiffusionService runs a Stable Diffusion model as an autoscaled, monitored HTTP image API on GPU nodes.",
+        "description": "StableDiffusionService runs a Stable Diffusion model as an autoscaled, monitored HTTP image "
+        "API on GPU nodes.",
         "required": ["spec"],
         "properties": {
             "apiVersion": {"type": "string", "description": "APIVersion of this object."},
@@ -177,8 +198,17 @@ def crd() -> dict[str, Any]:
                     "storage": True,
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": [
-                        {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
-                        {"name": "Replicas", "type": "integer", "jsonPath": ".status.readyReplicas", "description": "Ready replicas"},
+                        {
+                            "name": "Ready",
+                            "type": "string",
+                            "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+                        },
+                        {
+                            "name": "Replicas",
+                            "type": "integer",
+                            "jsonPath": ".status.readyReplicas",
+                            "description": "Ready replicas",
+                        },
                         {"name": "Model", "type": "string", "jsonPath": ".spec.model.id"},
                         {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

@@ -20,15 +20,25 @@ def problems(spec: StableDiffusionServiceSpec) -> list[tuple[str, str]]:
     p = PRESETS[gpu_type]
     product = spec.scheduling.node_selector.get(GPU_PRODUCT_LABEL)
     if product is not None and product != p.product:
-        out.append((
-            f"spec.scheduling.nodeSelector[{GPU_PRODUCT_LABEL}]",
-            f"selects {product!r} but gpu.type {gpu_type} means {p.product!r}; use gpu.type custom to pick nodes yourself",
-        ))
+        out.append(
+            (
+                f"spec.scheduling.nodeSelector[{GPU_PRODUCT_LABEL}]",
+                f"selects {product!r} but gpu.type {gpu_type} means {p.product!r}; use gpu.type custom to pick nodes "
+                f"yourself",
+            )
+        )
     if spec.gpu.count == 0:
-        out.append(("spec.gpu.count", f"gpu.type {gpu_type} needs gpu.count >= 1 (use gpu.type custom for CPU replicas)"))
+        out.append(
+            ("spec.gpu.count", f"gpu.type {gpu_type} needs gpu.count >= 1 (use gpu.type custom for CPU replicas)")
+        )
     mbs = spec.batching.max_batch_size
     if mbs is not None and mbs > p.max_batch_size:
-        out.append(("spec.batching.maxBatchSize", f"{mbs} exceeds what {gpu_type} fits ({p.max_batch_size}); lower it or use gpu.type custom"))
+        out.append(
+            (
+                "spec.batching.maxBatchSize",
+                f"{mbs} exceeds what {gpu_type} fits ({p.max_batch_size}); lower it or use gpu.type custom",
+            )
+        )
     # Sides set explicitly must fit; defaults are capped to the preset (see max_sides()).
     for name, attr in (("maxWidth", "max_width"), ("maxHeight", "max_height")):
         value = getattr(spec.limits, attr)

@@ -15,6 +15,10 @@ from pydantic import Field, model_validator
 from .base import ApiModel, cel
 from .presets import GpuType
 
+#: Noise schedulers the inference server offers; "default" keeps the model's own.
+#: sdserve has the same list (``sdserve.schedulers``); tests/unit/test_config_contract.py ties the two.
+Scheduler = Literal["default", "euler", "euler_a", "dpmpp_2m", "ddim"]
+
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
 DURATION = r"^[0-9]+(ms|s|m|h)$"
@@ -23,22 +27,40 @@ DURATION = r"^[0-9]+(ms|s|m|h)$"
 class SecretKeyRef(ApiModel):
     """A key of a Secret in the same namespace."""
 
-    name: str = Field(description="Name of the Secret.", min_length=1, max_length=253, pattern=DNS_LABEL.replace("([-a-z0-9]", "([-.a-z0-9]"))
+    name: str = Field(
+        description="Name of the Secret.",
+        min_length=1,
+        max_length=253,
+        pattern=DNS_LABEL.replace("([-a-z0-9]", "([-.a-z0-9]"),
+    )
     key: str = Field(description="Key inside the Secret.", min_length=1, max_length=253)
 
 
 class ConfigMapKeyRef(ApiModel):
     """A key of a ConfigMap in the same namespace."""
 
-    name: str = Field(description="Name of the ConfigMap.", min_length=1, max_length=253, pattern=DNS_LABEL.replace("([-a-z0-9]", "([-.a-z0-9]"))
+    name: str = Field(
+        description="Name of the ConfigMap.",
+        min_length=1,
+        max_length=253,
+        pattern=DNS_LABEL.replace("([-a-z0-9]", "([-.a-z0-9]"),
+    )
     key: str = Field(description="Key inside the ConfigMap.", min_length=1, max_length=253)
 
 
 class PvcSource(ApiModel):
     """Model files already present on a PersistentVolumeClaim."""
 
-    claim_name: str = Field(description="Name of an existing PersistentVolumeClaim holding the model.", min_length=1, max_length=253)
-    sub_path: str = Field("", description="Folder inside the volume that holds the diffusers model (model_index.json) or the .safetensors file.", max_length=1024)
+    claim_name: str = Field(
+        description="Name of an existing PersistentVolumeClaim holding the model.", min_length=1, max_length=253
+    )
+    sub_path: str = Field(
+        "",
+        description=(
+            "Folder inside the volume that holds the diffusers model (model_index.json) or the .safetensors file."
+        ),
+        max_length=1024,
+    )
 
 
 class ModelCache(ApiModel):
@@ -46,11 +68,16 @@ class ModelCache(ApiModel):
 
     enabled: bool = Field(False, description="Create a PVC for the Hugging Face cache and mount it in every replica.")
     size: str = Field("30Gi", description="Requested size of the cache volume.", pattern=QUANTITY)
-    storage_class_name: str | None = Field(None, description="StorageClass of the cache volume; the cluster default when unset.")
-    access_mode: Literal["ReadWriteMany", "ReadWriteOnce", "ReadOnlyMany"] = Field(
-        "ReadWriteMany", description="Access mode of the cache volume. ReadWriteMany lets replicas on several nodes share it."
+    storage_class_name: str | None = Field(
+        None, description="StorageClass of the cache volume; the cluster default when unset."
     )
-    prefetch: bool = Field(True, description="Run a Job that downloads the weights into the cache before the replicas start.")
+    access_mode: Literal["ReadWriteMany", "ReadWriteOnce", "ReadOnlyMany"] = Field(
+        "ReadWriteMany",
+        description="Access mode of the cache volume. ReadWriteMany lets replicas on several nodes share it.",
+    )
+    prefetch: bool = Field(
+        True, description="Run a Job that downloads the weights into the cache before the replicas start."
+    )
 
 
 class ModelSpec(ApiModel):
@@ -58,38 +85,60 @@ class ModelSpec(ApiModel):
 
     model_config = ApiModel.model_config | {
         "json_schema_extra": cel(
-            ("(has(self.id) ? 1 : 0) + (has(self.path) ? 1 : 0) + (has(self.pvc) ? 1 : 0) == 1",
-             "exactly one of model.id, model.path and model.pvc must be set", None),
-            ("!has(self.tokenSecretRef) || has(self.id)", "model.tokenSecretRef is only used with model.id", ".tokenSecretRef"),
-            ("!self.cache.enabled || has(self.id)", "model.cache needs model.id: only Hugging Face downloads are cached", ".cache"),
+            (
+                "(has(self.id) ? 1 : 0) + (has(self.path) ? 1 : 0) + (has(self.pvc) ? 1 : 0) == 1",
+                "exactly one of model.id, model.path and model.pvc must be set",
+                None,
+            ),
+            (
+                "!has(self.tokenSecretRef) || has(self.id)",
+                "model.tokenSecretRef is only used with model.id",
+                ".tokenSecretRef",
+            ),
+            (
+                "!self.cache.enabled || has(self.id)",
+                "model.cache needs model.id: only Hugging Face downloads are cached",
+                ".cache",
+            ),
         )
     }
 
     id: str | None = Field(
         None,
-        description="Hugging Face model id, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5. The built-in test model is 'tiny'.",
+        description=(
+            "Hugging Face model id, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5. The built-in test model is "
+            "'tiny'."
+        ),
         min_length=1,
         max_length=256,
         pattern=r"^(tiny|[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)$",
     )
-    revision: str = Field("main", description="Hugging Face branch, tag or commit of model.id.", min_length=1, max_length=128)
+    revision: str = Field(
+        "main", description="Hugging Face branch, tag or commit of model.id.", min_length=1, max_length=128
+    )
     path: str | None = Field(
         None,
-        description="Absolute path inside the inference image to a diffusers folder or a single .safetensors checkpoint.",
+        description=(
+            "Absolute path inside the inference image to a diffusers folder or a single .safetensors checkpoint."
+        ),
         pattern=r"^/.*",
         max_length=1024,
     )
-    pvc: PvcSource | None = Field(None, description="Load the model from an existing PersistentVolumeClaim (mounted read-only).")
+    pvc: PvcSource | None = Field(
+        None, description="Load the model from an existing PersistentVolumeClaim (mounted read-only)."
+    )
     pipeline: Literal["sd", "sdxl"] = Field("sd", description="Pipeline family: 'sd' (SD 1.x/2.x) or 'sdxl'.")
     variant: str | None = Field(None, description="Weights variant to download, e.g. fp16.", max_length=32)
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="Precision of the weights: auto is float16 on a GPU and float32 on a CPU."
     )
-    token_secret_ref: SecretKeyRef | None = Field(None, description="Secret key holding a Hugging Face token for gated or private models.")
+    token_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding a Hugging Face token for gated or private models."
+    )
     cache: ModelCache = Field(default_factory=ModelCache, description="Persistent download cache and prefetch Job.")
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ModelSpec":
+    def _one_source(self) -> ModelSpec:
         sources = [n for n in ("id", "path", "pvc") if getattr(self, n) is not None]
         if len(sources) != 1:
             raise ValueError("exactly one of model.id, model.path and model.pvc must be set")
@@ -100,24 +149,45 @@ class ModelSpec(ApiModel):
         return self
 
 
+#: The inference image when ``spec.image`` leaves it unset (the operator's SDOP_DEFAULT_IMAGE_* override it).
+DEFAULT_IMAGE_REPOSITORY = "ghcr.io/sdop/sdserve"
+DEFAULT_IMAGE_TAG = "0.1.0"
+
+
 class ImageSpec(ApiModel):
     """The inference server image."""
 
-    repository: str | None = Field(None, description="Image repository; the operator's default inference image when unset.", max_length=512)
+    repository: str | None = Field(
+        None, description="Image repository; the operator's default inference image when unset.", max_length=512
+    )
     tag: str | None = Field(None, description="Image tag; the operator's default when unset.", max_length=128)
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Image pull policy.")
-    pull_secrets: list[str] = Field(default_factory=list, description="Names of Secrets used to pull the image.", max_length=16)
+    pull_secrets: list[str] = Field(
+        default_factory=list, description="Names of Secrets used to pull the image.", max_length=16
+    )
 
 
 class GpuSpec(ApiModel):
     """GPUs per replica and the hardware preset that sizes batching and memory."""
 
-    count: int = Field(1, description="GPUs per replica. The server runs one process per GPU; more than 1 is for models that do not fit one GPU.", ge=0, le=8)
+    count: int = Field(
+        1,
+        description=(
+            "GPUs per replica. The server runs one process per GPU; more than 1 is for models that do not fit one GPU."
+        ),
+        ge=0,
+        le=8,
+    )
     type: GpuType = Field(
         "a100-40gb",
-        description="GPU preset: rtx3080-10gb, rtx4090-24gb, a100-40gb, h100-80gb or custom. It sets the default batch size, CPU/memory requests, largest image side and the nvidia.com/gpu.product node selector.",
+        description=(
+            "GPU preset: rtx3080-10gb, rtx4090-24gb, a100-40gb, h100-80gb or custom. It sets the default batch size, "
+            "CPU/memory requests, largest image side and the nvidia.com/gpu.product node selector."
+        ),
     )
-    resource_name: str = Field("nvidia.com/gpu", description="Extended resource name of the GPU device plugin.", max_length=128)
+    resource_name: str = Field(
+        "nvidia.com/gpu", description="Extended resource name of the GPU device plugin.", max_length=128
+    )
 
 
 class ResourcesSpec(ApiModel):
@@ -134,20 +204,30 @@ class Toleration(ApiModel):
     key: str | None = Field(None, description="Taint key.")
     operator: Literal["Equal", "Exists"] = Field("Equal", description="Equal or Exists.")
     value: str | None = Field(None, description="Taint value for operator Equal.")
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(None, description="Taint effect; all effects when unset.")
-    toleration_seconds: int | None = Field(None, description="For NoExecute: how long the pod stays bound after the taint appears.", ge=0)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect; all effects when unset."
+    )
+    toleration_seconds: int | None = Field(
+        None, description="For NoExecute: how long the pod stays bound after the taint appears.", ge=0
+    )
 
 
 class SchedulingSpec(ApiModel):
     """Where replicas may run."""
 
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node labels a replica's node must have.")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Extra node labels a replica's node must have."
+    )
     tolerations: list[Toleration] = Field(
         default_factory=lambda: [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")],
         description="Tolerations; by default the usual nvidia.com/gpu NoSchedule taint is tolerated.",
         max_length=32,
     )
-    affinity: dict | None = Field(None, description="A Kubernetes Affinity object, passed through unchanged.", json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    affinity: dict | None = Field(
+        None,
+        description="A Kubernetes Affinity object, passed through unchanged.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
     priority_class_name: str | None = Field(None, description="PriorityClass of the replicas.", max_length=253)
     topology_spread: bool = Field(True, description="Spread replicas across nodes (soft topology spread constraint).")
 
@@ -159,11 +239,16 @@ class ReplicasSpec(ApiModel):
         "json_schema_extra": cel(("self.min <= self.max", "replicas.min must be <= replicas.max", ".min"))
     }
 
-    min: int = Field(1, description="Fewest replicas. 0 is allowed only with autoscaling.provider keda and autoscaling.scaleToZero.", ge=0, le=1000)
+    min: int = Field(
+        1,
+        description="Fewest replicas. 0 is allowed only with autoscaling.provider keda and autoscaling.scaleToZero.",
+        ge=0,
+        le=1000,
+    )
     max: int = Field(1, description="Most replicas.", ge=1, le=1000)
 
     @model_validator(mode="after")
-    def _bounds(self) -> "ReplicasSpec":
+    def _bounds(self) -> ReplicasSpec:
         if self.min > self.max:
             raise ValueError(f"replicas.min ({self.min}) must be <= replicas.max ({self.max})")
         return self
@@ -175,13 +260,23 @@ class AutoscalingSpec(ApiModel):
     enabled: bool = Field(True, description="Scale between replicas.min and replicas.max. Off: replicas.min replicas.")
     provider: Literal["hpa", "keda"] = Field(
         "hpa",
-        description="hpa: autoscaling/v2 on the pods metric sdserve_queue_depth (needs prometheus-adapter). keda: a KEDA ScaledObject with a Prometheus trigger; needed for scale to zero.",
+        description=(
+            "hpa: autoscaling/v2 on the pods metric sdserve_queue_depth (needs prometheus-adapter). keda: a KEDA "
+            "ScaledObject with a Prometheus trigger; needed for scale to zero."
+        ),
     )
     target_queue_depth: int = Field(4, description="Queued requests per replica to aim for.", ge=1, le=10000)
     scale_up_stabilization_seconds: int = Field(0, description="Stabilisation window before scaling up.", ge=0, le=3600)
-    scale_down_stabilization_seconds: int = Field(300, description="Stabilisation window before scaling down; long, since a replica is slow to start.", ge=0, le=3600)
+    scale_down_stabilization_seconds: int = Field(
+        300,
+        description="Stabilisation window before scaling down; long, since a replica is slow to start.",
+        ge=0,
+        le=3600,
+    )
     scale_to_zero: bool = Field(False, description="Allow zero replicas when idle (keda only).")
-    idle_seconds: int = Field(600, description="With scaleToZero: idle time before going to zero (KEDA cooldownPeriod).", ge=30, le=86400)
+    idle_seconds: int = Field(
+        600, description="With scaleToZero: idle time before going to zero (KEDA cooldownPeriod).", ge=30, le=86400
+    )
     prometheus_address: str = Field(
         "http://prometheus-operated.monitoring.svc:9090",
         description="Prometheus the KEDA trigger queries.",
@@ -192,7 +287,9 @@ class AutoscalingSpec(ApiModel):
 class BatchingSpec(ApiModel):
     """Dynamic batching of compatible requests."""
 
-    max_batch_size: int | None = Field(None, description="Largest batch of images run together; the GPU preset's value when unset.", ge=1, le=64)
+    max_batch_size: int | None = Field(
+        None, description="Largest batch of images run together; the GPU preset's value when unset.", ge=1, le=64
+    )
     max_wait_ms: int = Field(25, description="How long the batcher waits to fill a batch.", ge=0, le=10000)
 
 
@@ -201,21 +298,33 @@ class LimitsSpec(ApiModel):
 
     model_config = ApiModel.model_config | {
         "json_schema_extra": cel(
-            ("self.minSide <= self.maxWidth && self.minSide <= self.maxHeight", "limits.minSide must be <= limits.maxWidth and limits.maxHeight", ".minSide"),
+            (
+                "self.minSide <= self.maxWidth && self.minSide <= self.maxHeight",
+                "limits.minSide must be <= limits.maxWidth and limits.maxHeight",
+                ".minSide",
+            ),
         )
     }
 
     min_side: int = Field(256, description="Smallest width or height in pixels.", ge=64, le=4096, multiple_of=8)
-    max_width: int = Field(1024, description="Largest width in pixels (a multiple of 8).", ge=64, le=4096, multiple_of=8)
-    max_height: int = Field(1024, description="Largest height in pixels (a multiple of 8).", ge=64, le=4096, multiple_of=8)
+    max_width: int = Field(
+        1024, description="Largest width in pixels (a multiple of 8).", ge=64, le=4096, multiple_of=8
+    )
+    max_height: int = Field(
+        1024, description="Largest height in pixels (a multiple of 8).", ge=64, le=4096, multiple_of=8
+    )
     max_steps: int = Field(50, description="Most denoising steps per request.", ge=1, le=500)
     max_images: int = Field(4, description="Most images per request (n).", ge=1, le=16)
     max_prompt_length: int = Field(1000, description="Most characters in a prompt.", ge=1, le=100000)
-    queue_size: int = Field(64, description="Most requests waiting per replica; beyond it the server answers 429.", ge=1, le=100000)
-    timeout_seconds: int = Field(120, description="Longest a request may wait and run before it fails with 504.", ge=1, le=3600)
+    queue_size: int = Field(
+        64, description="Most requests waiting per replica; beyond it the server answers 429.", ge=1, le=100000
+    )
+    timeout_seconds: int = Field(
+        120, description="Longest a request may wait and run before it fails with 504.", ge=1, le=3600
+    )
 
     @model_validator(mode="after")
-    def _sides(self) -> "LimitsSpec":
+    def _sides(self) -> LimitsSpec:
         if self.min_side > self.max_width or self.min_side > self.max_height:
             raise ValueError("limits.minSide must be <= limits.maxWidth and limits.maxHeight")
         return self
@@ -225,15 +334,23 @@ class RedisSpec(ApiModel):
     """Where the Redis for the result cache (and shared rate limits) lives."""
 
     model_config = ApiModel.model_config | {
-        "json_schema_extra": cel(("has(self.urlSecretRef) != self.managed", "set exactly one of cache.redis.urlSecretRef and cache.redis.managed", None))
+        "json_schema_extra": cel(
+            (
+                "has(self.urlSecretRef) != self.managed",
+                "set exactly one of cache.redis.urlSecretRef and cache.redis.managed",
+                None,
+            )
+        )
     }
 
-    url_secret_ref: SecretKeyRef | None = Field(None, description="Secret key holding a redis:// or rediss:// URL of an existing Redis.")
+    url_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding a redis:// or rediss:// URL of an existing Redis."
+    )
     managed: bool = Field(False, description="Deploy a single Redis next to the service, owned by it.")
     image: str = Field("redis:7.4-alpine", description="Image of the managed Redis.")
 
     @model_validator(mode="after")
-    def _one(self) -> "RedisSpec":
+    def _one(self) -> RedisSpec:
         if (self.url_secret_ref is not None) == self.managed:
             raise ValueError("set exactly one of cache.redis.urlSecretRef and cache.redis.managed")
         return self
@@ -243,16 +360,24 @@ class CacheSpec(ApiModel):
     """Result cache for seeded requests (same model revision, same request, same seed: same image)."""
 
     model_config = ApiModel.model_config | {
-        "json_schema_extra": cel(("self.type == 'redis' ? has(self.redis) : !has(self.redis)", "cache.redis is required with cache.type redis and allowed only then", ".redis"))
+        "json_schema_extra": cel(
+            (
+                "self.type == 'redis' ? has(self.redis) : !has(self.redis)",
+                "cache.redis is required with cache.type redis and allowed only then",
+                ".redis",
+            )
+        )
     }
 
-    type: Literal["none", "memory", "redis"] = Field("memory", description="none, memory (per replica LRU) or redis (shared).")
+    type: Literal["none", "memory", "redis"] = Field(
+        "memory", description="none, memory (per replica LRU) or redis (shared)."
+    )
     max_entries: int = Field(256, description="Most entries in the in-memory cache.", ge=1, le=1000000)
     ttl_seconds: int = Field(86400, description="Entry lifetime in Redis.", ge=1, le=31536000)
     redis: RedisSpec | None = Field(None, description="Redis settings, with type redis.")
 
     @model_validator(mode="after")
-    def _redis(self) -> "CacheSpec":
+    def _redis(self) -> CacheSpec:
         if (self.type == "redis") != (self.redis is not None):
             raise ValueError("cache.redis is required with cache.type redis and allowed only then")
         return self
@@ -262,17 +387,29 @@ class JwtSpec(ApiModel):
     """JSON Web Token validation."""
 
     model_config = ApiModel.model_config | {
-        "json_schema_extra": cel(("has(self.jwksUrl) != has(self.keySecretRef)", "set exactly one of auth.jwt.jwksUrl and auth.jwt.keySecretRef", None))
+        "json_schema_extra": cel(
+            (
+                "has(self.jwksUrl) != has(self.keySecretRef)",
+                "set exactly one of auth.jwt.jwksUrl and auth.jwt.keySecretRef",
+                None,
+            )
+        )
     }
 
     issuer: str = Field(description="Required iss claim.", min_length=1)
     audience: str = Field(description="Required aud claim.", min_length=1)
-    jwks_url: str | None = Field(None, description="JWKS endpoint of the issuer (RS256/ES256 keys).", pattern=r"^https?://")
-    key_secret_ref: SecretKeyRef | None = Field(None, description="Secret key with an HS256 shared secret or a PEM public key.")
-    algorithms: list[Literal["HS256", "RS256", "ES256"]] = Field(default_factory=lambda: ["RS256"], description="Accepted signing algorithms.", min_length=1)
+    jwks_url: str | None = Field(
+        None, description="JWKS endpoint of the issuer (RS256/ES256 keys).", pattern=r"^https?://"
+    )
+    key_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key with an HS256 shared secret or a PEM public key."
+    )
+    algorithms: list[Literal["HS256", "RS256", "ES256"]] = Field(
+        default_factory=lambda: ["RS256"], description="Accepted signing algorithms.", min_length=1
+    )
 
     @model_validator(mode="after")
-    def _key(self) -> "JwtSpec":
+    def _key(self) -> JwtSpec:
         if (self.jwks_url is None) == (self.key_secret_ref is None):
             raise ValueError("set exactly one of auth.jwt.jwksUrl and auth.jwt.keySecretRef")
         return self
@@ -281,7 +418,9 @@ class JwtSpec(ApiModel):
 class AuthSpec(ApiModel):
     """Who may call the API; open when neither is set."""
 
-    api_keys_secret_ref: SecretKeyRef | None = Field(None, description="Secret key with API keys, one per line (optionally 'name:key').")
+    api_keys_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key with API keys, one per line (optionally 'name:key')."
+    )
     jwt: JwtSpec | None = Field(None, description="Accept bearer JWTs.")
 
 
@@ -296,8 +435,12 @@ class RateLimitSpec(ApiModel):
 class SafetySpec(ApiModel):
     """Content safety."""
 
-    blocklist_config_map_ref: ConfigMapKeyRef | None = Field(None, description="ConfigMap key with blocked words, one per line; lines 're:PATTERN' are regexes.")
-    nsfw_check: bool = Field(False, description="Run the diffusers safety checker on images (needs its weights in the model).")
+    blocklist_config_map_ref: ConfigMapKeyRef | None = Field(
+        None, description="ConfigMap key with blocked words, one per line; lines 're:PATTERN' are regexes."
+    )
+    nsfw_check: bool = Field(
+        False, description="Run the diffusers safety checker on images (needs its weights in the model)."
+    )
 
 
 class ThresholdsSpec(ApiModel):
@@ -314,10 +457,16 @@ class MonitoringSpec(ApiModel):
     """Prometheus Operator integration."""
 
     service_monitor: bool = Field(True, description="Render a ServiceMonitor (needs monitoring.coreos.com).")
-    prometheus_rule: bool = Field(True, description="Render a PrometheusRule with the alerts (needs monitoring.coreos.com).")
-    dashboard: bool = Field(False, description="Render the Grafana dashboard as a ConfigMap labelled grafana_dashboard=1.")
+    prometheus_rule: bool = Field(
+        True, description="Render a PrometheusRule with the alerts (needs monitoring.coreos.com)."
+    )
+    dashboard: bool = Field(
+        False, description="Render the Grafana dashboard as a ConfigMap labelled grafana_dashboard=1."
+    )
     interval: str = Field("15s", description="Scrape interval.", pattern=DURATION)
-    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on ServiceMonitor and PrometheusRule, e.g. release: prometheus.")
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Extra labels on ServiceMonitor and PrometheusRule, e.g. release: prometheus."
+    )
     thresholds: ThresholdsSpec = Field(default_factory=ThresholdsSpec, description="Alert thresholds.")
 
 
@@ -336,7 +485,9 @@ class IngressSpec(ApiModel):
     """Optional Ingress."""
 
     model_config = ApiModel.model_config | {
-        "json_schema_extra": cel(("!self.enabled || has(self.host)", "ingress.host is required when ingress.enabled", ".host"))
+        "json_schema_extra": cel(
+            ("!self.enabled || has(self.host)", "ingress.host is required when ingress.enabled", ".host")
+        )
     }
 
     enabled: bool = Field(False, description="Render an Ingress.")
@@ -344,10 +495,12 @@ class IngressSpec(ApiModel):
     host: str | None = Field(None, description="Host name.", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
     path: str = Field("/", description="Path prefix.", pattern=r"^/")
     tls: IngressTls | None = Field(None, description="TLS for the host.")
-    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations, e.g. for cert-manager or body size.")
+    annotations: dict[str, str] = Field(
+        default_factory=dict, description="Annotations, e.g. for cert-manager or body size."
+    )
 
     @model_validator(mode="after")
-    def _host(self) -> "IngressSpec":
+    def _host(self) -> IngressSpec:
         if self.enabled and not self.host:
             raise ValueError("ingress.host is required when ingress.enabled")
         return self
@@ -358,8 +511,12 @@ class RolloutSpec(ApiModel):
 
     max_surge: int = Field(1, description="Extra replicas during a rollout.", ge=0, le=100)
     max_unavailable: int = Field(0, description="Replicas that may be missing during a rollout.", ge=0, le=100)
-    termination_grace_period_seconds: int = Field(180, description="Time a stopping replica has to finish queued work.", ge=10, le=3600)
-    startup_timeout_seconds: int = Field(1800, description="Longest a replica may take to load the model before it is restarted.", ge=60, le=21600)
+    termination_grace_period_seconds: int = Field(
+        180, description="Time a stopping replica has to finish queued work.", ge=10, le=3600
+    )
+    startup_timeout_seconds: int = Field(
+        1800, description="Longest a replica may take to load the model before it is restarted.", ge=60, le=21600
+    )
 
 
 class ServerSpec(ApiModel):
@@ -367,7 +524,7 @@ class ServerSpec(ApiModel):
 
     compile: bool = Field(False, description="torch.compile the UNet (slower start, faster steps).")
     channels_last: bool = Field(True, description="channels_last memory format for the UNet and VAE.")
-    scheduler: Literal["default", "euler", "euler_a", "dpmpp_2m", "ddim"] = Field("default", description="Default noise scheduler.")
+    scheduler: Scheduler = Field("default", description="Default noise scheduler.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Server log level.")
 
 
@@ -376,10 +533,22 @@ class StableDiffusionServiceSpec(ApiModel):
 
     model_config = ApiModel.model_config | {
         "json_schema_extra": cel(
-            ("self.replicas.min >= 1 || (self.autoscaling.enabled && self.autoscaling.provider == 'keda' && self.autoscaling.scaleToZero)",
-             "replicas.min 0 needs autoscaling.provider keda with autoscaling.scaleToZero", ".replicas.min"),
-            ("!self.autoscaling.scaleToZero || self.autoscaling.provider == 'keda'", "autoscaling.scaleToZero needs autoscaling.provider keda", ".autoscaling.scaleToZero"),
-            ("!has(self.batching.maxBatchSize) || self.batching.maxBatchSize <= self.limits.queueSize", "batching.maxBatchSize must be <= limits.queueSize", ".batching.maxBatchSize"),
+            (
+                "self.replicas.min >= 1 || (self.autoscaling.enabled && self.autoscaling.provider == 'keda' && "
+                "self.autoscaling.scaleToZero)",
+                "replicas.min 0 needs autoscaling.provider keda with autoscaling.scaleToZero",
+                ".replicas.min",
+            ),
+            (
+                "!self.autoscaling.scaleToZero || self.autoscaling.provider == 'keda'",
+                "autoscaling.scaleToZero needs autoscaling.provider keda",
+                ".autoscaling.scaleToZero",
+            ),
+            (
+                "!has(self.batching.maxBatchSize) || self.batching.maxBatchSize <= self.limits.queueSize",
+                "batching.maxBatchSize must be <= limits.queueSize",
+                ".batching.maxBatchSize",
+            ),
         )
     }
 
@@ -403,7 +572,7 @@ class StableDiffusionServiceSpec(ApiModel):
     server: ServerSpec = Field(default_factory=ServerSpec, description="Server tuning.")
 
     @model_validator(mode="after")
-    def _cross(self) -> "StableDiffusionServiceSpec":
+    def _cross(self) -> StableDiffusionServiceSpec:
         a = self.autoscaling
         if self.replicas.min == 0 and not (a.enabled and a.provider == "keda" and a.scale_to_zero):
             raise ValueError("replicas.min 0 needs autoscaling.provider keda with autoscaling.scaleToZero")

@@ -11,28 +11,11 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..api import API_VERSION, KIND
-from ..render.context import KEDA_API, MONITORING_API, digest
+from ..api import API_VERSION, KIND, MANAGED
+from ..render import digest
 from .kube import Kube
 
 HASH_ANNOTATION = "sdop.io/applied-hash"
-
-# Every kind render() may produce, for pruning: (apiVersion, kind, optional API or None).
-MANAGED_KINDS: list[tuple[str, str, str | None]] = [
-    ("v1", "ServiceAccount", None),
-    ("v1", "ConfigMap", None),
-    ("v1", "Service", None),
-    ("v1", "PersistentVolumeClaim", None),
-    ("apps/v1", "Deployment", None),
-    ("batch/v1", "Job", None),
-    ("policy/v1", "PodDisruptionBudget", None),
-    ("autoscaling/v2", "HorizontalPodAutoscaler", None),
-    ("networking.k8s.io/v1", "NetworkPolicy", None),
-    ("networking.k8s.io/v1", "Ingress", None),
-    (MONITORING_API, "ServiceMonitor", MONITORING_API),
-    (MONITORING_API, "PrometheusRule", MONITORING_API),
-    (KEDA_API, "ScaledObject", KEDA_API),
-]
 
 
 @dataclass
@@ -52,10 +35,16 @@ def owned(owner: dict[str, Any], objs: list[dict[str, Any]]) -> list[dict[str, A
     for obj in objs:
         obj = copy.deepcopy(obj)
         h = digest(obj, 16)
-        obj["metadata"]["ownerReferences"] = [{
-            "apiVersion": API_VERSION, "kind": KIND, "name": meta["name"], "uid": meta["uid"],
-            "controller": True, "blockOwnerDeletion": True,
-        }]
+        obj["metadata"]["ownerReferences"] = [
+            {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": meta["name"],
+                "uid": meta["uid"],
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
         obj["metadata"].setdefault("annotations", {})[HASH_ANNOTATION] = h
         out.append(obj)
     return out
@@ -66,7 +55,11 @@ def contains(live: Any, desired: Any) -> bool:
     if isinstance(desired, dict):
         return isinstance(live, dict) and all(k in live and contains(live[k], v) for k, v in desired.items())
     if isinstance(desired, list):
-        return isinstance(live, list) and len(live) == len(desired) and all(contains(a, b) for a, b in zip(live, desired))
+        return (
+            isinstance(live, list)
+            and len(live) == len(desired)
+            and all(contains(a, b) for a, b in zip(live, desired, strict=True))
+        )
     if isinstance(desired, (int, float)) and not isinstance(desired, bool) and isinstance(live, str):
         return str(desired) == live
     return live == desired
@@ -89,24 +82,28 @@ async def apply_children(kube: Kube, desired: list[dict[str, Any]], result: Sync
         result.applied.append(ref(obj))
 
 
-async def prune_children(kube: Kube, owner: dict[str, Any], desired: list[dict[str, Any]], apis: set[str],
-                         result: SyncResult) -> None:
+async def prune_children(
+    kube: Kube, owner: dict[str, Any], desired: list[dict[str, Any]], apis: set[str], result: SyncResult
+) -> None:
     """Delete children this owner no longer renders (a feature turned off, a renamed Job)."""
     meta = owner["metadata"]
     wanted = {(o["kind"], o["metadata"]["name"]) for o in desired}
     labels = {"app.kubernetes.io/instance": meta["name"], "app.kubernetes.io/managed-by": "sdop"}
-    for api_version, kind, optional in MANAGED_KINDS:
-        if optional and optional not in apis:
+    for row in MANAGED:
+        if row.optional_api and row.optional_api not in apis:
             continue
-        for item in await kube.list(api_version, kind, meta["namespace"], labels):
+        kind = row.kind
+        for item in await kube.list(row.api_version, kind, meta["namespace"], labels):
             im = item["metadata"]
             mine = any(r.get("uid") == meta["uid"] and r.get("controller") for r in im.get("ownerReferences") or [])
             if mine and (kind, im["name"]) not in wanted and not im.get("deletionTimestamp"):
-                await kube.delete(api_version, kind, meta["namespace"], im["name"])
+                await kube.delete(row.api_version, kind, meta["namespace"], im["name"])
                 result.pruned.append(f"{kind}/{im['name']}")
 
 
-async def sync(kube: Kube, owner: dict[str, Any], rendered: list[dict[str, Any]], apis: set[str], *, prune: bool) -> SyncResult:
+async def sync(
+    kube: Kube, owner: dict[str, Any], rendered: list[dict[str, Any]], apis: set[str], *, prune: bool
+) -> SyncResult:
     result = SyncResult()
     desired = owned(owner, rendered)
     await apply_children(kube, desired, result)

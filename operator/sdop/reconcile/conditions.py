@@ -25,7 +25,12 @@ class Facts:
 
 
 def _cond(type_: str, ok: bool | None, reason: str, message: str) -> dict[str, Any]:
-    return {"type": type_, "status": "Unknown" if ok is None else ("True" if ok else "False"), "reason": reason, "message": message}
+    return {
+        "type": type_,
+        "status": "Unknown" if ok is None else ("True" if ok else "False"),
+        "reason": reason,
+        "message": message,
+    }
 
 
 def _deployment_state(dep: dict[str, Any] | None) -> tuple[int, int, int, bool, str | None]:
@@ -66,7 +71,9 @@ def conditions(f: Facts) -> list[dict[str, Any]]:
     elif rolled_out:
         progressing = _cond("Progressing", False, "RolloutComplete", f"{ready}/{replicas} replicas ready")
     else:
-        progressing = _cond("Progressing", True, "RollingOut", f"{updated} updated, {ready} ready of {replicas} replicas")
+        progressing = _cond(
+            "Progressing", True, "RollingOut", f"{updated} updated, {ready} ready of {replicas} replicas"
+        )
     if ready > 0:
         model = _cond("ModelReady", True, "ModelLoaded", f"model loaded on {ready} replica(s)")
     elif replicas == 0 and f.scale_to_zero and f.deployment is not None:
@@ -84,8 +91,14 @@ def conditions(f: Facts) -> list[dict[str, Any]]:
         ready_c = _cond("Ready", False, "ReplicasNotReady", f"{ready}/{need} replicas ready")
     out = [ready_c, progressing, degraded, model]
     if f.missing_apis:
-        out.append(_cond("OptionalAPIsAvailable", False, "APINotInstalled",
-                         f"{', '.join(f.missing_apis)} not found in the cluster; the objects needing them are not created"))
+        out.append(
+            _cond(
+                "OptionalAPIsAvailable",
+                False,
+                "APINotInstalled",
+                f"{', '.join(f.missing_apis)} not found in the cluster; the objects needing them are not created",
+            )
+        )
     return out
 
 
@@ -95,7 +108,11 @@ def status(f: Facts, previous: dict[str, Any] | None, now: str) -> dict[str, Any
     conds = []
     for c in conditions(f):
         old = prev.get(c["type"])
-        c["lastTransitionTime"] = old["lastTransitionTime"] if old and old.get("status") == c["status"] and old.get("lastTransitionTime") else now
+        c["lastTransitionTime"] = (
+            old["lastTransitionTime"]
+            if old and old.get("status") == c["status"] and old.get("lastTransitionTime")
+            else now
+        )
         c["observedGeneration"] = f.generation
         conds.append(c)
     replicas, ready, *_ = _deployment_state(f.deployment)
@@ -120,4 +137,8 @@ def same(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
 def transitions(previous: dict[str, Any] | None, new: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(type, old status, new status, reason) of conditions that changed status: the events worth posting."""
     prev = {c["type"]: c.get("status") for c in (previous or {}).get("conditions") or []}
-    return [(c["type"], prev.get(c["type"], "None"), c["status"], c["reason"]) for c in new["conditions"] if prev.get(c["type"]) != c["status"]]
+    return [
+        (c["type"], prev.get(c["type"], "None"), c["status"], c["reason"])
+        for c in new["conditions"]
+        if prev.get(c["type"]) != c["status"]
+    ]

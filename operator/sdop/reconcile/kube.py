@@ -18,39 +18,78 @@ from typing import Any
 import aiohttp
 import yaml
 
-from ..api import FIELD_MANAGER
+from ..api import FIELD_MANAGER, kind_of
 
 SA_DIR = pathlib.Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
-# Kinds the operator manages and their REST names (no discovery round-trip per object).
-PLURALS = {
-    "ServiceAccount": "serviceaccounts",
-    "ConfigMap": "configmaps",
-    "Service": "services",
-    "PersistentVolumeClaim": "persistentvolumeclaims",
-    "Deployment": "deployments",
-    "Job": "jobs",
-    "PodDisruptionBudget": "poddisruptionbudgets",
-    "HorizontalPodAutoscaler": "horizontalpodautoscalers",
-    "NetworkPolicy": "networkpolicies",
-    "Ingress": "ingresses",
-    "ServiceMonitor": "servicemonitors",
-    "PrometheusRule": "prometheusrules",
-    "ScaledObject": "scaledobjects",
-    "StableDiffusionService": "stablediffusionservices",
-    "Event": "events",
-}
-
 
 class KubeError(Exception):
+    """An API call that failed; the subclass says which kind of failure (``error_for``)."""
+
+    #: Worth trying again later: an outage, throttling or a lost race, not a rejection.
+    retryable = False
+
     def __init__(self, status: int, message: str):
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
         self.message = message
 
-    @property
-    def retryable(self) -> bool:
-        return self.status in (0, 409, 429) or self.status >= 500
+
+class Unreachable(KubeError):
+    """No HTTP answer: connection refused, reset or timed out."""
+
+    retryable = True
+
+
+class Unauthorized(KubeError):
+    """401: the credentials were refused."""
+
+
+class Forbidden(KubeError):
+    """403: RBAC does not allow the call."""
+
+
+class NotFound(KubeError):
+    """404: the object, or the whole API, is not there."""
+
+
+class Conflict(KubeError):
+    """409: a resourceVersion or field-manager conflict, or the object already exists."""
+
+    retryable = True
+
+
+class Gone(KubeError):
+    """410: the resourceVersion is too old."""
+
+    retryable = True
+
+
+class Unprocessable(KubeError):
+    """422: the API server rejected the object (validation, an immutable field)."""
+
+
+class ServerError(KubeError):
+    """429 or 5xx: throttled or the API server is failing."""
+
+    retryable = True
+
+
+_BY_STATUS: dict[int, type[KubeError]] = {
+    0: Unreachable,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+    410: Gone,
+    422: Unprocessable,
+    429: ServerError,
+}
+
+
+def error_for(status: int, message: str) -> KubeError:
+    cls = _BY_STATUS.get(status) or (ServerError if status >= 500 else KubeError)
+    return cls(status, message)
 
 
 @dataclass
@@ -63,7 +102,10 @@ class Connection:
 def _kubeconfig(path: str) -> Connection:
     cfg = yaml.safe_load(pathlib.Path(path).read_text())
     ctx_name = cfg.get("current-context")
-    ctx = next((c["context"] for c in cfg.get("contexts", []) if c["name"] == ctx_name), None) or cfg["contexts"][0]["context"]
+    ctx = (
+        next((c["context"] for c in cfg.get("contexts", []) if c["name"] == ctx_name), None)
+        or cfg["contexts"][0]["context"]
+    )
     cluster = next(c["cluster"] for c in cfg["clusters"] if c["name"] == ctx["cluster"])
     user = next((u["user"] for u in cfg.get("users", []) if u["name"] == ctx.get("user")), {}) or {}
     server = cluster["server"].rstrip("/")
@@ -105,9 +147,11 @@ def connection() -> Connection:
     return _kubeconfig(path)
 
 
-def api_path(api_version: str, kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
+def api_path(
+    api_version: str, kind: str, namespace: str | None, name: str | None = None, sub: str | None = None
+) -> str:
     base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
-    path = base + (f"/namespaces/{namespace}" if namespace else "") + f"/{PLURALS[kind]}"
+    path = base + (f"/namespaces/{namespace}" if namespace else "") + f"/{kind_of(kind).plural}"
     if name:
         path += f"/{name}"
     if sub:
@@ -133,8 +177,15 @@ class Kube:
         if self._session:
             await self._session.close()
 
-    async def _request(self, method: str, path: str, *, body: Any = None, content_type: str = "application/json",
-                       params: dict[str, str] | None = None) -> Any:
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        content_type: str = "application/json",
+        params: dict[str, str] | None = None,
+    ) -> Any:
         s = await self.session()
         data = json.dumps(body) if body is not None else None
         headers = {"Content-Type": content_type} if body is not None else {}
@@ -148,57 +199,70 @@ class Kube:
                         message = json.loads(text).get("message", text)
                     except ValueError:
                         message = text
-                    raise KubeError(r.status, f"{method} {path}: {message}")
+                    raise error_for(r.status, f"{method} {path}: {message}")
                 return json.loads(text) if text else None
         except aiohttp.ClientError as e:
-            raise KubeError(0, f"{method} {path}: {type(e).__name__}: {e}") from e
+            raise Unreachable(0, f"{method} {path}: {type(e).__name__}: {e}") from e
         except TimeoutError as e:
-            raise KubeError(0, f"{method} {path}: timed out") from e
+            raise Unreachable(0, f"{method} {path}: timed out") from e
 
     async def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         try:
-            return await self._request("GET", api_path(api_version, kind, namespace, name))
-        except KubeError as e:
-            if e.status == 404:
-                return None
-            raise
+            found: dict[str, Any] = await self._request("GET", api_path(api_version, kind, namespace, name))
+        except NotFound:
+            return None
+        return found
 
-    async def list(self, api_version: str, kind: str, namespace: str | None, labels: dict[str, str]) -> list[dict[str, Any]]:
+    async def list(
+        self, api_version: str, kind: str, namespace: str | None, labels: dict[str, str]
+    ) -> list[dict[str, Any]]:
         selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
         try:
             out = await self._request("GET", api_path(api_version, kind, namespace), params={"labelSelector": selector})
-        except KubeError as e:
-            if e.status == 404:
-                return []
-            raise
+        except NotFound:
+            return []
         items = (out or {}).get("items", [])
         # Filter here as well: a selector the server ignores must not widen what we prune.
-        return [i for i in items if all((i.get("metadata", {}).get("labels") or {}).get(k) == v for k, v in labels.items())]
+        return [
+            i for i in items if all((i.get("metadata", {}).get("labels") or {}).get(k) == v for k, v in labels.items())
+        ]
 
     async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply with the operator's field manager, taking over conflicting fields."""
         meta = obj["metadata"]
         path = api_path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
-        return await self._request("PATCH", path, body=obj, content_type="application/apply-patch+yaml",
-                                   params={"fieldManager": FIELD_MANAGER, "force": "true"})
+        applied: dict[str, Any] = await self._request(
+            "PATCH",
+            path,
+            body=obj,
+            content_type="application/apply-patch+yaml",
+            params={"fieldManager": FIELD_MANAGER, "force": "true"},
+        )
+        return applied
 
     async def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> None:
         try:
-            await self._request("DELETE", api_path(api_version, kind, namespace, name),
-                                body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"})
-        except KubeError as e:
-            if e.status != 404:
-                raise
+            await self._request(
+                "DELETE",
+                api_path(api_version, kind, namespace, name),
+                body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"},
+            )
+        except NotFound:
+            pass  # already gone
 
-    async def patch_status(self, api_version: str, kind: str, namespace: str, name: str, status: dict[str, Any]) -> None:
-        await self._request("PATCH", api_path(api_version, kind, namespace, name, "status"), body={"status": status},
-                            content_type="application/merge-patch+json")
+    async def patch_status(
+        self, api_version: str, kind: str, namespace: str, name: str, status: dict[str, Any]
+    ) -> None:
+        await self._request(
+            "PATCH",
+            api_path(api_version, kind, namespace, name, "status"),
+            body={"status": status},
+            content_type="application/merge-patch+json",
+        )
 
     async def has_api(self, group_version: str) -> bool:
         try:
             await self._request("GET", f"/apis/{group_version}")
-            return True
-        except KubeError as e:
-            if e.status == 404:
-                return False
-            raise
+        except NotFound:
+            return False
+        return True

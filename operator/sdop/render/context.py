@@ -7,24 +7,19 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..api import StableDiffusionService
-from ..api.semantics import max_batch_size
+from ..api import DEFAULT_IMAGE_REPOSITORY, DEFAULT_IMAGE_TAG, OPTIONAL_APIS, StableDiffusionService
 from ..api.presets import preset
+from ..api.semantics import max_batch_size
 
-DEFAULT_IMAGE_REPOSITORY = "ghcr.io/sdop/sdserve"
-DEFAULT_IMAGE_TAG = "0.1.0"
 HTTP_PORT = 8000
 APP_NAME = "stable-diffusion"
-
-MONITORING_API = "monitoring.coreos.com/v1"
-KEDA_API = "keda.sh/v1alpha1"
 
 
 @dataclass(frozen=True)
 class ClusterFacts:
     """Facts about the cluster the operator discovered (the CLI assumes everything is there)."""
 
-    optional_apis: frozenset[str] = frozenset({MONITORING_API, KEDA_API})
+    optional_apis: frozenset[str] = frozenset(OPTIONAL_APIS)
     default_image_repository: str = DEFAULT_IMAGE_REPOSITORY
     default_image_tag: str = DEFAULT_IMAGE_TAG
 
@@ -72,8 +67,11 @@ class Ctx:
         }
 
     def selector(self, component: str) -> dict[str, str]:
-        return {k: v for k, v in self.labels(component).items() if k in (
-            "app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component")}
+        return {
+            k: v
+            for k, v in self.labels(component).items()
+            if k in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component")
+        }
 
     def meta(self, name: str, component: str, **extra: Any) -> dict[str, Any]:
         out = {"name": name, "namespace": self.namespace, "labels": self.labels(component)}

@@ -23,45 +23,117 @@ def _panel(pid: int, title: str, exprs: list[tuple[str, str]], unit: str, x: int
 SEL = 'namespace="$namespace",service="$service"'
 
 PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
-    ("Request rate by status", [(f"sum by (status) (rate(sdserve_http_requests_total{{{SEL}}}[5m]))", "{{status}}")], "reqps"),
-    ("Latency quantiles (generation)", [
-        (f'histogram_quantile({q}, sum by (le) (rate(sdserve_request_duration_seconds_bucket{{{SEL},route=~"/v1/images/generations|/generate"}}[5m])))', f"p{int(q * 100)}")
-        for q in (0.5, 0.95, 0.99)
-    ], "s"),
-    ("Queue depth and in flight", [
-        (f"sum(sdserve_queue_depth{{{SEL}}})", "queued"),
-        (f"sum(sdserve_inflight_requests{{{SEL}}})", "in flight"),
-    ], "short"),
-    ("Queue wait and inference p95", [
-        (f"histogram_quantile(0.95, sum by (le) (rate(sdserve_queue_wait_seconds_bucket{{{SEL}}}[5m])))", "queue wait p95"),
-        (f"histogram_quantile(0.95, sum by (le) (rate(sdserve_inference_duration_seconds_bucket{{{SEL}}}[5m])))", "batch inference p95"),
-    ], "s"),
-    ("Batch size", [(f"sum(rate(sdserve_batch_size_sum{{{SEL}}}[5m])) / sum(rate(sdserve_batch_size_count{{{SEL}}}[5m]))", "mean batch size")], "short"),
+    (
+        "Request rate by status",
+        [(f"sum by (status) (rate(sdserve_http_requests_total{{{SEL}}}[5m]))", "{{status}}")],
+        "reqps",
+    ),
+    (
+        "Latency quantiles (generation)",
+        [
+            (
+                f"histogram_quantile({q}, sum by (le) "
+                f'(rate(sdserve_request_duration_seconds_bucket{{{SEL},route=~"/v1/images/generations|/generate"}}[5m])))',
+                f"p{int(q * 100)}",
+            )
+            for q in (0.5, 0.95, 0.99)
+        ],
+        "s",
+    ),
+    (
+        "Queue depth and in flight",
+        [
+            (f"sum(sdserve_queue_depth{{{SEL}}})", "queued"),
+            (f"sum(sdserve_inflight_requests{{{SEL}}})", "in flight"),
+        ],
+        "short",
+    ),
+    (
+        "Queue wait and inference p95",
+        [
+            (
+                f"histogram_quantile(0.95, sum by (le) (rate(sdserve_queue_wait_seconds_bucket{{{SEL}}}[5m])))",
+                "queue wait p95",
+            ),
+            (
+                f"histogram_quantile(0.95, sum by (le) (rate(sdserve_inference_duration_seconds_bucket{{{SEL}}}[5m])))",
+                "batch inference p95",
+            ),
+        ],
+        "s",
+    ),
+    (
+        "Batch size",
+        [
+            (
+                f"sum(rate(sdserve_batch_size_sum{{{SEL}}}[5m])) / sum(rate(sdserve_batch_size_count{{{SEL}}}[5m]))",
+                "mean batch size",
+            )
+        ],
+        "short",
+    ),
     ("Images per second", [(f"sum(rate(sdserve_images_generated_total{{{SEL}}}[5m]))", "images/s")], "short"),
-    ("Cache hit ratio", [(
-        f"sum(rate(sdserve_cache_hits_total{{{SEL}}}[5m])) / (sum(rate(sdserve_cache_hits_total{{{SEL}}}[5m])) + sum(rate(sdserve_cache_misses_total{{{SEL}}}[5m])))",
-        "hit ratio")], "percentunit"),
-    ("GPU temperature", [(f"max by (pod, gpu) (sdserve_gpu_temperature_celsius{{{SEL}}})", "{{pod}} gpu{{gpu}}")], "celsius"),
-    ("GPU memory used", [(f"sum by (pod, gpu) (sdserve_gpu_memory_used_bytes{{{SEL}}})", "{{pod}} gpu{{gpu}}")], "bytes"),
-    ("GPU utilisation", [(f"avg by (pod, gpu) (sdserve_gpu_utilization_ratio{{{SEL}}})", "{{pod}} gpu{{gpu}}")], "percentunit"),
-    ("Replicas (scraped / ready)", [
-        (f"count(up{{{SEL}}} == 1)", "running"),
-        (f"sum(sdserve_ready{{{SEL}}})", "ready"),
-    ], "short"),
-    ("Rejections", [
-        (f"sum by (reason) (rate(sdserve_requests_rejected_total{{{SEL}}}[5m]))", "{{reason}}"),
-        (f"sum(rate(sdserve_rate_limited_total{{{SEL}}}[5m]))", "rate limited"),
-        (f"sum by (reason) (rate(sdserve_prompts_rejected_total{{{SEL}}}[5m]))", "prompt {{reason}}"),
-    ], "reqps"),
+    (
+        "Cache hit ratio",
+        [
+            (
+                f"sum(rate(sdserve_cache_hits_total{{{SEL}}}[5m])) / "
+                f"(sum(rate(sdserve_cache_hits_total{{{SEL}}}[5m])) + "
+                f"sum(rate(sdserve_cache_misses_total{{{SEL}}}[5m])))",
+                "hit ratio",
+            )
+        ],
+        "percentunit",
+    ),
+    (
+        "GPU temperature",
+        [(f"max by (pod, gpu) (sdserve_gpu_temperature_celsius{{{SEL}}})", "{{pod}} gpu{{gpu}}")],
+        "celsius",
+    ),
+    (
+        "GPU memory used",
+        [(f"sum by (pod, gpu) (sdserve_gpu_memory_used_bytes{{{SEL}}})", "{{pod}} gpu{{gpu}}")],
+        "bytes",
+    ),
+    (
+        "GPU utilisation",
+        [(f"avg by (pod, gpu) (sdserve_gpu_utilization_ratio{{{SEL}}})", "{{pod}} gpu{{gpu}}")],
+        "percentunit",
+    ),
+    (
+        "Replicas (scraped / ready)",
+        [
+            (f"count(up{{{SEL}}} == 1)", "running"),
+            (f"sum(sdserve_ready{{{SEL}}})", "ready"),
+        ],
+        "short",
+    ),
+    (
+        "Rejections",
+        [
+            (f"sum by (reason) (rate(sdserve_requests_rejected_total{{{SEL}}}[5m]))", "{{reason}}"),
+            (f"sum(rate(sdserve_rate_limited_total{{{SEL}}}[5m]))", "rate limited"),
+            (f"sum by (reason) (rate(sdserve_prompts_rejected_total{{{SEL}}}[5m]))", "prompt {{reason}}"),
+        ],
+        "reqps",
+    ),
 ]
 
 
 def dashboard_model() -> dict[str, Any]:
-    panels = [_panel(i + 1, title, exprs, unit, (i % 2) * 12, (i // 2) * 8) for i, (title, exprs, unit) in enumerate(PANELS)]
+    panels = [
+        _panel(i + 1, title, exprs, unit, (i % 2) * 12, (i // 2) * 8) for i, (title, exprs, unit) in enumerate(PANELS)
+    ]
 
     def var(name: str, query: str) -> dict[str, Any]:
-        return {"name": name, "type": "query", "datasource": {"type": "prometheus", "uid": "${datasource}"},
-                "query": query, "refresh": 2, "includeAll": False}
+        return {
+            "name": name,
+            "type": "query",
+            "datasource": {"type": "prometheus", "uid": "${datasource}"},
+            "query": query,
+            "refresh": 2,
+            "includeAll": False,
+        }
 
     return {
         "uid": "sdop-sdserve",
@@ -70,11 +142,13 @@ def dashboard_model() -> dict[str, Any]:
         "schemaVersion": 39,
         "time": {"from": "now-1h", "to": "now"},
         "refresh": "30s",
-        "templating": {"list": [
-            {"name": "datasource", "type": "datasource", "query": "prometheus"},
-            var("namespace", "label_values(sdserve_ready, namespace)"),
-            var("service", 'label_values(sdserve_ready{namespace="$namespace"}, service)'),
-        ]},
+        "templating": {
+            "list": [
+                {"name": "datasource", "type": "datasource", "query": "prometheus"},
+                var("namespace", "label_values(sdserve_ready, namespace)"),
+                var("service", 'label_values(sdserve_ready{namespace="$namespace"}, service)'),
+            ]
+        },
         "panels": panels,
     }
 

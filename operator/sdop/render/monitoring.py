@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..api import MONITORING_API
 from .alerts import rule_groups
-from .context import MONITORING_API, Ctx
+from .context import Ctx
 from .workload import COMPONENT
 
 
@@ -33,4 +34,9 @@ def service_monitor(ctx: Ctx) -> dict[str, Any] | None:
 def prometheus_rule(ctx: Ctx) -> dict[str, Any] | None:
     if not ctx.spec.monitoring.prometheus_rule or not ctx.has_api(MONITORING_API):
         return None
-    return {"apiVersion": MONITORING_API, "kind": "PrometheusRule", "metadata": _meta(ctx), "spec": {"groups": rule_groups(ctx)}}
+    return {
+        "apiVersion": MONITORING_API,
+        "kind": "PrometheusRule",
+        "metadata": _meta(ctx),
+        "spec": {"groups": rule_groups(ctx)},
+    }

@@ -27,14 +27,20 @@ def ingress(ctx: Ctx) -> dict[str, Any] | None:
     if not ing.enabled:
         return None
     spec: dict[str, Any] = {
-        "rules": [{
-            "host": ing.host,
-            "http": {"paths": [{
-                "path": ing.path,
-                "pathType": "Prefix",
-                "backend": {"service": {"name": ctx.name, "port": {"name": "http"}}},
-            }]},
-        }],
+        "rules": [
+            {
+                "host": ing.host,
+                "http": {
+                    "paths": [
+                        {
+                            "path": ing.path,
+                            "pathType": "Prefix",
+                            "backend": {"service": {"name": ctx.name, "port": {"name": "http"}}},
+                        }
+                    ]
+                },
+            }
+        ],
     }
     if ing.class_name:
         spec["ingressClassName"] = ing.class_name

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from .context import Ctx
-from .workload import COMPONENT as SERVER, container_security_context
+from .workload import COMPONENT as SERVER
+from .workload import container_security_context
 
 COMPONENT = "redis"
 REDIS_USER = 999
@@ -32,21 +33,38 @@ def redis_deployment(ctx: Ctx) -> dict[str, Any] | None:
                 "spec": {
                     "automountServiceAccountToken": False,
                     "securityContext": {
-                        "runAsNonRoot": True, "runAsUser": REDIS_USER, "runAsGroup": REDIS_USER,
-                        "fsGroup": REDIS_USER, "seccompProfile": {"type": "RuntimeDefault"},
+                        "runAsNonRoot": True,
+                        "runAsUser": REDIS_USER,
+                        "runAsGroup": REDIS_USER,
+                        "fsGroup": REDIS_USER,
+                        "seccompProfile": {"type": "RuntimeDefault"},
                     },
-                    "containers": [{
-                        "name": "redis",
-                        "image": ctx.spec.cache.redis.image,
-                        # A cache: no persistence, bounded memory, least recently used out first.
-                        "args": ["--save", "", "--appendonly", "no", "--maxmemory", "768mb", "--maxmemory-policy", "allkeys-lru"],
-                        "ports": [{"name": "redis", "containerPort": 6379, "protocol": "TCP"}],
-                        "resources": {"requests": {"cpu": "100m", "memory": "1Gi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
-                        "readinessProbe": {"tcpSocket": {"port": "redis"}, "periodSeconds": 5},
-                        "livenessProbe": {"tcpSocket": {"port": "redis"}, "periodSeconds": 10},
-                        "securityContext": container_security_context(),
-                        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
-                    }],
+                    "containers": [
+                        {
+                            "name": "redis",
+                            "image": ctx.spec.cache.redis.image,
+                            # A cache: no persistence, bounded memory, least recently used out first.
+                            "args": [
+                                "--save",
+                                "",
+                                "--appendonly",
+                                "no",
+                                "--maxmemory",
+                                "768mb",
+                                "--maxmemory-policy",
+                                "allkeys-lru",
+                            ],
+                            "ports": [{"name": "redis", "containerPort": 6379, "protocol": "TCP"}],
+                            "resources": {
+                                "requests": {"cpu": "100m", "memory": "1Gi"},
+                                "limits": {"cpu": "1", "memory": "1Gi"},
+                            },
+                            "readinessProbe": {"tcpSocket": {"port": "redis"}, "periodSeconds": 5},
+                            "livenessProbe": {"tcpSocket": {"port": "redis"}, "periodSeconds": 10},
+                            "securityContext": container_security_context(),
+                            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                        }
+                    ],
                     "volumes": [{"name": "data", "emptyDir": {}}],
                 },
             },
@@ -61,7 +79,10 @@ def redis_service(ctx: Ctx) -> dict[str, Any] | None:
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": ctx.meta(ctx.child("redis"), COMPONENT),
-        "spec": {"selector": ctx.selector(COMPONENT), "ports": [{"name": "redis", "port": 6379, "targetPort": "redis", "protocol": "TCP"}]},
+        "spec": {
+            "selector": ctx.selector(COMPONENT),
+            "ports": [{"name": "redis", "port": 6379, "targetPort": "redis", "protocol": "TCP"}],
+        },
     }
 
 
@@ -75,9 +96,11 @@ def redis_network_policy(ctx: Ctx) -> dict[str, Any] | None:
         "spec": {
             "podSelector": {"matchLabels": ctx.selector(COMPONENT)},
             "policyTypes": ["Ingress"],
-            "ingress": [{
-                "from": [{"podSelector": {"matchLabels": ctx.selector(SERVER)}}],
-                "ports": [{"port": 6379, "protocol": "TCP"}],
-            }],
+            "ingress": [
+                {
+                    "from": [{"podSelector": {"matchLabels": ctx.selector(SERVER)}}],
+                    "ports": [{"port": 6379, "protocol": "TCP"}],
+                }
+            ],
         },
     }

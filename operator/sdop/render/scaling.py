@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .context import KEDA_API, Ctx
+from ..api import KEDA_API
+from .context import Ctx
 from .workload import COMPONENT
 
 QUEUE_METRIC = "sdserve_queue_depth"
@@ -41,13 +42,15 @@ def hpa(ctx: Ctx) -> dict[str, Any] | None:
             "minReplicas": max(1, ctx.spec.replicas.min),
             "maxReplicas": ctx.spec.replicas.max,
             # Served by prometheus-adapter from the pods' own gauge (see docs/autoscaling.md).
-            "metrics": [{
-                "type": "Pods",
-                "pods": {
-                    "metric": {"name": QUEUE_METRIC},
-                    "target": {"type": "AverageValue", "averageValue": str(a.target_queue_depth)},
-                },
-            }],
+            "metrics": [
+                {
+                    "type": "Pods",
+                    "pods": {
+                        "metric": {"name": QUEUE_METRIC},
+                        "target": {"type": "AverageValue", "averageValue": str(a.target_queue_depth)},
+                    },
+                }
+            ],
             "behavior": _behavior(ctx),
         },
     }
@@ -74,14 +77,16 @@ def scaled_object(ctx: Ctx) -> dict[str, Any] | None:
             "pollingInterval": 15,
             "cooldownPeriod": a.idle_seconds,
             "advanced": {"horizontalPodAutoscalerConfig": {"behavior": _behavior(ctx)}},
-            "triggers": [{
-                "type": "prometheus",
-                "metadata": {
-                    "serverAddress": a.prometheus_address,
-                    "query": keda_query(ctx),
-                    "threshold": str(a.target_queue_depth),
-                    "activationThreshold": "0",
-                },
-            }],
+            "triggers": [
+                {
+                    "type": "prometheus",
+                    "metadata": {
+                        "serverAddress": a.prometheus_address,
+                        "query": keda_query(ctx),
+                        "threshold": str(a.target_queue_depth),
+                        "activationThreshold": "0",
+                    },
+                }
+            ],
         },
     }

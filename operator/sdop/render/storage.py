@@ -18,7 +18,12 @@ def cache_pvc(ctx: Ctx) -> dict[str, Any] | None:
     spec: dict[str, Any] = {"accessModes": [c.access_mode], "resources": {"requests": {"storage": c.size}}}
     if c.storage_class_name:
         spec["storageClassName"] = c.storage_class_name
-    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": ctx.meta(ctx.child("model-cache"), COMPONENT), "spec": spec}
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": ctx.meta(ctx.child("model-cache"), COMPONENT),
+        "spec": spec,
+    }
 
 
 def prefetch_job_name(ctx: Ctx) -> str:
@@ -33,7 +38,12 @@ def prefetch_job(ctx: Ctx) -> dict[str, Any] | None:
         return None
     env: list[dict[str, Any]] = [{"name": "HF_HOME", "value": HF_HOME}]
     if m.token_secret_ref:
-        env.append({"name": "SDSERVE_HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": m.token_secret_ref.name, "key": m.token_secret_ref.key}}})
+        env.append(
+            {
+                "name": "SDSERVE_HF_TOKEN",
+                "valueFrom": {"secretKeyRef": {"name": m.token_secret_ref.name, "key": m.token_secret_ref.key}},
+            }
+        )
     args = ["prefetch", "--model", m.id, "--revision", m.revision]
     if m.variant:
         args += ["--variant", m.variant]
@@ -50,16 +60,24 @@ def prefetch_job(ctx: Ctx) -> dict[str, Any] | None:
                     "serviceAccountName": ctx.name,
                     "automountServiceAccountToken": False,
                     "securityContext": pod_security_context(),
-                    "containers": [{
-                        "name": "prefetch",
-                        "image": ctx.image,
-                        "imagePullPolicy": ctx.spec.image.pull_policy,
-                        "args": args,
-                        "env": env,
-                        "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
-                        "securityContext": container_security_context(),
-                        "volumeMounts": [{"name": "hf-cache", "mountPath": HF_HOME}, {"name": "tmp", "mountPath": "/tmp"}],
-                    }],
+                    "containers": [
+                        {
+                            "name": "prefetch",
+                            "image": ctx.image,
+                            "imagePullPolicy": ctx.spec.image.pull_policy,
+                            "args": args,
+                            "env": env,
+                            "resources": {
+                                "requests": {"cpu": "500m", "memory": "1Gi"},
+                                "limits": {"cpu": "2", "memory": "4Gi"},
+                            },
+                            "securityContext": container_security_context(),
+                            "volumeMounts": [
+                                {"name": "hf-cache", "mountPath": HF_HOME},
+                                {"name": "tmp", "mountPath": "/tmp"},
+                            ],
+                        }
+                    ],
                     "volumes": [
                         {"name": "hf-cache", "persistentVolumeClaim": {"claimName": ctx.child("model-cache")}},
                         {"name": "tmp", "emptyDir": {}},

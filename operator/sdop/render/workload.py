@@ -73,7 +73,9 @@ def _volumes(ctx: Ctx) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     else:
         volumes.append({"name": "hf-cache", "emptyDir": {}})
     if s.model.pvc:
-        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": s.model.pvc.claim_name, "readOnly": True}})
+        volumes.append(
+            {"name": "model", "persistentVolumeClaim": {"claimName": s.model.pvc.claim_name, "readOnly": True}}
+        )
         mounts.append({"name": "model", "mountPath": MODEL_PVC_DIR, "readOnly": True})
     auth_items = []
     if s.auth.api_keys_secret_ref:
@@ -87,7 +89,9 @@ def _volumes(ctx: Ctx) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         mounts.append({"name": "auth", "mountPath": AUTH_DIR, "readOnly": True})
     if s.safety.blocklist_config_map_ref:
         ref = s.safety.blocklist_config_map_ref
-        volumes.append({"name": "safety", "configMap": {"name": ref.name, "items": [{"key": ref.key, "path": "blocklist"}]}})
+        volumes.append(
+            {"name": "safety", "configMap": {"name": ref.name, "items": [{"key": ref.key, "path": "blocklist"}]}}
+        )
         mounts.append({"name": "safety", "mountPath": SAFETY_DIR, "readOnly": True})
     return volumes, mounts
 
@@ -114,7 +118,9 @@ def _probes(ctx: Ctx) -> dict[str, Any]:
     startup_period = 10
     return {
         # A model load can take many minutes: the startup probe holds off liveness until then.
-        "startupProbe": http("/readyz", startup_period, max(1, ctx.spec.rollout.startup_timeout_seconds // startup_period)),
+        "startupProbe": http(
+            "/readyz", startup_period, max(1, ctx.spec.rollout.startup_timeout_seconds // startup_period)
+        ),
         "readinessProbe": http("/readyz", 5, 2),
         "livenessProbe": http("/healthz", 10, 3, timeout=5),
     }
@@ -134,12 +140,14 @@ def _scheduling(ctx: Ctx, pod: dict[str, Any]) -> None:
     if s.scheduling.priority_class_name:
         pod["priorityClassName"] = s.scheduling.priority_class_name
     if s.scheduling.topology_spread and s.replicas.max > 1:
-        pod["topologySpreadConstraints"] = [{
-            "maxSkew": 1,
-            "topologyKey": "kubernetes.io/hostname",
-            "whenUnsatisfiable": "ScheduleAnyway",
-            "labelSelector": {"matchLabels": ctx.selector(COMPONENT)},
-        }]
+        pod["topologySpreadConstraints"] = [
+            {
+                "maxSkew": 1,
+                "topologyKey": "kubernetes.io/hostname",
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": ctx.selector(COMPONENT)},
+            }
+        ]
 
 
 def deployment(ctx: Ctx) -> dict[str, Any]:

@@ -51,7 +51,7 @@ class ApiServer(kmock.KubernetesEmulator):
         self._index: dict[tuple, set[str]] = collections.defaultdict(set)  # (resource, namespace) -> names
 
     def _now(self) -> str:
-        return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
     async def _handle(self, request):
         # kmock keeps every request, and matching a request to a reaction scans that whole
@@ -63,7 +63,9 @@ class ApiServer(kmock.KubernetesEmulator):
         for f in self.faults:
             if f.times > 0 and f.method == method and f.path_part in path:
                 f.times -= 1
-                return await self._render_error(kmock.KubernetesError(status=f.status, reason="Injected", message=f"injected {f.status}"))
+                return await self._render_error(
+                    kmock.KubernetesError(status=f.status, reason="Injected", message=f"injected {f.status}")
+                )
         if method in ("POST", "PATCH", "PUT", "DELETE"):
             self.writes.append((method, path))
         if request.resource is not None and isinstance(request.data, dict):
@@ -90,8 +92,13 @@ class ApiServer(kmock.KubernetesEmulator):
             if existing is None or existing.deleted:
                 if "apply-patch" in request.headers.get("Content-Type", ""):
                     new = copy.deepcopy(data)
-                    new["metadata"].update(uid=str(uuid.uuid4()), creationTimestamp=self._now(), generation=1,
-                                           name=request.name, namespace=request.namespace)
+                    new["metadata"].update(
+                        uid=str(uuid.uuid4()),
+                        creationTimestamp=self._now(),
+                        generation=1,
+                        name=request.name,
+                        namespace=request.namespace,
+                    )
                     if existing is None:
                         self._objects[key] = new
                     else:
@@ -127,8 +134,11 @@ class ApiServer(kmock.KubernetesEmulator):
         # Namespace and equality label selectors filtered here, as the API server does.
         wanted = dict(p.split("=", 1) for p in request.params.get("labelSelector", "").split(",") if "=" in p)
         items = []
-        groups = [(request.resource, request.namespace)] if request.namespace else [
-            k for k in list(self._index) if k[0] == request.resource]
+        groups = (
+            [(request.resource, request.namespace)]
+            if request.namespace
+            else [k for k in list(self._index) if k[0] == request.resource]
+        )
         for resource, namespace in groups:
             for name in sorted(self._index.get((resource, namespace), ())):
                 obj = self._objects[(resource, namespace, name)]
@@ -177,14 +187,23 @@ class EmulatedCluster:
             api.resources.load_bundled()
             names = crd()["spec"]["names"]
             api.resources[f"{GROUP}/{VERSION}/{PLURAL}"] = kmock.ResourceInfo(
-                kind=names["kind"], singular=names["singular"], namespaced=True, shortnames=names["shortNames"],
-                categories=names["categories"], subresources={"status"},
-                verbs={"get", "list", "watch", "create", "patch", "update", "delete"})
+                kind=names["kind"],
+                singular=names["singular"],
+                namespaced=True,
+                shortnames=names["shortNames"],
+                categories=names["categories"],
+                subresources={"status"},
+                verbs={"get", "list", "watch", "create", "patch", "update", "delete"},
+            )
             if self._monitoring:
                 for plural, kind in (("servicemonitors", "ServiceMonitor"), ("prometheusrules", "PrometheusRule")):
-                    api.resources[f"monitoring.coreos.com/v1/{plural}"] = kmock.ResourceInfo(kind=kind, namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"})
+                    api.resources[f"monitoring.coreos.com/v1/{plural}"] = kmock.ResourceInfo(
+                        kind=kind, namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}
+                    )
             if self._keda:
-                api.resources["keda.sh/v1alpha1/scaledobjects"] = kmock.ResourceInfo(kind="ScaledObject", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"})
+                api.resources["keda.sh/v1alpha1/scaledobjects"] = kmock.ResourceInfo(
+                    kind="ScaledObject", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}
+                )
             self.api = api
             self.url = str(server.url).rstrip("/")
             self._ready.set()
@@ -204,7 +223,8 @@ class EmulatedCluster:
             "apiVersion: v1\nkind: Config\ncurrent-context: kmock\n"
             f"clusters: [{{name: kmock, cluster: {{server: '{self.url}'}}}}]\n"
             "users: [{name: kmock, user: {token: test}}]\n"
-            "contexts: [{name: kmock, context: {cluster: kmock, user: kmock, namespace: default}}]\n")
+            "contexts: [{name: kmock, context: {cluster: kmock, user: kmock, namespace: default}}]\n"
+        )
         return str(path)
 
     # ---- kubectl-like helpers -----------------------------------------------------------
@@ -227,8 +247,11 @@ class EmulatedCluster:
         return r.json()
 
     def patch(self, api_version: str, plural: str, ns: str, name: str, body: dict, sub: str = "") -> dict:
-        r = self.http.patch(self.path(api_version, plural, ns, name, sub), json=body,
-                            headers={"Content-Type": "application/merge-patch+json"})
+        r = self.http.patch(
+            self.path(api_version, plural, ns, name, sub),
+            json=body,
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
         r.raise_for_status()
         return r.json()
 
@@ -238,7 +261,7 @@ class EmulatedCluster:
     def children(self, ns: str, instance: str) -> dict[tuple[str, str], dict]:
         """Every stored object labelled as this instance's, keyed by (kind, name)."""
         out = {}
-        for (resource, namespace, name), obj in list(self.api.objects.items()):
+        for (_resource, namespace, name), obj in list(self.api.objects.items()):
             if obj.deleted or namespace != ns:
                 continue
             raw = obj.raw

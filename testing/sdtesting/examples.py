@@ -1,4 +1,4 @@
-"""Shared test helpers: example CRs and schema checks."""
+"""The repository's paths and its example CRs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 CRD_FILE = ROOT / "crds" / "stablediffusionservices.sdop.io.yaml"
 K8S_VERSIONS = ["1.28", "1.29", "1.30", "1.31", "1.32", "1.33"]

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .render.context import DEFAULT_IMAGE_REPOSITORY, DEFAULT_IMAGE_TAG
+from ..api import DEFAULT_IMAGE_REPOSITORY, DEFAULT_IMAGE_TAG
 
 
 class OperatorSettings(BaseSettings):
@@ -18,8 +18,12 @@ class OperatorSettings(BaseSettings):
     default_image_tag: str = DEFAULT_IMAGE_TAG
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     resync_seconds: float = Field(60, gt=0, description="How often every service is checked for drift.")
-    peering: str = Field("", description="kopf peering name for HA (several operator replicas); empty: standalone, one replica.")
-    max_concurrent_reconciles: int = Field(16, ge=1, le=1000, description="Reconciles running at once; the rest wait their turn.")
+    peering: str = Field(
+        "", description="kopf peering name for HA (several operator replicas); empty: standalone, one replica."
+    )
+    max_concurrent_reconciles: int = Field(
+        16, ge=1, le=1000, description="Reconciles running at once; the rest wait their turn."
+    )
     metrics_port: int = Field(8081, ge=0, description="Port of the operator's /metrics; 0 turns it off.")
     liveness_port: int = Field(8080, ge=0, description="Port of /healthz; 0 turns it off.")
 

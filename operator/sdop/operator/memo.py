@@ -1,0 +1,35 @@
+"""The operator's state, built once at start-up and handed to every handler as kopf's ``memo``."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from ..reconcile.discovery import Discovery
+from ..reconcile.kube import Kube
+from ..reconcile.service import Reconciler
+from ..render import ClusterFacts
+from .settings import OperatorSettings
+
+DISCOVERY_TTL_SECONDS = 60.0
+
+
+@dataclass
+class Memo:
+    """kopf shallow-copies the memo per object: these fields are shared by every handler call."""
+
+    settings: OperatorSettings
+    kube: Kube
+    reconciler: Reconciler
+    #: Bounded concurrency: a thousand services must not become a thousand API storms at once.
+    slots: asyncio.Semaphore
+
+    @classmethod
+    def build(cls, settings: OperatorSettings, kube: Kube | None = None) -> Memo:
+        kube = kube or Kube()
+        defaults = ClusterFacts(
+            default_image_repository=settings.default_image_repository,
+            default_image_tag=settings.default_image_tag,
+        )
+        reconciler = Reconciler(kube, Discovery(kube, DISCOVERY_TTL_SECONDS), defaults)
+        return cls(settings, kube, reconciler, asyncio.Semaphore(settings.max_concurrent_reconciles))

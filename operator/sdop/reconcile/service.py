@@ -1,0 +1,186 @@
+"""Converge one StableDiffusionService: render, apply, prune, and write the status.
+
+Every trigger (create/update/resume, the resync timer, a Deployment event) goes through
+``Reconciler``; what it did comes back as a ``Report`` (children written, Events worth
+posting), so the kopf layer only records metrics and posts events. A failure worth
+retrying raises ``RetryLater``; a rejection by the API server is reported in status.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..api import API_VERSION, KIND, SpecError, StableDiffusionService, load
+from ..render import ClusterFacts, Ctx, render, required_apis
+from . import conditions as cond
+from .children import owned, ref, sync, up_to_date
+from .discovery import Discovery
+from .kube import Kube, KubeError, NotFound
+
+
+class RetryLater(Exception):
+    """A transient failure (outage, throttling, a lost race): run the reconcile again later."""
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Report:
+    applied: list[str] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)
+    invalid: bool = False
+    events: list[Event] = field(default_factory=list)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Reconciler:
+    def __init__(self, kube: Kube, discovery: Discovery, defaults: ClusterFacts):
+        self.kube = kube
+        self.discovery = discovery
+        self.defaults = defaults  # the image defaults; optional APIs come from discovery
+
+    async def facts(self) -> ClusterFacts:
+        apis = await self.discovery.optional_apis()
+        return ClusterFacts(
+            optional_apis=apis,
+            default_image_repository=self.defaults.default_image_repository,
+            default_image_tag=self.defaults.default_image_tag,
+        )
+
+    async def converge(self, body: dict[str, Any], *, prune: bool) -> Report:
+        """Make the cluster hold what the spec asks for; idempotent, safe to run again at any time."""
+        report = Report()
+        meta = body["metadata"]
+        if meta.get("deletionTimestamp"):
+            return report  # children go with it by garbage collection (owner references)
+        generation = meta.get("generation", 1)
+        previous = body.get("status") or {}
+        try:
+            cr = load(body)
+        except SpecError as e:
+            report.invalid = True
+            new = cond.status(cond.Facts(generation=generation, spec_error=str(e)), previous, _now())
+            await self._write_status(body, previous, new, report)
+            return report
+        facts = await self.facts()
+        apply_error = None
+        try:
+            result = await sync(self.kube, body, render(cr, facts), set(facts.optional_apis), prune=prune)
+        except KubeError as e:
+            if e.retryable:
+                raise RetryLater(f"applying children: {e}") from e
+            apply_error = str(e)  # rejected by the API server: report it, do not loop
+        else:
+            report.applied, report.pruned = result.applied, result.pruned
+            if result.applied:
+                report.events.append(Event("Normal", "Applied", ", ".join(result.applied)))
+            if result.pruned:
+                report.events.append(Event("Normal", "Pruned", ", ".join(result.pruned)))
+        dep = await self._read("apps/v1", "Deployment", meta["namespace"], meta["name"])
+        new = self._status(cr, facts, dep, apply_error, previous)
+        await self._write_status(body, previous, new, report)
+        return report
+
+    async def follow_deployment(self, body: dict[str, Any], dep: dict[str, Any]) -> Report:
+        """The Deployment changed: re-apply it if it drifted, and refresh the status from it."""
+        report = Report()
+        meta = body["metadata"]
+        try:
+            cr = load(body)
+        except SpecError:
+            return report  # the change handlers own the InvalidSpec status
+        facts = await self.facts()
+        rendered = [o for o in render(cr, facts) if o["kind"] == "Deployment" and o["metadata"]["name"] == meta["name"]]
+        desired = owned(body, rendered)[0]
+        if not up_to_date(dep, desired):
+            try:
+                dep = await self.kube.apply(desired)
+            except KubeError as e:
+                raise RetryLater(f"re-applying the Deployment: {e}") from e
+            report.applied.append(ref(desired))
+            report.events.append(Event("Normal", "Applied", f"Deployment/{meta['name']} (drift repaired)"))
+        previous = body.get("status") or {}
+        new = self._status(cr, facts, dep, _carried_apply_error(previous), previous)
+        await self._write_status(body, previous, new, report)
+        return report
+
+    async def owner_of(self, child: dict[str, Any]) -> dict[str, Any] | None:
+        """The live StableDiffusionService that controls a child, if it still exists and is not going away."""
+        meta = child.get("metadata", {})
+        owner = next(
+            (r for r in meta.get("ownerReferences") or [] if r.get("kind") == KIND and r.get("controller")), None
+        )
+        if owner is None:
+            return None
+        cr = await self._read(API_VERSION, KIND, meta["namespace"], owner["name"])
+        if cr is None or cr["metadata"].get("uid") != owner.get("uid") or cr["metadata"].get("deletionTimestamp"):
+            return None
+        return cr
+
+    async def _read(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return await self.kube.get(api_version, kind, namespace, name)
+        except KubeError as e:
+            raise RetryLater(f"reading {kind}/{name}: {e}") from e
+
+    def _status(
+        self,
+        cr: StableDiffusionService,
+        facts: ClusterFacts,
+        dep: dict[str, Any] | None,
+        apply_error: str | None,
+        previous: dict[str, Any],
+    ) -> dict[str, Any]:
+        s = cr.spec
+        return cond.status(
+            cond.Facts(
+                generation=cr.metadata.generation,
+                deployment=dep,
+                apply_error=apply_error,
+                min_replicas=s.replicas.min,
+                endpoint=Ctx(cr, facts).endpoint,
+                scale_to_zero=s.autoscaling.scale_to_zero,
+                model_revision=s.model.revision,
+                missing_apis=[a for a in required_apis(cr) if a not in facts.optional_apis],
+                optional_apis=sorted(facts.optional_apis),
+            ),
+            previous,
+            _now(),
+        )
+
+    async def _write_status(
+        self, body: dict[str, Any], previous: dict[str, Any], new: dict[str, Any], report: Report
+    ) -> None:
+        if cond.same(previous, new):
+            return
+        m = body["metadata"]
+        try:
+            await self.kube.patch_status(API_VERSION, KIND, m["namespace"], m["name"], new)
+        except NotFound:
+            return  # deleted meanwhile
+        except KubeError as e:
+            raise RetryLater(f"writing status: {e}") from e
+        for type_, _old, now, reason in cond.transitions(previous, new):
+            if type_ in ("Ready", "Degraded"):
+                bad = (type_ == "Ready" and now != "True") or (type_ == "Degraded" and now == "True")
+                message = next(c["message"] for c in new["conditions"] if c["type"] == type_)
+                report.events.append(Event("Warning" if bad else "Normal", reason, f"{type_}={now}: {message}"))
+
+
+def _carried_apply_error(previous: dict[str, Any]) -> str | None:
+    """An ApplyFailed from the last full reconcile stays until a full reconcile clears it."""
+    for c in previous.get("conditions") or []:
+        if c.get("type") == "Degraded" and c.get("reason") == "ApplyFailed" and c.get("status") == "True":
+            message: str | None = c.get("message")
+            return message
+    return None

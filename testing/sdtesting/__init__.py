@@ -1,0 +1,9 @@
+"""Helpers shared by the test suite and the benchmarks (not shipped in any image).
+
+- ``examples``: the repository's paths and example CRs;
+- ``procs``: real processes on loopback (sdserve, redis-server, the operator) and free ports;
+- ``kapi``: the Kubernetes API stand-in the operator runs against;
+- ``fakes``: a pipeline that draws images without a model, for fast in-process API tests.
+
+Both ``tests/`` (pytest's ``pythonpath``) and ``bench/`` put ``testing/`` on ``sys.path``.
+"""

@@ -1,0 +1,166 @@
+"""Real processes on loopback: an sdserve server, a redis-server, the operator."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProc:
+    """A real `sdserve serve` process with the tiny model."""
+
+    def __init__(self, tmp_path, **settings: Any):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SDSERVE_")}
+        env.update(
+            {
+                "SDSERVE_MODEL": "tiny",
+                "SDSERVE_MIN_SIDE": "64",
+                "SDSERVE_LOG_LEVEL": "info",
+                "SDSERVE_HOST": "127.0.0.1",
+                "SDSERVE_PORT": str(self.port),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(
+            {f"SDSERVE_{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v) for k, v in settings.items()}
+        )
+        self.log_path = tmp_path / f"sdserve-{self.port}.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sdserve", "serve"], env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    def wait(self, path: str = "/readyz", timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sdserve exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + path, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"sdserve not answering {path}:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        text = httpx.get(self.url + "/metrics", timeout=5).text
+        out = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+class RedisProc:
+    def __init__(self, tmp_path):
+        if not shutil.which("redis-server"):
+            raise RuntimeError("redis-server is not installed: run `make test`, which installs Debian's redis-server")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(tmp_path),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        client = redis.Redis.from_url(self.url)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        else:
+            raise RuntimeError("redis-server did not start")
+        self.client = client
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+def wait_http(url: str, timeout: float = 180) -> None:
+    """Until ``url`` answers 200."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(url)
+
+
+class OperatorProc:
+    """`sdop operator` in its own process, against the API server a kubeconfig points at."""
+
+    def __init__(self, kubeconfig: str, tmp_path: pathlib.Path, *, verbose: bool = True, **settings: Any):
+        self.log_path = tmp_path / "operator.log"
+        self.metrics_port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SDOP_")}
+        env.update(KUBECONFIG=kubeconfig, SDOP_METRICS_PORT=str(self.metrics_port), SDOP_LIVENESS_PORT="0")
+        env.update({f"SDOP_{k.upper()}": str(v) for k, v in settings.items()})
+        env["PYTHONUNBUFFERED"] = "1"
+        self._log = open(self.log_path, "w")
+        args = [sys.executable, "-m", "sdop.cli", "operator", *(["--verbose"] if verbose else [])]
+        self.proc = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        code = self.proc.wait(30)
+        self._log.close()
+        return code
