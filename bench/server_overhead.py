@@ -25,8 +25,9 @@ from common import free_port, percentile, spawn, table, wait_http, write
 
 def raw_pipeline(args) -> dict:
     """The pipeline alone, called back to back with full batches: the ceiling."""
-    from sdserve.pipeline import BatchKey, Item, Pipeline
+    from sdserve.pipeline import Pipeline
     from sdserve.settings import Settings
+    from sdserve.work import BatchKey, Item
 
     p = Pipeline(Settings(model=args.model, warmup=True))
     p.load()

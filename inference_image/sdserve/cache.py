@@ -13,7 +13,10 @@ import hashlib
 import json
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 from . import metrics
 
@@ -25,6 +28,16 @@ def cache_key(model: str, revision: str, request: dict[str, Any]) -> str:
         {"model": model, "revision": revision, "request": request}, sort_keys=True, separators=(",", ":")
     )
     return "sdserve:result:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Cache(Protocol):
+    """Where seeded results are kept: bytes by key. Never raises for a backend outage."""
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def set(self, key: str, value: bytes) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class NoCache:
@@ -93,7 +106,7 @@ class RedisCache(NoCache):
             self._failed(e)
             return None
         self._ok()
-        return value
+        return value if value is None or isinstance(value, bytes) else value.encode()
 
     async def set(self, key: str, value: bytes) -> None:
         if not self._usable():
@@ -112,9 +125,9 @@ class RedisCache(NoCache):
             pass
 
 
-def make_cache(settings) -> NoCache:
+def make_cache(settings: Settings) -> Cache:
     if settings.cache_type == "memory":
         return MemoryCache(settings.cache_max_entries)
-    if settings.cache_type == "redis":
+    if settings.cache_type == "redis" and settings.redis_url:  # Settings requires the URL for redis
         return RedisCache(settings.redis_url, settings.cache_ttl_seconds)
     return NoCache()

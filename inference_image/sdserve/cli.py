@@ -15,7 +15,8 @@ import urllib.request
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .app import create_app, start_drain
+    from .app import create_app
+    from .lifecycle import start_drain
     from .settings import Settings
 
     overrides = {k: v for k, v in {"model": args.model, "port": args.port, "host": args.host}.items() if v is not None}

@@ -57,9 +57,9 @@ def main() -> int:
             extra_body={"seed": 42, "num_inference_steps": 10},
         )
         took = time.perf_counter() - t0
-        for i, img in enumerate(resp.data):
+        for i, img in enumerate(resp.data or []):
             path = out / f"tiny-{i}.png"
-            path.write_bytes(base64.b64decode(img.b64_json))
+            path.write_bytes(base64.b64decode(img.b64_json or ""))
             print(f"== wrote {path} ({path.stat().st_size} bytes)")
         print(
             f"== 2 images via the OpenAI SDK in {took:.2f}s (random-weight tiny model: the images are noise patterns)"

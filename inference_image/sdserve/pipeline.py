@@ -13,42 +13,13 @@ import logging
 import os
 import pathlib
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
+from .schedulers import SCHEDULERS
 from .settings import Settings
+from .work import BatchKey, Item, ModelLoadError, OutOfMemory
 
 log = logging.getLogger("sdserve.pipeline")
-
-
-class ModelLoadError(RuntimeError):
-    pass
-
-
-class OutOfMemory(RuntimeError):
-    """The device ran out of memory for one request on its own."""
-
-
-@dataclass(frozen=True)
-class BatchKey:
-    """Requests with equal keys can run in one pipeline call."""
-
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    scheduler: str
-
-
-@dataclass
-class Item:
-    """One request's share of a batch: n images from one prompt with consecutive seeds."""
-
-    prompt: str
-    negative_prompt: str | None
-    n: int
-    seed: int
-    images: list[Any] = field(default_factory=list)
 
 
 def resolve_device(setting: str) -> str:
@@ -67,14 +38,6 @@ def resolve_dtype(setting: str, device: str):
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[setting]
 
 
-_SCHEDULERS = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "ddim": ("DDIMScheduler", {}),
-}
-
-
 class Pipeline:
     """A loaded diffusers pipeline plus the schedulers it can switch between."""
 
@@ -86,10 +49,12 @@ class Pipeline:
         self.revision = settings.model_revision
         self.load_seconds = 0.0
         self._schedulers: dict[str, Any] = {}
-        self._safety = None
+        self._safety: tuple[Any, Any] | None = None
 
     # ---- loading ---------------------------------------------------------------------
     def load(self) -> None:
+        if self.pipe is not None:
+            return  # already loaded: several apps (in-process tests) may share one pipeline
         t0 = time.perf_counter()
         try:
             self.pipe = self._load_pipe()
@@ -177,7 +142,7 @@ class Pipeline:
         if name not in self._schedulers:
             import diffusers
 
-            cls_name, extra = _SCHEDULERS[name]
+            cls_name, extra = SCHEDULERS[name]
             cls = getattr(diffusers, cls_name)
             self._schedulers[name] = cls.from_config(self._schedulers["default"].config, **extra)
         return self._schedulers[name]
@@ -253,6 +218,7 @@ class Pipeline:
         import numpy as np
         import torch
 
+        assert self._safety is not None
         checker, processor = self._safety
         inputs = processor(images, return_tensors="pt").to(self.device)
         arrays = [np.asarray(im) for im in images]
@@ -260,7 +226,7 @@ class Pipeline:
             _, flagged = checker(images=arrays, clip_input=inputs.pixel_values.to(self.dtype))
         from .metrics import NSFW_FLAGGED
 
-        out = []
+        out: list[Any] = []
         for im, bad in zip(images, flagged, strict=True):
             if bad:
                 NSFW_FLAGGED.inc()

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import metrics
-from .pipeline import BatchKey, Item, OutOfMemory, Pipeline
+from .work import BatchKey, ImagePipeline, Item, OutOfMemory
 
 log = logging.getLogger("sdserve.queue")
 
@@ -44,7 +44,7 @@ class Job:
 
 
 class Batcher:
-    def __init__(self, pipeline: Pipeline, *, max_batch_size: int, max_wait_ms: int, queue_size: int):
+    def __init__(self, pipeline: ImagePipeline, *, max_batch_size: int, max_wait_ms: int, queue_size: int):
         self.pipeline = pipeline
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
@@ -108,7 +108,9 @@ class Batcher:
         if not self._pending:
             return []
         key = self._pending[0].key
-        batch, size, keep = [], 0, collections.deque()
+        batch: list[Job] = []
+        size = 0
+        keep: collections.deque[Job] = collections.deque()
         for job in self._pending:
             if job.key == key and size + job.item.n <= self.max_batch_size:
                 batch.append(job)
@@ -192,11 +194,12 @@ class Batcher:
                 if not job.future.done():
                     job.future.set_exception(e)
 
-    async def drain(self, timeout: float) -> bool:
-        """Refuse new work and wait until queued and running work is done."""
+    async def drain(self, seconds: float) -> bool:
+        """Refuse new work and wait until queued and running work is done, ``seconds`` at most."""
         self.draining = True
-        deadline = time.monotonic() + timeout
-        while not self.idle and time.monotonic() < deadline:
+        deadline = time.monotonic() + seconds
+        # Polled: "idle" changes in several places (a batch ends, a queued job is cancelled).
+        while not self.idle and time.monotonic() < deadline:  # noqa: ASYNC110 - see the line above
             await asyncio.sleep(0.05)
         return self.idle
 

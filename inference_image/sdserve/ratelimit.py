@@ -5,8 +5,18 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 log = logging.getLogger("sdserve.ratelimit")
+
+
+class Limiter(Protocol):
+    async def take(self, key: str) -> tuple[bool, int]:
+        """(allowed, seconds to wait before retrying)."""
+        ...
 
 
 class MemoryBuckets:
@@ -68,7 +78,7 @@ class RedisBuckets:
         return False, max(1, math.ceil((1 - tokens_milli / 1000) / self.rate))
 
 
-def make_limiter(settings):
+def make_limiter(settings: Settings) -> Limiter | None:
     if not settings.rate_limit_enabled:
         return None
     if settings.redis_url:

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEDULERS = Literal["default", "euler", "euler_a", "dpmpp_2m", "ddim"]
+from .schedulers import SchedulerName
 
 
 class Extensions(BaseModel):
@@ -19,7 +19,7 @@ class Extensions(BaseModel):
     seed: int | None = Field(
         None, ge=0, lt=2**63, description="Seed of the first image; image i uses seed+i. Seeded requests are cached."
     )
-    scheduler: SCHEDULERS = Field("default", description="Noise scheduler.")
+    scheduler: SchedulerName = Field("default", description="Noise scheduler.")
 
 
 class OpenAIImageRequest(Extensions):

@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .schedulers import SchedulerName
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SDSERVE_", extra="ignore", populate_by_name=True)
@@ -25,7 +27,7 @@ class Settings(BaseSettings):
     hf_token: str | None = Field(None, description="Hugging Face token (from a Secret).")
     compile: bool = False
     channels_last: bool = True
-    scheduler: Literal["default", "euler", "euler_a", "dpmpp_2m", "ddim"] = "default"
+    scheduler: SchedulerName = "default"
     warmup: bool = True
     safety_checker_path: str | None = None
     nsfw_check: bool = False

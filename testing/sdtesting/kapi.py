@@ -167,8 +167,8 @@ class EmulatedCluster:
     def __init__(self, *, monitoring: bool = True, keda: bool = True):
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.api: ApiServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._api: ApiServer | None = None
         self.url = ""
         self._monitoring, self._keda = monitoring, keda
         self._thread = threading.Thread(target=self._run, daemon=True, name="kmock")
@@ -177,11 +177,21 @@ class EmulatedCluster:
             raise RuntimeError("kmock did not start")
         self.http = httpx.Client(base_url=self.url, timeout=10)
 
+    @property
+    def api(self) -> ApiServer:
+        assert self._api is not None, "the emulator is not running"
+        return self._api
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "the emulator is not running"
+        return self._loop
+
     def _run(self) -> None:
         asyncio.run(self._main())
 
     async def _main(self) -> None:
-        self.loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         async with ApiServer() as api, kmock.Server(api) as server:
             api.resources.load_bundled()
@@ -204,7 +214,7 @@ class EmulatedCluster:
                 api.resources["keda.sh/v1alpha1/scaledobjects"] = kmock.ResourceInfo(
                     kind="ScaledObject", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}
                 )
-            self.api = api
+            self._api = api
             self.url = str(server.url).rstrip("/")
             self._ready.set()
             await self._stop.wait()
@@ -214,8 +224,8 @@ class EmulatedCluster:
 
     def close(self) -> None:
         self.http.close()
-        if self.loop and self._stop:
-            self.loop.call_soon_threadsafe(self._stop.set)
+        if self._loop and self._stop:
+            self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
 
     def kubeconfig(self, path) -> str:
@@ -258,7 +268,7 @@ class EmulatedCluster:
     def delete(self, api_version: str, plural: str, ns: str, name: str) -> None:
         self.http.delete(self.path(api_version, plural, ns, name)).raise_for_status()
 
-    def children(self, ns: str, instance: str) -> dict[tuple[str, str], dict]:
+    def children(self, ns: str, instance: str) -> dict[tuple[str, str], dict[str, Any]]:
         """Every stored object labelled as this instance's, keyed by (kind, name)."""
         out = {}
         for (_resource, namespace, name), obj in list(self.api.objects.items()):
@@ -267,7 +277,7 @@ class EmulatedCluster:
             raw = obj.raw
             labels = raw.get("metadata", {}).get("labels") or {}
             if labels.get("app.kubernetes.io/instance") == instance and raw.get("kind") != "StableDiffusionService":
-                out[(raw.get("kind"), name)] = raw
+                out[(str(raw.get("kind")), name)] = raw
         return out
 
     def objects_of(self, plural: str) -> list[dict]:

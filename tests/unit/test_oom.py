@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from sdserve import metrics
-from sdserve.pipeline import BatchKey, Item, OutOfMemory, Pipeline
+from sdserve.pipeline import Pipeline
 from sdserve.queue import Batcher
 from sdserve.settings import Settings
+from sdserve.work import BatchKey, Item, OutOfMemory
 
 KEY = BatchKey(64, 64, 1, 7.5, "default")
 

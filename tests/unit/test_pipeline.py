@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from sdserve.pipeline import BatchKey, Item, Pipeline
+from sdserve.pipeline import Pipeline
 from sdserve.settings import Settings
+from sdserve.work import BatchKey, Item
 
 
 @pytest.fixture(scope="module")

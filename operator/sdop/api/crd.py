@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from .base import ApiModel
 from .resource import CATEGORIES, GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
 from .spec import StableDiffusionServiceSpec
 from .status import StableDiffusionServiceStatus
@@ -53,12 +54,12 @@ def _field_defaults(model: type[BaseModel]) -> dict[str, Any]:
     for name, field in model.model_fields.items():
         if field.default_factory is None:
             continue
-        value = field.default_factory()
+        value = field.default_factory()  # type: ignore[call-arg]  # every factory here takes no argument
         alias = field.alias or name
         if isinstance(value, BaseModel):
             out[alias] = {}  # lets the API server apply the nested defaults
         elif isinstance(value, list):
-            out[alias] = [v.wire() if isinstance(v, BaseModel) else v for v in value]
+            out[alias] = [v.wire() if isinstance(v, ApiModel) else v for v in value]
         else:
             out[alias] = value
     return out

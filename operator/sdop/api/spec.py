@@ -8,12 +8,19 @@ server runs); ``tests/unit/test_crd.py`` evaluates both on the same CRs so they 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from .base import ApiModel, cel
 from .presets import GpuType
+
+JwtAlgorithm = Literal["HS256", "RS256", "ES256"]
+
+
+def _default_jwt_algorithms() -> list[JwtAlgorithm]:
+    return ["RS256"]
+
 
 #: Noise schedulers the inference server offers; "default" keeps the model's own.
 #: sdserve has the same list (``sdserve.schedulers``); tests/unit/test_config_contract.py ties the two.
@@ -223,7 +230,7 @@ class SchedulingSpec(ApiModel):
         description="Tolerations; by default the usual nvidia.com/gpu NoSchedule taint is tolerated.",
         max_length=32,
     )
-    affinity: dict | None = Field(
+    affinity: dict[str, Any] | None = Field(
         None,
         description="A Kubernetes Affinity object, passed through unchanged.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
@@ -404,8 +411,8 @@ class JwtSpec(ApiModel):
     key_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret key with an HS256 shared secret or a PEM public key."
     )
-    algorithms: list[Literal["HS256", "RS256", "ES256"]] = Field(
-        default_factory=lambda: ["RS256"], description="Accepted signing algorithms.", min_length=1
+    algorithms: list[JwtAlgorithm] = Field(
+        default_factory=_default_jwt_algorithms, description="Accepted signing algorithms.", min_length=1
     )
 
     @model_validator(mode="after")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
@@ -48,12 +48,13 @@ async def reconcile(
         metrics.APPLIED.labels(r.split("/")[0]).inc()
     for r in report.pruned:
         metrics.PRUNED.labels(r.split("/")[0]).inc()
-    for e in report.events:
-        kopf.event(body, type=e.type, reason=e.reason, message=e.message)
+    for ev in report.events:
+        # kopf reads only apiVersion, kind and metadata of the body: a plain dict serves.
+        kopf.event(cast(kopf.Body, body), type=ev.type, reason=ev.reason, message=ev.message)
     return report
 
 
-async def changed(body: kopf.Body, reason: kopf.Reason, memo: Memo, **_: Any) -> None:
+async def changed(body: kopf.Body, reason: str, memo: Memo, **_: Any) -> None:
     """Created, updated, or found on start-up: converge and prune what the spec no longer asks for."""
     cr = dict(body)
     await reconcile(memo, cr, str(reason), lambda r: r.converge(cr, prune=True))

@@ -62,7 +62,7 @@ def contains(live: Any, desired: Any) -> bool:
         )
     if isinstance(desired, (int, float)) and not isinstance(desired, bool) and isinstance(live, str):
         return str(desired) == live
-    return live == desired
+    return bool(live == desired)
 
 
 def up_to_date(live: dict[str, Any] | None, desired: dict[str, Any]) -> bool:

@@ -96,7 +96,7 @@ def error_for(status: int, message: str) -> KubeError:
 class Connection:
     server: str
     token: str | None = None
-    ssl: ssl.SSLContext | bool | None = None
+    ssl: ssl.SSLContext | bool = True
 
 
 def _kubeconfig(path: str) -> Connection:
@@ -107,9 +107,9 @@ def _kubeconfig(path: str) -> Connection:
         or cfg["contexts"][0]["context"]
     )
     cluster = next(c["cluster"] for c in cfg["clusters"] if c["name"] == ctx["cluster"])
-    user = next((u["user"] for u in cfg.get("users", []) if u["name"] == ctx.get("user")), {}) or {}
+    user: dict[str, Any] = next((u["user"] for u in cfg.get("users", []) if u["name"] == ctx.get("user")), {}) or {}
     server = cluster["server"].rstrip("/")
-    sslctx: ssl.SSLContext | bool | None = None
+    sslctx: ssl.SSLContext | bool = True
     if server.startswith("https"):
         if cluster.get("insecure-skip-tls-verify"):
             sslctx = False
@@ -169,7 +169,7 @@ class Kube:
     async def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             headers = {"Authorization": f"Bearer {self.conn.token}"} if self.conn.token else {}
-            connector = aiohttp.TCPConnector(ssl=self.conn.ssl if self.conn.ssl is not None else None, limit=32)
+            connector = aiohttp.TCPConnector(ssl=self.conn.ssl, limit=32)
             self._session = aiohttp.ClientSession(headers=headers, connector=connector, timeout=self.timeout)
         return self._session
 

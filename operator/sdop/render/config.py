@@ -15,10 +15,11 @@ HF_HOME = "/var/cache/huggingface"
 
 def model_location(ctx: Ctx) -> str:
     m = ctx.spec.model
-    if m.id:
+    if m.id is not None:
         return m.id
-    if m.path:
+    if m.path is not None:
         return m.path
+    assert m.pvc is not None, "ModelSpec allows exactly one of id, path and pvc"
     sub = m.pvc.sub_path.strip("/")
     return f"{MODEL_PVC_DIR}/{sub}" if sub else MODEL_PVC_DIR
 

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..api import DEFAULT_IMAGE_REPOSITORY, DEFAULT_IMAGE_TAG, OPTIONAL_APIS, StableDiffusionService
-from ..api.presets import preset
+from ..api.presets import GpuPreset, preset
 from ..api.semantics import max_batch_size
+from ..api.spec import StableDiffusionServiceSpec
 
 HTTP_PORT = 8000
 APP_NAME = "stable-diffusion"
@@ -30,7 +31,7 @@ class Ctx:
     facts: ClusterFacts = field(default_factory=ClusterFacts)
 
     @property
-    def spec(self):
+    def spec(self) -> StableDiffusionServiceSpec:
         return self.cr.spec
 
     @property
@@ -42,7 +43,7 @@ class Ctx:
         return self.cr.metadata.namespace
 
     @property
-    def preset(self):
+    def preset(self) -> GpuPreset:
         return preset(self.spec.gpu.type)
 
     @property

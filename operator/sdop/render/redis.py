@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..api.spec import RedisSpec
 from .context import Ctx
 from .workload import COMPONENT as SERVER
 from .workload import container_security_context
@@ -12,13 +13,15 @@ COMPONENT = "redis"
 REDIS_USER = 999
 
 
-def _managed(ctx: Ctx) -> bool:
+def _managed(ctx: Ctx) -> RedisSpec | None:
+    """The Redis settings when the operator runs the Redis itself."""
     c = ctx.spec.cache
-    return c.type == "redis" and c.redis is not None and c.redis.managed
+    return c.redis if c.type == "redis" and c.redis is not None and c.redis.managed else None
 
 
 def redis_deployment(ctx: Ctx) -> dict[str, Any] | None:
-    if not _managed(ctx):
+    redis = _managed(ctx)
+    if redis is None:
         return None
     return {
         "apiVersion": "apps/v1",
@@ -42,7 +45,7 @@ def redis_deployment(ctx: Ctx) -> dict[str, Any] | None:
                     "containers": [
                         {
                             "name": "redis",
-                            "image": ctx.spec.cache.redis.image,
+                            "image": redis.image,
                             # A cache: no persistence, bounded memory, least recently used out first.
                             "args": [
                                 "--save",

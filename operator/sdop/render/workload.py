@@ -52,8 +52,9 @@ def _env(ctx: Ctx) -> list[dict[str, Any]]:
         if s.cache.redis.managed:
             env.append({"name": "SDSERVE_REDIS_URL", "value": ctx.redis_url_managed})
         else:
-            ref = s.cache.redis.url_secret_ref
-            env.append({"name": "SDSERVE_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+            url = s.cache.redis.url_secret_ref
+            assert url is not None, "RedisSpec needs urlSecretRef unless managed"
+            env.append({"name": "SDSERVE_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": url.name, "key": url.key}}})
     return env
 
 
@@ -88,9 +89,9 @@ def _volumes(ctx: Ctx) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         volumes.append({"name": "auth", "projected": {"sources": auth_items, "defaultMode": 0o440}})
         mounts.append({"name": "auth", "mountPath": AUTH_DIR, "readOnly": True})
     if s.safety.blocklist_config_map_ref:
-        ref = s.safety.blocklist_config_map_ref
+        cm = s.safety.blocklist_config_map_ref
         volumes.append(
-            {"name": "safety", "configMap": {"name": ref.name, "items": [{"key": ref.key, "path": "blocklist"}]}}
+            {"name": "safety", "configMap": {"name": cm.name, "items": [{"key": cm.key, "path": "blocklist"}]}}
         )
         mounts.append({"name": "safety", "mountPath": SAFETY_DIR, "readOnly": True})
     return volumes, mounts

@@ -1,0 +1,57 @@
+"""Errors a client sees: one JSON shape (the OpenAI error body), a 4xx naming the field."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after: int | None = None,
+        type_: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.code, self.message, self.param = status, code, message, param
+        self.retry_after = retry_after
+        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
+    body = {"error": {"message": e.message, "type": e.type, "code": e.code, "param": e.param}}
+    return JSONResponse(body, status_code=e.status, headers=headers)
+
+
+async def api_error(request: Request, e: Exception) -> JSONResponse:
+    assert isinstance(e, ApiError)
+    return error_response(e)
+
+
+async def validation_error(request: Request, e: Exception) -> JSONResponse:
+    """A body FastAPI could not parse: 422 with the first bad field as ``param``."""
+    assert isinstance(e, RequestValidationError)
+    errors = e.errors()
+    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+    loc = [str(p) for p in first["loc"] if p != "body"]
+    param = loc[-1] if loc else None
+    message = "; ".join(f"{'.'.join(str(p) for p in err['loc'] if p != 'body')}: {err['msg']}" for err in errors)
+    body = {
+        "error": {"message": message, "type": "invalid_request_error", "code": "invalid_value", "param": param},
+        "detail": json.loads(json.dumps(errors, default=str)),
+    }
+    return JSONResponse(body, status_code=422)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(RequestValidationError, validation_error)

@@ -1,0 +1,176 @@
+"""The HTTP routes. Each one turns its body into a ``steps.Generation`` (or answers from
+state) and lets ``steps`` do the work; dependencies are typed with ``Annotated``."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from . import metrics, steps
+from .errors import ApiError
+from .lifecycle import start_drain
+from .schemas import (
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    OpenAIImage,
+    OpenAIImageRequest,
+    OpenAIImageResponse,
+    Timings,
+    limit_problems,
+    parse_size,
+)
+from .state import State
+
+router = APIRouter()
+
+#: Routes whose end-to-end latency is the request-duration histogram.
+GENERATION_ROUTES = frozenset({"/v1/images/generations", "/generate"})
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (401, 403, 404, 422, 429, 503, 504)
+}
+
+
+def get_state(request: Request) -> State:
+    state: State = request.app.state.sd
+    return state
+
+
+StateDep = Annotated[State, Depends(get_state)]
+
+
+async def authenticated(
+    state: StateDep,
+    authorization: Annotated[str | None, Header()] = None,
+    x_api_key: Annotated[str | None, Header()] = None,
+) -> str:
+    return await steps.authenticate(state, authorization, x_api_key)
+
+
+async def rate_limited(state: StateDep, request: Request, principal: Annotated[str, Depends(authenticated)]) -> str:
+    return await steps.rate_limit(state, principal, request.client.host if request.client else None)
+
+
+Principal = Annotated[str, Depends(authenticated)]
+LimitedPrincipal = Annotated[str, Depends(rate_limited)]
+
+
+@router.post("/v1/images/generations", response_model=OpenAIImageResponse, responses=ERRORS, tags=["images"])
+async def images_generations(
+    body: OpenAIImageRequest, request: Request, state: StateDep, principal: LimitedPrincipal
+) -> OpenAIImageResponse:
+    s = state.settings
+    if body.response_format != "b64_json":
+        raise ApiError(
+            422, "unsupported_value", "response_format 'url' is not supported; use b64_json", param="response_format"
+        )
+    if body.model and body.model != s.model_id:
+        raise ApiError(404, "model_not_found", f"this server serves {s.model_id!r}, not {body.model!r}", param="model")
+    size = parse_size(body.size) if body.size != "auto" else (512, 512)
+    if size is None:
+        raise ApiError(422, "invalid_value", f"size must be WIDTHxHEIGHT, got {body.size!r}", param="size")
+    key = steps.batch_key(state, size[0], size[1], body.num_inference_steps, body.guidance_scale, body.scheduler)
+    gen = steps.Generation(key, body.prompt, body.negative_prompt, body.n, body.seed)
+    problems = limit_problems(
+        s,
+        prompt=body.prompt,
+        negative=body.negative_prompt,
+        width=size[0],
+        height=size[1],
+        n=body.n,
+        steps=key.steps,
+        width_field="size",
+        height_field="size",
+        n_field="n",
+    )
+    steps.validate(state, gen, problems)
+    r = await steps.generate(state, gen, request.is_disconnected)
+    data = [OpenAIImage(b64_json=b, seed=seed) for b, seed in zip(r.images, r.seeds, strict=True)]
+    return OpenAIImageResponse(created=int(time.time()), data=data)
+
+
+@router.post("/generate", response_model=GenerateResponse, responses=ERRORS, tags=["images"])
+async def generate(
+    body: GenerateRequest, request: Request, state: StateDep, principal: LimitedPrincipal
+) -> GenerateResponse:
+    t0 = time.perf_counter()
+    key = steps.batch_key(state, body.width, body.height, body.num_inference_steps, body.guidance_scale, body.scheduler)
+    gen = steps.Generation(key, body.prompt, body.negative_prompt, body.num_images, body.seed)
+    problems = limit_problems(
+        state.settings,
+        prompt=body.prompt,
+        negative=body.negative_prompt,
+        width=body.width,
+        height=body.height,
+        n=body.num_images,
+        steps=key.steps,
+        width_field="width",
+        height_field="height",
+        n_field="num_images",
+    )
+    steps.validate(state, gen, problems)
+    r = await steps.generate(state, gen, request.is_disconnected)
+    return GenerateResponse(
+        images=r.images,
+        seeds=r.seeds,
+        model=state.settings.model_id,
+        revision=state.pipeline.revision,
+        cached=r.cached,
+        timings=Timings(
+            queue_seconds=r.queue_seconds,
+            inference_seconds=r.inference_seconds,
+            total_seconds=time.perf_counter() - t0,
+        ),
+    )
+
+
+@router.get("/v1/models", tags=["models"])
+async def models(state: StateDep, principal: Principal) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": state.settings.model_id,
+                "object": "model",
+                "created": int(state.started),
+                "owned_by": "sdop",
+                "revision": state.pipeline.revision,
+                "ready": state.ready,
+            }
+        ],
+    }
+
+
+@router.get("/healthz", tags=["health"])
+async def healthz() -> dict[str, str]:
+    # Liveness: the event loop answers. Never waits on the model.
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["health"], response_model=None)
+async def readyz(state: StateDep) -> dict[str, str] | JSONResponse:
+    if state.ready:
+        return {"status": "ready", "model": state.settings.model_id, "revision": state.pipeline.revision}
+    reason = "draining" if state.draining else ("model_load_failed" if state.load_error else "loading")
+    return JSONResponse(
+        {"status": "not_ready", "reason": reason, "message": state.load_error or reason}, status_code=503
+    )
+
+
+@router.get("/metrics", tags=["health"])
+async def metrics_endpoint() -> Response:
+    return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.post("/admin/drain", tags=["admin"])
+async def drain(request: Request, state: StateDep) -> dict[str, Any]:
+    """Called by the preStop hook from inside the pod: stop taking work, finish what is queued."""
+    if request.client is None or request.client.host not in ("127.0.0.1", "::1"):
+        raise ApiError(403, "forbidden", "drain is only accepted from localhost")
+    drained = await start_drain(state)
+    return {"drained": drained, "queued": state.batcher.depth}

@@ -1,0 +1,53 @@
+"""Everything one server process holds: settings, the model, the queue and the request-path parts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from .auth import Authenticator
+from .cache import Cache, make_cache
+from .queue import Batcher
+from .ratelimit import Limiter, make_limiter
+from .safety import Blocklist
+from .settings import Settings
+from .work import ImagePipeline
+
+
+@dataclass
+class State:
+    settings: Settings
+    pipeline: ImagePipeline
+    batcher: Batcher
+    cache: Cache
+    auth: Authenticator
+    limiter: Limiter | None
+    blocklist: Blocklist
+    loaded: bool = False
+    load_error: str | None = None
+    load_task: asyncio.Task[None] | None = None
+    started: float = field(default_factory=time.time)
+
+    @classmethod
+    def build(cls, settings: Settings, pipeline: ImagePipeline) -> State:
+        s = settings
+        return cls(
+            settings=s,
+            pipeline=pipeline,
+            batcher=Batcher(
+                pipeline, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms, queue_size=s.queue_size
+            ),
+            cache=make_cache(s),
+            auth=Authenticator(s),
+            limiter=make_limiter(s),
+            blocklist=Blocklist.from_file(s.blocklist_file),
+        )
+
+    @property
+    def draining(self) -> bool:
+        return self.batcher.draining
+
+    @property
+    def ready(self) -> bool:
+        return self.loaded and not self.draining

@@ -1,0 +1,214 @@
+"""The request path, one function per step, each importable and testable alone:
+
+authenticate -> rate_limit -> validate -> cached -> enqueue -> wait -> encode
+
+``generate()`` composes them for a validated ``Generation``; the routes only translate
+their request bodies into one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from . import metrics
+from .auth import AuthError
+from .cache import cache_key
+from .encode import png_b64
+from .errors import ApiError
+from .queue import Draining, Job, QueueFull, cancel
+from .state import State
+from .work import BatchKey, Item, OutOfMemory
+
+DISCONNECT_POLL_SECONDS = 1.0
+
+
+@dataclass
+class Generation:
+    """A validated generation request, whichever route it came from."""
+
+    key: BatchKey
+    prompt: str
+    negative_prompt: str | None
+    n: int
+    seed: int | None
+
+
+@dataclass
+class Result:
+    images: list[str]
+    seeds: list[int]
+    cached: bool
+    queue_seconds: float = 0.0
+    inference_seconds: float = 0.0
+
+
+def batch_key(
+    state: State, width: int, height: int, steps: int | None, guidance: float | None, scheduler: str
+) -> BatchKey:
+    """The key requests batch on, with the server's defaults filled in.
+
+    "default" is resolved here: the cache key and batch grouping see the scheduler that runs.
+    """
+    s = state.settings
+    return BatchKey(
+        width,
+        height,
+        steps or s.default_steps,
+        float(s.default_guidance_scale if guidance is None else guidance),
+        s.scheduler if scheduler == "default" else scheduler,
+    )
+
+
+async def authenticate(state: State, authorization: str | None, x_api_key: str | None) -> str:
+    """The principal behind the credentials; 401/403 when there is none."""
+    try:
+        return await state.auth.authenticate(authorization, x_api_key)
+    except AuthError as e:
+        raise ApiError(e.status, e.code, e.message, type_="authentication_error") from None
+
+
+async def rate_limit(state: State, principal: str, client_host: str | None) -> str:
+    """429 with Retry-After once the principal's (or the anonymous client's) bucket is empty."""
+    if state.limiter is not None:
+        key = principal if principal != "anonymous" else (client_host or "unknown")
+        allowed, wait = await state.limiter.take(key)
+        if not allowed:
+            metrics.RATE_LIMITED.inc()
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"rate limit of {state.settings.rate_limit_rps}/s exceeded",
+                retry_after=wait,
+                type_="rate_limit_error",
+            )
+    return principal
+
+
+def validate(state: State, gen: Generation, problems: list[tuple[str, str]]) -> None:
+    """422 naming the first field over a limit; 400 for blocked prompt content."""
+    if problems:
+        field_, _ = problems[0]
+        raise ApiError(422, "invalid_value", "; ".join(f"{f}: {m}" for f, m in problems), param=field_)
+    reason = state.blocklist.check(gen.prompt, gen.negative_prompt)
+    if reason:
+        metrics.PROMPTS_REJECTED.labels(reason).inc()
+        raise ApiError(400, reason, "the prompt contains blocked content", param="prompt")
+
+
+def draining_error() -> ApiError:
+    metrics.REJECTED.labels("draining").inc()
+    return ApiError(503, "draining", "this replica is shutting down; retry", retry_after=1)
+
+
+def admit(state: State) -> None:
+    """503 while draining or before the model is loaded."""
+    if state.draining:
+        raise draining_error()
+    if not state.loaded:
+        metrics.REJECTED.labels("not_ready").inc()
+        raise ApiError(503, "model_not_ready", state.load_error or "the model is still loading", retry_after=10)
+
+
+def result_key(state: State, gen: Generation, seed: int) -> str:
+    return cache_key(
+        state.settings.model_id,
+        state.pipeline.revision,
+        {
+            "prompt": gen.prompt,
+            "negative_prompt": gen.negative_prompt,
+            "n": gen.n,
+            "seed": seed,
+            "width": gen.key.width,
+            "height": gen.key.height,
+            "steps": gen.key.steps,
+            "guidance_scale": gen.key.guidance_scale,
+            "scheduler": gen.key.scheduler,
+        },
+    )
+
+
+async def cached(state: State, key: str, gen: Generation, seed: int) -> Result | None:
+    hit = await state.cache.get(key)
+    if hit is None:
+        metrics.CACHE_MISSES.inc()
+        return None
+    metrics.CACHE_HITS.inc()
+    return Result(images=json.loads(hit), seeds=[seed + i for i in range(gen.n)], cached=True)
+
+
+def enqueue(state: State, gen: Generation, seed: int) -> Job:
+    """Into the bounded queue: 429 with Retry-After when it is full."""
+    try:
+        return state.batcher.submit(gen.key, Item(gen.prompt, gen.negative_prompt, gen.n, seed))
+    except QueueFull as e:
+        raise ApiError(
+            429, "queue_full", "the queue is full; retry later", retry_after=e.retry_after, type_="rate_limit_error"
+        ) from None
+    except Draining:  # drain began while the cache was consulted
+        raise draining_error() from None
+
+
+async def wait(state: State, job: Job, disconnected: Callable[[], Awaitable[bool]]) -> None:
+    """Until the job is done; its client leaving or the timeout cancels it if it has not started."""
+    deadline = time.monotonic() + state.settings.timeout_seconds
+    while not job.future.done():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            cancel(job, "timeout")
+            raise ApiError(504, "timeout", f"not done within {state.settings.timeout_seconds:g}s", type_="server_error")
+        # Wake once a second to notice a departed client; the result itself wakes us at once.
+        await asyncio.wait({job.future}, timeout=min(DISCONNECT_POLL_SECONDS, remaining))
+        if not job.future.done() and await disconnected():
+            cancel(job, "client_disconnected")
+            raise ApiError(499, "client_closed_request", "client disconnected")
+    if job.future.cancelled():
+        raise ApiError(504, "timeout", "request was cancelled")
+    exc = job.future.exception()
+    if isinstance(exc, OutOfMemory):
+        raise ApiError(503, "out_of_memory", str(exc) + "; retry with a smaller size", retry_after=5)
+    if exc is not None:
+        raise ApiError(500, "generation_failed", f"{type(exc).__name__}: {exc}")
+
+
+async def encode(job: Job) -> list[str]:
+    """PNG + base64 off the event loop; 400 when the content check withheld an image."""
+    images = job.item.images
+    if any(im is None for im in images):
+        raise ApiError(400, "nsfw_content", "the generated image was withheld by the content check")
+    t0 = time.perf_counter()
+    encoded = await asyncio.to_thread(png_b64, images)
+    metrics.ENCODE_DURATION.observe(time.perf_counter() - t0)
+    return encoded
+
+
+async def generate(state: State, gen: Generation, disconnected: Callable[[], Awaitable[bool]]) -> Result:
+    """A validated request from admission to encoded images (seeded requests through the cache)."""
+    admit(state)
+    key = None
+    if gen.seed is not None:
+        seed = gen.seed
+        key = result_key(state, gen, seed)
+        hit = await cached(state, key, gen, seed)
+        if hit is not None:
+            return hit
+    else:
+        seed = secrets.randbelow(2**32)
+    job = enqueue(state, gen, seed)
+    await wait(state, job, disconnected)
+    done = time.monotonic()
+    encoded = await encode(job)
+    if key is not None:
+        await state.cache.set(key, json.dumps(encoded).encode())
+    started = job.started or done
+    return Result(
+        images=encoded,
+        seeds=[seed + i for i in range(gen.n)],
+        cached=False,
+        queue_seconds=started - job.enqueued,
+        inference_seconds=done - started,
+    )

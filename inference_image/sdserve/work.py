@@ -1,0 +1,58 @@
+"""What the worker does, in types: a batch key, a request's share of a batch, the failures,
+and the ``ImagePipeline`` protocol the batcher and the app depend on.
+
+``sdserve.pipeline.Pipeline`` is the real implementation (diffusers, in the worker thread);
+tests use a fake that draws images without a model (``sdtesting.fakes``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory for one request on its own."""
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Requests with equal keys can run in one pipeline call."""
+
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    scheduler: str
+
+
+@dataclass
+class Item:
+    """One request's share of a batch: n images from one prompt with consecutive seeds."""
+
+    prompt: str
+    negative_prompt: str | None
+    n: int
+    seed: int
+    images: list[Any] = field(default_factory=list)
+
+
+class ImagePipeline(Protocol):
+    """A loaded model that turns batches into images. Every method runs in the worker thread."""
+
+    revision: str
+    device: str
+    dtype: Any
+    load_seconds: float
+
+    def load(self) -> None:
+        """Load the weights (and warm up); raise ModelLoadError when that cannot be done."""
+
+    def run(self, key: BatchKey, items: list[Item]) -> list[Item]:
+        """Fill every item's ``images`` (None for an image withheld by the content check);
+        raise OutOfMemory when one image alone does not fit."""
+        ...
