@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test unit integration e2e install system-deps crd bench lint clean
+.PHONY: demo test unit integration e2e install system-deps crd bench lint format clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,7 +43,18 @@ demo: install
 	done
 	$(BIN)/python -m sdserve.demo --out demo-output
 
-test: install
+# Guardrails: formatting, lint, types and the layer contracts. Any violation fails `make test`.
+lint: .stamp-python
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+format: .stamp-python
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: install lint
 	$(BIN)/python -m pytest -q
 
 unit: .stamp-python

@@ -113,7 +113,7 @@ class RedisCache(NoCache):
             return
         try:
             await self._redis.set(key, value, ex=self.ttl)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any backend failure means "no cache"
             self._failed(e)
             return
         self._ok()
@@ -121,7 +121,7 @@ class RedisCache(NoCache):
     async def close(self) -> None:
         try:
             await self._redis.aclose()
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - closing a dead connection at shutdown is not an error
             pass
 
 

@@ -119,7 +119,7 @@ class GpuCollector:
                 total.add_metric([str(i)], mem.total)
                 util.add_metric([str(i)], n.nvmlDeviceGetUtilizationRates(h).gpu / 100.0)
                 temp.add_metric([str(i)], n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - a broken NVML read must not fail a /metrics scrape
             log.warning("NVML read failed: %s", e)
         return [used, total, util, temp]
 

@@ -190,7 +190,7 @@ class Batcher:
                 await loop.run_in_executor(self._executor, self.pipeline.run, job.key, [job.item])
                 job.future.set_result(job.item)
                 metrics.IMAGES.inc(job.item.n)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - the worker never dies; this request fails alone
                 if not job.future.done():
                     job.future.set_exception(e)
 

@@ -70,7 +70,7 @@ class RedisBuckets:
             allowed, tokens_milli = await self._script(
                 keys=[f"sdserve:ratelimit:{key}"], args=[self.rate, self.burst, time.time()]
             )
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any Redis failure falls back to this replica's buckets
             log.warning("redis rate limit unavailable, limiting per replica: %s", e)
             return await self._local.take(key)
         if allowed:

@@ -104,3 +104,41 @@ def test_chart_ships_the_crds():
     chart = helm.Chart.load(CHART)
     names = {c["name"] for c in chart.crds}
     assert any("stablediffusionservices.sdop.io.yaml" in n for n in names)
+
+
+def _grants(setup: str) -> dict[tuple[str, str], set[str]]:
+    """(apiGroup, resource) -> verbs, over every Role and ClusterRole the chart renders."""
+    out: dict[tuple[str, str], set[str]] = {}
+    for d in rendered(SETUPS[setup]):
+        if d["kind"] not in ("Role", "ClusterRole"):
+            continue
+        for rule in d.get("rules", []):
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    out.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_rbac_covers_exactly_the_kinds_table(setup):
+    """Derived from sdop.api.kinds: every managed kind can be read, applied and pruned; nothing else is writable
+    beyond our own resource, its status, Events and (with HA) kopf's peering objects."""
+    from sdop.api import GROUP, MANAGED, PLURAL
+
+    grants = _grants(setup)
+    for row in MANAGED:
+        verbs = grants.get((row.group, row.plural), set())
+        missing = {"get", "list", "watch", "create", "patch", "delete"} - verbs
+        assert not missing, f"{row.kind}: the chart's RBAC lacks {sorted(missing)} on {row.group}/{row.plural}"
+    allowed = {(row.group, row.plural) for row in MANAGED} | {
+        (GROUP, PLURAL),
+        (GROUP, f"{PLURAL}/status"),
+        ("", "events"),
+        ("events.k8s.io", "events"),
+        ("kopf.dev", "kopfpeerings"),
+        ("kopf.dev", "clusterkopfpeerings"),
+        ("apiextensions.k8s.io", "customresourcedefinitions"),
+        ("", "namespaces"),
+    }
+    extra = set(grants) - allowed
+    assert not extra, f"RBAC grants resources no row of sdop.api.kinds needs: {sorted(extra)}"

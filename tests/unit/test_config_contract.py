@@ -29,3 +29,12 @@ def test_every_rendered_setting_is_read_by_the_server(path):
     settings = Settings(**{k.removeprefix("SDSERVE_").lower(): v for k, v in env.items()})
     assert settings.max_batch_size == int(cm["data"]["SDSERVE_MAX_BATCH_SIZE"])
     assert settings.queue_size == int(cm["data"]["SDSERVE_QUEUE_SIZE"])
+
+
+def test_the_crd_and_the_server_offer_the_same_schedulers():
+    from typing import get_args
+
+    from sdop.api.spec import Scheduler
+    from sdserve.schedulers import NAMES
+
+    assert get_args(Scheduler) == NAMES
