@@ -1,4 +1,4 @@
-"""The operator, run for real (kopf run) against a Kubernetes API emulator on loopback."""
+"""The operator, run for real (`sdop operator`) against a Kubernetes API emulator on loopback."""
 
 from __future__ import annotations
 

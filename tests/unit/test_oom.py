@@ -13,6 +13,7 @@ from sdserve.pipeline import Pipeline
 from sdserve.queue import Batcher
 from sdserve.settings import Settings
 from sdserve.work import BatchKey, Item, OutOfMemory
+from sdtesting.fakes import FakePipeline
 
 KEY = BatchKey(64, 64, 1, 7.5, "default")
 
@@ -64,9 +65,11 @@ def test_split_images_keep_their_seeds(loaded):
         assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
 
 
-def test_one_image_that_never_fits_fails_alone_and_the_worker_lives_on(loaded):
+def test_one_image_that_never_fits_fails_alone_and_the_worker_lives_on():
+    fake = FakePipeline(oom_prompt="huge")
+
     async def scenario():
-        batcher = Batcher(loaded, max_batch_size=4, max_wait_ms=200, queue_size=8)
+        batcher = Batcher(fake, max_batch_size=4, max_wait_ms=200, queue_size=8)
         batcher.start()
         try:
             jobs = [batcher.submit(KEY, Item(p, None, 1, i)) for i, p in enumerate(["ok1", "huge", "ok2"])]

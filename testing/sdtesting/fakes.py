@@ -1,0 +1,48 @@
+"""A pipeline without a model: images whose pixels follow the seed, at a chosen cost per call.
+
+It satisfies ``sdserve.work.ImagePipeline``, so the app and the batcher run unchanged on it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from PIL import Image
+
+from sdserve.work import BatchKey, Item, ModelLoadError, OutOfMemory
+
+
+class FakePipeline:
+    revision = "fake-v1"
+    device = "cpu"
+    dtype = "float32"
+
+    def __init__(self, seconds_per_call: float = 0.0, load_error: str | None = None, oom_prompt: str | None = None):
+        self.seconds_per_call = seconds_per_call
+        self.load_error = load_error
+        self.oom_prompt = oom_prompt  # a batch holding this prompt runs out of memory, as one image alone would
+        self.load_seconds = 0.0
+        self.calls: list[tuple[BatchKey, int]] = []  # (key, images) per call, for assertions
+        self._lock = threading.Lock()
+
+    def load(self) -> None:
+        if self.load_error:
+            raise ModelLoadError(self.load_error)
+
+    def run(self, key: BatchKey, items: list[Item]) -> list[Item]:
+        with self._lock:
+            self.calls.append((key, sum(i.n for i in items)))
+        if self.oom_prompt is not None and any(i.prompt == self.oom_prompt for i in items):
+            raise OutOfMemory(f"out of memory for one {key.width}x{key.height} image")
+        if self.seconds_per_call:
+            time.sleep(self.seconds_per_call)
+        for item in items:
+            item.images = [self._image(key, item.prompt, item.seed + i) for i in range(item.n)]
+        return items
+
+    @staticmethod
+    def _image(key: BatchKey, prompt: str, seed: int) -> Any:
+        shade = (seed * 37 + len(prompt)) % 256
+        return Image.new("RGB", (key.width, key.height), (shade, 255 - shade, (shade * 7) % 256))

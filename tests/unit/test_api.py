@@ -1,0 +1,170 @@
+"""The HTTP API in-process (httpx over ASGITransport, the app's lifespan, the tiny model).
+
+Real processes are kept where only a process proves it (tests/integration/test_server_*).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from openai import AsyncOpenAI
+
+from sdserve.app import create_app
+from sdserve.pipeline import Pipeline
+from sdserve.settings import Settings
+from sdtesting.asgi import BASE_URL, metric, serve
+from sdtesting.imaging import decode
+
+SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
+BASE = {"model": "tiny", "min_side": 64}
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Pipeline:
+    """The tiny model, loaded once for the module; every app below shares it."""
+    p = Pipeline(Settings(**BASE))
+    p.load()
+    return p
+
+
+@pytest.fixture
+async def client(tiny) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(Settings(**BASE, max_batch_size=4, max_wait_ms=300, cache_type="memory"), tiny)
+    async with serve(app) as c:
+        yield c
+
+
+async def gen(client, **body) -> httpx.Response:
+    return await client.post("/generate", json={"prompt": "a cat", **SMALL, **body})
+
+
+async def test_health_endpoints_and_models(client):
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    r = await client.get("/readyz")
+    assert r.status_code == 200 and r.json()["model"] == "tiny"
+    models = (await client.get("/v1/models")).json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
+    assert (await client.get("/docs")).status_code == 200
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    assert {"/v1/images/generations", "/generate", "/v1/models", "/healthz", "/readyz", "/metrics"} <= set(paths)
+
+
+async def test_openai_sdk_is_a_client_unchanged(client):
+    sdk = AsyncOpenAI(base_url=BASE_URL + "/v1", api_key="unused", http_client=client)
+    resp = await sdk.images.generate(
+        model="tiny",
+        prompt="a red fox",
+        n=2,
+        size="64x64",
+        response_format="b64_json",
+        extra_body={"seed": 11, "num_inference_steps": 2},
+    )
+    assert len(resp.data) == 2
+    a, b = decode(resp.data[0].b64_json), decode(resp.data[1].b64_json)
+    assert a.shape == (64, 64, 3) and b.shape == (64, 64, 3)
+    assert (a != b).any(), "image 2 uses seed+1 and must differ"
+
+
+async def test_generate_shape(client):
+    r = await gen(client, num_images=2, seed=5, width=96, height=64)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["seeds"] == [5, 6] and body["model"] == "tiny" and body["revision"] == "tiny-v1"
+    assert decode(body["images"][0]).shape == (64, 96, 3)
+    assert set(body["timings"]) == {"queue_seconds", "inference_seconds", "total_seconds"}
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"width": 100}, "width"),
+        ({"height": 4096}, "height"),
+        ({"num_inference_steps": 500}, "num_inference_steps"),
+        ({"num_images": 9}, "num_images"),
+        ({"prompt": "x" * 5000}, "prompt"),
+        ({"guidance_scale": -1}, "guidance_scale"),
+        ({"colour": "blue"}, "colour"),
+        ({"seed": -3}, "seed"),
+    ],
+)
+async def test_bad_generate_request_is_422_naming_the_field(client, body, field):
+    r = await gen(client, **body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["param"] == field
+    assert field in r.json()["error"]["message"]
+
+
+async def test_missing_prompt_is_422(client):
+    r = await client.post("/generate", json={"width": 64})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "prompt"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"size": "64by64"}, 422, "size"),
+        ({"size": "60x64"}, 422, "size"),
+        ({"response_format": "url"}, 422, "response_format"),
+        ({"model": "dall-e-3"}, 404, "model"),
+        ({"n": 0}, 422, "n"),
+    ],
+)
+async def test_bad_openai_request(client, body, status, param):
+    r = await client.post("/v1/images/generations", json={"prompt": "p", "size": "64x64", **body})
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param
+
+
+async def test_seeded_request_is_cached_and_unseeded_is_not(client):
+    hits = metric("sdserve_cache_hits_total")
+    first = await gen(client, seed=99, prompt="cache me")
+    second = await gen(client, seed=99, prompt="cache me")
+    assert first.json()["cached"] is False and second.json()["cached"] is True
+    assert first.json()["images"] == second.json()["images"]
+    assert metric("sdserve_cache_hits_total") == hits + 1
+    a, b = await gen(client, prompt="no seed"), await gen(client, prompt="no seed")
+    assert a.json()["cached"] is False and b.json()["cached"] is False
+    assert a.json()["seeds"] != b.json()["seeds"]
+
+
+async def test_same_seed_same_image_whatever_else_is_in_the_batch(tiny):
+    app = create_app(Settings(**BASE, max_batch_size=4, max_wait_ms=1500, cache_type="none"), tiny)
+    async with serve(app) as c:
+        body = {"prompt": "a lighthouse", "seed": 1234, **SMALL}
+        alone = (await c.post("/generate", json=body)).json()["images"][0]
+        count0, sum0 = metric("sdserve_batch_size_count"), metric("sdserve_batch_size_sum")
+        others = [{"prompt": f"other {i}", "seed": i, **SMALL} for i in range(3)]
+        bodies = [others[0], body, others[1], others[2]]
+        results = await asyncio.gather(*(c.post("/generate", json=b) for b in bodies))
+    assert all(r.status_code == 200 for r in results)
+    batches = metric("sdserve_batch_size_count") - count0
+    images = metric("sdserve_batch_size_sum") - sum0
+    assert images == 4 and batches < 4, "the four requests were expected to share batches"
+    together = results[1].json()["images"][0]
+    diff = abs(decode(alone) - decode(together))
+    # Batched GEMMs may round differently in the last bit of float32; after 8-bit
+    # quantisation that is at most one level on a few pixels.
+    assert diff.max() <= 1 and diff.mean() < 0.01
+
+
+async def test_metrics_count_requests_by_route_and_status(client):
+    labels = {"route": "/generate", "method": "POST", "status": "422"}
+    before = metric("sdserve_http_requests_total", **labels)
+    await gen(client, width=7)
+    assert metric("sdserve_http_requests_total", **labels) == before + 1
+    text = (await client.get("/metrics")).text
+    for name in (
+        "sdserve_request_duration_seconds_bucket",
+        "sdserve_queue_wait_seconds_bucket",
+        "sdserve_inference_duration_seconds_bucket",
+        "sdserve_queue_depth",
+        "sdserve_inflight_requests",
+        "sdserve_batch_size_bucket",
+        "sdserve_images_generated_total",
+        "sdserve_model_load_seconds",
+        "sdserve_ready",
+    ):
+        assert name in text, name

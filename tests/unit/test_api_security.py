@@ -1,0 +1,171 @@
+"""Auth (API keys, JWT), per-key rate limit and the prompt blocklist, in-process on a fake pipeline."""
+
+from __future__ import annotations
+
+import time
+
+import jwt
+import pytest
+from openai import AsyncOpenAI, AuthenticationError
+
+from sdserve.app import create_app
+from sdserve.settings import Settings
+from sdtesting.asgi import BASE_URL, metric, serve
+from sdtesting.fakes import FakePipeline
+
+BODY = {"prompt": "a cat", "width": 64, "height": 64, "num_inference_steps": 1}
+SECRET = "test-shared-secret-with-enough-bytes-for-hs256"
+
+
+def app(**settings):
+    return create_app(Settings(model="fake", min_side=64, **settings), FakePipeline())
+
+
+@pytest.fixture
+async def secured(tmp_path):
+    d = tmp_path
+    (d / "keys").write_text("# team keys\nalice:key-alice\nbob:key-bob\nkey-anon\n")
+    (d / "jwt").write_text(SECRET)
+    (d / "blocklist").write_text("forbidden\nre:bad\\s+thing\n")
+    secured_app = app(
+        api_keys_file=str(d / "keys"),
+        jwt_issuer="https://issuer.test/",
+        jwt_audience="sd-api",
+        jwt_key_file=str(d / "jwt"),
+        jwt_algorithms="HS256",
+        rate_limit_enabled=True,
+        rate_limit_rps=0.2,
+        rate_limit_burst=3,
+        blocklist_file=str(d / "blocklist"),
+    )
+    async with serve(secured_app) as client:
+        yield client
+
+
+async def post(client, headers=None, **body):
+    return await client.post("/generate", json={**BODY, **body}, headers=headers or {})
+
+
+def token(aud="sd-api", iss="https://issuer.test/", exp=300, sub="carol"):
+    return jwt.encode({"sub": sub, "aud": aud, "iss": iss, "exp": int(time.time()) + exp}, SECRET, algorithm="HS256")
+
+
+async def test_missing_credentials_is_401_with_clear_body(secured):
+    r = await post(secured)
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "missing_credentials"
+
+
+async def test_wrong_api_key_is_401(secured):
+    r = await post(secured, {"Authorization": "Bearer nope"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = await post(secured, {"Authorization": "Basic abc"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_authorization_header"
+
+
+async def test_api_key_by_bearer_or_header_is_accepted(secured):
+    assert (await post(secured, {"Authorization": "Bearer key-anon"})).status_code == 200
+    assert (await post(secured, {"X-API-Key": "key-anon"})).status_code == 200
+
+
+async def test_jwt_valid_wrong_audience_and_expired(secured):
+    assert (await post(secured, {"Authorization": f"Bearer {token(sub='jwt-ok')}"})).status_code == 200
+    r = await post(secured, {"Authorization": f"Bearer {token(aud='other-api', sub='jwt-aud')}"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "token_not_for_this_service"
+    r = await post(secured, {"Authorization": f"Bearer {token(exp=-60, sub='jwt-exp')}"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "token_expired"
+    bad = jwt.encode(
+        {"sub": "x", "aud": "sd-api", "iss": "https://issuer.test/", "exp": int(time.time()) + 60},
+        "another-secret-of-enough-length-xx",
+        algorithm="HS256",
+    )
+    assert (await post(secured, {"Authorization": f"Bearer {bad}"})).json()["error"]["code"] == "invalid_token"
+
+
+async def test_openai_sdk_sends_its_api_key_as_bearer(secured):
+    ok = AsyncOpenAI(base_url=BASE_URL + "/v1", api_key="key-bob", http_client=secured)
+    assert (await ok.models.list()).data[0].id == "fake"
+    with pytest.raises(AuthenticationError):
+        wrong = AsyncOpenAI(base_url=BASE_URL + "/v1", api_key="wrong", max_retries=0, http_client=secured)
+        await wrong.models.list()
+
+
+async def test_rate_limit_per_key_is_429_with_retry_after(secured):
+    alice = {"Authorization": "Bearer key-alice"}
+    statuses = [(await post(secured, alice)).status_code for _ in range(4)]
+    assert statuses[:3] == [200, 200, 200] and statuses[3] == 429
+    r = await post(secured, alice)
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+    assert r.json()["error"]["code"] == "rate_limited"
+    # Another key has its own bucket.
+    assert (await post(secured, {"Authorization": f"Bearer {token(sub='dave')}"})).status_code == 200
+    assert metric("sdserve_rate_limited_total") >= 2
+
+
+async def test_blocklist_words_and_patterns_are_400_with_reason(secured):
+    h = {"Authorization": f"Bearer {token(sub='erin')}"}
+    before = metric("sdserve_prompts_rejected_total", reason="blocked_word")
+    r = await post(secured, h, prompt="a FORBIDDEN castle")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "blocked_word"
+    assert metric("sdserve_prompts_rejected_total", reason="blocked_word") == before + 1
+    h = {"Authorization": f"Bearer {token(sub='frank')}"}
+    r = await post(secured, h, prompt="ok", negative_prompt="a bad   thing")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "blocked_pattern"
+    # Substrings of other words are not blocked.
+    h = {"Authorization": f"Bearer {token(sub='gina')}"}
+    assert (await post(secured, h, prompt="unforbiddenness")).status_code == 200
+
+
+async def test_jwt_rs256_via_jwks_endpoint():
+    """RS256 tokens checked against keys fetched from a JWKS URL (served on loopback)."""
+    import http.server
+    import json
+    import threading
+
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from jwt.algorithms import RSAAlgorithm
+
+    from sdtesting.procs import free_port
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
+    jwk.update(kid="k1", use="sig", alg="RS256")
+    body = json.dumps({"keys": [jwk]}).encode()
+
+    class Jwks(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    port = free_port()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Jwks)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        jwks_app = app(
+            jwt_issuer="https://idp.test/",
+            jwt_audience="sd",
+            jwt_jwks_url=f"http://127.0.0.1:{port}/jwks.json",
+            jwt_algorithms="RS256",
+        )
+        async with serve(jwks_app) as s:
+            await _check_rs256(s, key)
+    finally:
+        httpd.shutdown()
+
+
+async def _check_rs256(s, key):
+    """A token signed by the JWKS key passes; one with the same kid signed by another key is refused."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    claims = {"sub": "svc", "aud": "sd", "iss": "https://idp.test/", "exp": int(time.time()) + 60}
+    good = jwt.encode(claims, key, algorithm="RS256", headers={"kid": "k1"})
+    assert (await post(s, {"Authorization": f"Bearer {good}"})).status_code == 200
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    forged = jwt.encode(claims, other, algorithm="RS256", headers={"kid": "k1"})
+    r = await post(s, {"Authorization": f"Bearer {forged}"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_token"

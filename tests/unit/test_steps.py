@@ -1,0 +1,94 @@
+"""The request steps and the batcher, each on its own, on a fake pipeline (no HTTP, no model)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sdserve import steps
+from sdserve.errors import ApiError
+from sdserve.queue import Batcher
+from sdserve.settings import Settings
+from sdserve.state import State
+from sdserve.work import BatchKey, Item
+from sdtesting.fakes import FakePipeline
+
+
+def state(**settings) -> State:
+    return State.build(Settings(model="fake", **settings), FakePipeline())
+
+
+def gen(key: BatchKey, prompt: str = "a cat", n: int = 1, seed: int | None = 1) -> steps.Generation:
+    return steps.Generation(key, prompt, None, n, seed)
+
+
+def test_batch_key_fills_the_server_defaults_and_resolves_the_default_scheduler():
+    s = state(default_steps=7, default_guidance_scale=3.0, scheduler="ddim")
+    assert steps.batch_key(s, 64, 64, None, None, "default") == BatchKey(64, 64, 7, 3.0, "ddim")
+    assert steps.batch_key(s, 64, 64, 2, 0.0, "euler") == BatchKey(64, 64, 2, 0.0, "euler")
+
+
+def test_validate_names_the_first_field_and_refuses_blocked_words(tmp_path):
+    (tmp_path / "block").write_text("dragon\n")
+    s = state(blocklist_file=str(tmp_path / "block"))
+    key = BatchKey(64, 64, 1, 7.5, "euler")
+    with pytest.raises(ApiError) as e:
+        steps.validate(s, gen(key), [("width", "too wide"), ("n", "too many")])
+    assert (e.value.status, e.value.param) == (422, "width") and "n: too many" in e.value.message
+    with pytest.raises(ApiError) as e:
+        steps.validate(s, gen(key, prompt="a red DRAGON"), [])
+    assert (e.value.status, e.value.code) == (400, "blocked_word")
+    steps.validate(s, gen(key, prompt="a red dragonfly"), [])
+
+
+async def test_rate_limit_is_429_with_retry_after_once_the_bucket_is_empty():
+    s = state(rate_limit_enabled=True, rate_limit_rps=0.5, rate_limit_burst=2)
+    assert await steps.rate_limit(s, "anonymous", "10.0.0.1") == "anonymous"
+    assert await steps.rate_limit(s, "anonymous", "10.0.0.1") == "anonymous"
+    with pytest.raises(ApiError) as e:
+        await steps.rate_limit(s, "anonymous", "10.0.0.1")
+    assert e.value.status == 429 and e.value.retry_after is not None and e.value.retry_after >= 1
+    assert await steps.rate_limit(s, "anonymous", "10.0.0.2") == "anonymous"  # another client, another bucket
+
+
+async def test_a_full_queue_is_429_and_a_loaded_server_generates_through_the_cache():
+    s = state(queue_size=1, max_batch_size=2)
+    key = BatchKey(64, 64, 1, 7.5, "euler")
+    with pytest.raises(ApiError) as e:
+        steps.admit(s)
+    assert (e.value.status, e.value.code) == (503, "model_not_ready")
+    steps.enqueue(s, gen(key), 1)  # nobody drains the queue: the batcher is not started
+    with pytest.raises(ApiError) as e:
+        steps.enqueue(s, gen(key), 2)
+    assert (e.value.status, e.value.code) == (429, "queue_full") and e.value.retry_after
+
+    s = state(max_batch_size=2, max_wait_ms=0, cache_type="memory")
+    s.loaded = True
+    s.batcher.start()
+
+    async def never() -> bool:
+        return False
+
+    try:
+        first = await steps.generate(s, gen(key, seed=5, n=2), never)
+        again = await steps.generate(s, gen(key, seed=5, n=2), never)
+    finally:
+        await s.batcher.stop()
+    assert first.seeds == [5, 6] and not first.cached and len(first.images) == 2
+    assert again.cached and again.images == first.images
+    assert len(s.pipeline.calls) == 1  # type: ignore[attr-defined]  # FakePipeline counts its calls
+
+
+async def test_the_batcher_groups_compatible_requests_into_one_call_and_keeps_others_apart():
+    fake = FakePipeline(seconds_per_call=0.05)
+    batcher = Batcher(fake, max_batch_size=4, max_wait_ms=100, queue_size=16)
+    batcher.start()
+    a, b = BatchKey(64, 64, 2, 7.5, "euler"), BatchKey(64, 64, 3, 7.5, "euler")
+    try:
+        jobs = [batcher.submit(k, Item(f"p{i}", None, 1, i)) for i, k in enumerate([a, b, a, a, b])]
+        await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), 10)
+    finally:
+        await batcher.stop()
+    assert sorted(fake.calls, key=lambda c: c[0].steps) == [(a, 3), (b, 2)]
+    assert all(len(j.item.images) == 1 for j in jobs)
