@@ -128,19 +128,6 @@ class RedisProc:
             self.proc.wait(timeout=10)
 
 
-def wait_http(url: str, timeout: float = 180) -> None:
-    """Until ``url`` answers 200."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(url)
-
-
 class OperatorProc:
     """`sdop operator` in its own process, against the API server a kubeconfig points at."""
 

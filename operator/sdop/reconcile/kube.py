@@ -1,8 +1,9 @@
 """The one place that talks to the Kubernetes API server (aiohttp, no generated client).
 
 Reads: get, list, discovery. Writes: server-side apply (one field manager), delete,
-status merge patch, events. Errors keep the HTTP status so callers can tell a retryable
-conflict or outage from a permanent rejection.
+status merge patch. Paths come from the kinds table (``sdop.api.kinds``). A failure raises
+one exception class per kind of API error (``NotFound``, ``Conflict``, ``Gone``,
+``Unprocessable``, ``Unauthorized``, ...), each saying whether it is worth retrying.
 """
 
 from __future__ import annotations
