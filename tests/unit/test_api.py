@@ -16,6 +16,7 @@ from sdserve.app import create_app
 from sdserve.pipeline import Pipeline
 from sdserve.settings import Settings
 from sdtesting.asgi import BASE_URL, metric, serve
+from sdtesting.fakes import FakePipeline
 from sdtesting.imaging import decode
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
@@ -168,3 +169,17 @@ async def test_metrics_count_requests_by_route_and_status(client):
         "sdserve_ready",
     ):
         assert name in text, name
+
+
+async def test_request_not_done_in_time_is_504_and_its_queued_work_is_dropped():
+    settings = Settings(
+        model="fake", min_side=64, max_batch_size=1, max_wait_ms=0, cache_type="none", timeout_seconds=1
+    )
+    fake = FakePipeline(seconds_per_call=0.7)
+    async with serve(create_app(settings, fake)) as c:
+        body = {"prompt": "slow", **SMALL}
+        results = await asyncio.gather(*(c.post("/generate", json={**body, "seed": i}) for i in range(3)))
+    codes = sorted(r.status_code for r in results)
+    assert codes[0] == 200 and 504 in codes, codes
+    assert next(r for r in results if r.status_code == 504).json()["error"]["code"] == "timeout"
+    assert len(fake.calls) < 3, "a request that timed out while queued must not reach the model"
