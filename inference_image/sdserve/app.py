@@ -16,7 +16,7 @@ from fastapi.routing import APIRoute
 from starlette.routing import Route
 
 from . import errors, metrics
-from .lifecycle import load_model, start_drain
+from .lifecycle import load_model
 from .middleware import MetricsMiddleware
 from .routes import GENERATION_ROUTES, router
 from .settings import Settings
@@ -60,4 +60,4 @@ def create_app(settings: Settings | None = None, pipeline: ImagePipeline | None 
     return app
 
 
-__all__ = ["create_app", "start_drain"]
+__all__ = ["create_app"]

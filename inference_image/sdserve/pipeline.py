@@ -58,7 +58,7 @@ class Pipeline:
         t0 = time.perf_counter()
         try:
             self.pipe = self._load_pipe()
-        except Exception as e:
+        except Exception as e:  # every load failure is reported the same way
             raise ModelLoadError(f"cannot load model {self.settings.model!r}: {type(e).__name__}: {e}") from e
         self._optimise()
         self._schedulers["default"] = self.pipe.scheduler
@@ -157,7 +157,7 @@ class Pipeline:
         """Generate every item's images; a CUDA OOM splits the batch and retries the halves."""
         try:
             self._run(key, items)
-        except Exception as e:
+        except Exception as e:  # only an out-of-memory is split and retried; the rest re-raise
             if not _is_oom(e):
                 raise
             self._free()

@@ -165,7 +165,7 @@ class Batcher:
             # The batch was split down to single images and one still did not fit.
             # Retry one at a time so that only the request that cannot fit fails.
             await self._run_singly(loop, batch)
-        except Exception as e:
+        except Exception as e:  # the worker never dies; the batch's requests fail
             log.exception("batch of %d failed", images)
             for job in batch:
                 if not job.future.done():

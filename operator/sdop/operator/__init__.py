@@ -23,7 +23,6 @@ def run(verbose: bool = False, settings: OperatorSettings | None = None) -> int:
         level=logging.DEBUG if verbose else settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("sdop").setLevel(logging.DEBUG if verbose else settings.log_level.upper())
     namespaces = settings.namespace_list
     liveness = f"http://0.0.0.0:{settings.liveness_port}/healthz" if settings.liveness_port else None
     asyncio.run(

@@ -9,7 +9,7 @@ from .kube import Kube
 
 
 class Discovery:
-    def __init__(self, kube: Kube, ttl_seconds: float = 60.0):
+    def __init__(self, kube: Kube, ttl_seconds: float):
         self.kube = kube
         self.ttl = ttl_seconds
         self._seen: tuple[float, frozenset[str]] | None = None
