@@ -26,8 +26,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "testing")]
 from common import table, write  # noqa: E402 - needs the path set above
 
+from sdtesting.apiserver import Cluster  # noqa: E402 - needs the path set above
 from sdtesting.examples import example  # noqa: E402 - needs the path set above
-from sdtesting.kapi import EmulatedCluster  # noqa: E402 - needs the path set above
 from sdtesting.procs import OperatorProc  # noqa: E402 - needs the path set above
 
 
@@ -47,7 +47,7 @@ class RssSampler(threading.Thread):
             time.sleep(0.2)
 
 
-def reconciled(cluster: EmulatedCluster) -> int:
+def reconciled(cluster: Cluster) -> int:
     return sum(
         1
         for o in cluster.objects_of("stablediffusionservices")
@@ -69,7 +69,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=1800)
     args = ap.parse_args()
 
-    cluster = EmulatedCluster()
+    cluster = Cluster()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="sdop-scale-"))
     op = OperatorProc(
         cluster.kubeconfig(tmp / "kubeconfig"),
@@ -99,8 +99,8 @@ def main() -> int:
         all_reconciled_s = time.perf_counter() - t0
         children = sum(
             1
-            for (res, _, _), o in list(cluster.api.objects.items())
-            if not o.deleted and res.plural not in ("stablediffusionservices", "events")
+            for (res, _, _) in list(cluster.api.objects)
+            if res.rsplit("/", 1)[-1] not in ("stablediffusionservices", "events")
         )
         print(f"{done}/{args.count} reconciled in {all_reconciled_s:.1f}s ({children} children)", flush=True)
 

@@ -2,7 +2,8 @@
 
 - ``examples``: the repository's paths and example CRs;
 - ``procs``: real processes on loopback (sdserve, redis-server, the operator) and free ports;
-- ``kapi``: the Kubernetes API stand-in the operator runs against;
+- ``apiserver``: the test Kubernetes API server the operator runs against (refuses what
+  kube-apiserver refuses);
 - ``fakes``: a pipeline that draws images without a model, for fast in-process API tests.
 
 Both ``tests/`` (pytest's ``pythonpath``) and ``bench/`` put ``testing/`` on ``sys.path``.

@@ -7,8 +7,8 @@ import time
 import pytest
 
 from sdop.render import render
+from sdtesting.apiserver import Cluster, Fault
 from sdtesting.examples import example
-from sdtesting.kapi import EmulatedCluster, Fault
 from sdtesting.procs import OperatorProc
 
 pytestmark = pytest.mark.integration
@@ -45,7 +45,7 @@ def eventually(check, timeout=20.0, interval=0.2):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = EmulatedCluster()
+    c = Cluster()
     tmp = tmp_path_factory.mktemp("op")
     op = OperatorProc(c.kubeconfig(tmp / "kubeconfig"), tmp, resync_seconds=RESYNC)
     c.operator = op
@@ -114,9 +114,7 @@ def test_children_are_created_with_owner_references_and_status(cluster):
 
     def event_posted():
         reasons = [
-            o.raw.get("reason")
-            for (res, _, _), o in list(cluster.api.objects.items())
-            if res.plural == "events" and not o.deleted and o.raw.get("involvedObject", {}).get("name") == "owned"
+            o.get("reason") for o in cluster.objects_of("events") if o.get("involvedObject", {}).get("name") == "owned"
         ]
         assert "Applied" in reasons, reasons
 
@@ -272,7 +270,7 @@ def test_api_errors_and_dropped_watches_are_retried_without_dying(cluster):
 
 
 def test_missing_optional_apis_are_reported_and_the_rest_works(tmp_path):
-    c = EmulatedCluster(monitoring=False, keda=False)
+    c = Cluster(monitoring=False, keda=False)
     op = OperatorProc(c.kubeconfig(tmp_path / "kubeconfig"), tmp_path, resync_seconds=RESYNC)
     try:
         cr = example("sd15-production")

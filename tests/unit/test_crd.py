@@ -6,9 +6,8 @@ import pytest
 
 from sdop.api import SpecError, parse
 from sdop.api.crd import crd, crd_yaml
+from sdtesting.apiserver.crdschema import validate
 from sdtesting.examples import CRD_FILE, EXAMPLES, example, load_yaml
-
-from .crdschema import validate
 
 
 def test_committed_crd_is_the_generated_one():
@@ -92,7 +91,7 @@ def test_invalid_cr_rejected_by_crd_and_models_naming_the_field(name, path, valu
 
 def test_defaults_in_crd_match_model_defaults():
     """The API server's defaulting and pydantic's give the same spec."""
-    from .crdschema import apply_defaults
+    from sdtesting.apiserver.crdschema import apply_defaults
 
     cr = example("minimal")
     schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
