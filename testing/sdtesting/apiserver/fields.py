@@ -211,7 +211,7 @@ def apply(live: dict[str, Any], config: dict[str, Any], manager: str, force: boo
         owned = decode(e["fieldsV1"])
         clash = {p for p in owned & new if p[-1] != "." and value_at(live, p) != value_at(config, p)}
         if clash and not force:
-            conflicts += [(e["manager"], ".".join(x[2:] for x in sorted(p))) for p in sorted(clash)]
+            conflicts += [(e["manager"], ".".join(x[2:] for x in p)) for p in sorted(clash)]
         e["fieldsV1"] = encode(owned - clash)
     if conflicts:
         raise ApplyConflict(conflicts)

@@ -182,7 +182,7 @@ class ApiServer(kmock.KubernetesScaffold):
             if f.times > 0 and f.method == method and f.path_part in path:
                 f.times -= 1
                 return self._status(ApiError(f.status, "Injected", f"injected {f.status}"))
-        if request.resource is None or request.action is None or not request.resource.plural:
+        if request.resource is None or not request.resource.plural:
             return await super()._handle(request)  # discovery: kmock's scaffold serves it
         if request.resource not in self.resources:
             return self._status(ApiError(404, "NotFound", f"the server could not find the requested resource ({path})"))
