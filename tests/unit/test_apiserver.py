@@ -79,7 +79,15 @@ def causes(response) -> set[str]:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("1.5", "1500m"), ("1024Mi", "1Gi"), ("0.5Gi", "512Mi"), (2, "2"), ("2000m", "2"), ("1000", "1k"), ("0.1", "100m")],
+    [
+        ("1.5", "1500m"),
+        ("1024Mi", "1Gi"),
+        ("0.5Gi", "512Mi"),
+        (2, "2"),
+        ("2000m", "2"),
+        ("1000", "1k"),
+        ("0.1", "100m"),
+    ],
 )
 def test_quantities_take_their_canonical_form(value, expected):
     assert canonical(value) == expected
@@ -89,7 +97,10 @@ def test_quantities_are_canonical_on_write(kube):
     d = deployment("quantities")
     d["spec"]["template"]["spec"]["containers"][0]["resources"] = {"requests": {"cpu": "1.5", "memory": "1024Mi"}}
     live = apply(kube, d, "deployments").json()
-    assert live["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"] == {"cpu": "1500m", "memory": "1Gi"}
+    assert live["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"] == {
+        "cpu": "1500m",
+        "memory": "1Gi",
+    }
 
 
 def test_job_template_is_immutable(kube):
@@ -134,9 +145,14 @@ def test_names_and_labels_have_limits(kube):
 
 
 def test_pod_rules_match_the_api_server(kube):
-    d = deployment("pod-rules", strategy={"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 0}})
+    d = deployment(
+        "pod-rules", strategy={"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 0}}
+    )
     pod = d["spec"]["template"]["spec"]
-    pod["tolerations"] = [{"key": "gpu", "operator": "Exists", "value": "x"}, {"key": "a", "effect": "NoSchedule", "tolerationSeconds": 5}]
+    pod["tolerations"] = [
+        {"key": "gpu", "operator": "Exists", "value": "x"},
+        {"key": "a", "effect": "NoSchedule", "tolerationSeconds": 5},
+    ]
     pod["nodeSelector"] = {"bad key!": "v"}
     pod["containers"][0]["resources"] = {"limits": {"nvidia gpu": 1}}
     r = apply(kube, d, "deployments")
@@ -232,7 +248,9 @@ def test_custom_resources_get_schema_defaults_and_validation(kube):
     bad = example("minimal")
     bad["metadata"] = {"name": "unknown-field", "namespace": NS}
     bad["spec"]["nope"] = 1
-    r = kube.http.post(kube.path(bad["apiVersion"], "stablediffusionservices", NS), json=bad, params={"fieldValidation": "Strict"})
+    r = kube.http.post(
+        kube.path(bad["apiVersion"], "stablediffusionservices", NS), json=bad, params={"fieldValidation": "Strict"}
+    )
     assert r.status_code == 422 and "spec.nope" in r.text
     # Without Strict the unknown field is pruned, as the API server does.
     bad["metadata"]["name"] = "pruned"

@@ -1,5 +1,6 @@
 """The StableDiffusionService API: pydantic models, the one definition of every field."""
 
+from . import quantity
 from .kinds import KEDA_API, KINDS, MANAGED, MONITORING_API, OPTIONAL_APIS, Kind, kind_of
 from .resource import (
     API_VERSION,
@@ -38,4 +39,5 @@ __all__ = [
     "kind_of",
     "load",
     "parse",
+    "quantity",
 ]

@@ -169,8 +169,11 @@ def crd() -> dict[str, Any]:
         },
         "x-kubernetes-validations": [
             {
-                "rule": "self.metadata.name.size() <= 52",
-                "message": "metadata.name must be at most 52 characters (child objects add suffixes)",
+                # The Service takes the CR's name: it must be a DNS-1035 label. Longer child
+                # names are cut to fit with a hash (sdop.render.context.fit).
+                "rule": "self.metadata.name.size() <= 63 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+                "message": "metadata.name must be a DNS-1035 label (lower-case letters, digits and '-', "
+                "starting with a letter, at most 63 characters): the Service takes this name",
             }
         ],
     }

@@ -26,7 +26,8 @@ class Metadata(ApiModel):
 
     model_config = ApiModel.model_config | {"extra": "ignore"}
 
-    name: str = Field(min_length=1, max_length=52, pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    #: A DNS-1035 label: the Service takes this name (the CRD has the same rule).
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
     namespace: str = "default"
     uid: str | None = None
     generation: int = 1

@@ -16,6 +16,7 @@ class Facts:
     deployment: dict[str, Any] | None = None
     spec_error: str | None = None
     apply_error: str | None = None
+    conflicts: list[str] = field(default_factory=list)
     missing_apis: list[str] = field(default_factory=list)
     min_replicas: int = 1
     scale_to_zero: bool = False
@@ -60,7 +61,9 @@ def conditions(f: Facts) -> list[dict[str, Any]]:
             _cond("ModelReady", None, "InvalidSpec", "not attempted"),
         ]
     replicas, ready, updated, rolled_out, failure = _deployment_state(f.deployment)
-    if f.apply_error:
+    if f.conflicts:
+        degraded = _cond("Degraded", True, "Conflict", "; ".join([*f.conflicts, *filter(None, [f.apply_error])]))
+    elif f.apply_error:
         degraded = _cond("Degraded", True, "ApplyFailed", f.apply_error)
     elif failure:
         degraded = _cond("Degraded", True, "RolloutStuck", failure)

@@ -228,8 +228,10 @@ class Kube:
             i for i in items if all((i.get("metadata", {}).get("labels") or {}).get(k) == v for k, v in labels.items())
         ]
 
-    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """Server-side apply with the operator's field manager, taking over conflicting fields."""
+    async def apply(
+        self, obj: dict[str, Any], *, field_manager: str = FIELD_MANAGER, force: bool = True
+    ) -> dict[str, Any]:
+        """Server-side apply; by default the operator's field manager, taking over conflicting fields."""
         meta = obj["metadata"]
         path = api_path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
         applied: dict[str, Any] = await self._request(
@@ -237,7 +239,7 @@ class Kube:
             path,
             body=obj,
             content_type="application/apply-patch+yaml",
-            params={"fieldManager": FIELD_MANAGER, "force": "true"},
+            params={"fieldManager": field_manager, "force": str(force).lower()},
         )
         return applied
 

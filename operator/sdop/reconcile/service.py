@@ -15,7 +15,7 @@ from typing import Any
 from ..api import API_VERSION, KIND, SpecError, StableDiffusionService, load
 from ..render import ClusterFacts, Ctx, render, required_apis
 from . import conditions as cond
-from .children import owned, ref, sync, up_to_date
+from .children import SyncResult, apply_child, owned, ref, sync
 from .discovery import Discovery
 from .kube import Kube, KubeError, NotFound
 
@@ -73,21 +73,17 @@ class Reconciler:
             await self._write_status(body, previous, new, report)
             return report
         facts = await self.facts()
-        apply_error = None
-        try:
-            result = await sync(self.kube, body, render(cr, facts), set(facts.optional_apis), prune=prune)
-        except KubeError as e:
-            if e.retryable:
-                raise RetryLater(f"applying children: {e}") from e
-            apply_error = str(e)  # rejected by the API server: report it, do not loop
-        else:
-            report.applied, report.pruned = result.applied, result.pruned
-            if result.applied:
-                report.events.append(Event("Normal", "Applied", ", ".join(result.applied)))
-            if result.pruned:
-                report.events.append(Event("Normal", "Pruned", ", ".join(result.pruned)))
+        result = await sync(self.kube, body, render(cr, facts), set(facts.optional_apis), prune=prune)
+        report.applied, report.pruned = result.applied, result.pruned
+        if result.applied:
+            report.events.append(Event("Normal", "Applied", ", ".join(result.applied)))
+        if result.pruned:
+            report.events.append(Event("Normal", "Pruned", ", ".join(result.pruned)))
+        if result.retryable:
+            # Every other child was still applied; this one is tried again soon.
+            raise RetryLater("applying children: " + "; ".join(f"{r}: {e}" for r, e in result.retryable))
         dep = await self._read("apps/v1", "Deployment", meta["namespace"], meta["name"])
-        new = self._status(cr, facts, dep, apply_error, previous)
+        new = self._status(cr, facts, dep, result.error(), result.conflicts, previous)
         await self._write_status(body, previous, new, report)
         return report
 
@@ -102,15 +98,16 @@ class Reconciler:
         facts = await self.facts()
         rendered = [o for o in render(cr, facts) if o["kind"] == "Deployment" and o["metadata"]["name"] == meta["name"]]
         desired = owned(body, rendered)[0]
-        if not up_to_date(dep, desired):
-            try:
-                dep = await self.kube.apply(desired)
-            except KubeError as e:
-                raise RetryLater(f"re-applying the Deployment: {e}") from e
+        result = SyncResult()
+        dep = await apply_child(self.kube, body, desired, result, live=dep) or dep
+        if result.retryable:
+            raise RetryLater(f"re-applying the Deployment: {result.error()}")
+        if result.applied:
             report.applied.append(ref(desired))
             report.events.append(Event("Normal", "Applied", f"Deployment/{meta['name']} (drift repaired)"))
         previous = body.get("status") or {}
-        new = self._status(cr, facts, dep, _carried_apply_error(previous), previous)
+        apply_error, conflicts = _carried_problems(previous)
+        new = self._status(cr, facts, dep, result.error() or apply_error, conflicts, previous)
         await self._write_status(body, previous, new, report)
         return report
 
@@ -139,6 +136,7 @@ class Reconciler:
         facts: ClusterFacts,
         dep: dict[str, Any] | None,
         apply_error: str | None,
+        conflicts: list[str],
         previous: dict[str, Any],
     ) -> dict[str, Any]:
         s = cr.spec
@@ -147,6 +145,7 @@ class Reconciler:
                 generation=cr.metadata.generation,
                 deployment=dep,
                 apply_error=apply_error,
+                conflicts=conflicts,
                 min_replicas=s.replicas.min,
                 endpoint=Ctx(cr, facts).endpoint,
                 scale_to_zero=s.autoscaling.scale_to_zero,
@@ -177,10 +176,12 @@ class Reconciler:
                 report.events.append(Event("Warning" if bad else "Normal", reason, f"{type_}={now}: {message}"))
 
 
-def _carried_apply_error(previous: dict[str, Any]) -> str | None:
-    """An ApplyFailed from the last full reconcile stays until a full reconcile clears it."""
+def _carried_problems(previous: dict[str, Any]) -> tuple[str | None, list[str]]:
+    """An ApplyFailed or Conflict from the last full reconcile stays until a full reconcile clears it."""
     for c in previous.get("conditions") or []:
-        if c.get("type") == "Degraded" and c.get("reason") == "ApplyFailed" and c.get("status") == "True":
-            message: str | None = c.get("message")
-            return message
-    return None
+        if c.get("type") == "Degraded" and c.get("status") == "True":
+            if c.get("reason") == "ApplyFailed":
+                return c.get("message"), []
+            if c.get("reason") == "Conflict":
+                return None, [str(c.get("message"))]
+    return None, []

@@ -56,7 +56,14 @@ class Ctx:
         return f"{img.repository or self.facts.default_image_repository}:{img.tag or self.facts.default_image_tag}"
 
     def child(self, suffix: str = "") -> str:
-        return f"{self.name}-{suffix}" if suffix else self.name
+        return fit(f"{self.name}-{suffix}" if suffix else self.name)
+
+    @property
+    def cache_claim(self) -> str:
+        """A PVC's spec is immutable except its size: another storage class or access mode is
+        another claim (the cache is filled again); a larger size grows the same claim."""
+        c = self.spec.model.cache
+        return self.child(f"model-cache-{digest([c.storage_class_name, c.access_mode], 6)}")
 
     def labels(self, component: str) -> dict[str, str]:
         return {
@@ -94,6 +101,18 @@ class Ctx:
             return f"{scheme}://{ing.host}{ing.path.rstrip('/')}"
         port = "" if self.spec.service.port == 80 else f":{self.spec.service.port}"
         return f"http://{self.name}.{self.namespace}.svc{port}"
+
+
+#: Every child name fits a DNS-1035 label: Service names must, and a Job's name goes into a
+#: pod label (<= 63 characters).
+MAX_NAME = 63
+
+
+def fit(name: str, limit: int = MAX_NAME) -> str:
+    """The name itself when it fits, else a prefix and a hash of the whole name (still unique)."""
+    if len(name) <= limit:
+        return name
+    return f"{name[: limit - 9].rstrip('-')}-{digest(name, 8)}"
 
 
 def digest(obj: Any, length: int = 12) -> str:

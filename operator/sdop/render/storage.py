@@ -21,15 +21,9 @@ def cache_pvc(ctx: Ctx) -> dict[str, Any] | None:
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": ctx.meta(ctx.child("model-cache"), COMPONENT),
+        "metadata": ctx.meta(ctx.cache_claim, COMPONENT),
         "spec": spec,
     }
-
-
-def prefetch_job_name(ctx: Ctx) -> str:
-    m = ctx.spec.model
-    # A Job's pod template is immutable: a new model or revision gets a new Job.
-    return ctx.child(f"prefetch-{digest([m.id, m.revision, m.variant], 8)}")
 
 
 def prefetch_job(ctx: Ctx) -> dict[str, Any] | None:
@@ -47,42 +41,45 @@ def prefetch_job(ctx: Ctx) -> dict[str, Any] | None:
     args = ["prefetch", "--model", m.id, "--revision", m.revision]
     if m.variant:
         args += ["--variant", m.variant]
+    spec = {
+        "backoffLimit": 6,
+        "template": {
+            "metadata": {"labels": ctx.labels(COMPONENT)},
+            "spec": {
+                "restartPolicy": "OnFailure",
+                "serviceAccountName": ctx.name,
+                "automountServiceAccountToken": False,
+                "securityContext": pod_security_context(),
+                "containers": [
+                    {
+                        "name": "prefetch",
+                        "image": ctx.image,
+                        "imagePullPolicy": ctx.spec.image.pull_policy,
+                        "args": args,
+                        "env": env,
+                        "resources": {
+                            "requests": {"cpu": "500m", "memory": "1Gi"},
+                            "limits": {"cpu": "2", "memory": "4Gi"},
+                        },
+                        "securityContext": container_security_context(),
+                        "volumeMounts": [
+                            {"name": "hf-cache", "mountPath": HF_HOME},
+                            {"name": "tmp", "mountPath": "/tmp"},
+                        ],
+                    }
+                ],
+                "volumes": [
+                    {"name": "hf-cache", "persistentVolumeClaim": {"claimName": ctx.cache_claim}},
+                    {"name": "tmp", "emptyDir": {}},
+                ],
+            },
+        },
+    }
+    # A Job's spec is immutable: any change to it (model, image, pull policy, token, cache
+    # claim) is a new Job, named from the whole spec; the old one is pruned.
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": ctx.meta(prefetch_job_name(ctx), COMPONENT),
-        "spec": {
-            "backoffLimit": 6,
-            "template": {
-                "metadata": {"labels": ctx.labels(COMPONENT)},
-                "spec": {
-                    "restartPolicy": "OnFailure",
-                    "serviceAccountName": ctx.name,
-                    "automountServiceAccountToken": False,
-                    "securityContext": pod_security_context(),
-                    "containers": [
-                        {
-                            "name": "prefetch",
-                            "image": ctx.image,
-                            "imagePullPolicy": ctx.spec.image.pull_policy,
-                            "args": args,
-                            "env": env,
-                            "resources": {
-                                "requests": {"cpu": "500m", "memory": "1Gi"},
-                                "limits": {"cpu": "2", "memory": "4Gi"},
-                            },
-                            "securityContext": container_security_context(),
-                            "volumeMounts": [
-                                {"name": "hf-cache", "mountPath": HF_HOME},
-                                {"name": "tmp", "mountPath": "/tmp"},
-                            ],
-                        }
-                    ],
-                    "volumes": [
-                        {"name": "hf-cache", "persistentVolumeClaim": {"claimName": ctx.child("model-cache")}},
-                        {"name": "tmp", "emptyDir": {}},
-                    ],
-                },
-            },
-        },
+        "metadata": ctx.meta(ctx.child(f"prefetch-{digest(spec, 8)}"), COMPONENT),
+        "spec": spec,
     }

@@ -70,7 +70,7 @@ def _volumes(ctx: Ctx) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         {"name": "hf-cache", "mountPath": HF_HOME},
     ]
     if s.model.cache.enabled:
-        volumes.append({"name": "hf-cache", "persistentVolumeClaim": {"claimName": ctx.child("model-cache")}})
+        volumes.append({"name": "hf-cache", "persistentVolumeClaim": {"claimName": ctx.cache_claim}})
     else:
         volumes.append({"name": "hf-cache", "emptyDir": {}})
     if s.model.pvc:
