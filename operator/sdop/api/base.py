@@ -21,6 +21,8 @@ class ApiModel(BaseModel):
         populate_by_name=True,
         extra="forbid",
         validate_default=True,
+        # The API server does not coerce: "1" is not an integer, "yes" is not a boolean.
+        strict=True,
     )
 
     def wire(self) -> dict[str, Any]:

@@ -13,6 +13,17 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from .base import ApiModel, cel
+from .k8s import (
+    DNS_SUBDOMAIN,
+    EXTENDED_RESOURCE,
+    IMAGE_REPOSITORY,
+    IMAGE_TAG,
+    QUALIFIED_NAME,
+    Annotations,
+    DnsSubdomain,
+    Labels,
+    key_rule,
+)
 from .presets import GpuType
 
 JwtAlgorithm = Literal["HS256", "RS256", "ES256"]
@@ -38,7 +49,7 @@ class SecretKeyRef(ApiModel):
         description="Name of the Secret.",
         min_length=1,
         max_length=253,
-        pattern=DNS_LABEL.replace("([-a-z0-9]", "([-.a-z0-9]"),
+        pattern=DNS_SUBDOMAIN,
     )
     key: str = Field(description="Key inside the Secret.", min_length=1, max_length=253)
 
@@ -50,7 +61,7 @@ class ConfigMapKeyRef(ApiModel):
         description="Name of the ConfigMap.",
         min_length=1,
         max_length=253,
-        pattern=DNS_LABEL.replace("([-a-z0-9]", "([-.a-z0-9]"),
+        pattern=DNS_SUBDOMAIN,
     )
     key: str = Field(description="Key inside the ConfigMap.", min_length=1, max_length=253)
 
@@ -58,9 +69,7 @@ class ConfigMapKeyRef(ApiModel):
 class PvcSource(ApiModel):
     """Model files already present on a PersistentVolumeClaim."""
 
-    claim_name: str = Field(
-        description="Name of an existing PersistentVolumeClaim holding the model.", min_length=1, max_length=253
-    )
+    claim_name: DnsSubdomain = Field(description="Name of an existing PersistentVolumeClaim holding the model.")
     sub_path: str = Field(
         "",
         description=(
@@ -75,7 +84,7 @@ class ModelCache(ApiModel):
 
     enabled: bool = Field(False, description="Create a PVC for the Hugging Face cache and mount it in every replica.")
     size: str = Field("30Gi", description="Requested size of the cache volume.", pattern=QUANTITY)
-    storage_class_name: str | None = Field(
+    storage_class_name: DnsSubdomain | None = Field(
         None, description="StorageClass of the cache volume; the cluster default when unset."
     )
     access_mode: Literal["ReadWriteMany", "ReadWriteOnce", "ReadOnlyMany"] = Field(
@@ -165,11 +174,16 @@ class ImageSpec(ApiModel):
     """The inference server image."""
 
     repository: str | None = Field(
-        None, description="Image repository; the operator's default inference image when unset.", max_length=512
+        None,
+        description="Image repository (lower case, an optional registry host); the operator's default when unset.",
+        max_length=512,
+        pattern=IMAGE_REPOSITORY,
     )
-    tag: str | None = Field(None, description="Image tag; the operator's default when unset.", max_length=128)
+    tag: str | None = Field(
+        None, description="Image tag; the operator's default when unset.", max_length=128, pattern=IMAGE_TAG
+    )
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Image pull policy.")
-    pull_secrets: list[str] = Field(
+    pull_secrets: list[DnsSubdomain] = Field(
         default_factory=list, description="Names of Secrets used to pull the image.", max_length=16
     )
 
@@ -193,7 +207,10 @@ class GpuSpec(ApiModel):
         ),
     )
     resource_name: str = Field(
-        "nvidia.com/gpu", description="Extended resource name of the GPU device plugin.", max_length=128
+        "nvidia.com/gpu",
+        description="Extended resource name of the GPU device plugin (a domain, '/', a name).",
+        max_length=128,
+        pattern=EXTENDED_RESOURCE,
     )
 
 
@@ -208,7 +225,27 @@ class ResourcesSpec(ApiModel):
 class Toleration(ApiModel):
     """A Kubernetes toleration."""
 
-    key: str | None = Field(None, description="Taint key.")
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": cel(
+            (
+                "self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                "a toleration with operator Exists has no value",
+                ".value",
+            ),
+            (
+                "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+                "tolerationSeconds needs effect NoExecute",
+                ".tolerationSeconds",
+            ),
+            (
+                "(has(self.key) && self.key != '') || self.operator == 'Exists'",
+                "a toleration without a key needs operator Exists",
+                ".operator",
+            ),
+        )
+    }
+
+    key: str | None = Field(None, description="Taint key.", max_length=317, pattern=QUALIFIED_NAME)
     operator: Literal["Equal", "Exists"] = Field("Equal", description="Equal or Exists.")
     value: str | None = Field(None, description="Taint value for operator Equal.")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
@@ -218,12 +255,24 @@ class Toleration(ApiModel):
         None, description="For NoExecute: how long the pod stays bound after the taint appears.", ge=0
     )
 
+    @model_validator(mode="after")
+    def _as_the_api_server(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator Exists has no value")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds needs effect NoExecute")
+        if not self.key and self.operator != "Exists":
+            raise ValueError("a toleration without a key needs operator Exists")
+        return self
+
 
 class SchedulingSpec(ApiModel):
     """Where replicas may run."""
 
-    node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Extra node labels a replica's node must have."
+    node_selector: Labels = Field(
+        default_factory=dict,
+        description="Extra node labels a replica's node must have.",
+        json_schema_extra=key_rule("scheduling.nodeSelector"),
     )
     tolerations: list[Toleration] = Field(
         default_factory=lambda: [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")],
@@ -235,7 +284,7 @@ class SchedulingSpec(ApiModel):
         description="A Kubernetes Affinity object, passed through unchanged.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
-    priority_class_name: str | None = Field(None, description="PriorityClass of the replicas.", max_length=253)
+    priority_class_name: DnsSubdomain | None = Field(None, description="PriorityClass of the replicas.")
     topology_spread: bool = Field(True, description="Spread replicas across nodes (soft topology spread constraint).")
 
 
@@ -471,8 +520,10 @@ class MonitoringSpec(ApiModel):
         False, description="Render the Grafana dashboard as a ConfigMap labelled grafana_dashboard=1."
     )
     interval: str = Field("15s", description="Scrape interval.", pattern=DURATION)
-    labels: dict[str, str] = Field(
-        default_factory=dict, description="Extra labels on ServiceMonitor and PrometheusRule, e.g. release: prometheus."
+    labels: Labels = Field(
+        default_factory=dict,
+        description="Extra labels on ServiceMonitor and PrometheusRule, e.g. release: prometheus.",
+        json_schema_extra=key_rule("monitoring.labels"),
     )
     thresholds: ThresholdsSpec = Field(default_factory=ThresholdsSpec, description="Alert thresholds.")
 
@@ -485,7 +536,7 @@ class ServiceSpec(ApiModel):
 
 
 class IngressTls(ApiModel):
-    secret_name: str = Field(description="Secret with the TLS certificate for ingress.host.", min_length=1)
+    secret_name: DnsSubdomain = Field(description="Secret with the TLS certificate for ingress.host.")
 
 
 class IngressSpec(ApiModel):
@@ -498,12 +549,14 @@ class IngressSpec(ApiModel):
     }
 
     enabled: bool = Field(False, description="Render an Ingress.")
-    class_name: str | None = Field(None, description="IngressClass name.")
+    class_name: DnsSubdomain | None = Field(None, description="IngressClass name.")
     host: str | None = Field(None, description="Host name.", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
     path: str = Field("/", description="Path prefix.", pattern=r"^/")
     tls: IngressTls | None = Field(None, description="TLS for the host.")
-    annotations: dict[str, str] = Field(
-        default_factory=dict, description="Annotations, e.g. for cert-manager or body size."
+    annotations: Annotations = Field(
+        default_factory=dict,
+        description="Annotations, e.g. for cert-manager or body size.",
+        json_schema_extra=key_rule("ingress.annotations"),
     )
 
     @model_validator(mode="after")
@@ -516,6 +569,16 @@ class IngressSpec(ApiModel):
 class RolloutSpec(ApiModel):
     """How new versions roll out and old replicas drain."""
 
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": cel(
+            (
+                "self.maxSurge > 0 || self.maxUnavailable > 0",
+                "rollout.maxSurge and rollout.maxUnavailable cannot both be 0 (the rollout could never start)",
+                ".maxUnavailable",
+            )
+        )
+    }
+
     max_surge: int = Field(1, description="Extra replicas during a rollout.", ge=0, le=100)
     max_unavailable: int = Field(0, description="Replicas that may be missing during a rollout.", ge=0, le=100)
     termination_grace_period_seconds: int = Field(
@@ -524,6 +587,14 @@ class RolloutSpec(ApiModel):
     startup_timeout_seconds: int = Field(
         1800, description="Longest a replica may take to load the model before it is restarted.", ge=60, le=21600
     )
+
+    @model_validator(mode="after")
+    def _can_roll(self) -> RolloutSpec:
+        if self.max_surge == 0 and self.max_unavailable == 0:
+            raise ValueError(
+                "rollout.maxSurge and rollout.maxUnavailable cannot both be 0 (the rollout could never start)"
+            )
+        return self
 
 
 class ServerSpec(ApiModel):
