@@ -9,6 +9,7 @@ types, bounds, enums and patterns. Unknown fields are pruned, or rejected with
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 import celpy
@@ -76,10 +77,14 @@ def prune(schema: dict[str, Any], obj: Any, path: str = "") -> tuple[Any, list[s
 _env = celpy.Environment()
 
 
+@functools.cache
+def _program(rule: str) -> Any:
+    return _env.program(_env.compile(rule))
+
+
 def _cel(schema: dict[str, Any], obj: Any, path: str, errors: list[str]) -> None:
     for rule in schema.get("x-kubernetes-validations", []):
-        prog = _env.program(_env.compile(rule["rule"]))
-        ok = prog.evaluate({"self": celpy.json_to_cel(obj)})
+        ok = _program(rule["rule"]).evaluate({"self": celpy.json_to_cel(obj)})
         if not bool(ok):
             errors.append(f"{path}{rule.get('fieldPath', '')}: {rule['message']}")
     if isinstance(obj, dict):
@@ -96,11 +101,8 @@ def _schema(crd: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def validate(crd: dict[str, Any], cr: dict[str, Any]) -> list[str]:
-    """Errors as 'path: message' with unknown fields rejected; empty when the API server would accept the CR."""
-    schema = _schema(crd)
+def _errors(schema: dict[str, Any], validator: jsonschema.protocols.Validator, cr: dict[str, Any]) -> list[str]:
     cr = apply_defaults(schema, cr)
-    validator = jsonschema.Draft202012Validator(_strict(schema))
     errors = []
     for e in validator.iter_errors(cr):
         path = ".".join(str(p) for p in e.absolute_path)
@@ -110,12 +112,19 @@ def validate(crd: dict[str, Any], cr: dict[str, Any]) -> list[str]:
     return errors
 
 
+def validate(crd: dict[str, Any], cr: dict[str, Any]) -> list[str]:
+    """Errors as 'path: message' with unknown fields rejected; empty when the API server would accept the CR."""
+    schema = _schema(crd)
+    return _errors(schema, jsonschema.Draft202012Validator(_strict(schema)), cr)
+
+
 class CustomResource:
     """The API server's handling of one served custom resource."""
 
     def __init__(self, crd: dict[str, Any]):
         self.crd = crd
         self.schema = _schema(crd)
+        self.validator = jsonschema.Draft202012Validator(_strict(self.schema))
 
     def admit(self, obj: dict[str, Any], *, strict: bool) -> tuple[dict[str, Any], list[tuple[str, str]]]:
         """(defaulted and pruned object, errors as (field, message))."""
@@ -125,7 +134,9 @@ class CustomResource:
         if strict and dropped:
             errors += [(d, "Invalid value: unknown field") for d in dropped]
         out = {**apply_defaults(self.schema, pruned), "metadata": obj["metadata"]}
-        for message in validate(self.crd, {**out, "metadata": {"name": obj["metadata"].get("name", "")}}):
+        for message in _errors(
+            self.schema, self.validator, {**out, "metadata": {"name": obj["metadata"].get("name", "")}}
+        ):
             field, _, text = message.partition(": ")
             errors.append((field.lstrip("."), text))
         return out, errors

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import copy
 import datetime
 import itertools
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -60,6 +60,11 @@ class ApiError(Exception):
         self.details = {**details, **({"causes": causes} if causes else {})}
 
 
+def _clone(obj: Any) -> Any:
+    """A deep copy of JSON data (several times faster than copy.deepcopy)."""
+    return json.loads(json.dumps(obj))
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -85,7 +90,7 @@ def _res(resource: kmock.resource) -> str:
 def merge_patch(target: Any, patch: Any) -> Any:
     """RFC 7386."""
     if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
+        return _clone(patch)
     out = dict(target) if isinstance(target, dict) else {}
     for k, v in patch.items():
         if v is None:
@@ -101,7 +106,7 @@ def _pointer(path: str) -> list[str]:
 
 def json_patch(target: Any, ops: list[dict[str, Any]]) -> Any:
     """RFC 6902; a failed ``test`` or a missing path is a 422, as kube-apiserver answers."""
-    doc = copy.deepcopy(target)
+    doc = _clone(target)
     for op in ops:
         *parents, last = _pointer(op["path"])
         node = doc
@@ -120,7 +125,7 @@ def json_patch(target: Any, ops: list[dict[str, Any]]) -> Any:
                 else:
                     if kind == "replace" and last not in node:
                         raise KeyError(last)
-                    node[last] = copy.deepcopy(op["value"])
+                    node[last] = _clone(op["value"])
             elif kind == "remove":
                 del node[int(last) if isinstance(node, list) else last]
             else:
@@ -230,7 +235,7 @@ class ApiServer(kmock.KubernetesScaffold):
             live = self.objects.get(key)
             if live is None:
                 raise self._not_found(res, request.name)
-            return 200, copy.deepcopy(live)
+            return 200, _clone(live)
         if method == "DELETE":
             return 200, self._delete(key, self._body(request) or {})
         if method in ("PUT", "PATCH"):
@@ -264,7 +269,7 @@ class ApiServer(kmock.KubernetesScaffold):
                 if fields_.get("metadata.name", name) != name:
                     continue
                 if _matches(meta.get("labels") or {}, selector):
-                    items.append(copy.deepcopy(obj))
+                    items.append(_clone(obj))
         version = res.rsplit("/", 1)[0]
         return {
             "apiVersion": version,
@@ -290,7 +295,7 @@ class ApiServer(kmock.KubernetesScaffold):
                 for (r, space), names_ in list(self._index.items()):
                     if r == res and (ns is None or space == ns):
                         for name in sorted(names_):
-                            yield {"type": "ADDED", "object": copy.deepcopy(self.objects[(res, space, name)])}
+                            yield {"type": "ADDED", "object": _clone(self.objects[(res, space, name)])}
             else:
                 oldest = self.history[0][0] if self.history else 0
                 if int(since) < oldest - 1 and len(self.history) == self.history.maxlen:
@@ -342,7 +347,7 @@ class ApiServer(kmock.KubernetesScaffold):
     def _create(self, res: str, ns: str, body: Any, request: kmock.Request) -> dict[str, Any]:
         if not isinstance(body, dict):
             raise ApiError(400, "BadRequest", "the body of the request must be an object")
-        obj = copy.deepcopy(body)
+        obj = _clone(body)
         meta = obj.setdefault("metadata", {})
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
@@ -414,7 +419,7 @@ class ApiServer(kmock.KubernetesScaffold):
                 f'Operation cannot be fulfilled on {key[0].rsplit("/", 1)[-1]} "{key[2]}": '
                 "the object has been modified; please apply your changes to the latest version and try again",
             )
-        new = merge_patch(live, body) if method == "PATCH" else copy.deepcopy(body)
+        new = merge_patch(live, body) if method == "PATCH" else _clone(body)
         fields.update(live, new, manager, sub)
         return 200, self._commit(key, live, new, request)
 
@@ -434,14 +439,14 @@ class ApiServer(kmock.KubernetesScaffold):
                     meta.pop(k, None)
             if sub == "status":
                 new = {
-                    **copy.deepcopy(old),
+                    **_clone(old),
                     "status": new.get("status"),
                     "metadata": {**old["metadata"], "managedFields": meta.get("managedFields")},
                 }
                 meta = new["metadata"]
             elif "status" in info.subresources:
                 if "status" in old:
-                    new["status"] = copy.deepcopy(old["status"])
+                    new["status"] = _clone(old["status"])
                 else:
                     new.pop("status", None)
             if old["metadata"].get("deletionTimestamp"):
@@ -464,7 +469,9 @@ class ApiServer(kmock.KubernetesScaffold):
         new.setdefault("kind", info.kind)
         errors = rules.normalise(new)
         custom = self.custom.get(key[0])
-        if custom is not None:
+        if custom is not None and sub == "status":
+            pass  # a status write cannot change the spec; its rules were checked when the spec was written
+        elif custom is not None:
             new, custom_errors = custom.admit(new, strict=request.params.get("fieldValidation") == "Strict")
             errors += custom_errors
         else:
@@ -476,7 +483,7 @@ class ApiServer(kmock.KubernetesScaffold):
             raise self._invalid(new, errors)
         if old is not None:
             if _sans_times(new) == _sans_times(old):
-                return copy.deepcopy(old)  # a no-op write changes nothing, not even the resourceVersion
+                return _clone(old)  # a no-op write changes nothing, not even the resourceVersion
             spec_of = lambda o: {k: v for k, v in o.items() if k not in ("metadata", "status")}  # noqa: E731 - local shorthand
             if spec_of(new) != spec_of(old):
                 meta["generation"] = int(old["metadata"].get("generation") or 1) + 1
@@ -484,11 +491,11 @@ class ApiServer(kmock.KubernetesScaffold):
         meta["resourceVersion"] = str(rv)
         if meta.get("deletionTimestamp") and not meta.get("finalizers"):
             self._remove(key, new)
-            return copy.deepcopy(new)
+            return _clone(new)
         self.objects[key] = new
         self._index[(key[0], key[1])].add(key[2])
         self._emit(rv, key[0], "ADDED" if old is None else "MODIFIED", new)
-        return copy.deepcopy(new)
+        return _clone(new)
 
     def _invalid(self, obj: dict[str, Any], errors: list[tuple[str, str]]) -> ApiError:
         kind, name = obj.get("kind", ""), obj.get("metadata", {}).get("name", "")
@@ -499,7 +506,7 @@ class ApiServer(kmock.KubernetesScaffold):
         return ApiError(422, "Invalid", f'{what} "{name}" is invalid: [{text}]', causes, name=name, kind=kind)
 
     def _emit(self, rv: int, res: str, type_: str, obj: dict[str, Any]) -> None:
-        event = {"type": type_, "object": copy.deepcopy(obj)}
+        event = {"type": type_, "object": _clone(obj)}
         self.history.append((rv, res, event))
         for q in self._watchers.get(res, []):
             q.put_nowait(event)
@@ -516,15 +523,15 @@ class ApiServer(kmock.KubernetesScaffold):
             raise ApiError(409, "Conflict", f'Precondition failed on "{key[2]}"')
         if live["metadata"].get("finalizers"):
             if not live["metadata"].get("deletionTimestamp"):
-                new = copy.deepcopy(live)
+                new = _clone(live)
                 new["metadata"].update(deletionTimestamp=_now(), deletionGracePeriodSeconds=0)
                 rv = next(self._rv)
                 new["metadata"]["resourceVersion"] = str(rv)
                 self.objects[key] = new
                 self._emit(rv, key[0], "MODIFIED", new)
-            return copy.deepcopy(self.objects[key])
+            return _clone(self.objects[key])
         self._remove(key, live)
-        return copy.deepcopy(live)
+        return _clone(live)
 
     def _remove(self, key: Key, obj: dict[str, Any]) -> None:
         self.objects.pop(key, None)
