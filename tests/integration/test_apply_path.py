@@ -12,10 +12,8 @@ import time
 import pytest
 
 from sdop.reconcile.children import HANDOVER_MANAGER, owns
-from sdop.reconcile.discovery import Discovery
-from sdop.reconcile.kube import Connection, Kube
 from sdop.reconcile.service import Reconciler
-from sdop.render import ClusterFacts, render
+from sdop.render import render
 from sdtesting.apiserver import Cluster
 from sdtesting.examples import example
 
@@ -23,20 +21,6 @@ pytestmark = pytest.mark.integration
 
 NS = "apply"
 SDS = ("sdop.io/v1alpha1", "stablediffusionservices")
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    c = Cluster()
-    yield c
-    c.close()
-
-
-@pytest.fixture
-async def reconciler(cluster):
-    kube = Kube(Connection(cluster.url))
-    yield Reconciler(kube, Discovery(kube, ttl_seconds=60), ClusterFacts())
-    await kube.close()
 
 
 def production(name: str) -> dict:
@@ -48,28 +32,28 @@ def production(name: str) -> dict:
 class Service:
     """One StableDiffusionService: create it, edit its spec, converge, read what it made."""
 
-    def __init__(self, cluster: Cluster, reconciler: Reconciler, cr: dict):
-        self.cluster, self.reconciler = cluster, reconciler
+    def __init__(self, apiserver: Cluster, reconciler: Reconciler, cr: dict):
+        self.apiserver, self.reconciler = apiserver, reconciler
         self.name = cr["metadata"]["name"]
-        cluster.create(cr)
+        apiserver.create(cr)
 
     @property
     def body(self) -> dict:
-        body = self.cluster.get(*SDS, NS, self.name)
+        body = self.apiserver.get(*SDS, NS, self.name)
         assert body is not None
         return body
 
     def edit(self, spec: dict) -> None:
-        self.cluster.patch(*SDS, NS, self.name, {"spec": spec})
+        self.apiserver.patch(*SDS, NS, self.name, {"spec": spec})
 
     async def converge(self):
         return await self.reconciler.converge(self.body, prune=True)
 
     def get(self, api_version: str, plural: str, name: str) -> dict | None:
-        return self.cluster.get(api_version, plural, NS, name)
+        return self.apiserver.get(api_version, plural, NS, name)
 
     def kids(self) -> dict:
-        return self.cluster.children(NS, self.name)
+        return self.apiserver.children(NS, self.name)
 
     def condition(self, type_: str) -> dict:
         return next(c for c in self.body["status"]["conditions"] if c["type"] == type_)
@@ -82,8 +66,8 @@ def container(dep: dict) -> dict:
     return dep["spec"]["template"]["spec"]["containers"][0]
 
 
-async def test_an_image_upgrade_replaces_the_prefetch_job_and_rolls_the_deployment(cluster, reconciler):
-    sd = Service(cluster, reconciler, production("upgrade"))
+async def test_an_image_upgrade_replaces_the_prefetch_job_and_rolls_the_deployment(apiserver, reconciler):
+    sd = Service(apiserver, reconciler, production("upgrade"))
     await sd.converge()
     jobs = {n for k, n in sd.kids() if k == "Job"}
     sd.edit({"image": {"tag": "9.9.9"}})
@@ -96,8 +80,8 @@ async def test_an_image_upgrade_replaces_the_prefetch_job_and_rolls_the_deployme
     assert sd.condition("Degraded")["status"] == "False", sd.condition("Degraded")
 
 
-async def test_a_new_storage_class_is_a_new_cache_claim_used_by_every_child(cluster, reconciler):
-    sd = Service(cluster, reconciler, production("storage"))
+async def test_a_new_storage_class_is_a_new_cache_claim_used_by_every_child(apiserver, reconciler):
+    sd = Service(apiserver, reconciler, production("storage"))
     await sd.converge()
     sd.edit({"model": {"cache": {"storageClassName": "premium-rwx"}}})
     await sd.converge()
@@ -110,8 +94,8 @@ async def test_a_new_storage_class_is_a_new_cache_claim_used_by_every_child(clus
     assert sd.condition("Degraded")["status"] == "False"
 
 
-async def test_one_rejected_child_does_not_block_the_others(cluster, reconciler):
-    sd = Service(cluster, reconciler, production("shrink"))
+async def test_one_rejected_child_does_not_block_the_others(apiserver, reconciler):
+    sd = Service(apiserver, reconciler, production("shrink"))
     await sd.converge()
     # A smaller cache is refused by the API server (a claim never shrinks); the same edit's
     # batching change still reaches the ConfigMap and the Deployment.
@@ -127,15 +111,15 @@ async def test_one_rejected_child_does_not_block_the_others(cluster, reconciler)
     assert "PersistentVolumeClaim/" in degraded["message"] and "storage" in degraded["message"], degraded
 
 
-async def test_an_object_we_do_not_control_is_never_adopted(cluster, reconciler):
+async def test_an_object_we_do_not_control_is_never_adopted(apiserver, reconciler):
     payments = {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": "payments", "namespace": NS},
         "spec": {"selector": {"app": "payments"}, "ports": [{"name": "http", "port": 8080}]},
     }
-    before = cluster.apply(copy.deepcopy(payments), "services", manager="kubectl").json()
-    sd = Service(cluster, reconciler, production("payments"))
+    before = apiserver.apply(copy.deepcopy(payments), "services", manager="kubectl").json()
+    sd = Service(apiserver, reconciler, production("payments"))
     report = await sd.converge()
     after = sd.get("v1", "services", "payments")
     assert after == before  # not one field written: same resourceVersion, selector, no owner reference
@@ -144,16 +128,16 @@ async def test_an_object_we_do_not_control_is_never_adopted(cluster, reconciler)
     assert degraded["reason"] == "Conflict" and "Service/payments" in degraded["message"], degraded
     assert sd.get("apps/v1", "deployments", "payments") is not None  # the rest is applied
     # Deleting the StableDiffusionService garbage-collects its children, never the Service.
-    cluster.delete(*SDS, NS, "payments")
+    apiserver.delete(*SDS, NS, "payments")
     _until(lambda: sd.get("apps/v1", "deployments", "payments") is None)
     assert sd.get("v1", "services", "payments") == before
 
 
-async def test_turning_autoscaling_on_keeps_the_replicas_running(cluster, reconciler):
+async def test_turning_autoscaling_on_keeps_the_replicas_running(apiserver, reconciler):
     cr = production("handover")
     cr["spec"]["autoscaling"]["enabled"] = False
     cr["spec"]["replicas"] = {"min": 3, "max": 8}
-    sd = Service(cluster, reconciler, cr)
+    sd = Service(apiserver, reconciler, cr)
     await sd.converge()
     assert sd.get("apps/v1", "deployments", "handover")["spec"]["replicas"] == 3
     sd.edit({"autoscaling": {"enabled": True}})
@@ -162,7 +146,7 @@ async def test_turning_autoscaling_on_keeps_the_replicas_running(cluster, reconc
     assert dep["spec"]["replicas"] == 3  # not reset to the default 1
     assert not owns(dep, "sdop", "spec", "replicas") and owns(dep, HANDOVER_MANAGER, "spec", "replicas")
     # The autoscaler now moves it, and the operator leaves it alone.
-    cluster.patch("apps/v1", "deployments", NS, "handover", {"spec": {"replicas": 6}})
+    apiserver.patch("apps/v1", "deployments", NS, "handover", {"spec": {"replicas": 6}})
     await sd.converge()
     assert sd.get("apps/v1", "deployments", "handover")["spec"]["replicas"] == 6
     # Turning autoscaling off again takes the field back.
@@ -171,9 +155,9 @@ async def test_turning_autoscaling_on_keeps_the_replicas_running(cluster, reconc
     assert sd.get("apps/v1", "deployments", "handover")["spec"]["replicas"] == 3
 
 
-async def test_a_long_name_deploys_every_child_within_its_limits(cluster, reconciler):
+async def test_a_long_name_deploys_every_child_within_its_limits(apiserver, reconciler):
     name = "s" + "d" * 62  # 63 characters: the longest DNS-1035 label
-    sd = Service(cluster, reconciler, production(name))
+    sd = Service(apiserver, reconciler, production(name))
     await sd.converge()
     kids = sd.kids()
     assert len(kids) == len(sd.rendered()), sorted(kids)
@@ -181,10 +165,10 @@ async def test_a_long_name_deploys_every_child_within_its_limits(cluster, reconc
     assert sd.condition("Degraded")["status"] == "False"
 
 
-async def test_non_canonical_quantities_converge_and_a_resync_writes_nothing(cluster, reconciler):
+async def test_non_canonical_quantities_converge_and_a_resync_writes_nothing(apiserver, reconciler):
     cr = production("quantities")
     cr["spec"]["resources"] = {"cpu": "1.5", "memory": "49152Mi", "shmSize": "1024Mi"}
-    sd = Service(cluster, reconciler, cr)
+    sd = Service(apiserver, reconciler, cr)
     await sd.converge()
     assert container(sd.get("apps/v1", "deployments", "quantities"))["resources"]["requests"]["cpu"] == "1500m"
     await sd.converge()  # the status settles
@@ -193,9 +177,9 @@ async def test_non_canonical_quantities_converge_and_a_resync_writes_nothing(clu
     assert report.applied == [] and reconciler.kube.writes == writes
 
 
-async def test_a_name_the_children_cannot_take_is_refused_by_the_crd(cluster):
+async def test_a_name_the_children_cannot_take_is_refused_by_the_crd(apiserver):
     cr = production("sd.v2")
-    r = cluster.http.post(cluster.path(cr["apiVersion"], "stablediffusionservices", NS), json=cr)
+    r = apiserver.http.post(apiserver.path(cr["apiVersion"], "stablediffusionservices", NS), json=cr)
     assert r.status_code == 422 and "DNS-1035" in r.text
 
 

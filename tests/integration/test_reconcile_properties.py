@@ -30,32 +30,26 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
+from sdop.api import kind_of
 from sdop.reconcile.children import contains
-from sdop.reconcile.discovery import Discovery
-from sdop.reconcile.kube import Connection, Kube
-from sdop.reconcile.service import Reconciler
+from sdop.reconcile.kube import Kube
 from sdop.render import ClusterFacts, render
 from sdtesting.apiserver import Cluster
 from sdtesting.examples import example
 
+from .conftest import reconciler_for
+
 pytestmark = pytest.mark.integration
 
 SDS = ("sdop.io/v1alpha1", "stablediffusionservices")
-PLURALS = {
-    "ServiceAccount": ("v1", "serviceaccounts"),
-    "ConfigMap": ("v1", "configmaps"),
-    "Service": ("v1", "services"),
-    "PersistentVolumeClaim": ("v1", "persistentvolumeclaims"),
-    "Deployment": ("apps/v1", "deployments"),
-    "Job": ("batch/v1", "jobs"),
-    "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets"),
-    "HorizontalPodAutoscaler": ("autoscaling/v2", "horizontalpodautoscalers"),
-    "NetworkPolicy": ("networking.k8s.io/v1", "networkpolicies"),
-    "Ingress": ("networking.k8s.io/v1", "ingresses"),
-    "ServiceMonitor": ("monitoring.coreos.com/v1", "servicemonitors"),
-    "PrometheusRule": ("monitoring.coreos.com/v1", "prometheusrules"),
-    "ScaledObject": ("keda.sh/v1alpha1", "scaledobjects"),
-}
+
+
+def where(kind: str) -> tuple[str, str]:
+    """(apiVersion, plural) of a kind, from the operator's kinds table."""
+    row = kind_of(kind)
+    return row.api_version, row.plural
+
+
 NAME = "prop"
 _namespaces = (f"prop-{i}" for i in itertools.count())
 
@@ -80,13 +74,6 @@ EDITS = st.one_of(
 SQUATS = st.sampled_from([("ConfigMap", f"{NAME}-dashboard"), ("Service", f"{NAME}-redis"), ("Ingress", NAME)])
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    c = Cluster()
-    yield c
-    c.close()
-
-
 class Reconciling(RuleBasedStateMachine):
     cluster: Cluster
 
@@ -103,8 +90,8 @@ class Reconciling(RuleBasedStateMachine):
     def _start_operator(self) -> None:
         if self.kube is not None:
             self.loop.run_until_complete(self.kube.close())
-        self.kube = Kube(Connection(self.cluster.url))
-        self.reconciler = Reconciler(self.kube, Discovery(self.kube, ttl_seconds=60), ClusterFacts())
+        self.reconciler = reconciler_for(self.cluster.url)
+        self.kube = self.reconciler.kube
 
     def body(self) -> dict[str, Any] | None:
         return self.cluster.get(*SDS, self.ns, NAME)
@@ -145,7 +132,7 @@ class Reconciling(RuleBasedStateMachine):
     def edit_a_child_from_outside(self, data: st.DataObject) -> None:
         kids = sorted(self.cluster.children(self.ns, NAME))
         kind, name = data.draw(st.sampled_from(kids))
-        api_version, plural = PLURALS[kind]
+        api_version, plural = where(kind)
         self.cluster.patch(
             api_version, plural, self.ns, name, {"metadata": {"labels": {"app.kubernetes.io/name": "x"}}}
         )
@@ -155,13 +142,13 @@ class Reconciling(RuleBasedStateMachine):
     def delete_a_child(self, data: st.DataObject) -> None:
         kids = sorted(self.cluster.children(self.ns, NAME))
         kind, name = data.draw(st.sampled_from(kids))
-        self.cluster.delete(*PLURALS[kind], self.ns, name)
+        self.cluster.delete(*where(kind), self.ns, name)
         self.settle()
 
     @rule(squat=SQUATS)
     def take_a_name_first(self, squat: tuple[str, str]) -> None:
         kind, name = squat
-        api_version, plural = PLURALS[kind]
+        api_version, plural = where(kind)
         if self.cluster.get(api_version, plural, self.ns, name) is not None:
             return  # ours already, or taken already
         obj: dict[str, Any] = {
@@ -207,7 +194,7 @@ class Reconciling(RuleBasedStateMachine):
         for key, desired in wanted.items():
             if key in self.squatted:
                 continue
-            live = self.cluster.get(*PLURALS[key[0]], self.ns, key[1])
+            live = self.cluster.get(*where(key[0]), self.ns, key[1])
             assert live is not None, f"{key} missing"
             refs = [r for r in live["metadata"].get("ownerReferences") or [] if r.get("controller")]
             assert [r["uid"] for r in refs] == [uid], (key, refs)
@@ -218,7 +205,7 @@ class Reconciling(RuleBasedStateMachine):
     @invariant()
     def foreign_objects_are_untouched(self) -> None:
         for (kind, name), before in self.squatted.items():
-            now = self.cluster.get(*PLURALS[kind], self.ns, name)
+            now = self.cluster.get(*where(kind), self.ns, name)
             assert now == before, f"{kind}/{name} was changed or deleted"
 
     @invariant()
@@ -252,8 +239,8 @@ class Reconciling(RuleBasedStateMachine):
         self.loop.close()
 
 
-def test_reconcile_invariants_hold(cluster):
-    Reconciling.cluster = cluster
+def test_reconcile_invariants_hold(apiserver):
+    Reconciling.cluster = apiserver
     examples = int(os.environ.get("SDOP_PROPERTY_EXAMPLES", "12"))
     run_state_machine_as_test(
         Reconciling,

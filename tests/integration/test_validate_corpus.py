@@ -23,11 +23,6 @@ from collections.abc import Callable
 import pytest
 
 from sdop.api import SpecError, load
-from sdop.reconcile.discovery import Discovery
-from sdop.reconcile.kube import Connection, Kube
-from sdop.reconcile.service import Reconciler
-from sdop.render import ClusterFacts
-from sdtesting.apiserver import Cluster
 from sdtesting.examples import EXAMPLES, example, load_yaml
 
 pytestmark = pytest.mark.integration
@@ -125,20 +120,6 @@ def corpus() -> list[tuple[str, dict, str | None]]:
 CORPUS = corpus()
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    c = Cluster()
-    yield c
-    c.close()
-
-
-@pytest.fixture
-async def reconciler(cluster):
-    kube = Kube(Connection(cluster.url))
-    yield Reconciler(kube, Discovery(kube, ttl_seconds=60), ClusterFacts())
-    await kube.close()
-
-
 def sdop_validate(cr: dict) -> str | None:
     try:
         load(cr)
@@ -148,7 +129,7 @@ def sdop_validate(cr: dict) -> str | None:
 
 
 @pytest.mark.parametrize(("case", "cr", "where"), CORPUS, ids=[c for c, _, _ in CORPUS])
-async def test_sdop_validate_agrees_with_the_api_server(cluster, reconciler, case, cr, where):
+async def test_sdop_validate_agrees_with_the_api_server(apiserver, reconciler, case, cr, where):
     cr = copy.deepcopy(cr)
     cr["metadata"]["namespace"] = NS
     if cr["metadata"]["name"] == example(BASE)["metadata"]["name"]:
@@ -158,8 +139,8 @@ async def test_sdop_validate_agrees_with_the_api_server(cluster, reconciler, cas
         assert verdict is None, f"{case}: sdop validate rejects a valid CR: {verdict}"
     else:
         assert verdict is not None, f"{case}: sdop validate accepts what fails ({where})"
-    r = cluster.http.post(
-        cluster.path(cr["apiVersion"], "stablediffusionservices", NS), json=cr, params={"fieldValidation": "Strict"}
+    r = apiserver.http.post(
+        apiserver.path(cr["apiVersion"], "stablediffusionservices", NS), json=cr, params={"fieldValidation": "Strict"}
     )
     if where == "api":
         assert r.status_code == 422, f"{case}: the API server accepted what sdop validate rejects ({verdict})"
@@ -167,17 +148,17 @@ async def test_sdop_validate_agrees_with_the_api_server(cluster, reconciler, cas
     assert r.status_code == 201, f"{case}: the API server rejected it: {r.text}"
     body = r.json()
     await reconciler.converge(body, prune=True)
-    status = cluster.get(cr["apiVersion"], "stablediffusionservices", NS, body["metadata"]["name"])["status"]
+    status = apiserver.get(cr["apiVersion"], "stablediffusionservices", NS, body["metadata"]["name"])["status"]
     degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
     if where is None:
         assert degraded["status"] == "False", f"{case}: {degraded}"
-        children = cluster.children(NS, body["metadata"]["name"])
+        children = apiserver.children(NS, body["metadata"]["name"])
         assert children and all(
             o["metadata"]["ownerReferences"][0]["uid"] == body["metadata"]["uid"] for o in children.values()
         )
     else:
         assert degraded["status"] == "True" and degraded["reason"] in ("InvalidSpec", "ApplyFailed"), degraded
-    cluster.delete(cr["apiVersion"], "stablediffusionservices", NS, body["metadata"]["name"])
+    apiserver.delete(cr["apiVersion"], "stablediffusionservices", NS, body["metadata"]["name"])
 
 
 def test_the_cli_names_the_field(tmp_path):
