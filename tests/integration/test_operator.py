@@ -213,6 +213,26 @@ def test_deleted_or_edited_children_are_repaired(cluster):
     eventually(repaired)
 
 
+def test_an_existing_object_with_a_child_name_is_reported_not_adopted(cluster):
+    taken = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "taken", "namespace": "images"},
+        "spec": {"selector": {"app": "someone-else"}, "ports": [{"name": "http", "port": 8080}]},
+    }
+    before = cluster.apply(taken, "services", manager="kubectl").json()
+    make(cluster, "taken")
+
+    def reported():
+        d = condition(cluster, "taken", "Degraded")
+        assert d["status"] == "True" and d["reason"] == "Conflict" and "Service/taken" in d["message"], d
+        assert cluster.get("apps/v1", "deployments", "images", "taken") is not None
+
+    eventually(reported)
+    time.sleep(RESYNC)  # a resync later, still untouched
+    assert cluster.get("v1", "services", "images", "taken") == before
+
+
 def test_a_resync_with_nothing_changed_writes_nothing(cluster):
     make(cluster, "quiet")
     eventually(lambda: status(cluster, "quiet").get("observedGeneration") == 1)
