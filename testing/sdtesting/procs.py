@@ -151,3 +151,9 @@ class OperatorProc:
         code = self.proc.wait(30)
         self._log.close()
         return code
+
+    def kill(self) -> None:
+        """Die without cleaning up (no peering goodbye), as a crashed or evicted pod does."""
+        self.proc.kill()
+        self.proc.wait(30)
+        self._log.close()

@@ -15,11 +15,11 @@ SETUPS = {
     "namespaced": {"watchNamespaces": ["team-a", "team-b"]},
     "ha": {
         "replicaCount": 2,
-        "peering": {"enabled": True, "name": "sdop"},
+        "leaderElection": {"enabled": True, "leaseName": "sdop-operator"},
         "metrics": {"serviceMonitor": {"enabled": True}},
     },
 }
-NOT_BUILTIN = {"ServiceMonitor", "ClusterKopfPeering", "KopfPeering"}
+NOT_BUILTIN = {"ServiceMonitor"}
 
 
 def rendered(values):
@@ -59,13 +59,18 @@ def test_rbac_is_least_privilege_without_wildcards(setup):
 
 def test_namespaced_mode_uses_roles_in_each_namespace_and_no_cluster_write_role():
     docs = rendered(SETUPS["namespaced"])
-    roles = [d for d in docs if d["kind"] == "Role"]
+    roles = [d for d in docs if d["kind"] == "Role" and not d["metadata"]["name"].endswith("-leader-election")]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    (lease_role,) = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"].endswith("-leader-election")]
+    assert lease_role["metadata"]["namespace"] == "sdop-system"
+    assert lease_role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]}
+    ]
     cluster_roles = [d for d in docs if d["kind"] == "ClusterRole"]
     assert len(cluster_roles) == 1
     assert all(set(r["verbs"]) <= {"get", "list", "watch"} for r in cluster_roles[0]["rules"])
     env = {
-        e["name"]: e["value"]
+        e["name"]: e.get("value")
         for e in next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
     }
     assert env["SDOP_NAMESPACES"] == "team-a,team-b"
@@ -88,7 +93,7 @@ def test_operator_pod_is_restricted_and_settings_are_wired():
 @pytest.mark.parametrize(
     "values,message",
     [
-        ({"replicaCount": 2}, "peering"),
+        ({"replicaCount": 2, "leaderElection": {"enabled": False}}, "leaderElection"),
         ({"logLevel": "verbose"}, "logLevel"),
         ({"watchNamespaces": ["Bad_Name"]}, "watchNamespaces"),
         ({"unknownKey": 1}, "unknownKey"),
@@ -122,7 +127,7 @@ def _grants(setup: str) -> dict[tuple[str, str], set[str]]:
 @pytest.mark.parametrize("setup", SETUPS)
 def test_rbac_covers_exactly_the_kinds_table(setup):
     """Derived from sdop.api.kinds: every managed kind can be read, applied and pruned; nothing else is writable
-    beyond our own resource, its status, Events and (with HA) kopf's peering objects."""
+    beyond our own resource, its status, Events and the leader election Lease."""
     from sdop.api import GROUP, MANAGED, PLURAL
 
     grants = _grants(setup)
@@ -135,8 +140,7 @@ def test_rbac_covers_exactly_the_kinds_table(setup):
         (GROUP, f"{PLURAL}/status"),
         ("", "events"),
         ("events.k8s.io", "events"),
-        ("kopf.dev", "kopfpeerings"),
-        ("kopf.dev", "clusterkopfpeerings"),
+        ("coordination.k8s.io", "leases"),
         ("apiextensions.k8s.io", "customresourcedefinitions"),
         ("", "namespaces"),
     }

@@ -54,6 +54,7 @@ MANAGED: tuple[Kind, ...] = (
 OTHER: tuple[Kind, ...] = (
     Kind(API_VERSION, KIND, PLURAL, managed=False),
     Kind("v1", "Event", "events", managed=False),
+    Kind("coordination.k8s.io/v1", "Lease", "leases", managed=False),
 )
 
 KINDS: dict[str, Kind] = {k.kind: k for k in (*MANAGED, *OTHER)}

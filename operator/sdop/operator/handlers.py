@@ -100,13 +100,8 @@ def configure(settings: kopf.OperatorSettings, memo: Memo, **_: Any) -> None:
     settings.watching.reconnect_backoff = 1.0
     settings.networking.request_timeout = 30
     settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
-    settings.peering.standalone = not memo.settings.peering
-    if memo.settings.peering:
-        settings.peering.name = memo.settings.peering
-    if memo.settings.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(memo.settings.metrics_port, registry=metrics.REGISTRY)
+    # One replica reconciles at a time by leader election (sdop.operator.leader), not kopf peering.
+    settings.peering.standalone = True
 
 
 def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo | None:

@@ -243,6 +243,21 @@ class Kube:
         )
         return applied
 
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        meta = obj["metadata"]
+        created: dict[str, Any] = await self._request(
+            "POST", api_path(obj["apiVersion"], obj["kind"], meta.get("namespace")), body=obj
+        )
+        return created
+
+    async def replace(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """PUT: an update that fails with ``Conflict`` if the object changed since its resourceVersion."""
+        meta = obj["metadata"]
+        replaced: dict[str, Any] = await self._request(
+            "PUT", api_path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"]), body=obj
+        )
+        return replaced
+
     async def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> None:
         try:
             await self._request(

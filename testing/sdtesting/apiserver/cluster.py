@@ -29,6 +29,8 @@ OPTIONAL = {
     ],
     "keda": [("keda.sh/v1alpha1", "scaledobjects", "ScaledObject")],
 }
+# kopf's peering resources (the chart installs their CRDs): HA replicas agree who is active.
+KOPF = [("kopfpeerings", "KopfPeering", True), ("clusterkopfpeerings", "ClusterKopfPeering", False)]
 
 
 class Cluster:
@@ -76,6 +78,10 @@ class Cluster:
                 verbs=_VERBS,
             )
             api.custom[resource] = CustomResource(definition)
+            for plural, kind, namespaced in KOPF:
+                api.resources[f"kopf.dev/v1/{plural}"] = kmock.ResourceInfo(
+                    kind=kind, namespaced=namespaced, verbs=_VERBS
+                )
             for name in self._apis:
                 for group_version, plural, kind in OPTIONAL[name]:
                     api.resources[f"{group_version}/{plural}"] = kmock.ResourceInfo(
