@@ -241,7 +241,19 @@ def test_a_resync_with_nothing_changed_writes_nothing(cluster):
     time.sleep(3 * RESYNC)  # at least two timer resyncs of every service
     writes = cluster.writes_since(mark)
     assert writes == [], writes
-    assert "Timer 'resync' succeeded" in cluster.operator.log()
+    assert "resync: " in cluster.operator.log() and "services checked" in cluster.operator.log()
+
+
+def test_no_finalizer_so_deletion_never_waits_for_the_operator(cluster):
+    """Children go by garbage collection; nothing needs the operator at deletion, so an
+    uninstalled operator cannot leave a StableDiffusionService (or its namespace) stuck."""
+    make(cluster, "nofinal")
+    eventually(lambda: has_all_children(cluster, "nofinal"))
+    time.sleep(RESYNC * 1.5)  # a resync has run too
+    assert not cluster.get(*SDS, "images", "nofinal")["metadata"].get("finalizers")
+    cluster.delete(*SDS, "images", "nofinal")
+    assert cluster.get(*SDS, "images", "nofinal") is None  # gone at once: nothing holds it
+    eventually(lambda: cluster.children("images", "nofinal") == {})
 
 
 def test_invalid_spec_is_degraded_with_the_field_and_nothing_applied(cluster):

@@ -8,13 +8,17 @@ nothing reads the environment at import time.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fnmatch
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import kopf
 
-from ..api import GROUP, PLURAL, VERSION
+from ..api import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from ..reconcile.kube import KubeError
 from ..reconcile.service import Reconciler, Report, RetryLater
 from . import metrics
 from .memo import Memo
@@ -60,14 +64,48 @@ async def changed(body: kopf.Body, reason: str, memo: Memo, **_: Any) -> None:
     await reconcile(memo, cr, str(reason), lambda r: r.converge(cr, prune=True))
 
 
-async def resync(body: kopf.Body, memo: Memo, **_: Any) -> None:
-    """Drift repair: a child edited or deleted by someone else is put back. No-op: no writes.
+async def resync_forever(memo: Memo, logger: logging.Logger) -> None:
+    """Drift repair for every service, every ``resync_seconds``: a child edited or deleted by
+    someone else is put back; a no-op makes no writes.
 
-    Reads only the rendered children (no listing): pruning follows spec changes, which the
-    create/update/resume handlers see.
+    One list call per interval (per watched namespace), not a kopf timer per object: a kopf
+    timer makes kopf put a finalizer on every StableDiffusionService, so deleting one (or
+    its namespace) would hang once the operator is uninstalled. Pruning follows spec
+    changes, which the create/update/resume handlers see.
     """
-    cr = dict(body)
-    await reconcile(memo, cr, "resync", lambda r: r.converge(cr, prune=False))
+    interval = memo.settings.resync_seconds
+    spaces = memo.settings.namespace_list
+    literal = spaces and not any(ch in n for n in spaces for ch in "*?[")
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            if literal:
+                items = [cr for ns in spaces for cr in await memo.kube.list(API_VERSION, KIND, ns, {})]
+            else:
+                found = await memo.kube.list(API_VERSION, KIND, None, {})
+                items = [
+                    cr
+                    for cr in found
+                    if not spaces or any(fnmatch.fnmatch(cr["metadata"]["namespace"], n) for n in spaces)
+                ]
+        except KubeError as e:
+            logger.warning("resync: listing StableDiffusionServices: %s (next try in %s s)", e, interval)
+            continue
+
+        async def one(cr: dict[str, Any]) -> None:
+            try:
+                await reconcile(memo, cr, "resync", lambda r: r.converge(cr, prune=False))
+            except kopf.TemporaryError as e:
+                logger.warning("resync of %s/%s: %s", cr["metadata"]["namespace"], cr["metadata"]["name"], e)
+            except Exception:
+                logger.exception("resync of %s/%s failed", cr["metadata"]["namespace"], cr["metadata"]["name"])
+
+        await asyncio.gather(*(one(cr) for cr in items if not cr["metadata"].get("deletionTimestamp")))
+        logger.debug("resync: %d services checked", len(items))
+
+
+async def start_resync(memo: Memo, logger: kopf.Logger, **_: Any) -> None:
+    memo.resync_task = asyncio.create_task(resync_forever(memo, logging.getLogger("sdop.resync")))
 
 
 async def deployment_event(event: kopf.RawEvent, body: kopf.Body, memo: Memo, logger: kopf.Logger, **_: Any) -> None:
@@ -110,6 +148,10 @@ def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo | No
 
 
 async def close(memo: Memo, **_: Any) -> None:
+    if memo.resync_task is not None:
+        memo.resync_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await memo.resync_task
     await memo.kube.close()
 
 
@@ -117,18 +159,10 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     """Every handler, registered with the intervals from ``settings``."""
     registry = kopf.OperatorRegistry()
     kopf.on.startup(registry=registry)(configure)
+    kopf.on.startup(registry=registry)(start_resync)
     kopf.on.login(registry=registry)(login)
     kopf.on.cleanup(registry=registry)(close)
     for on in (kopf.on.create, kopf.on.update, kopf.on.resume):
         on(GROUP, VERSION, PLURAL, registry=registry, id="changed")(changed)
-    kopf.timer(
-        GROUP,
-        VERSION,
-        PLURAL,
-        registry=registry,
-        id="resync",
-        interval=settings.resync_seconds,
-        initial_delay=settings.resync_seconds,
-    )(resync)
     kopf.on.event("apps", "v1", "deployments", labels=SERVER_LABELS, registry=registry)(deployment_event)
     return registry

@@ -23,6 +23,8 @@ class Memo:
     reconciler: Reconciler
     #: Bounded concurrency: a thousand services must not become a thousand API storms at once.
     slots: asyncio.Semaphore
+    #: The resync loop (``handlers.resync_forever``), started at start-up, cancelled at cleanup.
+    resync_task: asyncio.Task[None] | None = None
 
     @classmethod
     def build(cls, settings: OperatorSettings, kube: Kube | None = None) -> Memo:
