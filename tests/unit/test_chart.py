@@ -141,6 +141,8 @@ def test_rbac_covers_exactly_the_kinds_table(setup):
         ("", "events"),
         ("events.k8s.io", "events"),
         ("coordination.k8s.io", "leases"),
+        ("", "pods"),
+        ("apps", "replicasets"),
         ("apiextensions.k8s.io", "customresourcedefinitions"),
         ("", "namespaces"),
     }

@@ -55,6 +55,9 @@ OTHER: tuple[Kind, ...] = (
     Kind(API_VERSION, KIND, PLURAL, managed=False),
     Kind("v1", "Event", "events", managed=False),
     Kind("coordination.k8s.io/v1", "Lease", "leases", managed=False),
+    # Read for status: why replicas are not ready (scheduling, image pulls, crashes, quotas).
+    Kind("v1", "Pod", "pods", managed=False),
+    Kind("apps/v1", "ReplicaSet", "replicasets", managed=False),
 )
 
 KINDS: dict[str, Kind] = {k.kind: k for k in (*MANAGED, *OTHER)}

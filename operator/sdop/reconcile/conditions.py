@@ -17,6 +17,10 @@ class Facts:
     spec_error: str | None = None
     apply_error: str | None = None
     conflicts: list[str] = field(default_factory=list)
+    #: Why replicas are not ready, from pods and ReplicaSets: (reason, message), worst first.
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    #: The HPA's verdict when there is one: (able, reason, message).
+    autoscaler: tuple[bool, str, str] | None = None
     missing_apis: list[str] = field(default_factory=list)
     min_replicas: int = 1
     scale_to_zero: bool = False
@@ -52,6 +56,49 @@ def _deployment_state(dep: dict[str, Any] | None) -> tuple[int, int, int, bool, 
     return replicas, ready, updated, rolled_out, failure
 
 
+# Container states that keep a replica from ever becoming ready without a fix.
+_STUCK = {
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "CrashLoopBackOff",
+}
+
+
+def workload_problems(pods: list[dict[str, Any]], replicasets: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(reason, message) for what keeps replicas from running, as kubectl describe would show it."""
+    out: list[tuple[str, str]] = []
+    for rs in replicasets:
+        for c in (rs.get("status") or {}).get("conditions") or []:
+            if c.get("type") == "ReplicaFailure" and c.get("status") == "True":
+                out.append((c.get("reason") or "FailedCreate", f"{rs['metadata']['name']}: {c.get('message', '')}"))
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        st = pod.get("status") or {}
+        for c in st.get("conditions") or []:
+            if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
+                out.append(("Unschedulable", f"{name}: {c.get('message', '')}"))
+        for cs in [*(st.get("initContainerStatuses") or []), *(st.get("containerStatuses") or [])]:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in _STUCK:
+                last = ((cs.get("lastState") or {}).get("terminated") or {}).get("message", "")
+                message = waiting.get("message") or last or waiting["reason"]
+                out.append((waiting["reason"], f"{name}/{cs.get('name')}: {message}"))
+    return list(dict.fromkeys(out))  # each problem once, first seen first
+
+
+def autoscaler_verdict(hpa: dict[str, Any] | None) -> tuple[bool, str, str] | None:
+    """The HPA's AbleToScale and ScalingActive conditions, the first that is False, else OK."""
+    if hpa is None:
+        return None
+    for c in (hpa.get("status") or {}).get("conditions") or []:
+        if c.get("type") in ("AbleToScale", "ScalingActive") and c.get("status") == "False":
+            return False, c.get("reason") or c["type"], c.get("message") or ""
+    return True, "ScalingActive", "the autoscaler reads its metric"
+
+
 def conditions(f: Facts) -> list[dict[str, Any]]:
     if f.spec_error:
         return [
@@ -67,6 +114,8 @@ def conditions(f: Facts) -> list[dict[str, Any]]:
         degraded = _cond("Degraded", True, "ApplyFailed", f.apply_error)
     elif failure:
         degraded = _cond("Degraded", True, "RolloutStuck", failure)
+    elif f.problems:
+        degraded = _cond("Degraded", True, f.problems[0][0], "; ".join(m for _, m in f.problems[:5]))
     else:
         degraded = _cond("Degraded", False, "AsExpected", "all children applied")
     if f.deployment is None:
@@ -79,6 +128,8 @@ def conditions(f: Facts) -> list[dict[str, Any]]:
         )
     if ready > 0:
         model = _cond("ModelReady", True, "ModelLoaded", f"model loaded on {ready} replica(s)")
+    elif f.problems:
+        model = _cond("ModelReady", False, f.problems[0][0], "no replica can load the model: " + f.problems[0][1])
     elif replicas == 0 and f.scale_to_zero and f.deployment is not None:
         model = _cond("ModelReady", None, "ScaledToZero", "no replicas; the model loads on the first request")
     else:
@@ -93,6 +144,9 @@ def conditions(f: Facts) -> list[dict[str, Any]]:
     else:
         ready_c = _cond("Ready", False, "ReplicasNotReady", f"{ready}/{need} replicas ready")
     out = [ready_c, progressing, degraded, model]
+    if f.autoscaler is not None:
+        able, reason, message = f.autoscaler
+        out.append(_cond("AutoscalerReady", able, reason, message))
     if f.missing_apis:
         out.append(
             _cond(

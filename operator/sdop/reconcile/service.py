@@ -14,6 +14,7 @@ from typing import Any
 
 from ..api import API_VERSION, KIND, SpecError, StableDiffusionService, load
 from ..render import ClusterFacts, Ctx, render, required_apis
+from ..render.workload import COMPONENT as SERVER_COMPONENT
 from . import conditions as cond
 from .children import SyncResult, apply_child, owned, ref, sync
 from .discovery import Discovery
@@ -29,6 +30,12 @@ class Event:
     type: str  # Normal or Warning
     reason: str
     message: str
+
+
+@dataclass(frozen=True)
+class Workload:
+    problems: list[tuple[str, str]]
+    autoscaler: tuple[bool, str, str] | None
 
 
 @dataclass
@@ -83,7 +90,8 @@ class Reconciler:
             # Every other child was still applied; this one is tried again soon.
             raise RetryLater("applying children: " + "; ".join(f"{r}: {e}" for r, e in result.retryable))
         dep = await self._read("apps/v1", "Deployment", meta["namespace"], meta["name"])
-        new = self._status(cr, facts, dep, result.error(), result.conflicts, previous)
+        workload = await self._workload(cr, facts)
+        new = self._status(cr, facts, dep, result.error(), result.conflicts, previous, workload)
         await self._write_status(body, previous, new, report)
         return report
 
@@ -107,7 +115,8 @@ class Reconciler:
             report.events.append(Event("Normal", "Applied", f"Deployment/{meta['name']} (drift repaired)"))
         previous = body.get("status") or {}
         apply_error, conflicts = _carried_problems(previous)
-        new = self._status(cr, facts, dep, result.error() or apply_error, conflicts, previous)
+        workload = await self._workload(cr, facts)
+        new = self._status(cr, facts, dep, result.error() or apply_error, conflicts, previous, workload)
         await self._write_status(body, previous, new, report)
         return report
 
@@ -124,6 +133,21 @@ class Reconciler:
             return None
         return cr
 
+    async def _workload(self, cr: StableDiffusionService, facts: ClusterFacts) -> Workload:
+        """What the pods, their ReplicaSets and the HPA say: read at every reconcile, so a stuck
+        replica shows in status within one resync rather than after the progress deadline."""
+        ns, name = cr.metadata.namespace, cr.metadata.name
+        selector = Ctx(cr, facts).selector(SERVER_COMPONENT)
+        try:
+            pods = await self.kube.list("v1", "Pod", ns, selector)
+            replicasets = await self.kube.list("apps/v1", "ReplicaSet", ns, selector)
+            hpa = None
+            if cr.spec.autoscaling.enabled and cr.spec.autoscaling.provider == "hpa":
+                hpa = await self.kube.get("autoscaling/v2", "HorizontalPodAutoscaler", ns, name)
+        except KubeError as e:
+            raise RetryLater(f"reading the workload: {e}") from e
+        return Workload(cond.workload_problems(pods, replicasets), cond.autoscaler_verdict(hpa))
+
     async def _read(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             return await self.kube.get(api_version, kind, namespace, name)
@@ -138,6 +162,7 @@ class Reconciler:
         apply_error: str | None,
         conflicts: list[str],
         previous: dict[str, Any],
+        workload: Workload,
     ) -> dict[str, Any]:
         s = cr.spec
         return cond.status(
@@ -146,6 +171,8 @@ class Reconciler:
                 deployment=dep,
                 apply_error=apply_error,
                 conflicts=conflicts,
+                problems=workload.problems,
+                autoscaler=workload.autoscaler,
                 min_replicas=s.replicas.min,
                 endpoint=Ctx(cr, facts).endpoint,
                 scale_to_zero=s.autoscaling.scale_to_zero,
