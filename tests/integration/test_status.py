@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from sdtesting.apiserver import Cluster
 from sdtesting.examples import example
+
+from .conftest import reconciler_for
 
 pytestmark = pytest.mark.integration
 
@@ -168,3 +171,25 @@ async def test_an_autoscaler_without_its_metric_is_reported(apiserver, reconcile
     await converge(apiserver, reconciler, name)
     hpa = condition(apiserver, name, "AutoscalerReady")
     assert hpa["status"] == "False" and hpa["reason"] == "FailedGetPodsMetric" and "custom.metrics" in hpa["message"]
+
+
+@pytest.mark.parametrize("provider", ["hpa", "keda"])
+async def test_without_the_autoscalers_api_the_deployment_keeps_replicas_min(provider):
+    bare = Cluster(custom_metrics=False, keda=False)
+    reconciler = reconciler_for(bare.url)
+    try:
+        cr = example("sd15-production")
+        cr["metadata"] = {"name": f"bare-{provider}", "namespace": NS}
+        cr["spec"]["autoscaling"]["provider"] = provider
+        bare.create(cr)
+        await reconciler.converge(bare.get(*SDS, NS, f"bare-{provider}"), prune=True)
+        dep = bare.get("apps/v1", "deployments", NS, f"bare-{provider}")
+        assert dep["spec"]["replicas"] == cr["spec"]["replicas"]["min"] == 2  # not the Deployment default 1
+        kinds = {k for k, _ in bare.children(NS, f"bare-{provider}")}
+        assert not kinds & {"HorizontalPodAutoscaler", "ScaledObject"}
+        apis = condition(bare, f"bare-{provider}", "OptionalAPIsAvailable")
+        wanted = "custom.metrics.k8s.io/v1beta1" if provider == "hpa" else "keda.sh/v1alpha1"
+        assert apis["status"] == "False" and wanted in apis["message"], apis
+    finally:
+        await reconciler.kube.close()
+        bare.close()

@@ -1,7 +1,7 @@
 """The StableDiffusionService API: pydantic models, the one definition of every field."""
 
 from . import quantity
-from .kinds import KEDA_API, KINDS, MANAGED, MONITORING_API, OPTIONAL_APIS, Kind, kind_of
+from .kinds import CUSTOM_METRICS_API, KEDA_API, KINDS, MANAGED, MONITORING_API, OPTIONAL_APIS, Kind, kind_of
 from .resource import (
     API_VERSION,
     FIELD_MANAGER,
@@ -19,6 +19,7 @@ from .validate import load
 
 __all__ = [
     "API_VERSION",
+    "CUSTOM_METRICS_API",
     "DEFAULT_IMAGE_REPOSITORY",
     "DEFAULT_IMAGE_TAG",
     "FIELD_MANAGER",

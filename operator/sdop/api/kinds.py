@@ -13,6 +13,8 @@ from .resource import API_VERSION, KIND, PLURAL
 
 MONITORING_API = "monitoring.coreos.com/v1"
 KEDA_API = "keda.sh/v1alpha1"
+#: Served by prometheus-adapter: the HPA reads the pods' queue depth through it.
+CUSTOM_METRICS_API = "custom.metrics.k8s.io/v1beta1"
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,11 @@ OTHER: tuple[Kind, ...] = (
 
 KINDS: dict[str, Kind] = {k.kind: k for k in (*MANAGED, *OTHER)}
 
-#: Optional APIs any managed kind needs, in a stable order.
-OPTIONAL_APIS: tuple[str, ...] = tuple(sorted({k.optional_api for k in MANAGED if k.optional_api}))
+#: Optional APIs the operator discovers, in a stable order: those a managed kind needs, and
+#: the custom metrics API an HPA on queue depth needs to work.
+OPTIONAL_APIS: tuple[str, ...] = tuple(
+    sorted({k.optional_api for k in MANAGED if k.optional_api} | {CUSTOM_METRICS_API})
+)
 
 
 def kind_of(kind: str) -> Kind:

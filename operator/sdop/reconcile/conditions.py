@@ -153,7 +153,8 @@ def conditions(f: Facts) -> list[dict[str, Any]]:
                 "OptionalAPIsAvailable",
                 False,
                 "APINotInstalled",
-                f"{', '.join(f.missing_apis)} not found in the cluster; the objects needing them are not created",
+                f"{', '.join(f.missing_apis)} not found in the cluster; the objects needing them are not created "
+                "(without its autoscaler's API the Deployment keeps replicas.min)",
             )
         )
     return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..api import KEDA_API, MONITORING_API, StableDiffusionService, kind_of, load
+from ..api import CUSTOM_METRICS_API, KEDA_API, MONITORING_API, StableDiffusionService, kind_of, load
 from . import config, dashboard, monitoring, network, redis, scaling, storage, workload
 from .context import ClusterFacts, Ctx, digest
 
@@ -51,8 +51,8 @@ def required_apis(cr: StableDiffusionService) -> list[str]:
     need = []
     if s.monitoring.service_monitor or s.monitoring.prometheus_rule:
         need.append(MONITORING_API)
-    if s.autoscaling.enabled and s.autoscaling.provider == "keda":
-        need.append(KEDA_API)
+    if s.autoscaling.enabled:
+        need.append(KEDA_API if s.autoscaling.provider == "keda" else CUSTOM_METRICS_API)
     return need
 
 

@@ -7,7 +7,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..api import DEFAULT_IMAGE_REPOSITORY, DEFAULT_IMAGE_TAG, OPTIONAL_APIS, StableDiffusionService
+from ..api import (
+    CUSTOM_METRICS_API,
+    DEFAULT_IMAGE_REPOSITORY,
+    DEFAULT_IMAGE_TAG,
+    KEDA_API,
+    OPTIONAL_APIS,
+    StableDiffusionService,
+)
 from ..api.presets import GpuPreset, preset
 from ..api.semantics import max_batch_size
 from ..api.spec import StableDiffusionServiceSpec
@@ -57,6 +64,14 @@ class Ctx:
 
     def child(self, suffix: str = "") -> str:
         return fit(f"{self.name}-{suffix}" if suffix else self.name)
+
+    @property
+    def autoscaled(self) -> bool:
+        """Whether an autoscaler is rendered and can work: else the Deployment holds replicas.min."""
+        a = self.spec.autoscaling
+        if not a.enabled:
+            return False
+        return self.has_api(CUSTOM_METRICS_API if a.provider == "hpa" else KEDA_API)
 
     @property
     def cache_claim(self) -> str:

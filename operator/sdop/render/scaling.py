@@ -31,7 +31,7 @@ def _behavior(ctx: Ctx) -> dict[str, Any]:
 
 def hpa(ctx: Ctx) -> dict[str, Any] | None:
     a = ctx.spec.autoscaling
-    if not a.enabled or a.provider != "hpa":
+    if not ctx.autoscaled or a.provider != "hpa":
         return None
     return {
         "apiVersion": "autoscaling/v2",
@@ -64,7 +64,7 @@ def keda_query(ctx: Ctx) -> str:
 
 def scaled_object(ctx: Ctx) -> dict[str, Any] | None:
     a = ctx.spec.autoscaling
-    if not a.enabled or a.provider != "keda" or not ctx.has_api(KEDA_API):
+    if not ctx.autoscaled or a.provider != "keda":
         return None
     return {
         "apiVersion": KEDA_API,

@@ -197,10 +197,12 @@ def deployment(ctx: Ctx) -> dict[str, Any]:
             "spec": pod,
         },
     }
-    if not s.autoscaling.enabled:
+    if not ctx.autoscaled:
         spec["replicas"] = s.replicas.min
-    # With autoscaling, replicas is owned by the HPA / KEDA: leaving it out of the applied
-    # object stops the operator and the autoscaler fighting over it.
+    # With a working autoscaler, replicas is owned by the HPA / KEDA: leaving it out of the
+    # applied object stops the operator and the autoscaler fighting over it (the hand-over
+    # keeps the current count: sdop.reconcile.children.hand_over_replicas). Without one
+    # (autoscaling off, or its API missing) the Deployment holds replicas.min.
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": ctx.meta(ctx.name, COMPONENT), "spec": spec}
 
 
