@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sdop.reconcile.discovery import Discovery
-from sdop.reconcile.kube import Connection, Kube
+from sdop.reconcile.kube import Credentials, Kube
 from sdop.reconcile.service import Reconciler
 from sdop.render import ClusterFacts
 from sdtesting.apiserver import Cluster
@@ -21,7 +21,7 @@ def apiserver():
 
 def reconciler_for(url: str) -> Reconciler:
     """What ``sdop operator`` runs per event, talking to the API server at ``url``."""
-    kube = Kube(Connection(url))
+    kube = Kube(Credentials(url))
     return Reconciler(kube, Discovery(kube, ttl_seconds=60), ClusterFacts())
 
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from sdop.operator.leader import LeaderElector
-from sdop.reconcile.kube import Connection, Kube
+from sdop.reconcile.kube import Credentials, Kube
 
 pytestmark = pytest.mark.integration
 
@@ -16,7 +16,7 @@ LEASE = ("coordination.k8s.io/v1", "leases", "sdop", "lease")
 
 @pytest.fixture
 async def kube(apiserver):
-    k = Kube(Connection(apiserver.url))
+    k = Kube(Credentials(apiserver.url))
     yield k
     await k.close()
 

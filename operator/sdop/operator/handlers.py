@@ -142,9 +142,23 @@ def configure(settings: kopf.OperatorSettings, memo: Memo, **_: Any) -> None:
     settings.peering.standalone = True
 
 
-def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo | None:
-    """kopf's own credentials: the pod's service account, else the kubeconfig (as ``Kube`` does)."""
-    return kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+async def login(memo: Memo, **_: Any) -> kopf.ConnectionInfo:
+    """kopf logs in with the operator's own credentials, loaded as ``Kube`` loads them
+    (service account, or a kubeconfig with exec plugins, client certificates, token files).
+    kopf calls this again after a 401, and each call loads the credentials anew, so a
+    rotated token file or an expired exec-plugin token is picked up."""
+    credentials = memo.kube.credentials
+    cfg = await credentials.configuration(reload=True)
+    token = await credentials.bearer()
+    return kopf.ConnectionInfo(
+        server=str(cfg.host),
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        scheme="Bearer" if token else None,
+        token=token,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+    )
 
 
 async def close(memo: Memo, **_: Any) -> None:

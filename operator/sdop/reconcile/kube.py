@@ -1,4 +1,9 @@
-"""The one place that talks to the Kubernetes API server (aiohttp, no generated client).
+"""The one place that talks to the Kubernetes API server, through kubernetes_asyncio.
+
+kubernetes_asyncio (the asyncio port of the official client, maintained with every
+Kubernetes release) loads the credentials and makes every call: its ``ApiClient`` is used
+untyped (paths from the kinds table, JSON bodies), so one small client serves every kind
+without a generated class per kind.
 
 Reads: get, list, discovery. Writes: server-side apply (one field manager), delete,
 status merge patch. Paths come from the kinds table (``sdop.api.kinds``). A failure raises
@@ -11,13 +16,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import ssl
-import tempfile
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import yaml
+from kubernetes_asyncio.client import ApiClient, Configuration
+from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.config import load_incluster_config, load_kube_config
 
 from ..api import FIELD_MANAGER, kind_of
 
@@ -93,59 +97,46 @@ def error_for(status: int, message: str) -> KubeError:
     return cls(status, message)
 
 
-@dataclass
-class Connection:
-    server: str
-    token: str | None = None
-    ssl: ssl.SSLContext | bool = True
+class Credentials:
+    """Where the operator's credentials come from, loaded by kubernetes_asyncio and loaded
+    again when they may have changed (a 401, or kopf asking to log in again).
 
+    In a pod: the service account (the token file is re-read as it rotates). Else
+    ``$KUBECONFIG`` or ``~/.kube/config``, with everything kubectl supports there:
+    exec credential plugins (EKS, GKE, AKS), client certificates, token files. ``server``
+    (and ``token``) name an API server directly, for tests.
+    """
 
-def _kubeconfig(path: str) -> Connection:
-    cfg = yaml.safe_load(pathlib.Path(path).read_text())
-    ctx_name = cfg.get("current-context")
-    ctx = (
-        next((c["context"] for c in cfg.get("contexts", []) if c["name"] == ctx_name), None)
-        or cfg["contexts"][0]["context"]
-    )
-    cluster = next(c["cluster"] for c in cfg["clusters"] if c["name"] == ctx["cluster"])
-    user: dict[str, Any] = next((u["user"] for u in cfg.get("users", []) if u["name"] == ctx.get("user")), {}) or {}
-    server = cluster["server"].rstrip("/")
-    sslctx: ssl.SSLContext | bool = True
-    if server.startswith("https"):
-        if cluster.get("insecure-skip-tls-verify"):
-            sslctx = False
+    def __init__(self, server: str | None = None, token: str | None = None):
+        self.server, self.token = server, token
+        self._configuration: Configuration | None = None
+
+    async def configuration(self, *, reload: bool = False) -> Configuration:
+        if self._configuration is None or reload:
+            self._configuration = await self._load()
+        return self._configuration
+
+    async def _load(self) -> Configuration:
+        cfg = Configuration()
+        if self.server:
+            cfg.host = self.server.rstrip("/")
+            if self.token:
+                cfg.api_key["BearerToken"] = f"Bearer {self.token}"
+        elif os.environ.get("KUBERNETES_SERVICE_HOST") and (SA_DIR / "token").exists():
+            load_incluster_config(  # type: ignore[no-untyped-call]  # kubernetes_asyncio leaves it unannotated
+                client_configuration=cfg, try_refresh_token=True
+            )
         else:
-            sslctx = ssl.create_default_context()
-            if "certificate-authority" in cluster:
-                sslctx.load_verify_locations(cluster["certificate-authority"])
-            elif "certificate-authority-data" in cluster:
-                import base64
+            path = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or None
+            await load_kube_config(config_file=path, client_configuration=cfg, persist_config=False)
+        return cfg
 
-                sslctx.load_verify_locations(cadata=base64.b64decode(cluster["certificate-authority-data"]).decode())
-        cert, key = user.get("client-certificate"), user.get("client-key")
-        if user.get("client-certificate-data"):
-            import base64
-
-            d = tempfile.mkdtemp(prefix="sdop-")
-            cert, key = os.path.join(d, "cert"), os.path.join(d, "key")
-            pathlib.Path(cert).write_bytes(base64.b64decode(user["client-certificate-data"]))
-            pathlib.Path(key).write_bytes(base64.b64decode(user["client-key-data"]))
-        if cert and isinstance(sslctx, ssl.SSLContext):
-            sslctx.load_cert_chain(cert, key)
-    token = user.get("token")
-    if not token and user.get("tokenFile"):
-        token = pathlib.Path(user["tokenFile"]).read_text().strip()
-    return Connection(server, token, sslctx)
-
-
-def connection() -> Connection:
-    """In-cluster service account, else $KUBECONFIG or ~/.kube/config."""
-    if os.environ.get("KUBERNETES_SERVICE_HOST") and (SA_DIR / "token").exists():
-        host, port = os.environ["KUBERNETES_SERVICE_HOST"], os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-        ctx = ssl.create_default_context(cafile=str(SA_DIR / "ca.crt"))
-        return Connection(f"https://{host}:{port}", (SA_DIR / "token").read_text().strip(), ctx)
-    path = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or str(pathlib.Path.home() / ".kube" / "config")
-    return _kubeconfig(path)
+    async def bearer(self) -> str | None:
+        """The current bearer token (after any refresh the loader does), or None."""
+        cfg = await self.configuration()
+        auth = (await cfg.auth_settings()).get("BearerToken")
+        value = str(auth["value"]) if auth else ""
+        return value.removeprefix("Bearer ") or None
 
 
 def api_path(
@@ -161,22 +152,25 @@ def api_path(
 
 
 class Kube:
-    def __init__(self, conn: Connection | None = None, timeout: float = 30):
-        self.conn = conn or connection()
-        self._session: aiohttp.ClientSession | None = None
-        self.timeout = aiohttp.ClientTimeout(total=timeout)
+    def __init__(self, credentials: Credentials | None = None, timeout: float = 30):
+        self.credentials = credentials or Credentials()
+        self._api: ApiClient | None = None
+        self.timeout = timeout
         self.writes = 0  # write calls made, for tests and the scale benchmark
 
-    async def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            headers = {"Authorization": f"Bearer {self.conn.token}"} if self.conn.token else {}
-            connector = aiohttp.TCPConnector(ssl=self.conn.ssl, limit=32)
-            self._session = aiohttp.ClientSession(headers=headers, connector=connector, timeout=self.timeout)
-        return self._session
+    async def _client(self, *, reload: bool = False) -> ApiClient:
+        if self._api is None or reload:
+            if self._api is not None:
+                await self._api.close()
+            cfg = await self.credentials.configuration(reload=reload)
+            cfg.connection_pool_maxsize = 32
+            self._api = ApiClient(cfg)
+        return self._api
 
     async def close(self) -> None:
-        if self._session:
-            await self._session.close()
+        if self._api is not None:
+            await self._api.close()
+            self._api = None
 
     async def _request(
         self,
@@ -187,25 +181,35 @@ class Kube:
         content_type: str = "application/json",
         params: dict[str, str] | None = None,
     ) -> Any:
-        s = await self.session()
-        data = json.dumps(body) if body is not None else None
-        headers = {"Content-Type": content_type} if body is not None else {}
         if method != "GET":
             self.writes += 1
-        try:
-            async with s.request(method, self.conn.server + path, data=data, headers=headers, params=params) as r:
-                text = await r.text()
-                if r.status >= 400:
-                    try:
-                        message = json.loads(text).get("message", text)
-                    except ValueError:
-                        message = text
-                    raise error_for(r.status, f"{method} {path}: {message}")
-                return json.loads(text) if text else None
-        except aiohttp.ClientError as e:
-            raise Unreachable(0, f"{method} {path}: {type(e).__name__}: {e}") from e
-        except TimeoutError as e:
-            raise Unreachable(0, f"{method} {path}: timed out") from e
+        for attempt in (1, 2):
+            api = await self._client(reload=attempt == 2)
+            try:
+                return await api.call_api(
+                    path,
+                    method,
+                    query_params=list((params or {}).items()),
+                    header_params={"Content-Type": content_type, "Accept": "application/json"},
+                    body=body,
+                    auth_settings=["BearerToken"],
+                    response_types_map={200: "object", 201: "object", 202: "object"},
+                    _return_http_data_only=True,
+                    _request_timeout=self.timeout,
+                )
+            except ApiException as e:
+                if e.status == 401 and attempt == 1:
+                    continue  # credentials rotated or expired: load them again and retry once
+                try:
+                    message = json.loads(e.body or "").get("message", e.body)
+                except (ValueError, TypeError, AttributeError):
+                    message = str(e.body or e.reason)
+                raise error_for(e.status, f"{method} {path}: {message}") from None
+            except aiohttp.ClientError as e:
+                raise Unreachable(0, f"{method} {path}: {type(e).__name__}: {e}") from e
+            except TimeoutError as e:
+                raise Unreachable(0, f"{method} {path}: timed out") from e
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     async def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         try:

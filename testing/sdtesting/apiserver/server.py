@@ -177,6 +177,9 @@ class ApiServer(kmock.KubernetesScaffold):
         self.faults: list[Fault] = []
         self.writes: list[tuple[str, str]] = []
         self.gc_delay = 0.2
+        #: Bearer tokens the server accepts; None accepts any request (authentication off).
+        self.tokens: set[str] | None = None
+        self.seen_tokens: list[str] = []
         self.fallback[kmock.action.WATCH] << self._watch
 
     # ---- entry point -------------------------------------------------------------------
@@ -188,6 +191,10 @@ class ApiServer(kmock.KubernetesScaffold):
         # the property tests). This is the one place a kmock internal is touched.
         del self._requests[:-1]
         path, method = str(request.url.path), str(request.method.value)
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        self.seen_tokens.append(token)
+        if self.tokens is not None and token not in self.tokens:
+            return self._status(ApiError(401, "Unauthorized", "Unauthorized"))
         for f in self.faults:
             if f.times > 0 and f.method == method and f.path_part in path:
                 f.times -= 1
