@@ -7,8 +7,10 @@ import asyncio
 import json
 import logging
 import os
+import pathlib
 import signal
 import sys
+import time
 import urllib.request
 
 
@@ -72,7 +74,31 @@ def _prefetch(args: argparse.Namespace) -> int:
         # The variant's weights plus everything that is not a weight file.
         kwargs["allow_patterns"] = [f"*.{args.variant}.safetensors", "*.json", "*.txt", "*.model"]
     path = snapshot_download(args.model, **kwargs)
-    print(json.dumps({"model": args.model, "revision": args.revision, "path": path}))
+    done = json.dumps({"model": args.model, "revision": args.revision, "path": path})
+    if args.marker:
+        write_marker(pathlib.Path(args.marker), done)
+    print(done)
+    return 0
+
+
+def write_marker(marker: pathlib.Path, content: str) -> None:
+    """Atomically: a replica never sees a half-written marker."""
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    tmp = marker.with_name(marker.name + ".tmp")
+    tmp.write_text(content)
+    tmp.replace(marker)
+
+
+def _wait_for(args: argparse.Namespace) -> int:
+    """Init container of the replicas: wait until the prefetch Job's marker is there."""
+    marker = pathlib.Path(args.path)
+    deadline = time.monotonic() + args.timeout
+    while not marker.exists():
+        if time.monotonic() > deadline:
+            print(f"wait-for: {marker} did not appear in {args.timeout:.0f} s (is the prefetch Job failing?)")
+            return 1
+        time.sleep(args.interval)
+    print(f"wait-for: {marker} is there: {marker.read_text().strip()}")
     return 0
 
 
@@ -95,7 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--model", required=True)
     f.add_argument("--revision", default="main")
     f.add_argument("--variant")
+    f.add_argument("--marker", help="file written when the download is complete")
     f.set_defaults(func=_prefetch)
+    w = sub.add_parser("wait-for", help="wait until a file exists (the prefetch marker)")
+    w.add_argument("--path", required=True)
+    w.add_argument("--timeout", type=float, default=1800)
+    w.add_argument("--interval", type=float, default=2)
+    w.set_defaults(func=_wait_for)
     args = p.parse_args(argv)
     return args.func(args)
 

@@ -105,12 +105,13 @@ def test_cache_none_has_no_redis_and_settings_say_none():
     assert objs[("ConfigMap", "sd15-config")]["data"]["SDSERVE_CACHE_TYPE"] == "none"
 
 
-def test_gpu_preset_sets_limits_node_selector_and_batch():
+def test_gpu_preset_sets_limits_node_affinity_and_batch():
     objs = by_kind(render(example("minimal")))
     pod = objs[("Deployment", "sd-minimal")]["spec"]["template"]["spec"]
     c = pod["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert pod["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-A100-SXM4-40GB"
+    (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert term["matchExpressions"][0]["values"][0] == "NVIDIA-A100-SXM4-40GB"
     assert objs[("ConfigMap", "sd-minimal-config")]["data"]["SDSERVE_MAX_BATCH_SIZE"] == "8"
     cr = example("minimal")
     cr["spec"]["gpu"] = {"type": "rtx3080-10gb"}

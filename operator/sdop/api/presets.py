@@ -16,6 +16,17 @@ GpuType = Literal["rtx3080-10gb", "rtx4090-24gb", "a100-40gb", "h100-80gb", "cus
 #: Node label set by NVIDIA GPU feature discovery (part of the GPU operator).
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 
+#: How replicas find nodes with the preset's GPU: the node label each method reads.
+#: product: NVIDIA GPU feature discovery (the GPU operator, on-prem and any cloud with it);
+#: gke: GKE's accelerator label; karpenter: Karpenter's GPU name label (EKS);
+#: none: no GPU model constraint (any node with the device plugin's resource).
+GpuMatch = Literal["product", "gke", "karpenter", "none"]
+MATCH_LABELS: dict[str, str] = {
+    "product": GPU_PRODUCT_LABEL,
+    "gke": "cloud.google.com/gke-accelerator",
+    "karpenter": "karpenter.k8s.aws/instance-gpu-name",
+}
+
 
 @dataclass(frozen=True)
 class GpuPreset:
@@ -24,18 +35,46 @@ class GpuPreset:
     max_side: int
     cpu: str
     memory: str
-    product: str
+    #: Label values per match method: every form factor of the GPU (SXM and PCIe cards differ
+    #: in GPU feature discovery's product name). A method missing here cannot select it.
+    labels: dict[str, tuple[str, ...]]
+
+    @property
+    def product(self) -> str:
+        return self.labels["product"][0] if self.labels.get("product") else ""
 
 
 PRESETS: dict[str, GpuPreset] = {
-    "rtx3080-10gb": GpuPreset(10, 2, 768, "4", "16Gi", "NVIDIA-GeForce-RTX-3080"),
-    "rtx4090-24gb": GpuPreset(24, 4, 1024, "6", "24Gi", "NVIDIA-GeForce-RTX-4090"),
-    "a100-40gb": GpuPreset(40, 8, 1024, "8", "48Gi", "NVIDIA-A100-SXM4-40GB"),
-    "h100-80gb": GpuPreset(80, 16, 1536, "12", "64Gi", "NVIDIA-H100-80GB-HBM3"),
+    "rtx3080-10gb": GpuPreset(10, 2, 768, "4", "16Gi", {"product": ("NVIDIA-GeForce-RTX-3080",)}),
+    "rtx4090-24gb": GpuPreset(24, 4, 1024, "6", "24Gi", {"product": ("NVIDIA-GeForce-RTX-4090",)}),
+    "a100-40gb": GpuPreset(
+        40,
+        8,
+        1024,
+        "8",
+        "48Gi",
+        {
+            "product": ("NVIDIA-A100-SXM4-40GB", "NVIDIA-A100-PCIE-40GB"),
+            "gke": ("nvidia-tesla-a100",),
+            "karpenter": ("a100",),
+        },
+    ),
+    "h100-80gb": GpuPreset(
+        80,
+        16,
+        1536,
+        "12",
+        "64Gi",
+        {
+            "product": ("NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-PCIe", "NVIDIA-H100-NVL"),
+            "gke": ("nvidia-h100-80gb", "nvidia-h100-mega-80gb"),
+            "karpenter": ("h100",),
+        },
+    ),
 }
 
 #: What a ``custom`` GPU gets: the conservative end of the matrix.
-CUSTOM = GpuPreset(0, 4, 1024, "4", "16Gi", "")
+CUSTOM = GpuPreset(0, 4, 1024, "4", "16Gi", {})
 
 
 def preset(gpu_type: str) -> GpuPreset:

@@ -12,6 +12,15 @@ from .spec import StableDiffusionServiceSpec
 
 def problems(spec: StableDiffusionServiceSpec) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
+    cache = spec.model.cache
+    if cache.enabled and cache.access_mode == "ReadWriteOnce" and spec.replicas.max > 1:
+        out.append(
+            (
+                "spec.model.cache.accessMode",
+                f"ReadWriteOnce with replicas.max {spec.replicas.max}: replicas on other nodes cannot mount the "
+                "volume (Multi-Attach error); use ReadWriteMany or replicas.max 1",
+            )
+        )
     gpu_type = spec.gpu.type
     if gpu_type not in PRESETS:
         if spec.gpu.count == 0 and spec.model.pipeline == "sdxl":
@@ -19,12 +28,20 @@ def problems(spec: StableDiffusionServiceSpec) -> list[tuple[str, str]]:
         return out
     p = PRESETS[gpu_type]
     product = spec.scheduling.node_selector.get(GPU_PRODUCT_LABEL)
-    if product is not None and product != p.product:
+    if product is not None and product not in p.labels.get("product", ()):
         out.append(
             (
                 f"spec.scheduling.nodeSelector[{GPU_PRODUCT_LABEL}]",
-                f"selects {product!r} but gpu.type {gpu_type} means {p.product!r}; use gpu.type custom to pick nodes "
-                f"yourself",
+                f"selects {product!r} but gpu.type {gpu_type} means one of {list(p.labels.get('product', ()))}; use "
+                "gpu.type custom to pick nodes yourself",
+            )
+        )
+    if spec.gpu.match != "none" and not spec.gpu.node_label_values and not p.labels.get(spec.gpu.match):
+        out.append(
+            (
+                "spec.gpu.match",
+                f"no {spec.gpu.match} label value is known for gpu.type {gpu_type}; set gpu.nodeLabelValues or "
+                "gpu.match none",
             )
         )
     if spec.gpu.count == 0:

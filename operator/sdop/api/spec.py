@@ -24,7 +24,7 @@ from .k8s import (
     Labels,
     key_rule,
 )
-from .presets import GpuType
+from .presets import GpuMatch, GpuType
 
 JwtAlgorithm = Literal["HS256", "RS256", "ES256"]
 
@@ -87,9 +87,13 @@ class ModelCache(ApiModel):
     storage_class_name: DnsSubdomain | None = Field(
         None, description="StorageClass of the cache volume; the cluster default when unset."
     )
-    access_mode: Literal["ReadWriteMany", "ReadWriteOnce", "ReadOnlyMany"] = Field(
-        "ReadWriteMany",
-        description="Access mode of the cache volume. ReadWriteMany lets replicas on several nodes share it.",
+    access_mode: Literal["ReadWriteMany", "ReadWriteOnce"] | None = Field(
+        None,
+        description=(
+            "Access mode of the cache volume. Unset: ReadWriteOnce with replicas.max 1 (what every default "
+            "StorageClass offers), else ReadWriteMany (replicas on several nodes share it; needs a StorageClass "
+            "that offers it, e.g. NFS, EFS, Filestore, Azure Files)."
+        ),
     )
     prefetch: bool = Field(
         True, description="Run a Job that downloads the weights into the cache before the replicas start."
@@ -194,10 +198,11 @@ class GpuSpec(ApiModel):
     count: int = Field(
         1,
         description=(
-            "GPUs per replica. The server runs one process per GPU; more than 1 is for models that do not fit one GPU."
+            "GPUs per replica: 1, or 0 for CPU replicas (gpu.type custom). The server runs one pipeline on one "
+            "GPU; to use more GPUs, run more replicas."
         ),
         ge=0,
-        le=8,
+        le=1,
     )
     type: GpuType = Field(
         "a100-40gb",
@@ -205,6 +210,19 @@ class GpuSpec(ApiModel):
             "GPU preset: rtx3080-10gb, rtx4090-24gb, a100-40gb, h100-80gb or custom. It sets the default batch size, "
             "CPU/memory requests, largest image side and the nvidia.com/gpu.product node selector."
         ),
+    )
+    match: GpuMatch = Field(
+        "product",
+        description=(
+            "How replicas find nodes with this GPU: product (NVIDIA GPU feature discovery's nvidia.com/gpu.product, "
+            "any of the preset's form factors), gke (cloud.google.com/gke-accelerator), karpenter "
+            "(karpenter.k8s.aws/instance-gpu-name), or none (only the GPU resource request)."
+        ),
+    )
+    node_label_values: list[str] = Field(
+        default_factory=list,
+        description="Overrides the preset's values for the match label (any of them matches).",
+        max_length=16,
     )
     resource_name: str = Field(
         "nvidia.com/gpu",

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from ..api.semantics import max_sides
-from .context import HTTP_PORT, Ctx
+from .context import HF_CACHE_MOUNT, HTTP_PORT, Ctx
 
 AUTH_DIR = "/etc/sdserve/auth"
 SAFETY_DIR = "/etc/sdserve/safety"
 MODEL_PVC_DIR = "/models"
-HF_HOME = "/var/cache/huggingface"
+HF_HOME = HF_CACHE_MOUNT
 
 
 def model_location(ctx: Ctx) -> str:

@@ -74,11 +74,22 @@ class Ctx:
         return self.has_api(CUSTOM_METRICS_API if a.provider == "hpa" else KEDA_API)
 
     @property
+    def cache_access_mode(self) -> str:
+        c = self.spec.model.cache
+        return c.access_mode or ("ReadWriteOnce" if self.spec.replicas.max == 1 else "ReadWriteMany")
+
+    @property
     def cache_claim(self) -> str:
         """A PVC's spec is immutable except its size: another storage class or access mode is
         another claim (the cache is filled again); a larger size grows the same claim."""
         c = self.spec.model.cache
-        return self.child(f"model-cache-{digest([c.storage_class_name, c.access_mode], 6)}")
+        return self.child(f"model-cache-{digest([c.storage_class_name, self.cache_access_mode], 6)}")
+
+    @property
+    def prefetch_marker(self) -> str:
+        """The file the prefetch Job writes when the weights are in the cache; replicas wait for it."""
+        m = self.spec.model
+        return f"{HF_CACHE_MOUNT}/.sdop/prefetched-{digest([m.id, m.revision, m.variant], 12)}"
 
     def labels(self, component: str) -> dict[str, str]:
         return {
@@ -117,6 +128,9 @@ class Ctx:
         port = "" if self.spec.service.port == 80 else f":{self.spec.service.port}"
         return f"http://{self.name}.{self.namespace}.svc{port}"
 
+
+#: Where the model cache volume is mounted (HF_HOME) in the replicas and the prefetch Job.
+HF_CACHE_MOUNT = "/var/cache/huggingface"
 
 #: Every child name fits a DNS-1035 label: Service names must, and a Job's name goes into a
 #: pod label (<= 63 characters).

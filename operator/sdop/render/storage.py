@@ -6,7 +6,7 @@ from typing import Any
 
 from .config import HF_HOME
 from .context import Ctx, digest
-from .workload import container_security_context, pod_security_context
+from .workload import container_security_context, gpu_placement, pod_security_context
 
 COMPONENT = "model-cache"
 
@@ -15,7 +15,7 @@ def cache_pvc(ctx: Ctx) -> dict[str, Any] | None:
     c = ctx.spec.model.cache
     if not c.enabled:
         return None
-    spec: dict[str, Any] = {"accessModes": [c.access_mode], "resources": {"requests": {"storage": c.size}}}
+    spec: dict[str, Any] = {"accessModes": [ctx.cache_access_mode], "resources": {"requests": {"storage": c.size}}}
     if c.storage_class_name:
         spec["storageClassName"] = c.storage_class_name
     return {
@@ -38,41 +38,46 @@ def prefetch_job(ctx: Ctx) -> dict[str, Any] | None:
                 "valueFrom": {"secretKeyRef": {"name": m.token_secret_ref.name, "key": m.token_secret_ref.key}},
             }
         )
-    args = ["prefetch", "--model", m.id, "--revision", m.revision]
+    args = ["prefetch", "--model", m.id, "--revision", m.revision, "--marker", ctx.prefetch_marker]
     if m.variant:
         args += ["--variant", m.variant]
+    pod: dict[str, Any] = {
+        "restartPolicy": "OnFailure",
+        "serviceAccountName": ctx.name,
+        "automountServiceAccountToken": False,
+        "securityContext": pod_security_context(),
+        "containers": [
+            {
+                "name": "prefetch",
+                "image": ctx.image,
+                "imagePullPolicy": ctx.spec.image.pull_policy,
+                "args": args,
+                "env": env,
+                "resources": {
+                    "requests": {"cpu": "500m", "memory": "1Gi"},
+                    "limits": {"cpu": "2", "memory": "4Gi"},
+                },
+                "securityContext": container_security_context(),
+                "volumeMounts": [
+                    {"name": "hf-cache", "mountPath": HF_HOME},
+                    {"name": "tmp", "mountPath": "/tmp"},
+                ],
+            }
+        ],
+        "volumes": [
+            {"name": "hf-cache", "persistentVolumeClaim": {"claimName": ctx.cache_claim}},
+            {"name": "tmp", "emptyDir": {}},
+        ],
+    }
+    # On the service's GPU nodes: a zonal ReadWriteOnce volume binds where the replicas run.
+    gpu_placement(ctx, pod)
+    if ctx.spec.image.pull_secrets:
+        pod["imagePullSecrets"] = [{"name": n} for n in ctx.spec.image.pull_secrets]
     spec = {
         "backoffLimit": 6,
         "template": {
             "metadata": {"labels": ctx.labels(COMPONENT)},
-            "spec": {
-                "restartPolicy": "OnFailure",
-                "serviceAccountName": ctx.name,
-                "automountServiceAccountToken": False,
-                "securityContext": pod_security_context(),
-                "containers": [
-                    {
-                        "name": "prefetch",
-                        "image": ctx.image,
-                        "imagePullPolicy": ctx.spec.image.pull_policy,
-                        "args": args,
-                        "env": env,
-                        "resources": {
-                            "requests": {"cpu": "500m", "memory": "1Gi"},
-                            "limits": {"cpu": "2", "memory": "4Gi"},
-                        },
-                        "securityContext": container_security_context(),
-                        "volumeMounts": [
-                            {"name": "hf-cache", "mountPath": HF_HOME},
-                            {"name": "tmp", "mountPath": "/tmp"},
-                        ],
-                    }
-                ],
-                "volumes": [
-                    {"name": "hf-cache", "persistentVolumeClaim": {"claimName": ctx.cache_claim}},
-                    {"name": "tmp", "emptyDir": {}},
-                ],
-            },
+            "spec": pod,
         },
     }
     # A Job's spec is immutable: any change to it (model, image, pull policy, token, cache

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
-from ..api.presets import GPU_PRODUCT_LABEL
+from ..api.presets import MATCH_LABELS
 from .config import AUTH_DIR, HF_HOME, MODEL_PVC_DIR, SAFETY_DIR, configmap
 from .context import HTTP_PORT, Ctx, digest
 
@@ -127,17 +128,45 @@ def _probes(ctx: Ctx) -> dict[str, Any]:
     }
 
 
-def _scheduling(ctx: Ctx, pod: dict[str, Any]) -> None:
+def gpu_node_requirement(ctx: Ctx) -> dict[str, Any] | None:
+    """The node selector requirement that puts a pod on a node with the preset's GPU (any of
+    its form factors), by the label ``gpu.match`` names; None when nothing constrains it."""
+    g = ctx.spec.gpu
+    if g.count == 0 or g.match == "none":
+        return None
+    values = list(g.node_label_values) or list(ctx.preset.labels.get(g.match, ()))
+    if not values:
+        return None
+    return {"key": MATCH_LABELS[g.match], "operator": "In", "values": values}
+
+
+def gpu_placement(ctx: Ctx, pod: dict[str, Any]) -> None:
+    """Node selector, GPU node affinity and tolerations: what every pod that must run on the
+    service's GPU nodes gets (the replicas, and the prefetch Job so a zonal volume binds there)."""
     s = ctx.spec
-    selector = dict(s.scheduling.node_selector)
-    if ctx.preset.product and s.gpu.count > 0:
-        selector.setdefault(GPU_PRODUCT_LABEL, ctx.preset.product)
-    if selector:
-        pod["nodeSelector"] = dict(sorted(selector.items()))
+    if s.scheduling.node_selector:
+        pod["nodeSelector"] = dict(sorted(s.scheduling.node_selector.items()))
     if s.scheduling.tolerations:
         pod["tolerations"] = [t.wire() for t in s.scheduling.tolerations]
-    if s.scheduling.affinity:
-        pod["affinity"] = s.scheduling.affinity
+    affinity = copy.deepcopy(s.scheduling.affinity) if s.scheduling.affinity else None
+    requirement = gpu_node_requirement(ctx)
+    if requirement is not None:
+        affinity = affinity or {}
+        required = affinity.setdefault("nodeAffinity", {}).setdefault(
+            "requiredDuringSchedulingIgnoredDuringExecution", {"nodeSelectorTerms": [{}]}
+        )
+        if not required.get("nodeSelectorTerms"):
+            required["nodeSelectorTerms"] = [{}]
+        # Terms are ORed: the GPU requirement is added to each of them.
+        for term in required["nodeSelectorTerms"]:
+            term.setdefault("matchExpressions", []).append(requirement)
+    if affinity:
+        pod["affinity"] = affinity
+
+
+def _scheduling(ctx: Ctx, pod: dict[str, Any]) -> None:
+    s = ctx.spec
+    gpu_placement(ctx, pod)
     if s.scheduling.priority_class_name:
         pod["priorityClassName"] = s.scheduling.priority_class_name
     if s.scheduling.topology_spread and s.replicas.max > 1:
@@ -179,6 +208,29 @@ def deployment(ctx: Ctx) -> dict[str, Any]:
     }
     if s.image.pull_secrets:
         pod["imagePullSecrets"] = [{"name": n} for n in s.image.pull_secrets]
+    if s.model.cache.enabled and s.model.cache.prefetch:
+        # The prefetch Job fills the cache once; replicas wait for its marker instead of each
+        # downloading the same weights beside it.
+        pod["initContainers"] = [
+            {
+                "name": "wait-for-model",
+                "image": ctx.image,
+                "imagePullPolicy": s.image.pull_policy,
+                "args": [
+                    "wait-for",
+                    "--path",
+                    ctx.prefetch_marker,
+                    "--timeout",
+                    str(s.rollout.startup_timeout_seconds),
+                ],
+                "resources": {
+                    "requests": {"cpu": "10m", "memory": "32Mi"},
+                    "limits": {"cpu": "100m", "memory": "128Mi"},
+                },
+                "securityContext": container_security_context(),
+                "volumeMounts": [{"name": "hf-cache", "mountPath": HF_HOME, "readOnly": True}],
+            }
+        ]
     _scheduling(ctx, pod)
     spec: dict[str, Any] = {
         "selector": {"matchLabels": ctx.selector(COMPONENT)},

@@ -1,0 +1,139 @@
+"""GPU node placement per cluster kind, and a model cache that binds and is filled once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from sdop.api import SpecError, load
+from sdop.render import render
+from sdtesting.examples import by_kind, example
+
+
+def rendered(mutate) -> dict:
+    cr = example("sd15-production")
+    mutate(cr["spec"])
+    return by_kind(render(cr))
+
+
+def gpu_terms(pod: dict) -> list[dict]:
+    return pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+
+
+def server_pod(objs: dict) -> dict:
+    return objs[("Deployment", "sd15")]["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize(
+    ("gpu", "key", "values"),
+    [
+        ({"type": "a100-40gb"}, "nvidia.com/gpu.product", ["NVIDIA-A100-SXM4-40GB", "NVIDIA-A100-PCIE-40GB"]),
+        (
+            {"type": "h100-80gb"},
+            "nvidia.com/gpu.product",
+            ["NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-PCIe", "NVIDIA-H100-NVL"],
+        ),
+        ({"type": "a100-40gb", "match": "gke"}, "cloud.google.com/gke-accelerator", ["nvidia-tesla-a100"]),
+        ({"type": "h100-80gb", "match": "karpenter"}, "karpenter.k8s.aws/instance-gpu-name", ["h100"]),
+        (
+            {"type": "a100-40gb", "nodeLabelValues": ["NVIDIA-A100-SXM4-80GB"]},
+            "nvidia.com/gpu.product",
+            ["NVIDIA-A100-SXM4-80GB"],
+        ),
+    ],
+)
+def test_replicas_select_every_form_factor_of_the_preset_gpu(gpu, key, values):
+    objs = rendered(lambda s: s["gpu"].update(gpu))
+    pod = server_pod(objs)
+    assert gpu_terms(pod) == [{"matchExpressions": [{"key": key, "operator": "In", "values": values}]}]
+    assert "nvidia.com/gpu.product" not in pod.get("nodeSelector", {})
+    # The preset still sizes the replica.
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_match_none_leaves_only_the_gpu_request():
+    pod = server_pod(rendered(lambda s: s["gpu"].update({"match": "none"})))
+    assert "affinity" not in pod and pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_the_gpu_requirement_is_added_to_each_user_affinity_term():
+    zone = {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a", "b"]}]}
+    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [zone]}}}
+    pod = server_pod(rendered(lambda s: s["scheduling"].update({"affinity": affinity})))
+    (term,) = gpu_terms(pod)
+    assert [e["key"] for e in term["matchExpressions"]] == ["topology.kubernetes.io/zone", "nvidia.com/gpu.product"]
+
+
+def test_a_match_without_a_known_label_value_is_refused():
+    cr = example("sd15-production")
+    cr["spec"]["gpu"] = {"type": "rtx4090-24gb", "match": "gke"}
+    cr["spec"]["batching"]["maxBatchSize"] = 4
+    with pytest.raises(SpecError) as e:
+        load(cr)
+    assert e.value.fields == ["spec.gpu.match"]
+
+
+def test_more_than_one_gpu_per_replica_is_refused():
+    cr = example("sd15-production")
+    cr["spec"]["gpu"]["count"] = 2
+    with pytest.raises(SpecError) as e:
+        load(cr)
+    assert "spec.gpu.count" in e.value.fields
+
+
+def test_the_cache_access_mode_follows_the_replica_count():
+    several = rendered(lambda s: s["model"]["cache"].pop("accessMode", None))
+    (pvc,) = [o for (k, _), o in several.items() if k == "PersistentVolumeClaim"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # replicas.max 8: several nodes share it
+    one = rendered(lambda s: s.update({"replicas": {"min": 1, "max": 1}}))
+    (pvc,) = [o for (k, _), o in one.items() if k == "PersistentVolumeClaim"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]  # what every default StorageClass offers
+    cr = example("sd15-production")
+    cr["spec"]["model"]["cache"]["accessMode"] = "ReadWriteOnce"
+    with pytest.raises(SpecError) as e:
+        load(cr)
+    assert e.value.fields == ["spec.model.cache.accessMode"]
+
+
+def test_replicas_wait_for_the_prefetch_marker_and_the_job_runs_on_gpu_nodes():
+    objs = rendered(lambda s: None)
+    (job,) = [o for (k, _), o in objs.items() if k == "Job"]
+    job_pod = job["spec"]["template"]["spec"]
+    args = job_pod["containers"][0]["args"]
+    marker = args[args.index("--marker") + 1]
+    (wait,) = server_pod(objs)["initContainers"]
+    assert wait["args"][:3] == ["wait-for", "--path", marker]
+    assert gpu_terms(job_pod) == gpu_terms(server_pod(objs))
+    assert job_pod["tolerations"] == server_pod(objs)["tolerations"]
+
+
+def test_wait_for_returns_once_the_marker_appears(tmp_path):
+    from sdserve.cli import write_marker
+
+    marker = tmp_path / ".sdop" / "prefetched-x"
+    cmd = [
+        sys.executable,
+        "-m",
+        "sdserve.cli",
+        "wait-for",
+        "--path",
+        str(marker),
+        "--interval",
+        "0.1",
+        "--timeout",
+        "20",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    assert proc.poll() is None  # still waiting
+    threading.Timer(0.2, write_marker, (marker, '{"model": "m"}')).start()
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0 and '"model": "m"' in out
+    late = subprocess.run(
+        [*cmd[:5], str(tmp_path / "never"), "--interval", "0.1", "--timeout", "0.3"], capture_output=True, text=True
+    )
+    assert late.returncode == 1 and "prefetch Job" in late.stdout
