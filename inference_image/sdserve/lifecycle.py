@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from . import metrics
 from .state import State
@@ -12,19 +13,27 @@ from .work import ModelLoadError
 log = logging.getLogger("sdserve.lifecycle")
 
 
+#: Exit code after a model load failure (SDSERVE_EXIT_AFTER_LOAD_FAILURE_SECONDS).
+LOAD_FAILED_EXIT_CODE = 3
+#: The prefix of the termination message the operator recognises.
+LOAD_FAILED = "model_load_failed"
+
+
 async def load_model(state: State) -> None:
-    """Load in the worker thread; a failure leaves the server up, unready, and says why."""
+    """Load in the worker thread; a failure leaves the server up, unready, and says why
+    (on /readyz and in metrics). In Kubernetes the operator also asks it to write the reason
+    to the termination log and exit, so the pod's status names the failure."""
     try:
         await asyncio.to_thread(state.pipeline.load)
     except ModelLoadError as e:
         state.load_error = str(e)
-        metrics.MODEL_LOAD_FAILURES.inc()
         log.error("MODEL LOAD FAILED: %s (the server stays up, unready; see sdserve_model_load_failures_total)", e)
+        _load_failed(state)
         return
     except Exception as e:
         state.load_error = f"{type(e).__name__}: {e}"
-        metrics.MODEL_LOAD_FAILURES.inc()
         log.exception("MODEL LOAD FAILED")
+        _load_failed(state)
         return
     state.loaded = True
     p = state.pipeline
@@ -33,6 +42,26 @@ async def load_model(state: State) -> None:
     metrics.MODEL_INFO.labels(state.settings.model_id, p.revision, p.device, str(p.dtype)).set(1)
     if not state.draining:
         metrics.READY.set(1)
+
+
+def _load_failed(state: State) -> None:
+    metrics.MODEL_LOAD_FAILURES.inc()
+    s = state.settings
+    message = f"{LOAD_FAILED}: {state.load_error}"
+    if s.termination_log:
+        try:
+            with open(s.termination_log, "w") as f:
+                f.write(message[:4000])  # the kubelet keeps at most 4096 bytes
+        except OSError as e:
+            log.warning("could not write the termination log %s: %s", s.termination_log, e)
+    if s.exit_after_load_failure_seconds is not None:
+        log.error("exiting in %.0f s so the pod's status shows the failure", s.exit_after_load_failure_seconds)
+        asyncio.get_running_loop().call_later(s.exit_after_load_failure_seconds, _exit_load_failed)
+
+
+def _exit_load_failed() -> None:
+    logging.shutdown()
+    os._exit(LOAD_FAILED_EXIT_CODE)  # nothing to drain: the model never loaded
 
 
 async def start_drain(state: State) -> bool:

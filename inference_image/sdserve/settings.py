@@ -75,6 +75,17 @@ class Settings(BaseSettings):
     port: int = 8000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     drain_seconds: float = Field(150, ge=0, description="Longest a SIGTERM waits for queued work.")
+    termination_log: str = Field(
+        "", description="File the reason of a fatal failure is written to (Kubernetes: /dev/termination-log)."
+    )
+    exit_after_load_failure_seconds: float | None = Field(
+        None,
+        ge=0,
+        description=(
+            "After a model load failure, exit (code 3) this many seconds later, so that the failure shows in "
+            "the pod's status (CrashLoopBackOff with the reason as its termination message). Unset: stay up, unready."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

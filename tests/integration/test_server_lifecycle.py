@@ -27,6 +27,20 @@ def test_model_load_failure_is_logged_exported_and_unready(start_server, tmp_pat
     assert "MODEL LOAD FAILED" in s.log()
 
 
+def test_in_kubernetes_a_load_failure_is_the_termination_message_and_the_container_exits(start_server, tmp_path):
+    """What the operator sets (SDSERVE_TERMINATION_LOG, SDSERVE_EXIT_AFTER_LOAD_FAILURE_SECONDS): the
+    reason reaches the pod's status (lastState.terminated.message) instead of only /readyz."""
+    log = tmp_path / "termination-log"
+    s = start_server(
+        wait="/healthz",
+        model=str(tmp_path / "no-such-model"),
+        termination_log=str(log),
+        exit_after_load_failure_seconds=1,
+    )
+    assert s.proc.wait(60) == 3
+    assert log.read_text().startswith("model_load_failed: ") and "no-such-model" in log.read_text()
+
+
 def test_sigterm_drains_queued_and_inflight_work_and_refuses_new(start_server):
     s = start_server(max_batch_size=1, max_wait_ms=0, queue_size=16, cache_type="none", drain_seconds=60)
     body = {"prompt": "drain", "width": 128, "height": 128, "num_inference_steps": 10}

@@ -90,6 +90,28 @@ def waiting(reason: str, message: str) -> dict:
             "hf-token",
         ),
         ("CrashLoopBackOff", waiting("CrashLoopBackOff", "back-off 5m0s restarting failed container"), "back-off"),
+        (
+            "ModelLoadFailed",
+            {
+                "phase": "Running",
+                "containerStatuses": [
+                    {
+                        "name": "server",
+                        "ready": False,
+                        "restartCount": 2,
+                        "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 20s"}},
+                        "lastState": {
+                            "terminated": {
+                                "exitCode": 3,
+                                "reason": "Error",
+                                "message": "model_load_failed: 401 Client Error: repository not found or token invalid",
+                            }
+                        },
+                    }
+                ],
+            },
+            "token invalid",
+        ),
     ],
 )
 async def test_a_stuck_pod_is_named_in_status(apiserver, reconciler, reason, status, says):

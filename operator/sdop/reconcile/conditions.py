@@ -56,6 +56,9 @@ def _deployment_state(dep: dict[str, Any] | None) -> tuple[int, int, int, bool, 
     return replicas, ready, updated, rolled_out, failure
 
 
+#: The prefix of the termination message sdserve writes when the model cannot load.
+MODEL_LOAD_FAILED = "model_load_failed"
+
 # Container states that keep a replica from ever becoming ready without a fix.
 _STUCK = {
     "ImagePullBackOff",
@@ -81,6 +84,10 @@ def workload_problems(pods: list[dict[str, Any]], replicasets: list[dict[str, An
             if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
                 out.append(("Unschedulable", f"{name}: {c.get('message', '')}"))
         for cs in [*(st.get("initContainerStatuses") or []), *(st.get("containerStatuses") or [])]:
+            last = ((cs.get("lastState") or {}).get("terminated") or {}).get("message") or ""
+            if last.startswith(MODEL_LOAD_FAILED):  # sdserve's termination message (SDSERVE_TERMINATION_LOG)
+                out.append(("ModelLoadFailed", f"{name}: {last.removeprefix(MODEL_LOAD_FAILED + ': ')}"))
+                continue
             waiting = (cs.get("state") or {}).get("waiting") or {}
             if waiting.get("reason") in _STUCK:
                 last = ((cs.get("lastState") or {}).get("terminated") or {}).get("message", "")

@@ -56,6 +56,10 @@ def settings_env(ctx: Ctx) -> dict[str, str]:
         "SDSERVE_PORT": HTTP_PORT,
         # Leave a margin inside the grace period for the final responses.
         "SDSERVE_DRAIN_SECONDS": max(5, s.rollout.termination_grace_period_seconds - 15),
+        # A model that cannot load: the reason goes to the termination message and the container
+        # exits, so the pod's status (and the StableDiffusionService's) names it within a minute.
+        "SDSERVE_TERMINATION_LOG": "/dev/termination-log",
+        "SDSERVE_EXIT_AFTER_LOAD_FAILURE_SECONDS": 30,
     }
     if s.model.variant:
         env["SDSERVE_VARIANT"] = s.model.variant
