@@ -106,4 +106,5 @@ def test_dashboard_covers_the_questions_and_is_delivered_with_the_sidecar_label(
         assert word in titles, word
     cm = next(o for o in render(example("sd15-production")) if o["metadata"]["name"] == "sd15-dashboard")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert json.loads(cm["data"]["sdop-sdserve.json"])["uid"] == "sdop-sdserve"
+    model = json.loads(cm["data"]["sdop-images-sd15.json"])
+    assert model["uid"].startswith("sdop-") and "images/sd15" in model["title"]

@@ -138,6 +138,7 @@ def test_rbac_covers_exactly_the_kinds_table(setup):
     allowed = {(row.group, row.plural) for row in MANAGED} | {
         (GROUP, PLURAL),
         (GROUP, f"{PLURAL}/status"),
+        (GROUP, f"{PLURAL}/finalizers"),
         ("", "events"),
         ("events.k8s.io", "events"),
         ("coordination.k8s.io", "leases"),
@@ -148,3 +149,12 @@ def test_rbac_covers_exactly_the_kinds_table(setup):
     }
     extra = set(grants) - allowed
     assert not extra, f"RBAC grants resources no row of sdop.api.kinds needs: {sorted(extra)}"
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_children_may_block_their_owners_deletion(setup):
+    """blockOwnerDeletion on the children's owner references needs update on the owner's finalizers
+    (OwnerReferencesPermissionEnforcement, enabled on most clusters)."""
+    from sdop.api import GROUP, PLURAL
+
+    assert "update" in _grants(setup).get((GROUP, f"{PLURAL}/finalizers"), set())

@@ -182,3 +182,41 @@ def test_preset_conflict_is_a_spec_error_naming_the_field():
     with pytest.raises(SpecError) as e:
         render(cr)
     assert e.value.fields == ["spec.batching.maxBatchSize"]
+
+
+def test_the_ingress_publishes_only_the_image_api():
+    objs = by_kind(render(example("sd15-production")))
+    paths = objs[("Ingress", "sd15")]["spec"]["rules"][0]["http"]["paths"]
+    assert [(p["path"], p["pathType"]) for p in paths] == [("/v1", "Prefix"), ("/generate", "Exact")]
+
+
+def test_each_service_has_its_own_dashboard_uid():
+    def uid(name: str, ns: str) -> str:
+        import json
+
+        cr = example("sd15-production")
+        cr["metadata"] = {"name": name, "namespace": ns}
+        (cm,) = [o for o in render(cr) if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-dashboard")]
+        (text,) = cm["data"].values()
+        return json.loads(text)["uid"]
+
+    assert len({uid("a", "x"), uid("b", "x"), uid("a", "y")}) == 3
+
+
+def test_transient_failures_back_off_exponentially():
+    from sdop.operator.handlers import retry_delay
+
+    assert [retry_delay(r) for r in range(8)] == [5, 10, 20, 40, 80, 160, 300, 300]
+
+
+def test_the_network_policy_admits_the_named_namespaces_and_can_restrict_egress():
+    cr = example("sd15-production")
+    cr["spec"]["service"] = {"allowedNamespaces": ["ingress-nginx", "monitoring"], "restrictEgress": True}
+    policy = by_kind(render(cr))[("NetworkPolicy", "sd15")]["spec"]
+    (rule,) = policy["ingress"]
+    (source,) = rule["from"]
+    assert source["namespaceSelector"]["matchExpressions"][0]["values"] == ["images", "ingress-nginx", "monitoring"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    assert {p["port"] for e in policy["egress"] for p in e["ports"]} == {53, 443, 6379}
+    open_policy = by_kind(render(example("sd15-production")))[("NetworkPolicy", "sd15")]["spec"]
+    assert "from" not in open_policy["ingress"][0] and "egress" not in open_policy

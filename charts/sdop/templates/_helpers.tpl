@@ -32,6 +32,11 @@ app.kubernetes.io/component: operator
 - apiGroups: ["sdop.io"]
   resources: ["stablediffusionservices/status"]
   verbs: ["get", "patch", "update"]
+# Children set blockOwnerDeletion on their owner reference: with the
+# OwnerReferencesPermissionEnforcement admission plugin that needs update on the owner's finalizers.
+- apiGroups: ["sdop.io"]
+  resources: ["stablediffusionservices/finalizers"]
+  verbs: ["update"]
 - apiGroups: [""]
   resources: ["configmaps", "services", "serviceaccounts", "persistentvolumeclaims"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]

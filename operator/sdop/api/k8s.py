@@ -30,6 +30,8 @@ IMAGE_REPOSITORY = rf"^({_LABEL}(\.{_LABEL})*(:[0-9]+)?/)?{_COMPONENT}(/{_COMPON
 IMAGE_TAG = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
 
 DnsSubdomain = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
+#: RFC 1123 label: namespace names.
+DnsLabel = Annotated[str, Field(min_length=1, max_length=63, pattern=f"^{_LABEL}$")]
 LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]
 
 

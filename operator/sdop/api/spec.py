@@ -20,6 +20,7 @@ from .k8s import (
     IMAGE_TAG,
     QUALIFIED_NAME,
     Annotations,
+    DnsLabel,
     DnsSubdomain,
     Labels,
     key_rule,
@@ -551,6 +552,20 @@ class ServiceSpec(ApiModel):
 
     type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field("ClusterIP", description="Service type.")
     port: int = Field(80, description="Service port.", ge=1, le=65535)
+    allowed_namespaces: list[DnsLabel] | None = Field(
+        None,
+        description=(
+            "Namespaces whose pods may call the API, besides this one (e.g. the ingress controller's and "
+            "Prometheus'). Unset: any source may reach the HTTP port."
+        ),
+        max_length=32,
+    )
+    restrict_egress: bool = Field(
+        False,
+        description=(
+            "Let the replicas reach only DNS, HTTPS (model downloads, JWKS, object storage) and the managed Redis."
+        ),
+    )
 
 
 class IngressTls(ApiModel):

@@ -25,6 +25,14 @@ from .memo import Memo
 from .settings import OperatorSettings
 
 RETRY_DELAY_SECONDS = 5
+RETRY_DELAY_MAX_SECONDS = 300
+
+
+def retry_delay(retry: int) -> float:
+    """Exponential backoff for a transient failure: 5 s, 10 s, 20 s ... at most 5 minutes."""
+    return float(min(RETRY_DELAY_MAX_SECONDS, RETRY_DELAY_SECONDS * 2 ** min(retry, 10)))
+
+
 SERVER_LABELS = {"app.kubernetes.io/managed-by": "sdop", "app.kubernetes.io/component": "server"}
 
 
@@ -33,6 +41,7 @@ async def reconcile(
     body: dict[str, Any],
     trigger: str,
     work: Callable[[Reconciler], Awaitable[Report]],
+    retry: int = 0,
 ) -> Report:
     """Run one convergence step for the service in ``body``: the wrapper every trigger uses."""
     async with memo.slots:
@@ -41,7 +50,7 @@ async def reconcile(
                 report = await work(memo.reconciler)
             except RetryLater as e:
                 metrics.RECONCILES.labels(trigger, "error").inc()
-                raise kopf.TemporaryError(str(e), delay=RETRY_DELAY_SECONDS) from e
+                raise kopf.TemporaryError(str(e), delay=retry_delay(retry)) from e
             except Exception:
                 metrics.RECONCILES.labels(trigger, "error").inc()
                 raise
@@ -58,10 +67,10 @@ async def reconcile(
     return report
 
 
-async def changed(body: kopf.Body, reason: str, memo: Memo, **_: Any) -> None:
+async def changed(body: kopf.Body, reason: str, memo: Memo, retry: int, **_: Any) -> None:
     """Created, updated, or found on start-up: converge and prune what the spec no longer asks for."""
     cr = dict(body)
-    await reconcile(memo, cr, str(reason), lambda r: r.converge(cr, prune=True))
+    await reconcile(memo, cr, str(reason), lambda r: r.converge(cr, prune=True), retry=retry)
 
 
 async def resync_forever(memo: Memo, logger: logging.Logger) -> None:

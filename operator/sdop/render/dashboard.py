@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .context import Ctx
+from .context import Ctx, digest
 
 
 def _panel(pid: int, title: str, exprs: list[tuple[str, str]], unit: str, x: int, y: int) -> dict[str, Any]:
@@ -120,7 +120,7 @@ PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
 ]
 
 
-def dashboard_model() -> dict[str, Any]:
+def dashboard_model(uid: str = "sdop-sdserve", title: str = "Stable Diffusion service (sdop)") -> dict[str, Any]:
     panels = [
         _panel(i + 1, title, exprs, unit, (i % 2) * 12, (i // 2) * 8) for i, (title, exprs, unit) in enumerate(PANELS)
     ]
@@ -136,8 +136,8 @@ def dashboard_model() -> dict[str, Any]:
         }
 
     return {
-        "uid": "sdop-sdserve",
-        "title": "Stable Diffusion service (sdop)",
+        "uid": uid,
+        "title": title,
         "tags": ["sdop", "stable-diffusion"],
         "schemaVersion": 39,
         "time": {"from": "now-1h", "to": "now"},
@@ -153,8 +153,8 @@ def dashboard_model() -> dict[str, Any]:
     }
 
 
-def dashboard_json() -> str:
-    return json.dumps(dashboard_model(), indent=1, sort_keys=True)
+def dashboard_json(uid: str = "sdop-sdserve", title: str = "Stable Diffusion service (sdop)") -> str:
+    return json.dumps(dashboard_model(uid, title), indent=1, sort_keys=True)
 
 
 def dashboard_configmap(ctx: Ctx) -> dict[str, Any] | None:
@@ -162,4 +162,8 @@ def dashboard_configmap(ctx: Ctx) -> dict[str, Any] | None:
         return None
     meta = ctx.meta(ctx.child("dashboard"), "monitoring")
     meta["labels"]["grafana_dashboard"] = "1"  # the Grafana sidecar's default label
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {"sdop-sdserve.json": dashboard_json()}}
+    # One dashboard per service, each with its own uid (Grafana keeps one dashboard per uid).
+    uid = f"sdop-{digest([ctx.namespace, ctx.name], 12)}"
+    title = f"Stable Diffusion: {ctx.namespace}/{ctx.name} (sdop)"
+    data = {f"sdop-{ctx.namespace}-{ctx.name}.json": dashboard_json(uid, title)}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data}

@@ -9,39 +9,53 @@ from .workload import COMPONENT
 
 
 def network_policy(ctx: Ctx) -> dict[str, Any]:
-    """Only the HTTP port is reachable; egress stays open (model downloads, Redis, JWKS)."""
+    """Only the HTTP port is reachable, from the sources service.allowedNamespaces names (any
+    when unset); with service.restrictEgress the replicas reach only DNS, HTTPS and Redis."""
+    svc = ctx.spec.service
+    rule: dict[str, Any] = {"ports": [{"port": HTTP_PORT, "protocol": "TCP"}]}
+    if svc.allowed_namespaces is not None:
+        names = sorted({ctx.namespace, *svc.allowed_namespaces})
+        rule["from"] = [
+            {
+                "namespaceSelector": {
+                    "matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": names}]
+                }
+            }
+        ]
+    spec: dict[str, Any] = {
+        "podSelector": {"matchLabels": ctx.selector(COMPONENT)},
+        "policyTypes": ["Ingress"],
+        "ingress": [rule],
+    }
+    if svc.restrict_egress:
+        spec["policyTypes"] = ["Ingress", "Egress"]
+        spec["egress"] = [
+            {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]},
+            {"ports": [{"port": 443, "protocol": "TCP"}]},
+            {"ports": [{"port": 6379, "protocol": "TCP"}]},
+        ]
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": ctx.meta(ctx.name, COMPONENT),
-        "spec": {
-            "podSelector": {"matchLabels": ctx.selector(COMPONENT)},
-            "policyTypes": ["Ingress"],
-            "ingress": [{"ports": [{"port": HTTP_PORT, "protocol": "TCP"}]}],
-        },
+        "spec": spec,
     }
+
+
+#: What the Ingress publishes: the OpenAI-style image API (/v1/...) and the seed's /generate.
+PUBLIC_PATHS = (("/v1", "Prefix"), ("/generate", "Exact"))
 
 
 def ingress(ctx: Ctx) -> dict[str, Any] | None:
     ing = ctx.spec.ingress
     if not ing.enabled:
         return None
-    spec: dict[str, Any] = {
-        "rules": [
-            {
-                "host": ing.host,
-                "http": {
-                    "paths": [
-                        {
-                            "path": ing.path,
-                            "pathType": "Prefix",
-                            "backend": {"service": {"name": ctx.name, "port": {"name": "http"}}},
-                        }
-                    ]
-                },
-            }
-        ],
-    }
+    backend = {"service": {"name": ctx.name, "port": {"name": "http"}}}
+    base = ing.path.rstrip("/")
+    # Only the image API goes out: /metrics, /docs, /openapi.json, the probes and
+    # /admin/drain stay inside the cluster.
+    paths = [{"path": f"{base}{path}", "pathType": kind, "backend": backend} for path, kind in PUBLIC_PATHS]
+    spec: dict[str, Any] = {"rules": [{"host": ing.host, "http": {"paths": paths}}]}
     if ing.class_name:
         spec["ingressClassName"] = ing.class_name
     if ing.tls:
