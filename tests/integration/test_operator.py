@@ -256,6 +256,13 @@ def test_no_finalizer_so_deletion_never_waits_for_the_operator(cluster):
     eventually(lambda: cluster.children("images", "nofinal") == {})
 
 
+def test_a_finalizer_left_by_an_older_operator_is_removed(cluster):
+    cr = production("oldfinal")
+    cr["metadata"]["finalizers"] = ["sdop.io/finalizer"]
+    cluster.create(cr)
+    eventually(lambda: not cluster.get(*SDS, "images", "oldfinal")["metadata"].get("finalizers"))
+
+
 def test_invalid_spec_is_degraded_with_the_field_and_nothing_applied(cluster):
     def conflict(spec):
         spec["scheduling"]["nodeSelector"] = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
