@@ -9,11 +9,12 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from sdop.api import SpecError
+from sdop.api import MANAGED, SpecError
 from sdop.render import ClusterFacts, render
 from sdtesting.examples import EXAMPLES, K8S_VERSIONS, by_kind, example, load_yaml
 
-CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
+# Third-party kinds: validated against their upstream CRDs in test_third_party_schemas.py.
+CRD_KINDS = {row.kind for row in MANAGED if row.optional_api}
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -138,12 +139,46 @@ def test_autoscaled_deployment_leaves_replicas_to_the_autoscaler():
     assert tiny["spec"]["replicas"] == 1
 
 
-def test_keda_scale_to_zero_renders_scaled_object_not_hpa():
+def test_scale_to_zero_goes_through_the_keda_http_add_on():
     objs = by_kind(render(example("keda-scale-to-zero")))
-    so = objs[("ScaledObject", "sd-on-demand")]
-    assert so["spec"]["minReplicaCount"] == 0 and so["spec"]["cooldownPeriod"] == 900
-    assert "sdserve_queue_depth" in so["spec"]["triggers"][0]["metadata"]["query"]
-    assert not any(k == "HorizontalPodAutoscaler" for k, _ in objs)
+    hso = objs[("HTTPScaledObject", "sd-on-demand")]["spec"]
+    assert hso["replicas"] == {"min": 0, "max": 3} and hso["scaledownPeriod"] == 900
+    assert hso["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "sd-on-demand",
+        "service": "sd-on-demand",
+        "port": 80,
+    }
+    assert hso["hosts"] == ["sd-on-demand-wake.tools.svc", "sd-on-demand-wake.tools.svc.cluster.local"]
+    assert hso["pathPrefixes"] == ["/v1", "/generate"] and hso["timeouts"]["conditionWait"] == "900s"
+    wake = objs[("Service", "sd-on-demand-wake")]["spec"]
+    assert wake["type"] == "ExternalName"
+    assert wake["externalName"] == "keda-add-ons-http-interceptor-proxy.keda.svc.cluster.local"
+    # The add-on makes its own ScaledObject; a second one on the same Deployment is refused by KEDA.
+    assert not any(k in ("ScaledObject", "HorizontalPodAutoscaler") for k, _ in objs)
+    assert "replicas" not in objs[("Deployment", "sd-on-demand")]["spec"]
+
+
+def test_the_ingress_leads_to_the_interceptor_at_scale_to_zero():
+    cr = example("keda-scale-to-zero")
+    cr["spec"]["ingress"] = {"enabled": True, "host": "sd.example.com"}
+    objs = by_kind(render(cr))
+    backends = {
+        p["backend"]["service"]["name"] for p in objs[("Ingress", "sd-on-demand")]["spec"]["rules"][0]["http"]["paths"]
+    }
+    assert backends == {"sd-on-demand-wake"}
+    assert objs[("HTTPScaledObject", "sd-on-demand")]["spec"]["hosts"][0] == "sd.example.com"
+
+
+def test_without_the_http_add_on_scale_to_zero_is_refused_and_one_replica_stays():
+    from sdop.api import CUSTOM_METRICS_API, KEDA_API, MONITORING_API
+
+    facts = ClusterFacts(optional_apis=frozenset({KEDA_API, MONITORING_API, CUSTOM_METRICS_API}))
+    objs = by_kind(render(example("keda-scale-to-zero"), facts))
+    assert not any(k in ("HTTPScaledObject",) or n.endswith("-wake") for k, n in objs)
+    so = objs[("ScaledObject", "sd-on-demand")]["spec"]
+    assert so["minReplicaCount"] == 1 and "sdserve_queue_depth" in so["triggers"][0]["metadata"]["query"]
 
 
 def test_hpa_targets_queue_depth_per_pod():

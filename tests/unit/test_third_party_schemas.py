@@ -69,10 +69,10 @@ def test_rendered_third_party_objects_match_the_upstream_schema(name, cr):
 
 
 def test_the_schema_check_bites():
-    obj = next(o for o in render(example("keda-scale-to-zero")) if o["kind"] == "ScaledObject")
+    obj = next(o for o in render(example("keda-scale-to-zero")) if o["kind"] == "HTTPScaledObject")
     broken = copy.deepcopy(obj)
-    broken["spec"]["pollingIntervalSeconds"] = 5  # not a field of ScaledObject
+    broken["spec"]["scaleDownPeriod"] = 5  # the field is scaledownPeriod
     assert validate(crd_for(broken), broken)
     wrong_type = copy.deepcopy(obj)
-    wrong_type["spec"]["maxReplicaCount"] = "8"
+    wrong_type["spec"]["replicas"]["max"] = "3"
     assert validate(crd_for(wrong_type), wrong_type)

@@ -73,4 +73,7 @@ app.kubernetes.io/component: operator
 - apiGroups: ["keda.sh"]
   resources: ["scaledobjects"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["http.keda.sh"]
+  resources: ["httpscaledobjects"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 {{- end -}}

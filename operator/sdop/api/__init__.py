@@ -1,7 +1,17 @@
 """The StableDiffusionService API: pydantic models, the one definition of every field."""
 
 from . import quantity
-from .kinds import CUSTOM_METRICS_API, KEDA_API, KINDS, MANAGED, MONITORING_API, OPTIONAL_APIS, Kind, kind_of
+from .kinds import (
+    CUSTOM_METRICS_API,
+    KEDA_API,
+    KEDA_HTTP_API,
+    KINDS,
+    MANAGED,
+    MONITORING_API,
+    OPTIONAL_APIS,
+    Kind,
+    kind_of,
+)
 from .resource import (
     API_VERSION,
     FIELD_MANAGER,
@@ -25,6 +35,7 @@ __all__ = [
     "FIELD_MANAGER",
     "GROUP",
     "KEDA_API",
+    "KEDA_HTTP_API",
     "KIND",
     "KINDS",
     "MANAGED",

@@ -348,7 +348,27 @@ class AutoscalingSpec(ApiModel):
         ge=0,
         le=3600,
     )
-    scale_to_zero: bool = Field(False, description="Allow zero replicas when idle (keda only).")
+    scale_to_zero: bool = Field(
+        False,
+        description=(
+            "Allow zero replicas when idle (keda only). Needs the KEDA HTTP add-on: its interceptor holds a "
+            "request while the service wakes up."
+        ),
+    )
+    wake_timeout_seconds: int = Field(
+        900,
+        description=(
+            "With scaleToZero: how long a request that wakes the service waits for a replica to be ready (the "
+            "interceptor's conditionWait); cover the model load."
+        ),
+        ge=30,
+        le=3600,
+    )
+    interceptor_service: DnsSubdomain = Field(
+        "keda-add-ons-http-interceptor-proxy.keda.svc.cluster.local",
+        description="With scaleToZero: the KEDA HTTP add-on's interceptor proxy Service (host name).",
+    )
+    interceptor_port: int = Field(8080, description="With scaleToZero: the interceptor proxy's port.", ge=1, le=65535)
     idle_seconds: int = Field(
         600, description="With scaleToZero: idle time before going to zero (KEDA cooldownPeriod).", ge=30, le=86400
     )

@@ -175,7 +175,7 @@ class Reconciler:
                 autoscaler=workload.autoscaler,
                 min_replicas=s.replicas.min,
                 endpoint=Ctx(cr, facts).endpoint,
-                scale_to_zero=s.autoscaling.scale_to_zero,
+                scale_to_zero=Ctx(cr, facts).scales_to_zero,
                 model_revision=s.model.revision,
                 missing_apis=[a for a in required_apis(cr) if a not in facts.optional_apis],
                 optional_apis=sorted(facts.optional_apis),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..api import CUSTOM_METRICS_API, KEDA_API, MONITORING_API, StableDiffusionService, kind_of, load
+from ..api import CUSTOM_METRICS_API, KEDA_API, KEDA_HTTP_API, MONITORING_API, StableDiffusionService, kind_of, load
 from . import config, dashboard, monitoring, network, redis, scaling, storage, workload
 from .context import ClusterFacts, Ctx, digest
 
@@ -27,6 +27,8 @@ _BUILDERS: tuple[Callable[[Ctx], dict[str, Any] | None], ...] = (
     workload.pod_disruption_budget,
     scaling.hpa,
     scaling.scaled_object,
+    scaling.http_scaled_object,
+    scaling.wake_service,
     network.network_policy,
     network.ingress,
     monitoring.service_monitor,
@@ -53,6 +55,8 @@ def required_apis(cr: StableDiffusionService) -> list[str]:
         need.append(MONITORING_API)
     if s.autoscaling.enabled:
         need.append(KEDA_API if s.autoscaling.provider == "keda" else CUSTOM_METRICS_API)
+        if s.autoscaling.provider == "keda" and s.autoscaling.scale_to_zero:
+            need.append(KEDA_HTTP_API)
     return need
 
 

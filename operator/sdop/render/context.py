@@ -12,6 +12,7 @@ from ..api import (
     DEFAULT_IMAGE_REPOSITORY,
     DEFAULT_IMAGE_TAG,
     KEDA_API,
+    KEDA_HTTP_API,
     OPTIONAL_APIS,
     StableDiffusionService,
 )
@@ -64,6 +65,23 @@ class Ctx:
 
     def child(self, suffix: str = "") -> str:
         return fit(f"{self.name}-{suffix}" if suffix else self.name)
+
+    @property
+    def scales_to_zero(self) -> bool:
+        """Scale to zero that can wake: KEDA and its HTTP add-on are there to hold requests."""
+        a = self.spec.autoscaling
+        return (
+            a.enabled
+            and a.provider == "keda"
+            and a.scale_to_zero
+            and self.has_api(KEDA_API)
+            and self.has_api(KEDA_HTTP_API)
+        )
+
+    @property
+    def wake_service(self) -> str:
+        """The Service clients use when the service scales to zero: it leads to the interceptor."""
+        return self.child("wake")
 
     @property
     def autoscaled(self) -> bool:
@@ -125,6 +143,8 @@ class Ctx:
         if ing.enabled and ing.host:
             scheme = "https" if ing.tls else "http"
             return f"{scheme}://{ing.host}{ing.path.rstrip('/')}"
+        if self.scales_to_zero:
+            return f"http://{self.wake_service}.{self.namespace}.svc:{self.spec.autoscaling.interceptor_port}"
         port = "" if self.spec.service.port == 80 else f":{self.spec.service.port}"
         return f"http://{self.name}.{self.namespace}.svc{port}"
 

@@ -50,7 +50,10 @@ def ingress(ctx: Ctx) -> dict[str, Any] | None:
     ing = ctx.spec.ingress
     if not ing.enabled:
         return None
-    backend = {"service": {"name": ctx.name, "port": {"name": "http"}}}
+    backend: dict[str, Any] = {"service": {"name": ctx.name, "port": {"name": "http"}}}
+    if ctx.scales_to_zero:
+        # Through the KEDA HTTP add-on's interceptor, which holds requests while the service wakes.
+        backend = {"service": {"name": ctx.wake_service, "port": {"number": ctx.spec.autoscaling.interceptor_port}}}
     base = ing.path.rstrip("/")
     # Only the image API goes out: /metrics, /docs, /openapi.json, the probes and
     # /admin/drain stay inside the cluster.

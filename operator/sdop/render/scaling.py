@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..api import KEDA_API
+from ..api import KEDA_API, KEDA_HTTP_API
 from .context import Ctx
+from .network import PUBLIC_PATHS
 from .workload import COMPONENT
 
 QUEUE_METRIC = "sdserve_queue_depth"
@@ -63,8 +64,10 @@ def keda_query(ctx: Ctx) -> str:
 
 
 def scaled_object(ctx: Ctx) -> dict[str, Any] | None:
+    """KEDA on queue depth, at least one replica. With scale to zero the HTTP add-on's own
+    ScaledObject takes over (KEDA allows one ScaledObject per workload)."""
     a = ctx.spec.autoscaling
-    if not ctx.autoscaled or a.provider != "keda":
+    if not ctx.autoscaled or a.provider != "keda" or ctx.scales_to_zero:
         return None
     return {
         "apiVersion": KEDA_API,
@@ -72,7 +75,8 @@ def scaled_object(ctx: Ctx) -> dict[str, Any] | None:
         "metadata": ctx.meta(ctx.name, COMPONENT),
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": ctx.name},
-            "minReplicaCount": 0 if a.scale_to_zero else ctx.spec.replicas.min,
+            # Without the HTTP add-on nothing could wake a service at zero: at least one replica.
+            "minReplicaCount": max(1, ctx.spec.replicas.min),
             "maxReplicaCount": ctx.spec.replicas.max,
             "pollingInterval": 15,
             "cooldownPeriod": a.idle_seconds,
@@ -88,5 +92,60 @@ def scaled_object(ctx: Ctx) -> dict[str, Any] | None:
                     },
                 }
             ],
+        },
+    }
+
+
+def http_scaled_object(ctx: Ctx) -> dict[str, Any] | None:
+    """Scale from zero that wakes: the KEDA HTTP add-on counts the requests its interceptor
+    holds or forwards (for sdserve, every queued or running request is one open request) and
+    scales the Deployment from 0 to replicas.max; a request that arrives at zero waits in the
+    interceptor (at most wakeTimeoutSeconds) until a replica is ready."""
+    if not ctx.scales_to_zero:
+        return None
+    a, s = ctx.spec.autoscaling, ctx.spec
+    hosts = [f"{ctx.wake_service}.{ctx.namespace}.svc", f"{ctx.wake_service}.{ctx.namespace}.svc.cluster.local"]
+    if s.ingress.enabled and s.ingress.host:
+        hosts.insert(0, s.ingress.host)
+    return {
+        "apiVersion": KEDA_HTTP_API,
+        "kind": "HTTPScaledObject",
+        "metadata": ctx.meta(ctx.name, COMPONENT),
+        "spec": {
+            "hosts": hosts,
+            "pathPrefixes": [p for p, _ in PUBLIC_PATHS],
+            "scaleTargetRef": {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "name": ctx.name,
+                "service": ctx.name,
+                "port": s.service.port,
+            },
+            "replicas": {"min": 0, "max": s.replicas.max},
+            "scaledownPeriod": a.idle_seconds,
+            # Queue depth plus the batch being computed, per replica.
+            "scalingMetric": {"concurrency": {"targetValue": a.target_queue_depth + ctx.max_batch_size}},
+            "timeouts": {
+                "conditionWait": f"{a.wake_timeout_seconds}s",
+                "responseHeader": f"{s.limits.timeout_seconds + 30}s",
+            },
+        },
+    }
+
+
+def wake_service(ctx: Ctx) -> dict[str, Any] | None:
+    """The client-facing Service at scale to zero: a name for the add-on's interceptor in this
+    namespace (Ingress backends cannot name a Service of another namespace)."""
+    if not ctx.scales_to_zero:
+        return None
+    a = ctx.spec.autoscaling
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": ctx.meta(ctx.wake_service, COMPONENT),
+        "spec": {
+            "type": "ExternalName",
+            "externalName": a.interceptor_service,
+            "ports": [{"name": "http", "port": a.interceptor_port, "protocol": "TCP"}],
         },
     }

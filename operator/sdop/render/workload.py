@@ -250,7 +250,7 @@ def deployment(ctx: Ctx) -> dict[str, Any]:
         },
     }
     if not ctx.autoscaled:
-        spec["replicas"] = s.replicas.min
+        spec["replicas"] = max(1, s.replicas.min)  # 0 only when something can wake it
     # With a working autoscaler, replicas is owned by the HPA / KEDA: leaving it out of the
     # applied object stops the operator and the autoscaler fighting over it (the hand-over
     # keeps the current count: sdop.reconcile.children.hand_over_replicas). Without one

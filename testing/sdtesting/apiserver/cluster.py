@@ -28,6 +28,7 @@ OPTIONAL = {
         ("monitoring.coreos.com/v1", "prometheusrules", "PrometheusRule"),
     ],
     "keda": [("keda.sh/v1alpha1", "scaledobjects", "ScaledObject")],
+    "keda_http": [("http.keda.sh/v1alpha1", "httpscaledobjects", "HTTPScaledObject")],
     # prometheus-adapter's API; discovery finds the group/version (the metrics are not served).
     "custom_metrics": [("custom.metrics.k8s.io/v1beta1", "pods", "MetricValueList")],
 }
@@ -36,14 +37,23 @@ KOPF = [("kopfpeerings", "KopfPeering", True), ("clusterkopfpeerings", "ClusterK
 
 
 class Cluster:
-    def __init__(self, *, monitoring: bool = True, keda: bool = True, custom_metrics: bool = True):
+    def __init__(
+        self, *, monitoring: bool = True, keda: bool = True, keda_http: bool = True, custom_metrics: bool = True
+    ):
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._api: ApiServer | None = None
         self.url = ""
         self._apis = [
-            name for name, on in (("monitoring", monitoring), ("keda", keda), ("custom_metrics", custom_metrics)) if on
+            name
+            for name, on in (
+                ("monitoring", monitoring),
+                ("keda", keda),
+                ("keda_http", keda_http),
+                ("custom_metrics", custom_metrics),
+            )
+            if on
         ]
         self._thread = threading.Thread(target=self._run, daemon=True, name="apiserver")
         self._thread.start()

@@ -108,11 +108,12 @@ def default(obj: dict[str, Any], old: dict[str, Any] | None) -> None:
         spec.setdefault("type", "ClusterIP")
         spec.setdefault("sessionAffinity", "None")
         spec.setdefault("internalTrafficPolicy", "Cluster")
-        if spec.get("clusterIP") is None:
-            spec["clusterIP"] = old_spec.get("clusterIP") or next(_CLUSTER_IPS)
-        spec.setdefault("clusterIPs", [spec["clusterIP"]] if spec["clusterIP"] != "None" else ["None"])
-        spec.setdefault("ipFamilies", ["IPv4"])
-        spec.setdefault("ipFamilyPolicy", "SingleStack")
+        if spec["type"] != "ExternalName":  # an ExternalName Service is a DNS alias: no IP
+            if spec.get("clusterIP") is None:
+                spec["clusterIP"] = old_spec.get("clusterIP") or next(_CLUSTER_IPS)
+            spec.setdefault("clusterIPs", [spec["clusterIP"]] if spec["clusterIP"] != "None" else ["None"])
+            spec.setdefault("ipFamilies", ["IPv4"])
+            spec.setdefault("ipFamilyPolicy", "SingleStack")
         for p in spec.get("ports") or []:
             p.setdefault("protocol", "TCP")
             p.setdefault("targetPort", p.get("port"))
@@ -259,6 +260,8 @@ def validate(obj: dict[str, Any]) -> Errors:
         if cls and (msg := names.dns1123_subdomain(cls)):
             errors.append(("spec.ingressClassName", f"Invalid value: {cls!r}: {msg}"))
     if kind == "Service":
+        if spec.get("type") == "ExternalName" and (msg := names.dns1123_subdomain(str(spec.get("externalName", "")))):
+            errors.append(("spec.externalName", f"Invalid value: {msg}"))
         for i, p in enumerate(spec.get("ports") or []):
             if not 1 <= int(p.get("port", 0)) <= 65535:
                 errors.append((f"spec.ports[{i}].port", "Invalid value: must be between 1 and 65535"))
