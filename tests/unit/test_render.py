@@ -255,3 +255,20 @@ def test_the_network_policy_admits_the_named_namespaces_and_can_restrict_egress(
     assert {p["port"] for e in policy["egress"] for p in e["ports"]} == {53, 443, 6379}
     open_policy = by_kind(render(example("sd15-production")))[("NetworkPolicy", "sd15")]["spec"]
     assert "from" not in open_policy["ingress"][0] and "egress" not in open_policy
+
+
+def test_every_sdserve_series_carries_the_model_revision():
+    cr = example("sd15-production")
+    cr["spec"]["model"]["revision"] = "refs/pr/12"
+    objs = by_kind(render(cr))
+    labels = objs[("Deployment", "sd15")]["spec"]["template"]["metadata"]["labels"]
+    value = labels["sdop.io/model-revision"]
+    assert value.startswith("refs-pr-12-") and len(value) <= 63  # a label value, unique per revision
+    (relabel,) = objs[("ServiceMonitor", "sd15")]["spec"]["endpoints"][0]["relabelings"]
+    assert relabel == {
+        "sourceLabels": ["__meta_kubernetes_pod_label_sdop_io_model_revision"],
+        "targetLabel": "revision",
+        "action": "replace",
+    }
+    plain = by_kind(render(example("sd15-production")))
+    assert plain[("Deployment", "sd15")]["spec"]["template"]["metadata"]["labels"]["sdop.io/model-revision"] == "main"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +103,13 @@ class Ctx:
         another claim (the cache is filled again); a larger size grows the same claim."""
         c = self.spec.model.cache
         return self.child(f"model-cache-{digest([c.storage_class_name, self.cache_access_mode], 6)}")
+
+    @property
+    def revision_label(self) -> str:
+        """The model revision as a label value (<= 63 characters, label characters only)."""
+        raw = self.spec.model.revision or "main"
+        clean = re.sub(r"[^A-Za-z0-9._-]", "-", raw).strip("-._") or "main"
+        return clean if len(clean) <= 63 and clean == raw else f"{clean[:54].rstrip('-._')}-{digest(raw, 8)}"
 
     @property
     def prefetch_marker(self) -> str:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ..api import MONITORING_API
 from .alerts import rule_groups
 from .context import Ctx
-from .workload import COMPONENT
+from .workload import COMPONENT, REVISION_LABEL
+
+#: Prometheus' name for the pod label REVISION_LABEL in its service discovery metadata.
+REVISION_META = "__meta_kubernetes_pod_label_" + re.sub(r"[^A-Za-z0-9_]", "_", REVISION_LABEL)
 
 
 def _meta(ctx: Ctx) -> dict[str, Any]:
@@ -26,7 +30,21 @@ def service_monitor(ctx: Ctx) -> dict[str, Any] | None:
         "spec": {
             "selector": {"matchLabels": ctx.selector(COMPONENT)},
             "namespaceSelector": {"matchNames": [ctx.namespace]},
-            "endpoints": [{"port": "http", "path": "/metrics", "interval": ctx.spec.monitoring.interval}],
+            "endpoints": [
+                {
+                    "port": "http",
+                    "path": "/metrics",
+                    "interval": ctx.spec.monitoring.interval,
+                    # Every sdserve_* series carries the model revision of the pod that made it.
+                    "relabelings": [
+                        {
+                            "sourceLabels": [REVISION_META],
+                            "targetLabel": "revision",
+                            "action": "replace",
+                        }
+                    ],
+                }
+            ],
         },
     }
 

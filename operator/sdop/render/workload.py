@@ -10,6 +10,8 @@ from .config import AUTH_DIR, HF_HOME, MODEL_PVC_DIR, SAFETY_DIR, configmap
 from .context import HTTP_PORT, Ctx, digest
 
 COMPONENT = "server"
+#: Pod label carrying the model revision (sdop.render.monitoring maps it to `revision`).
+REVISION_LABEL = "sdop.io/model-revision"
 RUN_AS = 1000
 
 
@@ -242,7 +244,9 @@ def deployment(ctx: Ctx) -> dict[str, Any]:
         "progressDeadlineSeconds": s.rollout.startup_timeout_seconds + 300,
         "template": {
             "metadata": {
-                "labels": ctx.labels(COMPONENT),
+                # The revision label becomes the `revision` label of every sdserve_* series
+                # (ServiceMonitor relabeling): a new model revision shows apart from the old.
+                "labels": {**ctx.labels(COMPONENT), REVISION_LABEL: ctx.revision_label},
                 # A settings change rolls the pods.
                 "annotations": {"sdop.io/config-hash": digest(configmap(ctx)["data"])},
             },
