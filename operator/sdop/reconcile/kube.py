@@ -155,22 +155,25 @@ class Kube:
     def __init__(self, credentials: Credentials | None = None, timeout: float = 30):
         self.credentials = credentials or Credentials()
         self._api: ApiClient | None = None
+        # Clients replaced after a 401: other calls may still be using them, so they are
+        # closed with this Kube, not at once.
+        self._retired: list[ApiClient] = []
         self.timeout = timeout
         self.writes = 0  # write calls made, for tests and the scale benchmark
 
     async def _client(self, *, reload: bool = False) -> ApiClient:
         if self._api is None or reload:
             if self._api is not None:
-                await self._api.close()
+                self._retired.append(self._api)
             cfg = await self.credentials.configuration(reload=reload)
             cfg.connection_pool_maxsize = 32
             self._api = ApiClient(cfg)
         return self._api
 
     async def close(self) -> None:
-        if self._api is not None:
-            await self._api.close()
-            self._api = None
+        for api in [*self._retired, *([self._api] if self._api is not None else [])]:
+            await api.close()
+        self._api, self._retired = None, []
 
     async def _request(
         self,
