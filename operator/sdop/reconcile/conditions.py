@@ -106,6 +106,11 @@ def autoscaler_verdict(hpa: dict[str, Any] | None) -> tuple[bool, str, str] | No
     return True, "ScalingActive", "the autoscaler reads its metric"
 
 
+def rolled_out(dep: dict[str, Any] | None) -> bool:
+    """Every desired replica is updated and ready: no pod has anything to report."""
+    return _deployment_state(dep)[3]
+
+
 def conditions(f: Facts) -> list[dict[str, Any]]:
     if f.spec_error:
         return [

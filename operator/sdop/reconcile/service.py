@@ -90,7 +90,7 @@ class Reconciler:
             # Every other child was still applied; this one is tried again soon.
             raise RetryLater("applying children: " + "; ".join(f"{r}: {e}" for r, e in result.retryable))
         dep = await self._read("apps/v1", "Deployment", meta["namespace"], meta["name"])
-        workload = await self._workload(cr, facts)
+        workload = await self._workload(cr, facts, dep)
         new = self._status(cr, facts, dep, result.error(), result.conflicts, previous, workload)
         await self._write_status(body, previous, new, report)
         return report
@@ -115,7 +115,7 @@ class Reconciler:
             report.events.append(Event("Normal", "Applied", f"Deployment/{meta['name']} (drift repaired)"))
         previous = body.get("status") or {}
         apply_error, conflicts = _carried_problems(previous)
-        workload = await self._workload(cr, facts)
+        workload = await self._workload(cr, facts, dep)
         new = self._status(cr, facts, dep, result.error() or apply_error, conflicts, previous, workload)
         await self._write_status(body, previous, new, report)
         return report
@@ -133,14 +133,19 @@ class Reconciler:
             return None
         return cr
 
-    async def _workload(self, cr: StableDiffusionService, facts: ClusterFacts) -> Workload:
+    async def _workload(self, cr: StableDiffusionService, facts: ClusterFacts, dep: dict[str, Any] | None) -> Workload:
         """What the pods, their ReplicaSets and the HPA say: read at every reconcile, so a stuck
-        replica shows in status within one resync rather than after the progress deadline."""
+        replica shows in status within one resync rather than after the progress deadline.
+        A Deployment whose replicas are all updated and ready has nothing to report from its
+        pods: then only the HPA is read (a no-op resync of a healthy service stays cheap)."""
         ns, name = cr.metadata.namespace, cr.metadata.name
         selector = Ctx(cr, facts).selector(SERVER_COMPONENT)
         try:
-            pods = await self.kube.list("v1", "Pod", ns, selector)
-            replicasets = await self.kube.list("apps/v1", "ReplicaSet", ns, selector)
+            pods: list[dict[str, Any]] = []
+            replicasets: list[dict[str, Any]] = []
+            if not cond.rolled_out(dep):
+                pods = await self.kube.list("v1", "Pod", ns, selector)
+                replicasets = await self.kube.list("apps/v1", "ReplicaSet", ns, selector)
             hpa = None
             if cr.spec.autoscaling.enabled and cr.spec.autoscaling.provider == "hpa":
                 hpa = await self.kube.get("autoscaling/v2", "HorizontalPodAutoscaler", ns, name)
