@@ -7,7 +7,6 @@ test drives one converge at a time and checks what the API server holds afterwar
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 
@@ -16,6 +15,7 @@ from sdop.reconcile.service import Reconciler
 from sdop.render import render
 from sdtesting.apiserver import Cluster
 from sdtesting.examples import example
+from sdtesting.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -129,7 +129,7 @@ async def test_an_object_we_do_not_control_is_never_adopted(apiserver, reconcile
     assert sd.get("apps/v1", "deployments", "payments") is not None  # the rest is applied
     # Deleting the StableDiffusionService garbage-collects its children, never the Service.
     apiserver.delete(*SDS, NS, "payments")
-    _until(lambda: sd.get("apps/v1", "deployments", "payments") is None)
+    eventually(lambda: sd.get("apps/v1", "deployments", "payments") is None, timeout=5)
     assert sd.get("v1", "services", "payments") == before
 
 
@@ -181,11 +181,3 @@ async def test_a_name_the_children_cannot_take_is_refused_by_the_crd(apiserver):
     cr = production("sd.v2")
     r = apiserver.http.post(apiserver.path(cr["apiVersion"], "stablediffusionservices", NS), json=cr)
     assert r.status_code == 422 and "DNS-1035" in r.text
-
-
-def _until(check, timeout: float = 5.0) -> None:
-    """Poll the API server (it runs in its own thread) until ``check`` holds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)

@@ -12,6 +12,7 @@ import pytest
 from sdtesting.apiserver import Cluster
 from sdtesting.examples import example
 from sdtesting.procs import OperatorProc, free_port
+from sdtesting.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -26,14 +27,6 @@ def reconciles(op: OperatorProc) -> float:
 def observed(cluster: Cluster, name: str) -> bool:
     cr = cluster.get(*SDS, "ha", name) or {}
     return (cr.get("status") or {}).get("observedGeneration") == 1
-
-
-def wait(check, timeout: float) -> float:
-    t0 = time.monotonic()
-    while not check():
-        assert time.monotonic() - t0 < timeout, f"not within {timeout} s"
-        time.sleep(0.2)
-    return time.monotonic() - t0
 
 
 def test_one_replica_reconciles_and_another_takes_over_when_it_dies(tmp_path):
@@ -56,15 +49,18 @@ def test_one_replica_reconciles_and_another_takes_over_when_it_dies(tmp_path):
             )
         )
         if i == 0:  # the first one takes the Lease; the second starts while it holds it
-            wait(
-                lambda: (cluster.get("coordination.k8s.io/v1", "leases", "sdop", "sdop-operator") or {}).get("spec"), 20
+            eventually(
+                lambda: bool(
+                    (cluster.get("coordination.k8s.io/v1", "leases", "sdop", "sdop-operator") or {}).get("spec")
+                ),
+                20,
             )
     leader, standby = ops
     try:
         cr = example("sd15-production")
         cr["metadata"] = {"name": "first", "namespace": "ha"}
         cluster.create(cr)
-        wait(lambda: observed(cluster, "first"), 30)
+        eventually(lambda: observed(cluster, "first"), 30)
         time.sleep(3)  # a resync or two
         assert reconciles(leader) > 0 and reconciles(standby) == 0, (reconciles(leader), reconciles(standby))
         # A standby is alive (its liveness probe passes) while it waits.
@@ -73,7 +69,9 @@ def test_one_replica_reconciles_and_another_takes_over_when_it_dies(tmp_path):
         leader.kill()
         cr["metadata"] = {"name": "second", "namespace": "ha"}
         cluster.create(cr)
-        took = wait(lambda: observed(cluster, "second"), 30)
+        t0 = time.monotonic()
+        eventually(lambda: observed(cluster, "second"), 30)
+        took = time.monotonic() - t0
         assert reconciles(standby) > 0
         lease = cluster.get("coordination.k8s.io/v1", "leases", "sdop", "sdop-operator")
         assert lease["spec"]["holderIdentity"] == "op1" and lease["spec"]["leaseTransitions"] == 1

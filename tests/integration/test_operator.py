@@ -10,6 +10,7 @@ from sdop.render import render
 from sdtesting.apiserver import Cluster, Fault
 from sdtesting.examples import example
 from sdtesting.procs import OperatorProc
+from sdtesting.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -25,22 +26,6 @@ def production(name: str, ns: str = "images") -> dict:
 
 # What render() asks for, with every optional API served (the emulator serves them all).
 CHILDREN = len(render(production("count")))
-
-
-def eventually(check, timeout=20.0, interval=0.2):
-    """Retry until ``check`` holds: it returns without raising and does not return False
-    (a field not written yet counts as not holding)."""
-    deadline = time.time() + timeout
-    while True:
-        try:
-            result = check()
-            if result is False:
-                raise AssertionError(f"{check.__name__} does not hold yet")
-            return result
-        except (AssertionError, KeyError, TypeError):
-            if time.time() > deadline:
-                raise
-            time.sleep(interval)
 
 
 @pytest.fixture(scope="module")

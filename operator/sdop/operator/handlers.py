@@ -113,7 +113,7 @@ async def resync_forever(memo: Memo, logger: logging.Logger) -> None:
         logger.debug("resync: %d services checked", len(items))
 
 
-async def start_resync(memo: Memo, logger: kopf.Logger, **_: Any) -> None:
+async def start_resync(memo: Memo, **_: Any) -> None:
     memo.resync_task = asyncio.create_task(resync_forever(memo, logging.getLogger("sdop.resync")))
 
 
