@@ -109,7 +109,8 @@ class Ctx:
         """The model revision as a label value (<= 63 characters, label characters only)."""
         raw = self.spec.model.revision or "main"
         clean = re.sub(r"[^A-Za-z0-9._-]", "-", raw).strip("-._") or "main"
-        return clean if len(clean) <= 63 and clean == raw else f"{clean[:54].rstrip('-._')}-{digest(raw, 8)}"
+        # A rewritten revision keeps a hash of the original, so two revisions never share a label.
+        return fit(clean if clean == raw else f"{clean}-{digest(raw, 8)}")
 
     @property
     def prefetch_marker(self) -> str:
