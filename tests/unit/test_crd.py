@@ -74,6 +74,15 @@ INVALID = [
     ("redis cache without redis", "spec.cache", {"type": "redis"}, "cache.redis"),
     ("ingress without host", "spec.ingress", {"enabled": True}, "ingress.host"),
     ("jwt without key", "spec.auth.jwt", {"issuer": "i", "audience": "a"}, "jwt"),
+    ("canary weight above 100", "spec.canary", {"model": {"id": "tiny"}, "weight": 101}, "weight"),
+    ("canary with two sources", "spec.canary", {"model": {"id": "tiny", "path": "/m"}}, "model"),
+    ("gateway without parents", "spec.gateway", {"parentRefs": []}, "parentRefs"),
+    (
+        "bad gateway hostname",
+        "spec.gateway",
+        {"parentRefs": [{"name": "gw"}], "hostnames": ["Not A Host"]},
+        "hostnames",
+    ),
 ]
 
 

@@ -76,4 +76,7 @@ app.kubernetes.io/component: operator
 - apiGroups: ["http.keda.sh"]
   resources: ["httpscaledobjects"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["gateway.networking.k8s.io"]
+  resources: ["httproutes"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 {{- end -}}

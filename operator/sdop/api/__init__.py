@@ -3,6 +3,7 @@
 from . import quantity
 from .kinds import (
     CUSTOM_METRICS_API,
+    GATEWAY_API,
     KEDA_API,
     KEDA_HTTP_API,
     KINDS,
@@ -33,6 +34,7 @@ __all__ = [
     "DEFAULT_IMAGE_REPOSITORY",
     "DEFAULT_IMAGE_TAG",
     "FIELD_MANAGER",
+    "GATEWAY_API",
     "GROUP",
     "KEDA_API",
     "KEDA_HTTP_API",

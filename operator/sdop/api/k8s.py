@@ -33,6 +33,8 @@ DnsSubdomain = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SU
 #: RFC 1123 label: namespace names.
 DnsLabel = Annotated[str, Field(min_length=1, max_length=63, pattern=f"^{_LABEL}$")]
 LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]
+#: A Gateway API hostname: a DNS name, optionally starting with a '*.' wildcard label.
+Hostname = Annotated[str, Field(min_length=1, max_length=253, pattern=rf"^(\*\.)?{_LABEL}(\.{_LABEL})*$")]
 
 
 def _qualified_keys(values: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,8 @@ MONITORING_API = "monitoring.coreos.com/v1"
 KEDA_API = "keda.sh/v1alpha1"
 #: The KEDA HTTP add-on: its interceptor holds requests while a service scales from zero.
 KEDA_HTTP_API = "http.keda.sh/v1alpha1"
+#: The Gateway API: an HTTPRoute publishes the service and splits traffic to a canary by weight.
+GATEWAY_API = "gateway.networking.k8s.io/v1"
 #: Served by prometheus-adapter: the HPA reads the pods' queue depth through it.
 CUSTOM_METRICS_API = "custom.metrics.k8s.io/v1beta1"
 
@@ -53,6 +55,7 @@ MANAGED: tuple[Kind, ...] = (
     Kind(MONITORING_API, "PrometheusRule", "prometheusrules", optional_api=MONITORING_API),
     Kind(KEDA_API, "ScaledObject", "scaledobjects", optional_api=KEDA_API),
     Kind(KEDA_HTTP_API, "HTTPScaledObject", "httpscaledobjects", optional_api=KEDA_HTTP_API),
+    Kind(GATEWAY_API, "HTTPRoute", "httproutes", optional_api=GATEWAY_API),
 )
 
 #: Kinds the operator reads or writes that it does not render.

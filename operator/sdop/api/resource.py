@@ -69,7 +69,16 @@ def _loc(loc: tuple[Any, ...]) -> str:
 
 
 def parse(obj: dict[str, Any]) -> StableDiffusionService:
-    """Validate a CR dict; raise SpecError naming each bad field (camelCase paths)."""
+    """Validate a CR dict; raise SpecError naming each bad field (camelCase paths).
+
+    The status is the operator's own record (the rollback decision lives there): one it cannot
+    read (written by another version, or by hand) is dropped rather than blocking the spec."""
+    status = obj.get("status")
+    if status is not None:
+        try:
+            StableDiffusionServiceStatus.model_validate(status)
+        except ValidationError:
+            obj = {k: v for k, v in obj.items() if k != "status"}
     try:
         return StableDiffusionService.model_validate(obj)
     except ValidationError as e:

@@ -22,6 +22,7 @@ from .k8s import (
     Annotations,
     DnsLabel,
     DnsSubdomain,
+    Hostname,
     Labels,
     key_rule,
 )
@@ -640,6 +641,14 @@ class RolloutSpec(ApiModel):
     startup_timeout_seconds: int = Field(
         1800, description="Longest a replica may take to load the model before it is restarted.", ge=60, le=21600
     )
+    auto_rollback: bool = Field(
+        True,
+        description=(
+            "When a new model (spec.model or spec.canary.model) fails to load, or its rollout passes its deadline "
+            "(startupTimeoutSeconds + 300 s), return traffic to the last good model and keep the failed one out "
+            "(status.model.failed). To try the failed model again, change it (or remove the canary and add it back)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _can_roll(self) -> RolloutSpec:
@@ -648,6 +657,46 @@ class RolloutSpec(ApiModel):
                 "rollout.maxSurge and rollout.maxUnavailable cannot both be 0 (the rollout could never start)"
             )
         return self
+
+
+class ParentRef(ApiModel):
+    """A Gateway the HTTPRoute attaches to (Gateway API ParentReference)."""
+
+    name: DnsSubdomain = Field(description="Name of the Gateway.")
+    namespace: DnsLabel | None = Field(None, description="Namespace of the Gateway; the service's own when unset.")
+    section_name: DnsLabel | None = Field(None, description="Listener of the Gateway to attach to.")
+
+
+class GatewaySpec(ApiModel):
+    """Publish the image API through a Gateway API Gateway: an HTTPRoute (gateway.networking.k8s.io/v1).
+    With a canary, the route splits traffic between stable and canary by weight."""
+
+    parent_refs: list[ParentRef] = Field(description="Gateways to attach to.", min_length=1, max_length=32)
+    hostnames: list[Hostname] = Field(
+        default_factory=list,
+        description="Host names the route answers for (any the Gateway accepts when empty).",
+        max_length=16,
+    )
+
+
+class CanarySpec(ApiModel):
+    """A second model served beside spec.model on a share of the traffic. Promote it by copying
+    canary.model to spec.model and removing spec.canary; abandon it by removing spec.canary."""
+
+    model: ModelSpec = Field(
+        description="The candidate model. It shares spec.model.cache (its own cache settings are not used)."
+    )
+    weight: int = Field(
+        10,
+        description=(
+            "Percent of requests for the canary. Through spec.gateway (Gateway API) this is exact; without it "
+            "the Service spreads requests over all replicas, so the share is canary replicas / all replicas "
+            "(status.canary.weight says what it is) and weight 0 stops the canary's replicas."
+        ),
+        ge=0,
+        le=100,
+    )
+    replicas: int = Field(1, description="Replicas of the canary (not autoscaled).", ge=1, le=100)
 
 
 class ServerSpec(ApiModel):
@@ -676,6 +725,18 @@ class StableDiffusionServiceSpec(ApiModel):
                 ".autoscaling.scaleToZero",
             ),
             (
+                "!has(self.canary) || !self.autoscaling.scaleToZero",
+                "spec.canary cannot be combined with autoscaling.scaleToZero (the KEDA HTTP interceptor routes to one "
+                "Service)",
+                ".canary",
+            ),
+            (
+                "!has(self.gateway) || !self.autoscaling.scaleToZero",
+                "spec.gateway cannot be combined with autoscaling.scaleToZero (requests must pass the KEDA HTTP "
+                "interceptor)",
+                ".gateway",
+            ),
+            (
                 "!has(self.batching.maxBatchSize) || self.batching.maxBatchSize <= self.limits.queueSize",
                 "batching.maxBatchSize must be <= limits.queueSize",
                 ".batching.maxBatchSize",
@@ -699,7 +760,9 @@ class StableDiffusionServiceSpec(ApiModel):
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec, description="Metrics, alerts and dashboard.")
     service: ServiceSpec = Field(default_factory=ServiceSpec, description="Service.")
     ingress: IngressSpec = Field(default_factory=IngressSpec, description="Ingress.")
-    rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Rollout and drain.")
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Rollout, automatic rollback and drain.")
+    canary: CanarySpec | None = Field(None, description="A candidate model on a share of the traffic.")
+    gateway: GatewaySpec | None = Field(None, description="Publish through a Gateway API HTTPRoute.")
     server: ServerSpec = Field(default_factory=ServerSpec, description="Server tuning.")
 
     @model_validator(mode="after")
@@ -709,6 +772,16 @@ class StableDiffusionServiceSpec(ApiModel):
             raise ValueError("replicas.min 0 needs autoscaling.provider keda with autoscaling.scaleToZero")
         if a.scale_to_zero and a.provider != "keda":
             raise ValueError("autoscaling.scaleToZero needs autoscaling.provider keda")
+        if self.canary is not None and a.scale_to_zero:
+            raise ValueError(
+                "spec.canary cannot be combined with autoscaling.scaleToZero (the KEDA HTTP interceptor routes to "
+                "one Service)"
+            )
+        if self.gateway is not None and a.scale_to_zero:
+            raise ValueError(
+                "spec.gateway cannot be combined with autoscaling.scaleToZero (requests must pass the KEDA HTTP "
+                "interceptor)"
+            )
         if self.batching.max_batch_size is not None and self.batching.max_batch_size > self.limits.queue_size:
             raise ValueError("batching.maxBatchSize must be <= limits.queueSize")
         return self

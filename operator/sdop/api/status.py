@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from .base import ApiModel
+from .spec import ModelSpec
 
 ConditionType = Literal["Ready", "Progressing", "Degraded", "ModelReady"]
 CONDITION_TYPES: tuple[str, ...] = ("Ready", "Progressing", "Degraded", "ModelReady")
@@ -25,6 +26,41 @@ class Condition(ApiModel):
     observed_generation: int = Field(0, description="metadata.generation this condition was computed for.", ge=0)
 
 
+class FailedModel(ApiModel):
+    """A model that failed to become ready and is kept out until the spec moves on from it."""
+
+    fingerprint: str = Field(description="Hash of the model block (sdop.render.rollout.fingerprint).")
+    model: str = Field(description="The model, as id@revision (or path, or pvc:claim).")
+    track: Literal["stable", "canary"] = Field(description="Where it was tried: spec.model or spec.canary.model.")
+    reason: str = Field(description="Why: ModelLoadFailed or ProgressDeadlineExceeded.")
+    message: str = Field("", description="What the replicas said.")
+    time: str = Field(description="When it was rolled back (RFC 3339).")
+
+
+class ModelStatus(ApiModel):
+    """Which model serves, which one last served well, and which ones were rolled back."""
+
+    serving: str = Field("", description="The model the stable replicas run, as id@revision.")
+    last_good: ModelSpec | None = Field(
+        None, description="The last model block that became ready; a failed new model rolls back to it."
+    )
+    last_good_fingerprint: str = Field("", description="Hash of lastGood.")
+    failed: list[FailedModel] = Field(default_factory=list, description="Models rolled back and kept out.")
+
+
+class CanaryStatus(ApiModel):
+    """The canary's state."""
+
+    model: str = Field(description="The canary model, as id@revision.")
+    fingerprint: str = Field(description="Hash of spec.canary.model.")
+    phase: Literal["Progressing", "Serving", "RolledBack"] = Field(description="Progressing, Serving or RolledBack.")
+    traffic: Literal["gateway", "replicas"] = Field(
+        description="How traffic is split: HTTPRoute weights (gateway) or by replica count (replicas)."
+    )
+    weight: int = Field(0, description="Percent of requests the canary gets now.", ge=0, le=100)
+    ready_replicas: int = Field(0, description="Canary replicas that are ready.", ge=0)
+
+
 class StableDiffusionServiceStatus(ApiModel):
     """Observed state of a Stable Diffusion service."""
 
@@ -39,3 +75,5 @@ class StableDiffusionServiceStatus(ApiModel):
     optional_apis: list[str] = Field(
         default_factory=list, description="Optional APIs found in the cluster (monitoring.coreos.com, keda.sh)."
     )
+    model: ModelStatus | None = Field(None, description="Model rollout state: serving, last good, rolled back.")
+    canary: CanaryStatus | None = Field(None, description="The canary, while spec.canary is set.")

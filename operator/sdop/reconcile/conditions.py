@@ -27,6 +27,11 @@ class Facts:
     endpoint: str = ""
     model_revision: str = ""
     optional_apis: list[str] = field(default_factory=list)
+    #: A failed model is kept out (sdop.reconcile.rollout): what the Degraded condition says.
+    rolled_back: str | None = None
+    #: status.model and status.canary (sdop.reconcile.rollout.judge), carried as they are.
+    model: dict[str, Any] | None = None
+    canary: dict[str, Any] | None = None
 
 
 def _cond(type_: str, ok: bool | None, reason: str, message: str) -> dict[str, Any]:
@@ -54,6 +59,17 @@ def _deployment_state(dep: dict[str, Any] | None) -> tuple[int, int, int, bool, 
             failure = c.get("message") or "the rollout exceeded its progress deadline"
     rolled_out = observed and updated >= desired and ready >= desired and replicas == updated
     return replicas, ready, updated, rolled_out, failure
+
+
+def deployment_counts(dep: dict[str, Any] | None) -> tuple[int, int]:
+    """(replicas, ready replicas) of a Deployment."""
+    replicas, ready, *_ = _deployment_state(dep)
+    return replicas, ready
+
+
+def deadline_exceeded(dep: dict[str, Any] | None) -> str | None:
+    """The Deployment controller's message when the rollout passed progressDeadlineSeconds."""
+    return _deployment_state(dep)[4]
 
 
 #: The prefix of the termination message sdserve writes when the model cannot load.
@@ -124,6 +140,8 @@ def conditions(f: Facts) -> list[dict[str, Any]]:
         degraded = _cond("Degraded", True, "Conflict", "; ".join([*f.conflicts, *filter(None, [f.apply_error])]))
     elif f.apply_error:
         degraded = _cond("Degraded", True, "ApplyFailed", f.apply_error)
+    elif f.rolled_back:
+        degraded = _cond("Degraded", True, "RolledBack", f.rolled_back)
     elif failure:
         degraded = _cond("Degraded", True, "RolloutStuck", failure)
     elif f.problems:
@@ -147,7 +165,8 @@ def conditions(f: Facts) -> list[dict[str, Any]]:
     else:
         model = _cond("ModelReady", False, "ModelLoading", "waiting for a replica to load the model")
     need = max(1, f.min_replicas)
-    if degraded["status"] == "True":
+    if degraded["status"] == "True" and degraded["reason"] != "RolledBack":
+        # A rollback keeps the service serving: Ready follows the replicas of the good model.
         ready_c = _cond("Ready", False, degraded["reason"], degraded["message"])
     elif f.scale_to_zero and replicas == 0 and f.deployment is not None:
         ready_c = _cond("Ready", True, "ScaledToZero", "idle at zero replicas; scales up on demand")
@@ -186,7 +205,7 @@ def status(f: Facts, previous: dict[str, Any] | None, now: str) -> dict[str, Any
         c["observedGeneration"] = f.generation
         conds.append(c)
     replicas, ready, *_ = _deployment_state(f.deployment)
-    return {
+    out: dict[str, Any] = {
         "observedGeneration": f.generation,
         "conditions": conds,
         "replicas": replicas,
@@ -195,6 +214,11 @@ def status(f: Facts, previous: dict[str, Any] | None, now: str) -> dict[str, Any
         "modelRevision": f.model_revision,
         "optionalApis": f.optional_apis,
     }
+    if f.model is not None:
+        out["model"] = f.model
+    # Without spec.canary the key is written as null, so a merge patch removes the old one.
+    out["canary"] = f.canary
+    return out
 
 
 def same(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:

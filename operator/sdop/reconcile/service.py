@@ -12,10 +12,14 @@ import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..api import API_VERSION, KIND, SpecError, StableDiffusionService, load
+from ..api import API_VERSION, KIND, SpecError, StableDiffusionService, StableDiffusionServiceStatus, load
+from ..api.status import CanaryStatus, ModelStatus
 from ..render import ClusterFacts, Ctx, render, required_apis
+from ..render import rollout as render_rollout
 from ..render.workload import COMPONENT as SERVER_COMPONENT
+from ..render.workload import TRACK_LABEL
 from . import conditions as cond
+from . import rollout
 from .children import SyncResult, apply_child, owned, ref, sync
 from .discovery import Discovery
 from .kube import Kube, KubeError, NotFound
@@ -36,6 +40,7 @@ class Event:
 class Workload:
     problems: list[tuple[str, str]]
     autoscaler: tuple[bool, str, str] | None
+    pods: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -80,18 +85,33 @@ class Reconciler:
             await self._write_status(body, previous, new, report)
             return report
         facts = await self.facts()
-        result = await sync(self.kube, body, render(cr, facts), set(facts.optional_apis), prune=prune)
-        report.applied, report.pruned = result.applied, result.pruned
-        if result.applied:
-            report.events.append(Event("Normal", "Applied", ", ".join(result.applied)))
-        if result.pruned:
-            report.events.append(Event("Normal", "Pruned", ", ".join(result.pruned)))
-        if result.retryable:
-            # Every other child was still applied; this one is tried again soon.
-            raise RetryLater("applying children: " + "; ".join(f"{r}: {e}" for r, e in result.retryable))
-        dep = await self._read("apps/v1", "Deployment", meta["namespace"], meta["name"])
-        workload = await self._workload(cr, facts, dep)
-        new = self._status(cr, facts, dep, result.error(), result.conflicts, previous, workload)
+        # A canary kept out by status (not by a spec change, which prunes anyway) is pruned by
+        # every trigger, so its Deployment goes even when the verdict came from another path.
+        prune = prune or (cr.spec.canary is not None and render_rollout.plan(cr).canary is None)
+        # A rollout verdict that changes what is rendered (a failed model rolled back, a canary
+        # that became ready and now gets its weight) is written to status first, so it
+        # survives a restart, then applied in a second pass.
+        for attempt in range(2):
+            rendered = render(cr, facts)
+            result = await sync(self.kube, body, rendered, set(facts.optional_apis), prune=prune)
+            report.applied += result.applied
+            report.pruned += result.pruned
+            if result.retryable:
+                # Every other child was still applied; this one is tried again soon.
+                raise RetryLater("applying children: " + "; ".join(f"{r}: {e}" for r, e in result.retryable))
+            dep = await self._read("apps/v1", "Deployment", meta["namespace"], meta["name"])
+            workload, verdict = await self._look(cr, facts, dep)
+            new = self._status(cr, facts, dep, result.error(), result.conflicts, previous, workload, verdict)
+            after = {**body, "status": {**previous, **new}}
+            if attempt == 1 or render(load(after), facts) == rendered:
+                break
+            await self._write_status(body, previous, new, report)
+            body, previous, cr = after, after["status"], load(after)
+            prune = True  # what the verdict took out (a failed canary) goes, whatever the trigger
+        if report.applied:
+            report.events.append(Event("Normal", "Applied", ", ".join(dict.fromkeys(report.applied))))
+        if report.pruned:
+            report.events.append(Event("Normal", "Pruned", ", ".join(dict.fromkeys(report.pruned))))
         await self._write_status(body, previous, new, report)
         return report
 
@@ -99,6 +119,10 @@ class Reconciler:
         """The Deployment changed: re-apply it if it drifted, and refresh the status from it."""
         report = Report()
         meta = body["metadata"]
+        if dep["metadata"]["name"] != meta["name"]:
+            # The canary's Deployment: its verdict (ready, failed) can change the route, so it
+            # goes through the whole reconcile.
+            return await self.converge(body, prune=False)
         try:
             cr = load(body)
         except SpecError:
@@ -115,8 +139,12 @@ class Reconciler:
             report.events.append(Event("Normal", "Applied", f"Deployment/{meta['name']} (drift repaired)"))
         previous = body.get("status") or {}
         apply_error, conflicts = _carried_problems(previous)
-        workload = await self._workload(cr, facts, dep)
-        new = self._status(cr, facts, dep, result.error() or apply_error, conflicts, previous, workload)
+        workload, verdict = await self._look(cr, facts, dep)
+        new = self._status(cr, facts, dep, result.error() or apply_error, conflicts, previous, workload, verdict)
+        if verdict.new_failures:
+            # A rollback changes what is rendered: the whole reconcile applies it.
+            await self._write_status(body, previous, new, report)
+            return await self.converge({**body, "status": {**previous, **new}}, prune=True)
         await self._write_status(body, previous, new, report)
         return report
 
@@ -133,25 +161,49 @@ class Reconciler:
             return None
         return cr
 
-    async def _workload(self, cr: StableDiffusionService, facts: ClusterFacts, dep: dict[str, Any] | None) -> Workload:
+    async def _look(
+        self, cr: StableDiffusionService, facts: ClusterFacts, dep: dict[str, Any] | None
+    ) -> tuple[Workload, rollout.Verdict]:
+        """The stable workload's state, and the rollout verdict on both tracks."""
+        ns = cr.metadata.namespace
+        plan = render_rollout.plan(cr)
+        workload = await self._workload(cr, facts, dep, "stable")
+        canary = rollout.Track(None)
+        if cr.spec.canary is not None and plan.canary is not None:
+            cdep = await self._read("apps/v1", "Deployment", ns, Ctx(cr, facts, track="canary").workload_name)
+            canary = rollout.Track(cdep, (await self._workload(cr, facts, cdep, "canary")).pods)
+        stable = rollout.Track(dep, workload.pods)
+        gateway = Ctx(cr, facts).gateway_routing
+        return workload, rollout.judge(cr, plan, stable, canary, gateway=gateway, now=_now())
+
+    async def _workload(
+        self, cr: StableDiffusionService, facts: ClusterFacts, dep: dict[str, Any] | None, track: str
+    ) -> Workload:
         """What the pods, their ReplicaSets and the HPA say: read at every reconcile, so a stuck
         replica shows in status within one resync rather than after the progress deadline.
         A Deployment whose replicas are all updated and ready has nothing to report from its
-        pods: then only the HPA is read (a no-op resync of a healthy service stays cheap)."""
+        pods: then only the HPA is read (a no-op resync of a healthy service stays cheap).
+        Both tracks' pods match the stable selector: each track keeps its own (TRACK_LABEL)."""
         ns, name = cr.metadata.namespace, cr.metadata.name
         selector = Ctx(cr, facts).selector(SERVER_COMPONENT)
+        if track == "canary":
+            selector[TRACK_LABEL] = "canary"
+
+        def mine(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [o for o in objs if (o["metadata"].get("labels") or {}).get(TRACK_LABEL, "stable") == track]
+
         try:
             pods: list[dict[str, Any]] = []
             replicasets: list[dict[str, Any]] = []
-            if not cond.rolled_out(dep):
-                pods = await self.kube.list("v1", "Pod", ns, selector)
-                replicasets = await self.kube.list("apps/v1", "ReplicaSet", ns, selector)
+            if dep is not None and not cond.rolled_out(dep):
+                pods = mine(await self.kube.list("v1", "Pod", ns, selector))
+                replicasets = mine(await self.kube.list("apps/v1", "ReplicaSet", ns, selector))
             hpa = None
-            if cr.spec.autoscaling.enabled and cr.spec.autoscaling.provider == "hpa":
+            if track == "stable" and cr.spec.autoscaling.enabled and cr.spec.autoscaling.provider == "hpa":
                 hpa = await self.kube.get("autoscaling/v2", "HorizontalPodAutoscaler", ns, name)
         except KubeError as e:
             raise RetryLater(f"reading the workload: {e}") from e
-        return Workload(cond.workload_problems(pods, replicasets), cond.autoscaler_verdict(hpa))
+        return Workload(cond.workload_problems(pods, replicasets), cond.autoscaler_verdict(hpa), pods)
 
     async def _read(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -168,8 +220,17 @@ class Reconciler:
         conflicts: list[str],
         previous: dict[str, Any],
         workload: Workload,
+        verdict: rollout.Verdict,
     ) -> dict[str, Any]:
         s = cr.spec
+        # The status after this verdict: what the next render will serve.
+        seen = (cr.status or StableDiffusionServiceStatus()).model_copy(
+            update={
+                "model": ModelStatus.model_validate(verdict.model),
+                "canary": CanaryStatus.model_validate(verdict.canary) if verdict.canary else None,
+            }
+        )
+        plan = render_rollout.plan(cr.model_copy(update={"status": seen}))
         return cond.status(
             cond.Facts(
                 generation=cr.metadata.generation,
@@ -181,7 +242,10 @@ class Reconciler:
                 min_replicas=s.replicas.min,
                 endpoint=Ctx(cr, facts).endpoint,
                 scale_to_zero=Ctx(cr, facts).scales_to_zero,
-                model_revision=s.model.revision,
+                model_revision=plan.stable.revision,
+                rolled_back=rollout.rolled_back_message(plan),
+                model=verdict.model,
+                canary=verdict.canary,
                 missing_apis=[a for a in required_apis(cr) if a not in facts.optional_apis],
                 optional_apis=sorted(facts.optional_apis),
             ),

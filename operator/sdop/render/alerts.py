@@ -28,6 +28,9 @@ def rule_groups(ctx: Ctx) -> list[dict[str, Any]]:
     t = ctx.spec.monitoring.thresholds
     sel = f'namespace="{ctx.namespace}",service="{ctx.name}"'
     by = "namespace, service"
+    # Split by model revision (a ServiceMonitor relabeling), so a canary's errors or latency
+    # alert on their own instead of being diluted by the stable replicas.
+    by_rev = "namespace, service, revision"
     target = ctx.spec.autoscaling.target_queue_depth
     max_replicas = ctx.spec.replicas.max
     svc = f"{ctx.namespace}/{ctx.name}"
@@ -42,7 +45,7 @@ def rule_groups(ctx: Ctx) -> list[dict[str, Any]]:
         ),
         _alert(
             "SDInferenceLatencyHigh",
-            f"histogram_quantile(0.95, sum by ({by}, le) "
+            f"histogram_quantile(0.95, sum by ({by_rev}, le) "
             f'(rate(sdserve_request_duration_seconds_bucket{{{sel},route=~"{GENERATE_ROUTES}"}}[5m]))) > '
             f"{t.p95_latency_seconds}",
             t.for_duration,
@@ -78,8 +81,8 @@ def rule_groups(ctx: Ctx) -> list[dict[str, Any]]:
         ),
         _alert(
             "SDHighErrorRate",
-            f'sum by ({by}) (rate(sdserve_http_requests_total{{{sel},status=~"5.."}}[5m]))'
-            f" / sum by ({by}) (rate(sdserve_http_requests_total{{{sel}}}[5m])) > {t.error_ratio}",
+            f'sum by ({by_rev}) (rate(sdserve_http_requests_total{{{sel},status=~"5.."}}[5m]))'
+            f" / sum by ({by_rev}) (rate(sdserve_http_requests_total{{{sel}}}[5m])) > {t.error_ratio}",
             t.for_duration,
             "critical",
             f"{svc} answers more than {t.error_ratio:.0%} of requests with 5xx",

@@ -83,6 +83,6 @@ def configmap(ctx: Ctx) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": ctx.meta(ctx.child("config"), "server"),
+        "metadata": ctx.meta(ctx.config_name, "server"),
         "data": settings_env(ctx),
     }

@@ -6,12 +6,13 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..api import (
     CUSTOM_METRICS_API,
     DEFAULT_IMAGE_REPOSITORY,
     DEFAULT_IMAGE_TAG,
+    GATEWAY_API,
     KEDA_API,
     KEDA_HTTP_API,
     OPTIONAL_APIS,
@@ -20,6 +21,9 @@ from ..api import (
 from ..api.presets import GpuPreset, preset
 from ..api.semantics import max_batch_size
 from ..api.spec import StableDiffusionServiceSpec
+
+if TYPE_CHECKING:
+    from .rollout import Plan
 
 HTTP_PORT = 8000
 APP_NAME = "stable-diffusion"
@@ -36,8 +40,41 @@ class ClusterFacts:
 
 @dataclass(frozen=True)
 class Ctx:
+    """What one set of builders renders from. ``cr`` is the CR as the track sees it (spec.model
+    is the model this track serves); ``rollout`` is the plan for the whole service."""
+
     cr: StableDiffusionService
     facts: ClusterFacts = field(default_factory=ClusterFacts)
+    #: "stable" (spec.model, or the last good model after a rollback) or "canary".
+    track: str = "stable"
+    rollout_plan: Plan | None = None
+
+    @property
+    def plan(self) -> Plan:
+        if self.rollout_plan is not None:
+            return self.rollout_plan
+        from .rollout import plan
+
+        return plan(self.cr)
+
+    @property
+    def is_canary(self) -> bool:
+        return self.track == "canary"
+
+    @property
+    def workload_name(self) -> str:
+        """The Deployment of this track."""
+        return self.child("canary") if self.is_canary else self.name
+
+    @property
+    def config_name(self) -> str:
+        """The ConfigMap of this track's server settings."""
+        return self.child("canary-config" if self.is_canary else "config")
+
+    @property
+    def gateway_routing(self) -> bool:
+        """Published through an HTTPRoute: spec.gateway is set and the cluster serves the Gateway API."""
+        return self.spec.gateway is not None and self.has_api(GATEWAY_API)
 
     @property
     def spec(self) -> StableDiffusionServiceSpec:

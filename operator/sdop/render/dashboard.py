@@ -109,6 +109,28 @@ PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
         "short",
     ),
     (
+        "5xx ratio by model revision (stable vs canary)",
+        [
+            (
+                f'sum by (revision) (rate(sdserve_http_requests_total{{{SEL},status=~"5.."}}[5m])) / '
+                f"sum by (revision) (rate(sdserve_http_requests_total{{{SEL}}}[5m]))",
+                "{{revision}}",
+            )
+        ],
+        "percentunit",
+    ),
+    (
+        "p95 latency by model revision",
+        [
+            (
+                "histogram_quantile(0.95, sum by (revision, le) "
+                f'(rate(sdserve_request_duration_seconds_bucket{{{SEL},route=~"/v1/images/generations|/generate"}}[5m])))',
+                "{{revision}}",
+            )
+        ],
+        "s",
+    ),
+    (
         "Rejections",
         [
             (f"sum by (reason) (rate(sdserve_requests_rejected_total{{{SEL}}}[5m]))", "{{reason}}"),

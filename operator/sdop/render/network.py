@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..api import GATEWAY_API
 from .context import HTTP_PORT, Ctx
 from .workload import COMPONENT
 
@@ -67,3 +68,41 @@ def ingress(ctx: Ctx) -> dict[str, Any] | None:
     if ing.annotations:
         meta["annotations"] = dict(sorted(ing.annotations.items()))
     return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": meta, "spec": spec}
+
+
+def http_route(ctx: Ctx) -> dict[str, Any] | None:
+    """spec.gateway: an HTTPRoute for the public paths. With a live canary it splits requests
+    between the two track Services by weight; else it sends them all to the main Service."""
+    gw = ctx.spec.gateway
+    if gw is None or not ctx.gateway_routing:
+        return None
+    port = ctx.spec.service.port
+    p = ctx.plan
+    if p.canary is not None:
+        backends = [
+            {"name": ctx.child("stable"), "port": port, "weight": 100 - p.route_weight},
+            {"name": ctx.child("canary"), "port": port, "weight": p.route_weight},
+        ]
+    else:
+        backends = [{"name": ctx.name, "port": port}]
+    kinds = {"Prefix": "PathPrefix", "Exact": "Exact"}
+    parents = []
+    for ref in gw.parent_refs:
+        parent: dict[str, Any] = {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": ref.name}
+        if ref.namespace:
+            parent["namespace"] = ref.namespace
+        if ref.section_name:
+            parent["sectionName"] = ref.section_name
+        parents.append(parent)
+    spec: dict[str, Any] = {
+        "parentRefs": parents,
+        "rules": [
+            {
+                "matches": [{"path": {"type": kinds[kind], "value": path}} for path, kind in PUBLIC_PATHS],
+                "backendRefs": backends,
+            }
+        ],
+    }
+    if gw.hostnames:
+        spec["hostnames"] = list(gw.hostnames)
+    return {"apiVersion": GATEWAY_API, "kind": "HTTPRoute", "metadata": ctx.meta(ctx.name, COMPONENT), "spec": spec}

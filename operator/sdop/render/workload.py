@@ -8,10 +8,17 @@ from typing import Any
 from ..api.presets import MATCH_LABELS
 from .config import AUTH_DIR, HF_HOME, MODEL_PVC_DIR, SAFETY_DIR, configmap
 from .context import HTTP_PORT, Ctx, digest
+from .rollout import fingerprint
 
 COMPONENT = "server"
+ROUTE_COMPONENT = "route"
 #: Pod label carrying the model revision (sdop.render.monitoring maps it to `revision`).
 REVISION_LABEL = "sdop.io/model-revision"
+#: Pod label telling the stable replicas from the canary's (both carry component=server, so
+#: the Service, NetworkPolicy and ServiceMonitor cover both).
+TRACK_LABEL = "sdop.io/track"
+#: Deployment annotation and pod label: the fingerprint of the model (sdop.render.rollout).
+MODEL_FINGERPRINT = "sdop.io/model-fingerprint"
 RUN_AS = 1000
 
 
@@ -182,6 +189,16 @@ def _scheduling(ctx: Ctx, pod: dict[str, Any]) -> None:
         ]
 
 
+def pod_selector(ctx: Ctx) -> dict[str, str]:
+    """The Deployment selector of a track. The stable one is what it always was (a selector is
+    immutable); it also matches the canary's pods, which belong to the canary's ReplicaSets
+    (owner references), so neither Deployment adopts the other's pods."""
+    sel = ctx.selector(COMPONENT)
+    if ctx.is_canary:
+        sel[TRACK_LABEL] = "canary"
+    return sel
+
+
 def deployment(ctx: Ctx) -> dict[str, Any]:
     s = ctx.spec
     volumes, mounts = _volumes(ctx)
@@ -191,7 +208,7 @@ def deployment(ctx: Ctx) -> dict[str, Any]:
         "imagePullPolicy": s.image.pull_policy,
         "args": ["serve"],
         "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
-        "envFrom": [{"configMapRef": {"name": ctx.child("config")}}],
+        "envFrom": [{"configMapRef": {"name": ctx.config_name}}],
         "env": _env(ctx),
         "resources": _resources(ctx),
         "volumeMounts": mounts,
@@ -235,7 +252,7 @@ def deployment(ctx: Ctx) -> dict[str, Any]:
         ]
     _scheduling(ctx, pod)
     spec: dict[str, Any] = {
-        "selector": {"matchLabels": ctx.selector(COMPONENT)},
+        "selector": {"matchLabels": pod_selector(ctx)},
         "strategy": {
             "type": "RollingUpdate",
             "rollingUpdate": {"maxSurge": s.rollout.max_surge, "maxUnavailable": s.rollout.max_unavailable},
@@ -246,20 +263,34 @@ def deployment(ctx: Ctx) -> dict[str, Any]:
             "metadata": {
                 # The revision label becomes the `revision` label of every sdserve_* series
                 # (ServiceMonitor relabeling): a new model revision shows apart from the old.
-                "labels": {**ctx.labels(COMPONENT), REVISION_LABEL: ctx.revision_label},
+                # The fingerprint tells which model a failing pod was loading (sdop.reconcile.rollout).
+                "labels": {
+                    **ctx.labels(COMPONENT),
+                    REVISION_LABEL: ctx.revision_label,
+                    TRACK_LABEL: ctx.track,
+                    MODEL_FINGERPRINT: fingerprint(s.model),
+                },
                 # A settings change rolls the pods.
                 "annotations": {"sdop.io/config-hash": digest(configmap(ctx)["data"])},
             },
             "spec": pod,
         },
     }
-    if not ctx.autoscaled:
+    if ctx.is_canary:
+        # Not autoscaled. Without a Gateway the traffic share follows the replica count, so
+        # weight 0 stops the canary's replicas.
+        spec["replicas"] = ctx.plan.canary_replicas if ctx.gateway_routing or ctx.plan.canary_weight else 0
+    elif not ctx.autoscaled:
         spec["replicas"] = max(1, s.replicas.min)  # 0 only when something can wake it
     # With a working autoscaler, replicas is owned by the HPA / KEDA: leaving it out of the
     # applied object stops the operator and the autoscaler fighting over it (the hand-over
     # keeps the current count: sdop.reconcile.children.hand_over_replicas). Without one
     # (autoscaling off, or its API missing) the Deployment holds replicas.min.
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": ctx.meta(ctx.name, COMPONENT), "spec": spec}
+    meta = ctx.meta(ctx.workload_name, COMPONENT)
+    meta["labels"][TRACK_LABEL] = ctx.track
+    # Read back by sdop.reconcile.rollout: which model a rolled-out Deployment proves good.
+    meta["annotations"] = {MODEL_FINGERPRINT: fingerprint(s.model)}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": spec}
 
 
 def service(ctx: Ctx) -> dict[str, Any]:
@@ -270,6 +301,25 @@ def service(ctx: Ctx) -> dict[str, Any]:
         "spec": {
             "type": ctx.spec.service.type,
             "selector": ctx.selector(COMPONENT),
+            "ports": [{"name": "http", "port": ctx.spec.service.port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def track_service(ctx: Ctx) -> dict[str, Any] | None:
+    """With a canary behind a Gateway: one Service per track, the HTTPRoute's weighted backends
+    (``<name>-stable``, ``<name>-canary``). The main Service keeps selecting every replica for
+    in-cluster clients. Labelled component=route so the ServiceMonitor does not scrape twice."""
+    if not (ctx.gateway_routing and ctx.plan.canary is not None):
+        return None
+    selector = {**ctx.selector(COMPONENT), TRACK_LABEL: ctx.track}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": ctx.meta(ctx.child(ctx.track), ROUTE_COMPONENT),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector,
             "ports": [{"name": "http", "port": ctx.spec.service.port, "targetPort": "http", "protocol": "TCP"}],
         },
     }

@@ -29,6 +29,7 @@ OPTIONAL = {
     ],
     "keda": [("keda.sh/v1alpha1", "scaledobjects", "ScaledObject")],
     "keda_http": [("http.keda.sh/v1alpha1", "httpscaledobjects", "HTTPScaledObject")],
+    "gateway": [("gateway.networking.k8s.io/v1", "httproutes", "HTTPRoute")],
     # prometheus-adapter's API; discovery finds the group/version (the metrics are not served).
     "custom_metrics": [("custom.metrics.k8s.io/v1beta1", "pods", "MetricValueList")],
 }
@@ -38,7 +39,13 @@ KOPF = [("kopfpeerings", "KopfPeering", True), ("clusterkopfpeerings", "ClusterK
 
 class Cluster:
     def __init__(
-        self, *, monitoring: bool = True, keda: bool = True, keda_http: bool = True, custom_metrics: bool = True
+        self,
+        *,
+        monitoring: bool = True,
+        keda: bool = True,
+        keda_http: bool = True,
+        custom_metrics: bool = True,
+        gateway: bool = True,
     ):
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
@@ -51,6 +58,7 @@ class Cluster:
                 ("monitoring", monitoring),
                 ("keda", keda),
                 ("keda_http", keda_http),
+                ("gateway", gateway),
                 ("custom_metrics", custom_metrics),
             )
             if on
