@@ -157,3 +157,56 @@ class OperatorProc:
         self.proc.kill()
         self.proc.wait(30)
         self._log.close()
+
+
+class PrometheusProc:
+    """Debian's `prometheus`, scraping the given jobs every second."""
+
+    def __init__(
+        self, tmp_path: pathlib.Path, scrape_configs: list[dict[str, Any]], rule_files: tuple[str, ...] | list[str] = ()
+    ):
+        import yaml
+
+        if not shutil.which("prometheus"):
+            raise RuntimeError("prometheus is not installed: `make test` installs Debian's prometheus package")
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": list(rule_files),
+            "scrape_configs": scrape_configs,
+        }
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.log_path = tmp_path / "prometheus.log"
+        self._log = open(self.log_path, "w")
+        port = free_port()
+        self.proc = subprocess.Popen(
+            [
+                "prometheus",
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/-/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(self.log_path.read_text())
+
+    def query(self, q: str) -> list[dict[str, Any]]:
+        r = httpx.get(self.url + "/api/v1/query", params={"query": q}, timeout=10).json()
+        assert r["status"] == "success", r
+        result: list[dict[str, Any]] = r["data"]["result"]
+        return result
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        self._log.close()

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import re
-import shutil
-import subprocess
 import time
 
 import httpx
@@ -16,7 +14,7 @@ import yaml
 from sdop.render import render
 from sdop.render.dashboard import dashboard_json
 from sdtesting.examples import example
-from sdtesting.procs import free_port
+from sdtesting.procs import PrometheusProc
 
 pytestmark = pytest.mark.integration
 
@@ -59,57 +57,22 @@ def test_every_metric_in_alerts_and_dashboard_exists_on_the_live_server(server):
 
 @pytest.fixture(scope="module")
 def prometheus(server, tmp_path_factory):
-    if not shutil.which("prometheus"):
-        pytest.fail("prometheus is not installed: `make test` installs Debian's prometheus package")
     d = tmp_path_factory.mktemp("prom")
     rules = next(o for o in render(example("sd15-production")) if o["kind"] == "PrometheusRule")
     (d / "rules.yaml").write_text(yaml.safe_dump(rules["spec"], width=400))
-    (d / "prometheus.yml").write_text(
-        yaml.safe_dump(
+    job = {
+        "job_name": "sd15",
+        "static_configs": [
             {
-                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                "rule_files": [str(d / "rules.yaml")],
-                "scrape_configs": [
-                    {
-                        "job_name": "sd15",
-                        "static_configs": [
-                            {
-                                "targets": [f"127.0.0.1:{server.port}"],
-                                # what the Prometheus Operator adds from the ServiceMonitor
-                                "labels": {"namespace": "images", "service": "sd15", "pod": "sd15-0"},
-                            }
-                        ],
-                    }
-                ],
+                "targets": [f"127.0.0.1:{server.port}"],
+                # what the Prometheus Operator adds from the ServiceMonitor
+                "labels": {"namespace": "images", "service": "sd15", "pod": "sd15-0"},
             }
-        )
-    )
-    port = free_port()
-    log = open(d / "prometheus.log", "w")
-    proc = subprocess.Popen(
-        [
-            "prometheus",
-            f"--config.file={d / 'prometheus.yml'}",
-            f"--storage.tsdb.path={d / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
         ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/-/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        raise RuntimeError((d / "prometheus.log").read_text())
-    yield url
-    proc.terminate()
-    proc.wait(30)
+    }
+    prom = PrometheusProc(d, [job], [str(d / "rules.yaml")])
+    yield prom.url
+    prom.stop()
 
 
 def query(url: str, q: str) -> list[dict]:

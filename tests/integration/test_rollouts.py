@@ -8,13 +8,15 @@ kubelet (pods with sdserve's termination message) the way test_status.py does.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from sdtesting.apiserver import Cluster
 from sdtesting.examples import example
-from sdtesting.procs import OperatorProc
+from sdtesting.procs import OperatorProc, PrometheusProc, free_port
 from sdtesting.waiting import eventually
 
 from .conftest import reconciler_for
@@ -266,3 +268,91 @@ def test_the_operator_process_rolls_back_and_a_restarted_one_keeps_the_decision(
     finally:
         op.stop()
         cluster.close()
+
+
+class Exporter:
+    """A target exporting sdserve_http_requests_total as one replica would, through the real
+    prometheus_client library, for a real Prometheus to scrape."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "sdserve_http_requests", "HTTP requests", ["route", "method", "status"], registry=self.registry
+        )
+        self.port = free_port()
+        self.server, self.thread = start_http_server(self.port, addr="127.0.0.1", registry=self.registry)
+
+    def answer(self, status: int, n: int) -> None:
+        self.requests.labels("/v1/images/generations", "POST", str(status)).inc(n)
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+async def until(prom: PrometheusProc, query: str) -> None:
+    """Wait (30 s at most) for Prometheus to have scraped what the query asks (its first scrape
+    can take ~5 s)."""
+    deadline = time.time() + 30
+    while not prom.query(query):
+        assert time.time() < deadline, f"Prometheus never answered {query}"
+        await asyncio.sleep(0.5)
+
+
+async def test_a_serving_canary_answering_too_many_5xx_is_rolled_back(apiserver, reconciler, tmp_path):
+    ns, name = "canary-errors", "sd"
+    stable, canary = Exporter(), Exporter()
+    # What the ServiceMonitor's relabeling gives each replica's series.
+    jobs = [
+        {
+            "job_name": track,
+            "static_configs": [
+                {
+                    "targets": [f"127.0.0.1:{exporter.port}"],
+                    "labels": {"namespace": ns, "service": name, "track": track, "revision": revision},
+                }
+            ],
+        }
+        for track, exporter, revision in (("stable", stable, "main"), ("canary", canary, "451f4fe"))
+    ]
+    prom = PrometheusProc(tmp_path, jobs)
+    try:
+        cr = example("canary-gateway")
+        cr["metadata"] = {"name": name, "namespace": ns}
+        cr["spec"]["rollout"].update(maxErrorRatio=0.1, errorRatioWindow="1m", errorRatioMinRequests=10)
+        cr["spec"]["autoscaling"] = {"prometheusAddress": prom.url}
+        apiserver.create(cr)
+        await converge(apiserver, reconciler, ns, name)
+        roll_out(apiserver, ns, name, 2)
+        roll_out(apiserver, ns, "sd-canary", 1)
+        await converge(apiserver, reconciler, ns, name)
+        assert status(apiserver, ns, name)["canary"]["phase"] == "Serving"
+
+        # A healthy canary (2% errors) keeps serving.
+        stable.answer(200, 0)
+        canary.answer(200, 0)
+        canary.answer(500, 0)
+        await until(prom, 'count_over_time(sdserve_http_requests_total{track="canary",status="500"}[1m]) >= 2')
+        stable.answer(200, 500)
+        canary.answer(200, 49)
+        canary.answer(500, 1)
+        await until(prom, 'sum(increase(sdserve_http_requests_total{track="canary"}[1m])) > 40')
+        await converge(apiserver, reconciler, ns, name)
+        assert status(apiserver, ns, name)["canary"]["phase"] == "Serving"
+        assert ("Deployment", "sd-canary") in apiserver.children(ns, name)
+
+        # Then it starts failing: a third of its answers are 5xx.
+        canary.answer(500, 30)
+        deadline = time.time() + 30
+        while status(apiserver, ns, name)["canary"]["phase"] != "RolledBack":
+            assert time.time() < deadline, status(apiserver, ns, name)
+            await asyncio.sleep(1)
+            await converge(apiserver, reconciler, ns, name)
+        failed = status(apiserver, ns, name)["model"]["failed"]
+        assert [(f["track"], f["reason"]) for f in failed] == [("canary", "ErrorRatio")]
+        assert "requests answered 5xx over 1m" in failed[0]["message"]
+        assert ("Deployment", "sd-canary") not in apiserver.children(ns, name)
+        assert backends(apiserver, ns, name) == [("sd", None)]
+    finally:
+        prom.stop()
+        stable.close()
+        canary.close()

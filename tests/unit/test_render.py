@@ -264,11 +264,16 @@ def test_every_sdserve_series_carries_the_model_revision():
     labels = objs[("Deployment", "sd15")]["spec"]["template"]["metadata"]["labels"]
     value = labels["sdop.io/model-revision"]
     assert value.startswith("refs-pr-12-") and len(value) <= 63  # a label value, unique per revision
-    (relabel,) = objs[("ServiceMonitor", "sd15")]["spec"]["endpoints"][0]["relabelings"]
-    assert relabel == {
-        "sourceLabels": ["__meta_kubernetes_pod_label_sdop_io_model_revision"],
-        "targetLabel": "revision",
-        "action": "replace",
-    }
+    relabel = objs[("ServiceMonitor", "sd15")]["spec"]["endpoints"][0]["relabelings"]
+    assert relabel == [
+        {
+            "sourceLabels": ["__meta_kubernetes_pod_label_sdop_io_model_revision"],
+            "targetLabel": "revision",
+            "action": "replace",
+        },
+        # stable or canary: the canary's error ratio is read by it
+        {"sourceLabels": ["__meta_kubernetes_pod_label_sdop_io_track"], "targetLabel": "track", "action": "replace"},
+    ]
+    assert labels["sdop.io/track"] == "stable"
     plain = by_kind(render(example("sd15-production")))
     assert plain[("Deployment", "sd15")]["spec"]["template"]["metadata"]["labels"]["sdop.io/model-revision"] == "main"

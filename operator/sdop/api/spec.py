@@ -375,7 +375,7 @@ class AutoscalingSpec(ApiModel):
     )
     prometheus_address: str = Field(
         "http://prometheus-operated.monitoring.svc:9090",
-        description="Prometheus the KEDA trigger queries.",
+        description="Prometheus the KEDA trigger and the canary error-ratio rollback (rollout.maxErrorRatio) query.",
         pattern=r"^https?://",
     )
 
@@ -648,6 +648,21 @@ class RolloutSpec(ApiModel):
             "(startupTimeoutSeconds + 300 s), return traffic to the last good model and keep the failed one out "
             "(status.model.failed). To try the failed model again, change it (or remove the canary and add it back)."
         ),
+    )
+    max_error_ratio: float | None = Field(
+        None,
+        description=(
+            "Roll back a serving canary whose share of 5xx responses over errorRatioWindow is above this (read "
+            "from Prometheus at autoscaling.prometheusAddress). Unset: no rollback on errors."
+        ),
+        gt=0,
+        le=1,
+    )
+    error_ratio_window: str = Field(
+        "5m", description="The window maxErrorRatio is measured over (a Prometheus duration).", pattern=DURATION
+    )
+    error_ratio_min_requests: int = Field(
+        20, description="Fewest canary requests in the window before maxErrorRatio is judged.", ge=1, le=1000000
     )
 
     @model_validator(mode="after")

@@ -3,7 +3,8 @@
 The verdict goes into ``status.model`` and ``status.canary``; ``sdop.render.rollout.plan``
 reads it back, so the next render serves the last good model and keeps the failed one out.
 A model fails when its replicas report that the model cannot load (sdserve's termination
-message) or when its Deployment passes the progress deadline (startupTimeoutSeconds + 300 s).
+message) or when its Deployment passes the progress deadline (startupTimeoutSeconds + 300 s);
+a serving canary also fails when its share of 5xx responses passes rollout.maxErrorRatio.
 """
 
 from __future__ import annotations
@@ -60,7 +61,31 @@ class Verdict:
     new_failures: list[FailedModel]
 
 
-def judge(cr: StableDiffusionService, plan: Plan, stable: Track, canary: Track, *, gateway: bool, now: str) -> Verdict:
+def error_verdict(cr: StableDiffusionService, errors: tuple[float, float] | None) -> tuple[str, str] | None:
+    """A serving canary answering too many 5xx (rollout.maxErrorRatio), from (5xx, total) requests."""
+    r = cr.spec.rollout
+    if r.max_error_ratio is None or errors is None:
+        return None
+    bad, total = errors
+    if total < r.error_ratio_min_requests or total <= 0 or bad / total <= r.max_error_ratio:
+        return None
+    return (
+        "ErrorRatio",
+        f"{bad / total:.1%} of {total:.0f} requests answered 5xx over {r.error_ratio_window} "
+        f"(rollout.maxErrorRatio {r.max_error_ratio:.1%})",
+    )
+
+
+def judge(
+    cr: StableDiffusionService,
+    plan: Plan,
+    stable: Track,
+    canary: Track,
+    *,
+    gateway: bool,
+    now: str,
+    canary_errors: tuple[float, float] | None = None,
+) -> Verdict:
     s = cr.spec
     prev = (cr.status.model if cr.status else None) or ModelStatus()
     spec_fp = fingerprint(s.model)
@@ -94,7 +119,7 @@ def judge(cr: StableDiffusionService, plan: Plan, stable: Track, canary: Track, 
         phase = "RolledBack" if plan.canary is None else "Progressing"
         weight = 0
         if plan.canary is not None and canary.fingerprint == cfp:
-            why = canary.failure()
+            why = canary.failure() or (error_verdict(cr, canary_errors) if canary.ready >= 1 else None)
             if why is not None and s.rollout.auto_rollback:
                 new.append(
                     FailedModel(

@@ -19,7 +19,7 @@ from ..render import rollout as render_rollout
 from ..render.workload import COMPONENT as SERVER_COMPONENT
 from ..render.workload import TRACK_LABEL
 from . import conditions as cond
-from . import rollout
+from . import prometheus, rollout
 from .children import SyncResult, apply_child, owned, ref, sync
 from .discovery import Discovery
 from .kube import Kube, KubeError, NotFound
@@ -174,7 +174,13 @@ class Reconciler:
             canary = rollout.Track(cdep, (await self._workload(cr, facts, cdep, "canary")).pods)
         stable = rollout.Track(dep, workload.pods)
         gateway = Ctx(cr, facts).gateway_routing
-        return workload, rollout.judge(cr, plan, stable, canary, gateway=gateway, now=_now())
+        errors = None
+        if cr.spec.rollout.max_error_ratio is not None and canary.ready >= 1:
+            errors = await prometheus.canary_errors(
+                cr.spec.autoscaling.prometheus_address, ns, cr.metadata.name, cr.spec.rollout.error_ratio_window
+            )
+        verdict = rollout.judge(cr, plan, stable, canary, gateway=gateway, now=_now(), canary_errors=errors)
+        return workload, verdict
 
     async def _workload(
         self, cr: StableDiffusionService, facts: ClusterFacts, dep: dict[str, Any] | None, track: str

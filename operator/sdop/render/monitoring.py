@@ -8,10 +8,16 @@ from typing import Any
 from ..api import MONITORING_API
 from .alerts import rule_groups
 from .context import Ctx
-from .workload import COMPONENT, REVISION_LABEL
+from .workload import COMPONENT, REVISION_LABEL, TRACK_LABEL
 
-#: Prometheus' name for the pod label REVISION_LABEL in its service discovery metadata.
-REVISION_META = "__meta_kubernetes_pod_label_" + re.sub(r"[^A-Za-z0-9_]", "_", REVISION_LABEL)
+
+def _pod_label_meta(label: str) -> str:
+    """Prometheus' name for a pod label in its Kubernetes service discovery metadata."""
+    return "__meta_kubernetes_pod_label_" + re.sub(r"[^A-Za-z0-9_]", "_", label)
+
+
+REVISION_META = _pod_label_meta(REVISION_LABEL)
+TRACK_META = _pod_label_meta(TRACK_LABEL)
 
 
 def _meta(ctx: Ctx) -> dict[str, Any]:
@@ -35,13 +41,11 @@ def service_monitor(ctx: Ctx) -> dict[str, Any] | None:
                     "port": "http",
                     "path": "/metrics",
                     "interval": ctx.spec.monitoring.interval,
-                    # Every sdserve_* series carries the model revision of the pod that made it.
+                    # Every sdserve_* series carries the model revision of the pod that made it,
+                    # and its track (stable or canary: the canary's error ratio is read by it).
                     "relabelings": [
-                        {
-                            "sourceLabels": [REVISION_META],
-                            "targetLabel": "revision",
-                            "action": "replace",
-                        }
+                        {"sourceLabels": [REVISION_META], "targetLabel": "revision", "action": "replace"},
+                        {"sourceLabels": [TRACK_META], "targetLabel": "track", "action": "replace"},
                     ],
                 }
             ],
