@@ -6,6 +6,11 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip
 export PYTHONUNBUFFERED := 1
 
+# The server tests that run a second time with SDSERVE_BATCHING=step.
+SERVER_TESTS := tests/unit/test_api.py tests/unit/test_api_security.py tests/unit/test_steps.py \
+	tests/unit/test_stepper.py tests/integration/test_server_lifecycle.py tests/integration/test_server_load.py \
+	tests/integration/test_server_redis.py tests/integration/test_observability.py
+
 .PHONY: demo test unit integration e2e install system-deps crd bench lint format clean
 
 $(BIN)/python:
@@ -56,6 +61,8 @@ format: .stamp-python
 
 test: install lint
 	$(BIN)/python -m pytest -q
+	# The server tests again with step-level batching (request-level is the default above).
+	SDSERVE_BATCHING=step $(BIN)/python -m pytest -q $(SERVER_TESTS)
 
 unit: .stamp-python
 	$(BIN)/python -m pytest -q tests/unit

@@ -119,8 +119,33 @@ class Pipeline:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
+        if self.settings.quantization != "none":
+            self._quantize()
         if self.settings.compile:
             pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
+
+    def _quantize(self) -> None:
+        """The UNet's linear layers through torchao: int8 weights (any device), int8 weights and
+        activations (GPUs with int8 tensor cores), or fp8 (compute capability 8.9+: L4, H100)."""
+        import torch
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            Int8DynamicActivationInt8WeightConfig,
+            Int8WeightOnlyConfig,
+            quantize_,
+        )
+
+        kind = self.settings.quantization
+        if kind == "fp8":
+            if not self.device.startswith("cuda") or torch.cuda.get_device_capability() < (8, 9):
+                raise ModelLoadError("quantization fp8 needs a CUDA GPU of compute capability 8.9 or newer (L4, H100)")
+            config: Any = Float8DynamicActivationFloat8WeightConfig()
+        elif kind == "int8_dynamic":
+            config = Int8DynamicActivationInt8WeightConfig()
+        else:
+            config = Int8WeightOnlyConfig()
+        quantize_(self.pipe.unet, config)
+        log.info("UNet quantized: %s", kind)
 
     def _load_safety_checker(self) -> None:
         path = self.settings.safety_checker_path
@@ -214,6 +239,31 @@ class Pipeline:
             item.images = images[pos : pos + item.n]
             pos += item.n
 
+    # ---- step-level batching (sdserve.denoise) ------------------------------------------
+    def begin(self, key: BatchKey, item: Item) -> list[Any]:
+        from . import denoise
+
+        return denoise.begin(self, key, item)
+
+    def step(self, states: list[Any]) -> None:
+        from . import denoise
+
+        pad = self.settings.step_pad
+        if pad == "auto":
+            pad = "on" if self.device == "cpu" else "off"
+        denoise.step(self, states, self.settings.max_batch_size if pad == "on" else 0)
+
+    def finished(self, state: Any) -> bool:
+        return bool(state.done)
+
+    def finish(self, states: list[Any]) -> list[Any]:
+        from . import denoise
+
+        if self.settings.pipeline == "sdxl" and self.dtype == _float16() and self.pipe.vae.config.force_upcast:
+            # The SDXL VAE overflows in fp16 (diffusers upcasts it too); decode runs on its own thread.
+            self.pipe.vae.to(dtype=_float32())
+        return denoise.finish(self, states)
+
     def _check_nsfw(self, images):
         import numpy as np
         import torch
@@ -243,6 +293,18 @@ class Pipeline:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _float16():
+    import torch
+
+    return torch.float16
+
+
+def _float32():
+    import torch
+
+    return torch.float32
 
 
 def _is_oom(e: BaseException) -> bool:

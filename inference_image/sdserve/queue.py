@@ -37,6 +37,8 @@ class Job:
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
     started: float | None = None
+    #: Step batching: a started job can still be cancelled (it leaves at the next step).
+    preemptible: bool = False
 
     @property
     def cancelled(self) -> bool:
@@ -205,7 +207,8 @@ class Batcher:
 
 
 def cancel(job: Job, reason: str) -> None:
-    """The client is gone or out of time: drop the job if it has not started."""
-    if not job.future.done() and job.started is None:
+    """The client is gone or out of time: drop the job if it has not started (or, with step
+    batching, at the next step boundary)."""
+    if not job.future.done() and (job.started is None or job.preemptible):
         job.future.cancel()
         metrics.CANCELLED.labels(reason).inc()

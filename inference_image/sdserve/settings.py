@@ -35,6 +35,17 @@ class Settings(BaseSettings):
     # Batching and queue
     max_batch_size: int = Field(4, ge=1, le=64)
     max_wait_ms: int = Field(25, ge=0)
+    #: "request": a batch runs all its steps together (requests with equal parameters only).
+    #: "step": requests join and leave the running batch between denoising steps (sdserve.stepper).
+    batching: Literal["request", "step"] = "request"
+    #: Step batching: latent pixels (width/8 x height/8, summed over the running images) one UNet
+    #: forward may hold; 0: max_batch_size images of 512x512.
+    step_budget: int = Field(0, ge=0)
+    #: Step batching: pad every UNet forward to max_batch_size images so an image does not
+    #: depend on its company (bit-identical); "auto" pads on the CPU only (sdserve.denoise).
+    step_pad: Literal["auto", "on", "off"] = "auto"
+    #: Weight quantization of the UNet with torchao (sdserve.pipeline.QUANTIZATIONS).
+    quantization: Literal["none", "int8_weight_only", "int8_dynamic", "fp8"] = "none"
     queue_size: int = Field(64, ge=1)
     timeout_seconds: float = Field(120, gt=0)
 

@@ -12,14 +12,22 @@ from .queue import Batcher
 from .ratelimit import Limiter, make_limiter
 from .safety import Blocklist
 from .settings import Settings
+from .stepper import StepBatcher
 from .work import ImagePipeline
+
+
+def make_batcher(s: Settings, pipeline: ImagePipeline) -> Batcher | StepBatcher:
+    """SDSERVE_BATCHING: request-level batches, or step-level continuous batching."""
+    if s.batching == "step":
+        return StepBatcher(pipeline, max_batch_size=s.max_batch_size, queue_size=s.queue_size, budget=s.step_budget)
+    return Batcher(pipeline, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms, queue_size=s.queue_size)
 
 
 @dataclass
 class State:
     settings: Settings
     pipeline: ImagePipeline
-    batcher: Batcher
+    batcher: Batcher | StepBatcher
     cache: Cache
     auth: Authenticator
     limiter: Limiter | None
@@ -35,9 +43,7 @@ class State:
         return cls(
             settings=s,
             pipeline=pipeline,
-            batcher=Batcher(
-                pipeline, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms, queue_size=s.queue_size
-            ),
+            batcher=make_batcher(s, pipeline),
             cache=make_cache(s),
             auth=Authenticator(s),
             limiter=make_limiter(s),

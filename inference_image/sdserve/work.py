@@ -56,3 +56,22 @@ class ImagePipeline(Protocol):
         """Fill every item's ``images`` (None for an image withheld by the content check);
         raise OutOfMemory when one image alone does not fit."""
         ...
+
+    # Step-level batching (sdserve.stepper): one image's denoising as a state advanced one
+    # step at a time; states of one latent shape share each UNet forward.
+    def begin(self, key: BatchKey, item: Item) -> list[Any]:
+        """Encode the prompt once and make one state per image (its noise from its own seed)."""
+        ...
+
+    def step(self, states: list[Any]) -> None:
+        """Advance every state by one denoising step (any mix of timesteps, step counts,
+        guidance scales and schedulers); raise OutOfMemory when one state alone does not fit."""
+        ...
+
+    def finished(self, state: Any) -> bool:
+        """Whether a state has taken all its steps."""
+        ...
+
+    def finish(self, states: list[Any]) -> list[Any]:
+        """Decode finished states (one request's images) to images, None where withheld."""
+        ...

@@ -25,6 +25,8 @@ class FakePipeline:
         self.oom_prompt = oom_prompt  # a batch holding this prompt runs out of memory, as one image alone would
         self.load_seconds = 0.0
         self.calls: list[tuple[BatchKey, int]] = []  # (key, images) per call, for assertions
+        self.steps: list[int] = []  # step batching: images per step
+        self.step_keys: list[list[BatchKey]] = []  # and their keys
         self._lock = threading.Lock()
 
     def load(self) -> None:
@@ -41,6 +43,30 @@ class FakePipeline:
         for item in items:
             item.images = [self._image(key, item.prompt, item.seed + i) for i in range(item.n)]
         return items
+
+    # ---- step batching: a state is [key, prompt, seed, steps taken] --------------------
+    def begin(self, key: BatchKey, item: Item) -> list[Any]:
+        with self._lock:
+            self.calls.append((key, item.n))  # a request's images start (its prompt is encoded)
+        return [[key, item.prompt, item.seed + i, 0] for i in range(item.n)]
+
+    def step(self, states: list[Any]) -> None:
+        with self._lock:
+            self.steps.append(len(states))
+            self.step_keys.append([s[0] for s in states])
+        if self.oom_prompt is not None and any(s[1] == self.oom_prompt for s in states):
+            raise OutOfMemory(f"out of memory for one {states[0][0].width}x{states[0][0].height} image")
+        if self.seconds_per_call:
+            # A call's cost spread over its steps: a request costs the same in either mode.
+            time.sleep(self.seconds_per_call / max(1, states[0][0].steps))
+        for s in states:
+            s[3] += 1
+
+    def finished(self, state: Any) -> bool:
+        return bool(state[3] >= state[0].steps)
+
+    def finish(self, states: list[Any]) -> list[Any]:
+        return [self._image(s[0], s[1], s[2]) for s in states]
 
     @staticmethod
     def _image(key: BatchKey, prompt: str, seed: int) -> Any:

@@ -28,7 +28,9 @@ class ServerProc:
     def __init__(self, tmp_path, **settings: Any):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SDSERVE_")}
+        # The batching mode is the one setting the environment passes on: `make test` runs the
+        # server tests once per mode (SDSERVE_BATCHING=request, then step).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SDSERVE_") or k == "SDSERVE_BATCHING"}
         env.update(
             {
                 "SDSERVE_MODEL": "tiny",

@@ -143,7 +143,8 @@ async def test_same_seed_same_image_whatever_else_is_in_the_batch(tiny):
     assert all(r.status_code == 200 for r in results)
     batches = metric("sdserve_batch_size_count") - count0
     images = metric("sdserve_batch_size_sum") - sum0
-    assert images == 4 and batches < 4, "the four requests were expected to share batches"
+    # request batching: one observation per batch of images; step batching: one per step
+    assert images / batches > 1, "the four requests were expected to share batches"
     together = results[1].json()["images"][0]
     diff = abs(decode(alone) - decode(together))
     # Batched GEMMs may round differently in the last bit of float32; after 8-bit

@@ -387,6 +387,14 @@ class BatchingSpec(ApiModel):
         None, description="Largest batch of images run together; the GPU preset's value when unset.", ge=1, le=64
     )
     max_wait_ms: int = Field(25, description="How long the batcher waits to fill a batch.", ge=0, le=10000)
+    mode: Literal["request", "step"] = Field(
+        "step",
+        description=(
+            "step: requests join and leave the running batch between denoising steps, whatever their step count, "
+            "guidance or scheduler (continuous batching; bench/README.md). request: a batch runs all its steps "
+            "together and holds only requests with equal parameters."
+        ),
+    )
 
 
 class LimitsSpec(ApiModel):
@@ -721,6 +729,13 @@ class ServerSpec(ApiModel):
     channels_last: bool = Field(True, description="channels_last memory format for the UNet and VAE.")
     scheduler: Scheduler = Field("default", description="Default noise scheduler.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Server log level.")
+    quantization: Literal["none", "int8_weight_only", "int8_dynamic", "fp8"] = Field(
+        "none",
+        description=(
+            "Quantize the UNet with torchao: int8_weight_only (any GPU), int8_dynamic (int8 tensor cores), fp8 "
+            "(compute capability 8.9+: L4, H100). Measured speed and image effect: bench/README.md."
+        ),
+    )
 
 
 class StableDiffusionServiceSpec(ApiModel):

@@ -38,6 +38,10 @@ def settings_env(ctx: Ctx) -> dict[str, str]:
         "SDSERVE_NSFW_CHECK": s.safety.nsfw_check,
         "SDSERVE_MAX_BATCH_SIZE": ctx.max_batch_size,
         "SDSERVE_MAX_WAIT_MS": s.batching.max_wait_ms,
+        "SDSERVE_BATCHING": s.batching.mode,
+        # Latent pixels one UNet forward may hold: the preset's batch of 512x512 images.
+        "SDSERVE_STEP_BUDGET": ctx.max_batch_size * 64 * 64,
+        "SDSERVE_QUANTIZATION": s.server.quantization,
         "SDSERVE_QUEUE_SIZE": s.limits.queue_size,
         "SDSERVE_TIMEOUT_SECONDS": s.limits.timeout_seconds,
         "SDSERVE_MIN_SIDE": s.limits.min_side,

@@ -1,0 +1,174 @@
+"""Step-level denoising on a loaded diffusers pipeline (the worker-thread half of step batching).
+
+Each image is an ``ImageState``: its latents, its own scheduler instance (schedulers keep
+per-run state), its own noise generator, its prompt embeddings and its guidance scale. One
+UNet forward serves any mix of states with the same latent shape: classifier-free guidance
+is applied per state, each state is stepped by its own scheduler. Text encoding happens once
+per request (``begin``), VAE decoding once per finished request (``finish``, which the step
+scheduler runs on a second thread, off the denoising loop).
+
+The noise of an image depends on its seed alone and every per-image operation is done on
+that image's slice. Matrix products are not batch-invariant, though: a row's result depends
+on how many rows the GEMM has (a 1e-6 difference that can move a pixel by one). At a fixed
+row count they are invariant to the other rows' content and order, so on the CPU every UNet
+forward is padded to ``max_batch_size`` images (SDSERVE_STEP_PAD=auto): the same request
+then gives the bit-identical image alone or in any company (tests/unit/test_stepper.py).
+On a GPU the forward is not padded; images agree within a tolerance instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+from .work import BatchKey, Item, OutOfMemory
+
+
+@dataclass
+class ImageState:
+    key: BatchKey
+    latents: Any
+    scheduler: Any
+    timesteps: list[Any]
+    generator: Any
+    #: (unconditional, conditional) prompt embeddings, each [1, tokens, dim].
+    embeds: tuple[Any, Any]
+    #: SDXL only: (unconditional, conditional) pooled embeddings and time ids.
+    added: tuple[Any, Any, Any, Any] | None = None
+    i: int = 0
+    step_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.i >= len(self.timesteps)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.latents.shape)
+
+
+def _fresh_scheduler(pipeline: Any, name: str) -> Any:
+    """A new scheduler instance of the kind a request asked for: its state is its own."""
+    template = pipeline.scheduler(name)
+    return type(template).from_config(template.config)
+
+
+def begin(pipeline: Any, key: BatchKey, item: Item) -> list[ImageState]:
+    import torch
+    from diffusers.utils.torch_utils import randn_tensor
+
+    pipe = pipeline.pipe
+    device = pipeline.device
+    gen_device = device if device.startswith("cuda") else "cpu"
+    with torch.inference_mode():
+        if pipeline.settings.pipeline == "sdxl":
+            pe, npe, pooled, npooled = pipe.encode_prompt(
+                prompt=item.prompt,
+                device=device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=True,
+                negative_prompt=item.negative_prompt,
+            )
+            size = (key.height, key.width)
+            time_ids = pipe._get_add_time_ids(
+                size,
+                (0, 0),
+                size,
+                dtype=pe.dtype,
+                text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+            ).to(device)
+            added = (npooled, pooled, time_ids, time_ids)
+        else:
+            pe, npe = pipe.encode_prompt(item.prompt, device, 1, True, item.negative_prompt or None)
+            added = None
+    shape = (1, pipe.unet.config.in_channels, key.height // pipe.vae_scale_factor, key.width // pipe.vae_scale_factor)
+    states = []
+    for i in range(item.n):
+        generator = torch.Generator(gen_device).manual_seed(item.seed + i)
+        scheduler = _fresh_scheduler(pipeline, key.scheduler)
+        scheduler.set_timesteps(key.steps, device=device)
+        latents = randn_tensor(shape, generator=generator, device=torch.device(device), dtype=pipe.unet.dtype)
+        latents = latents * scheduler.init_noise_sigma
+        accepted = set(inspect.signature(scheduler.step).parameters)
+        states.append(
+            ImageState(
+                key=key,
+                latents=latents,
+                scheduler=scheduler,
+                timesteps=list(scheduler.timesteps),
+                generator=generator,
+                embeds=(npe, pe),
+                added=added,
+                step_kwargs={"generator": generator} if "generator" in accepted else {},
+            )
+        )
+    return states
+
+
+def step(pipeline: Any, states: list[ImageState], pad: int = 0) -> None:
+    """One UNet forward for all states (padded to ``pad`` images); an out-of-memory splits
+    them in halves (unpadded) and retries."""
+    try:
+        _step(pipeline, states, pad)
+    except Exception as e:
+        from .pipeline import _is_oom
+
+        if not _is_oom(e):
+            raise
+        pipeline._free()
+        if len(states) == 1:
+            raise OutOfMemory(f"out of memory for one {states[0].key.width}x{states[0].key.height} image") from e
+        from .metrics import OOM_SPLITS
+
+        OOM_SPLITS.inc()
+        mid = len(states) // 2
+        step(pipeline, states[:mid])
+        step(pipeline, states[mid:])
+
+
+def _step(pipeline: Any, states: list[ImageState], pad: int) -> None:
+    import torch
+
+    pipe = pipeline.pipe
+    with torch.inference_mode():
+        ts = [s.timesteps[s.i] for s in states]
+        scaled = [s.scheduler.scale_model_input(s.latents, t) for s, t in zip(states, ts, strict=True)]
+        times = [torch.as_tensor(v, device=scaled[0].device).float() for v in ts]
+        lanes = list(states)
+        extra = max(0, pad - len(states))
+        # Padding rows copy the first image's inputs; their outputs are dropped.
+        scaled += scaled[:1] * extra
+        times += times[:1] * extra
+        lanes += lanes[:1] * extra
+        x = torch.cat(scaled + scaled)  # unconditional half, then conditional half
+        t = torch.stack(times * 2)
+        emb = torch.cat([s.embeds[0] for s in lanes] + [s.embeds[1] for s in lanes])
+        kwargs: dict[str, Any] = {}
+        added = [s.added for s in lanes if s.added is not None]
+        if added:  # SDXL: pooled text embeddings and size/crop ids, per image
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": torch.cat([a[0] for a in added] + [a[1] for a in added]),
+                "time_ids": torch.cat([a[2] for a in added] + [a[3] for a in added]),
+            }
+        noise = pipe.unet(x, t, encoder_hidden_states=emb, return_dict=False, **kwargs)[0]
+        b = len(lanes)
+        for k, s in enumerate(states):
+            uncond, cond = noise[k : k + 1], noise[b + k : b + k + 1]
+            pred = uncond + s.key.guidance_scale * (cond - uncond)  # classifier-free guidance, per request
+            s.latents = s.scheduler.step(pred, ts[k], s.latents, **s.step_kwargs, return_dict=False)[0]
+            s.i += 1
+
+
+def finish(pipeline: Any, states: list[ImageState]) -> list[Any]:
+    import torch
+
+    pipe = pipeline.pipe
+    vae = pipe.vae
+    with torch.inference_mode():
+        latents = torch.cat([s.latents for s in states]).to(vae.dtype)
+        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        images = pipe.image_processor.postprocess(image, output_type="pil")
+    if pipeline._safety is not None:
+        images = pipeline._check_nsfw(images)
+    return list(images)

@@ -1,0 +1,245 @@
+"""Step-level continuous batching (SDSERVE_BATCHING=step): requests join and leave the
+running batch between denoising steps.
+
+The event loop owns the schedule; the model runs in two threads:
+- the worker thread: text encoding of a newly admitted request (``pipeline.begin``) and one
+  UNet step for every running image (``pipeline.step``), whatever its timestep, step count,
+  guidance scale or scheduler;
+- the decode thread: the VAE decode (and content check) of a finished request
+  (``pipeline.finish``), off the denoising loop, so the next step does not wait for it.
+
+Admission: the queue is served in arrival order. The running batch holds one latent shape
+(width x height); the oldest queued request joins at the next step boundary when its shape
+matches and it fits the budget (latent pixels summed over the running images, and
+``max_batch_size`` images). When the oldest request has another shape, nothing behind it
+is admitted: the batch drains and the next one takes its shape, so no request starves.
+A request whose client leaves (or whose time runs out) is dropped at the next step,
+running or not. An out-of-memory step is split (``pipeline.step``); an image that does not
+fit alone fails its request with OutOfMemory and the budget shrinks to what fit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import metrics
+from .queue import Draining, Job, QueueFull
+from .work import BatchKey, ImagePipeline, Item, OutOfMemory
+
+log = logging.getLogger("sdserve.stepper")
+
+#: Latent pixels of one 512x512 image (the unit of the default budget).
+LATENT_512 = 64 * 64
+
+
+def latent_pixels(key: BatchKey) -> int:
+    return (key.width // 8) * (key.height // 8)
+
+
+@dataclass
+class Running:
+    """A request in the running batch: its images' states, stepped together with the others."""
+
+    job: Job
+    states: list[Any]
+
+
+class StepBatcher:
+    def __init__(self, pipeline: ImagePipeline, *, max_batch_size: int, queue_size: int, budget: int = 0):
+        self.pipeline = pipeline
+        self.max_batch_size = max_batch_size
+        self.queue_size = queue_size
+        self.budget = budget or max_batch_size * LATENT_512
+        self._pending: collections.deque[Job] = collections.deque()
+        self._running: list[Running] = []
+        self._decoding: set[asyncio.Future[Any]] = set()
+        self._wakeup = asyncio.Event()
+        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdserve-gpu")
+        self._decoder = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdserve-decode")
+        self._task: asyncio.Task[None] | None = None
+        self.draining = False
+        self._step_seconds = 0.05  # running estimate of one step, for Retry-After
+
+    # ---- the interface the request path uses (as sdserve.queue.Batcher) -----------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="sdserve-stepper")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._worker.shutdown(wait=True, cancel_futures=True)
+        self._decoder.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def inflight(self) -> int:
+        """Requests being denoised or decoded."""
+        return len(self._running) + len(self._decoding)
+
+    @property
+    def idle(self) -> bool:
+        return self.inflight == 0 and all(j.cancelled for j in self._pending)
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has room, roughly: the steps of the requests ahead."""
+        steps = sum(j.key.steps for j in self._pending) / max(1, self.max_batch_size)
+        return max(1, int(steps * self._step_seconds + 0.999))
+
+    def submit(self, key: BatchKey, item: Item) -> Job:
+        if self.draining:
+            raise Draining()
+        if item.n > self.max_batch_size:
+            raise ValueError("n exceeds the batch size")  # validated before; defensive
+        if len(self._pending) >= self.queue_size:
+            metrics.REJECTED.labels("queue_full").inc()
+            raise QueueFull(self.retry_after())
+        job = Job(key, item, asyncio.get_running_loop().create_future(), preemptible=True)
+        self._pending.append(job)
+        metrics.QUEUE_DEPTH.set(len(self._pending))
+        self._wakeup.set()
+        return job
+
+    async def drain(self, seconds: float) -> bool:
+        self.draining = True
+        deadline = time.monotonic() + seconds
+        while not self.idle and time.monotonic() < deadline:  # noqa: ASYNC110 - idle changes in many places
+            await asyncio.sleep(0.05)
+        return self.idle
+
+    # ---- the schedule -------------------------------------------------------------------
+    def _cost(self) -> int:
+        return sum(latent_pixels(r.job.key) * len(r.states) for r in self._running)
+
+    def _images(self) -> int:
+        return sum(len(r.states) for r in self._running)
+
+    def _next_admissible(self) -> Job | None:
+        """The oldest queued request, when it can join the running batch now."""
+        while self._pending and self._pending[0].cancelled:
+            self._pending.popleft()
+        if not self._pending:
+            return None
+        job = self._pending[0]
+        if self._running and self._shape(job) != self._shape(self._running[0].job):
+            return None  # another shape: the batch drains first (arrival order, no starvation)
+        if self._running and (
+            self._cost() + latent_pixels(job.key) * job.item.n > self.budget
+            or self._images() + job.item.n > self.max_batch_size
+        ):
+            return None
+        return job
+
+    @staticmethod
+    def _shape(job: Job) -> tuple[int, int]:
+        return job.key.width, job.key.height
+
+    async def _admit(self, loop: asyncio.AbstractEventLoop) -> None:
+        while (job := self._next_admissible()) is not None:
+            self._pending.popleft()
+            metrics.QUEUE_DEPTH.set(len(self._pending))
+            job.started = time.monotonic()
+            metrics.QUEUE_WAIT.observe(job.started - job.enqueued)
+            try:
+                states = await loop.run_in_executor(self._worker, self.pipeline.begin, job.key, job.item)
+            except Exception as e:
+                log.exception("admitting a request failed")
+                if not job.future.done():
+                    job.future.set_exception(e)
+                continue
+            self._running.append(Running(job, states))
+
+    def _drop_gone(self) -> None:
+        """Requests whose client left or whose time ran out leave the batch at this step boundary."""
+        gone = [r for r in self._running if r.job.future.done()]
+        if gone:
+            self._running = [r for r in self._running if not r.job.future.done()]
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._drop_gone()
+            if not self._running and not any(not j.cancelled for j in self._pending):
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._admit(loop)
+            self._drop_gone()
+            if not self._running:
+                continue
+            metrics.INFLIGHT.set(self.inflight)
+            await self._step(loop)
+
+    async def _step(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch = list(self._running)
+        states = [s for r in batch for s in r.states]
+        metrics.BATCH_SIZE.observe(len(states))
+        t0 = time.perf_counter()
+        try:
+            await loop.run_in_executor(self._worker, self.pipeline.step, states)
+        except OutOfMemory:
+            await self._step_singly(loop, batch)
+        except Exception as e:
+            log.exception("a step of %d images failed", len(states))
+            for r in batch:
+                if not r.job.future.done():
+                    r.job.future.set_exception(e)
+            self._running = [r for r in self._running if r not in batch]
+            return
+        finally:
+            self._step_seconds = 0.8 * self._step_seconds + 0.2 * (time.perf_counter() - t0)
+        for r in batch:
+            if r in self._running and all(self.pipeline.finished(s) for s in r.states):
+                self._running.remove(r)
+                self._decode(loop, r)
+
+    async def _step_singly(self, loop: asyncio.AbstractEventLoop, batch: list[Running]) -> None:
+        """The split step still ran out of memory: step each request alone, fail the one that
+        does not fit, and keep the budget at what did."""
+        for r in batch:
+            try:
+                await loop.run_in_executor(self._worker, self.pipeline.step, r.states)
+            except Exception as e:  # noqa: BLE001 - this request fails alone
+                if not r.job.future.done():
+                    r.job.future.set_exception(e)
+                self._running.remove(r)
+        fits = max(LATENT_512 // 4, self._cost())
+        if fits < self.budget:
+            log.warning("out of memory: step budget %d -> %d latent pixels", self.budget, fits)
+            self.budget = fits
+
+    def _decode(self, loop: asyncio.AbstractEventLoop, r: Running) -> None:
+        fut = loop.run_in_executor(self._decoder, self.pipeline.finish, r.states)
+        self._decoding.add(fut)
+
+        def done(f: asyncio.Future[Any]) -> None:
+            self._decoding.discard(f)
+            metrics.INFLIGHT.set(self.inflight)
+            job = r.job
+            if job.future.done():
+                return
+            if f.cancelled():
+                job.future.cancel()
+                return
+            exc = f.exception()
+            if exc is not None:
+                job.future.set_exception(exc)
+                return
+            job.item.images = f.result()
+            metrics.IMAGES.inc(job.item.n)
+            metrics.INFERENCE_DURATION.observe(time.monotonic() - (job.started or job.enqueued))
+            job.future.set_result(job.item)
+
+        fut.add_done_callback(done)

@@ -1,0 +1,146 @@
+"""Step-level continuous batching (sdserve.stepper, sdserve.denoise): outputs independent of
+the company a request keeps, mixed parameters in one UNet forward, admission in arrival
+order within a budget, cancel of running work, and out-of-memory handling."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from sdserve import metrics
+from sdserve.pipeline import Pipeline
+from sdserve.queue import cancel
+from sdserve.settings import Settings
+from sdserve.stepper import LATENT_512, StepBatcher
+from sdserve.work import BatchKey, Item, OutOfMemory
+from sdtesting.fakes import FakePipeline
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    p = Pipeline(Settings(model="tiny", min_side=64, warmup=False, max_batch_size=6))
+    p.load()
+    return p
+
+
+def key(steps=6, guidance=7.5, scheduler="default", side=64) -> BatchKey:
+    return BatchKey(side, side, steps, guidance, scheduler)
+
+
+async def run_all(batcher: StepBatcher, jobs: list[tuple[BatchKey, Item]]) -> list[Item]:
+    batcher.start()
+    try:
+        submitted = [batcher.submit(k, it) for k, it in jobs]
+        return list(await asyncio.wait_for(asyncio.gather(*(j.future for j in submitted)), 120))
+    finally:
+        await batcher.stop()
+
+
+def pixels(item: Item) -> list[np.ndarray]:
+    return [np.asarray(im) for im in item.images]
+
+
+def observed(histogram) -> tuple[float, float]:
+    return histogram._sum.get(), sum(b.get() for b in histogram._buckets)
+
+
+async def test_a_request_gives_the_same_image_alone_or_in_any_mix(tiny):
+    fox = (key(8, 7.5, "default"), Item("a red fox", None, 1, 42))
+    (alone,) = await run_all(StepBatcher(tiny, max_batch_size=6, queue_size=16), [fox])
+    mixes = [
+        [(key(4, 3.0, "euler"), Item("blue", "ugly", 2, 7)), fox],
+        [(key(12, 1.0, "dpmpp_2m"), Item("c", None, 1, 1)), (key(6, 5.0, "euler_a"), Item("d", None, 1, 3)), fox],
+    ]
+    for mix in mixes:
+        fresh = [(k, Item(i.prompt, i.negative_prompt, i.n, i.seed)) for k, i in mix]
+        done = await run_all(StepBatcher(tiny, max_batch_size=6, queue_size=16), fresh)
+        assert np.array_equal(pixels(done[-1])[0], pixels(alone)[0])  # bit-identical on the CPU
+    # and the company was really there: different seeds, different images
+    assert not np.array_equal(pixels(done[0])[0], pixels(alone)[0])
+
+
+async def test_mixed_steps_guidance_and_schedulers_share_one_unet_forward(tiny):
+    sum0, count0 = observed(metrics.BATCH_SIZE)
+    jobs = [
+        (key(3, 7.5, "euler"), Item("a", None, 1, 1)),
+        (key(5, 2.0, "ddim"), Item("b", None, 2, 2)),
+        (key(4, 9.0, "dpmpp_2m"), Item("c", None, 1, 3)),
+    ]
+    done = await run_all(StepBatcher(tiny, max_batch_size=6, queue_size=16), jobs)
+    assert [len(d.images) for d in done] == [1, 2, 1]
+    images, steps = observed(metrics.BATCH_SIZE)
+    images, steps = images - sum0, steps - count0
+    # Admitted together: the first step holds all four images; 5 steps in all (the longest).
+    assert steps == 5 and images == 4 * 3 + 3 + 2, (images, steps)
+
+
+async def test_requests_join_at_step_boundaries_in_arrival_order_within_the_budget():
+    fake = FakePipeline(seconds_per_call=0.05)
+    # Budget: two 64x64 images (64 latent pixels each).
+    batcher = StepBatcher(fake, max_batch_size=8, queue_size=16, budget=2 * 64)
+    jobs = [
+        (key(4), Item("a", None, 1, 1)),
+        (key(4), Item("b", None, 1, 2)),
+        (key(4), Item("c", None, 1, 3)),  # waits for a slot
+        (key(4, side=128), Item("big", None, 1, 4)),  # another shape: waits for the batch to drain
+        (key(4), Item("d", None, 1, 5)),  # arrives after "big": must not overtake it
+    ]
+    await run_all(batcher, jobs)
+    prompts_per_step = [[k.width for k in ks] for ks in fake.step_keys]
+    assert max(len(s) for s in prompts_per_step) == 2  # the budget held
+    first_big = next(i for i, s in enumerate(prompts_per_step) if 128 in s)
+    last_small_before = max(i for i, s in enumerate(prompts_per_step[:first_big]) if 64 in s)
+    assert all(s == [128] for s in prompts_per_step[first_big : first_big + 4])  # alone, in its own shape
+    assert last_small_before < first_big
+    assert prompts_per_step[-1] == [64]  # "d" ran after "big"
+
+
+async def test_cancelling_a_running_request_frees_its_slot_at_the_next_step():
+    fake = FakePipeline(seconds_per_call=2.0)  # 40 steps of 50 ms
+    batcher = StepBatcher(fake, max_batch_size=1, queue_size=4)
+    batcher.start()
+    try:
+        long = batcher.submit(key(40), Item("long", None, 1, 1))
+        short = batcher.submit(key(2), Item("short", None, 1, 2))
+        while len(fake.steps) < 3:  # noqa: ASYNC110 - the fake counts steps on the worker thread
+            await asyncio.sleep(0.01)
+        assert long.started is not None and short.started is None
+        cancel(long, "client_disconnected")
+        await asyncio.wait_for(short.future, 5)  # long would have held the slot for ~2 s more
+        assert len(fake.steps) < 10, fake.steps
+        assert long.future.cancelled()
+    finally:
+        await batcher.stop()
+
+
+async def test_a_request_that_does_not_fit_fails_alone_and_the_budget_shrinks():
+    fake = FakePipeline(oom_prompt="huge")
+    batcher = StepBatcher(fake, max_batch_size=4, queue_size=8)
+    batcher.start()
+    try:
+        jobs = [batcher.submit(key(3), Item(p, None, 1, i)) for i, p in enumerate(["a", "huge", "b"])]
+        results = await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
+    finally:
+        await batcher.stop()
+    assert isinstance(results[1], OutOfMemory)
+    assert [len(r.images) for r in (results[0], results[2])] == [1, 1]
+    assert batcher.budget < 4 * LATENT_512
+
+
+async def test_an_out_of_memory_unet_step_is_split_and_still_finishes(tiny, monkeypatch):
+    real = tiny.pipe.unet.forward
+    splits0 = metrics.OOM_SPLITS._value.get()
+
+    def small_only(sample, *args, **kwargs):
+        if sample.shape[0] > 4:  # CFG doubles: more than two images does not "fit"
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(sample, *args, **kwargs)
+
+    monkeypatch.setattr(tiny.pipe.unet, "forward", small_only)
+    monkeypatch.setattr(tiny.settings, "step_pad", "off")
+    jobs = [(key(3), Item(p, None, 1, i)) for i, p in enumerate("abcd")]
+    done = await run_all(StepBatcher(tiny, max_batch_size=6, queue_size=8), jobs)
+    assert all(len(d.images) == 1 for d in done)
+    assert metrics.OOM_SPLITS._value.get() > splits0
