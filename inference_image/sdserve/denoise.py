@@ -109,22 +109,19 @@ def begin(pipeline: Any, key: BatchKey, item: Item) -> list[ImageState]:
 def step(pipeline: Any, states: list[ImageState], pad: int = 0) -> None:
     """One UNet forward for all states (padded to ``pad`` images); an out-of-memory splits
     them in halves (unpadded) and retries."""
-    try:
-        _step(pipeline, states, pad)
-    except Exception as e:
-        from .pipeline import _is_oom
+    from .pipeline import out_of_memory
 
-        if not _is_oom(e):
-            raise
-        pipeline._free()
-        if len(states) == 1:
-            raise OutOfMemory(f"out of memory for one {states[0].key.width}x{states[0].key.height} image") from e
-        from .metrics import OOM_SPLITS
+    if not out_of_memory(_step, pipeline, states, pad):
+        return
+    pipeline._free()
+    if len(states) == 1:
+        raise OutOfMemory(f"out of memory for one {states[0].key.width}x{states[0].key.height} image")
+    from .metrics import OOM_SPLITS
 
-        OOM_SPLITS.inc()
-        mid = len(states) // 2
-        step(pipeline, states[:mid])
-        step(pipeline, states[mid:])
+    OOM_SPLITS.inc()
+    mid = len(states) // 2
+    step(pipeline, states[:mid])
+    step(pipeline, states[mid:])
 
 
 def _step(pipeline: Any, states: list[ImageState], pad: int) -> None:
@@ -161,6 +158,24 @@ def _step(pipeline: Any, states: list[ImageState], pad: int) -> None:
 
 
 def finish(pipeline: Any, states: list[ImageState]) -> list[Any]:
+    """Decode one request's images; an out-of-memory decodes them in halves (the VAE at
+    1024x1024 needs more memory than a UNet step of the same images)."""
+    from .pipeline import out_of_memory
+
+    out: list[Any] = []
+    if not out_of_memory(lambda: out.extend(_decode(pipeline, states))):
+        return out
+    pipeline._free()
+    if len(states) == 1:
+        raise OutOfMemory(f"out of memory decoding one {states[0].key.width}x{states[0].key.height} image")
+    from .metrics import OOM_SPLITS
+
+    OOM_SPLITS.inc()
+    mid = len(states) // 2
+    return finish(pipeline, states[:mid]) + finish(pipeline, states[mid:])
+
+
+def _decode(pipeline: Any, states: list[ImageState]) -> list[Any]:
     import torch
 
     pipe = pipeline.pipe

@@ -57,17 +57,24 @@ class Pipeline:
             return  # already loaded: several apps (in-process tests) may share one pipeline
         t0 = time.perf_counter()
         try:
-            self.pipe = self._load_pipe()
+            pipe = self._load_pipe()
         except Exception as e:  # every load failure is reported the same way
             raise ModelLoadError(f"cannot load model {self.settings.model!r}: {type(e).__name__}: {e}") from e
+        self.use(pipe)
+        self.load_seconds = time.perf_counter() - t0
+        log.info("model %s loaded on %s (%s) in %.1fs", self.settings.model, self.device, self.dtype, self.load_seconds)
+
+    def use(self, pipe: Any) -> None:
+        """Serve a diffusers pipeline already on the device: the settings' optimisations,
+        schedulers, content check and warm-up. ``load`` calls it; the benchmarks hand it
+        architectures built from configs with random weights."""
+        self.pipe = pipe
         self._optimise()
-        self._schedulers["default"] = self.pipe.scheduler
+        self._schedulers["default"] = pipe.scheduler
         if self.settings.nsfw_check:
             self._load_safety_checker()
         if self.settings.warmup:
             self.warmup()
-        self.load_seconds = time.perf_counter() - t0
-        log.info("model %s loaded on %s (%s) in %.1fs", self.settings.model, self.device, self.dtype, self.load_seconds)
 
     def _load_pipe(self):
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -180,31 +187,28 @@ class Pipeline:
     # ---- generation ------------------------------------------------------------------
     def run(self, key: BatchKey, items: list[Item]) -> list[Item]:
         """Generate every item's images; a CUDA OOM splits the batch and retries the halves."""
-        try:
-            self._run(key, items)
-        except Exception as e:  # only an out-of-memory is split and retried; the rest re-raise
-            if not _is_oom(e):
-                raise
-            self._free()
-            total = sum(i.n for i in items)
-            if total == 1:
-                raise OutOfMemory(f"out of memory for one {key.width}x{key.height} image") from e
-            from .metrics import OOM_SPLITS
+        if not out_of_memory(self._run, key, items):
+            return items
+        self._free()
+        total = sum(i.n for i in items)
+        if total == 1:
+            raise OutOfMemory(f"out of memory for one {key.width}x{key.height} image")
+        from .metrics import OOM_SPLITS
 
-            OOM_SPLITS.inc()
-            log.warning("out of memory at batch %d; splitting", total)
-            if len(items) == 1:
-                item = items[0]
-                half = item.n // 2
-                a = Item(item.prompt, item.negative_prompt, half, item.seed)
-                b = Item(item.prompt, item.negative_prompt, item.n - half, item.seed + half)
-                self.run(key, [a])
-                self.run(key, [b])
-                item.images = a.images + b.images
-            else:
-                mid = len(items) // 2
-                self.run(key, items[:mid])
-                self.run(key, items[mid:])
+        OOM_SPLITS.inc()
+        log.warning("out of memory at batch %d; splitting", total)
+        if len(items) == 1:
+            item = items[0]
+            half = item.n // 2
+            a = Item(item.prompt, item.negative_prompt, half, item.seed)
+            b = Item(item.prompt, item.negative_prompt, item.n - half, item.seed + half)
+            self.run(key, [a])
+            self.run(key, [b])
+            item.images = a.images + b.images
+        else:
+            mid = len(items) // 2
+            self.run(key, items[:mid])
+            self.run(key, items[mid:])
         return items
 
     def _run(self, key: BatchKey, items: list[Item]) -> None:
@@ -305,6 +309,21 @@ def _float32():
     import torch
 
     return torch.float32
+
+
+def out_of_memory(fn: Any, *args: Any) -> bool:
+    """Call fn; True when it ran out of device memory (any other error propagates).
+
+    The caller retries smaller *after* this returns: retrying inside the ``except`` block
+    would keep the failed attempt's activations alive through the exception's traceback
+    (seen on an H200: a batch split down to one image still ran out of memory)."""
+    try:
+        fn(*args)
+    except Exception as e:
+        if not _is_oom(e):
+            raise
+        return True
+    return False
 
 
 def _is_oom(e: BaseException) -> bool:

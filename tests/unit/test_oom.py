@@ -85,3 +85,17 @@ def test_one_image_that_never_fits_fails_alone_and_the_worker_lives_on():
     assert outcomes[0] is None and outcomes[2] is None
     assert isinstance(outcomes[1], OutOfMemory)
     assert len(after.images) == 1
+
+
+def test_a_split_batch_retries_only_after_the_failed_attempt_is_freed():
+    from tests.unit.test_stepper import oom_above
+
+    p = Pipeline(Settings(model="tiny", warmup=False))
+    p.load()
+    held: list = []
+    alive_at_call: list[int] = []
+    p.pipe.unet.forward = oom_above(2, p.pipe.unet.forward, held, alive_at_call)  # one image (CFG: 2 rows)
+    items = [Item("a", None, 2, 1), Item("b", None, 1, 2)]
+    p.run(KEY, items)
+    assert [len(i.images) for i in items] == [2, 1]
+    assert len(alive_at_call) > 3 and max(alive_at_call) == 0

@@ -5,9 +5,11 @@ order within a budget, cancel of running work, and out-of-memory handling."""
 from __future__ import annotations
 
 import asyncio
+import weakref
 
 import numpy as np
 import pytest
+import torch
 
 from sdserve import metrics
 from sdserve.pipeline import Pipeline
@@ -144,3 +146,29 @@ async def test_an_out_of_memory_unet_step_is_split_and_still_finishes(tiny, monk
     done = await run_all(StepBatcher(tiny, max_batch_size=6, queue_size=8), jobs)
     assert all(len(d.images) == 1 for d in done)
     assert metrics.OOM_SPLITS._value.get() > splits0
+
+
+def oom_above(rows: int, real, held: list, alive_at_call: list):
+    """A model call that leaves an activation in its frame and runs out of memory above `rows`."""
+
+    def call(sample, *args, **kwargs):
+        alive_at_call.append(sum(r() is not None for r in held))
+        activation = torch.empty(sample.shape[0], 4096)
+        held.append(weakref.ref(activation))
+        if sample.shape[0] > rows:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(sample, *args, **kwargs)
+
+    return call
+
+
+async def test_out_of_memory_retries_only_after_the_failed_attempt_is_freed_and_decode_splits_too(tiny, monkeypatch):
+    held: list = []
+    alive_at_call: list[int] = []
+    monkeypatch.setattr(tiny.pipe.unet, "forward", oom_above(2, tiny.pipe.unet.forward, held, alive_at_call))
+    monkeypatch.setattr(tiny.pipe.vae, "decode", oom_above(1, tiny.pipe.vae.decode, held, alive_at_call))
+    monkeypatch.setattr(tiny.settings, "step_pad", "off")
+    (done,) = await run_all(StepBatcher(tiny, max_batch_size=6, queue_size=8), [(key(3), Item("two", None, 2, 5))])
+    assert len(done.images) == 2  # the VAE decoded them one at a time
+    # No retry ran while a failed attempt's activations were still held (by its traceback).
+    assert len(alive_at_call) > 6 and max(alive_at_call) == 0
