@@ -11,15 +11,22 @@ from sdtesting.procs import RedisProc, ServerProc
 
 def pytest_addoption(parser):
     parser.addoption("--run-e2e", action="store_true", default=False, help="run tests/e2e against a real kind cluster")
+    parser.addoption("--run-gpu", action="store_true", default=False, help="run tests/gpu on a CUDA GPU")
+
+
+def pytest_ignore_collect(collection_path, config):
+    """tests/gpu imports torch on a GPU at collection: left out unless --run-gpu."""
+    if collection_path.name == "gpu" and collection_path.parent.name == "tests":
+        return not config.getoption("--run-gpu")
+    return None
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--run-e2e"):
-        return
-    deselected = [i for i in items if "e2e" in i.keywords]
+    opt_in = {"e2e": config.getoption("--run-e2e"), "gpu": config.getoption("--run-gpu")}
+    deselected = [i for i in items if any(mark in i.keywords and not on for mark, on in opt_in.items())]
     if deselected:
         config.hook.pytest_deselected(items=deselected)
-        items[:] = [i for i in items if "e2e" not in i.keywords]
+        items[:] = [i for i in items if i not in deselected]
 
 
 @pytest.fixture(scope="module")

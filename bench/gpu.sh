@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark in one go, for a machine with one CUDA GPU and no network:
+#
+#     bash bench/gpu.sh [part ...]      parts: tests quant sd15 sched sdxl (default: all, in this order)
+#
+# Results go to $SDOP_BENCH_RESULTS (default bench/results/), logs next to them. Python wheels
+# in .whl/ (a machine without the inference extra's packages) are installed to /tmp/site first.
+# Each part has a time cap so that one slow part cannot eat the others' time.
+set -u
+cd "$(dirname "$0")/.."
+OUT_DIR=${SDOP_BENCH_RESULTS:-bench/results}
+mkdir -p "$OUT_DIR"
+LOG=$OUT_DIR/gpu_log.txt
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+PY=${PYTHON:-python3}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=inference_image:operator:testing:bench${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi -L | tee -a "$LOG"
+
+part() {  # name, seconds, command...
+  local name=$1 cap=$2
+  shift 2
+  echo "=== $name (cap ${cap}s): $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout --signal=INT --kill-after=10 "$cap" "$@" 2>&1 | grep -v "should be kept in float32" | tee -a "$LOG"
+  echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$LOG"
+}
+
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(tests quant sd15 sched sdxl)
+for p in "${parts[@]}"; do
+  case $p in
+    tests) part tests 300 $PY -m pytest -q -s -p no:cacheprovider --run-gpu --timeout 240 tests/gpu ;;
+    quant) part quant 80 $PY bench/quantization.py --arch sd15 --device cuda ;;
+    sd15) part sd15 230 $PY bench/gpu_pipeline.py --arch sd15 --batches 1,4,8,16 --warmup 1 --repeats 2 \
+      --compile-mode reduce-overhead --compile-batches 1,8 ;;
+    sched) part sched 200 $PY bench/scheduling.py --arch sd15 --device cuda --loads 0.6,1.0,1.4,1.8 --duration 15 ;;
+    sdxl) part sdxl 105 $PY bench/gpu_pipeline.py --arch sdxl --size 1024 --batches 1,4 --warmup 1 --repeats 2 \
+      --compile-mode none ;;
+    *) echo "unknown part $p" ;;
+  esac
+done

@@ -1,0 +1,157 @@
+"""The CUDA paths of sdserve on a real GPU: fp16, step batching's agreement alone vs in a mix,
+out-of-memory splitting (request and step batching), torch.compile, quantization.
+
+Opt-in: `pytest --run-gpu tests/gpu` on a machine with a CUDA GPU (the project's CI has
+none). The SD 1.5 architecture is built from bench/configs with random fp16 weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import numpy as np
+import pytest
+
+from sdserve import metrics
+from sdserve.pipeline import Pipeline
+from sdserve.settings import Settings
+from sdserve.stepper import StepBatcher
+from sdserve.work import BatchKey, Item, OutOfMemory
+from sdtesting.examples import ROOT
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():  # collected only with --run-gpu, where a missing GPU is an error
+    pytest.fail("tests/gpu need a CUDA GPU", pytrace=False)
+
+sys.path.insert(0, str(ROOT / "bench"))
+from gpu_pipeline import build  # noqa: E402 - bench/ is put on the path just above
+
+
+def sd15_pipeline(**settings) -> Pipeline:
+    p = Pipeline(Settings(model="random-weights:sd15", device="cuda", warmup=False, max_batch_size=8, **settings))
+    p.use(build("sd15", "cuda", torch.float16))
+    return p
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return sd15_pipeline()
+
+
+def arrays(item: Item) -> list[np.ndarray]:
+    return [np.asarray(im, dtype=np.int16) for im in item.images]
+
+
+def splits() -> float:
+    return metrics.OOM_SPLITS._value.get()
+
+
+async def step_all(p: Pipeline, jobs: list[tuple[BatchKey, Item]], max_batch: int = 8) -> list[Item]:
+    b = StepBatcher(p, max_batch_size=max_batch, queue_size=64, budget=max_batch * 64 * 64 * 4)
+    b.start()
+    try:
+        submitted = [b.submit(k, it) for k, it in jobs]
+        return list(await asyncio.wait_for(asyncio.gather(*(j.future for j in submitted)), 300))
+    finally:
+        await b.stop()
+
+
+def test_fp16_request_batch_gives_distinct_finite_images(sd15):
+    assert sd15.pipe.unet.dtype == torch.float16 and sd15.device == "cuda"
+    item = Item("a red fox in the snow", None, 2, 7)
+    sd15.run(BatchKey(512, 512, 10, 7.5, "euler"), [item])
+    a, b = arrays(item)
+    assert a.shape == (512, 512, 3)
+    assert np.abs(a - b).mean() > 1, "two seeds gave the same image"
+    assert a.std() > 1, "a flat image: the fp16 run overflowed"
+
+
+def test_step_batching_on_cuda_matches_the_request_alone_within_tolerance(sd15):
+    fox = (BatchKey(512, 512, 20, 7.5, "default"), Item("a red fox", None, 1, 42))
+    (alone,) = asyncio.run(step_all(sd15, [fox]))
+    mix = [
+        (BatchKey(512, 512, 12, 3.0, "euler"), Item("a blue house", "blurry", 2, 7)),
+        (BatchKey(512, 512, 30, 9.0, "dpmpp_2m"), Item("a castle", None, 1, 1)),
+        (fox[0], Item("a red fox", None, 1, 42)),
+    ]
+    *_, mixed = asyncio.run(step_all(sd15, mix))
+    diff = np.abs(arrays(mixed)[0] - arrays(alone)[0])
+    print(f"\nstep batching, alone vs in a mix of 4 images: mean |diff| {diff.mean():.4f}, max {diff.max()} (of 255)")
+    assert diff.mean() <= 1.0 and np.percentile(diff, 99) <= 8
+
+
+def test_out_of_memory_splits_request_batches_and_fails_a_single_image_that_cannot_fit(sd15):
+    key = BatchKey(1024, 1024, 4, 7.5, "default")
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    sd15.run(key, [Item("one", None, 1, 0)])
+    one = torch.cuda.max_memory_allocated() - base
+    total = torch.cuda.get_device_properties(0).total_memory
+    try:
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction((base + 2.5 * one) / total)
+        before = splits()
+        item = Item("eight", None, 8, 0)
+        sd15.run(key, [item])
+        assert len(item.images) == 8 and splits() > before
+        print(f"\none 1024x1024 image: {one / 2**30:.2f} GiB above the weights; batch 8 split {splits() - before:g}x")
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction((base + 0.3 * one) / total)
+        with pytest.raises(OutOfMemory):
+            sd15.run(key, [Item("too big", None, 1, 0)])
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+
+
+def test_out_of_memory_splits_a_step_and_a_decode_and_every_request_still_finishes(sd15):
+    key = BatchKey(1024, 1024, 3, 7.5, "default")
+    states = sd15.begin(key, Item("one", None, 1, 0))
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    sd15.step(states)  # one image's UNet step (its VAE decode needs more than this)
+    one = torch.cuda.max_memory_allocated() - base
+    del states
+    total = torch.cuda.get_device_properties(0).total_memory
+    try:
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction((base + 2.5 * one) / total)
+        before = splits()
+        done = asyncio.run(step_all(sd15, [(key, Item(f"r{i}", None, 2, i)) for i in range(4)]))
+        assert [len(d.images) for d in done] == [2, 2, 2, 2] and splits() > before
+        print(f"\none 1024x1024 UNet step: {one / 2**30:.2f} GiB; 8 images done, {splits() - before:g} splits")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+
+
+def test_compiled_unet_gives_the_eager_images_within_tolerance():
+    key = BatchKey(64, 64, 6, 7.5, "default")
+    eager = Pipeline(Settings(model="tiny", device="cuda", warmup=False))
+    eager.load()
+    compiled = Pipeline(Settings(model="tiny", device="cuda", warmup=False, compile=True))
+    compiled.load()
+    a, b = Item("a fox", None, 2, 3), Item("a fox", None, 2, 3)
+    eager.run(key, [a])
+    compiled.run(key, [b])
+    diff = np.abs(np.stack(arrays(a)) - np.stack(arrays(b)))
+    print(f"\ncompiled vs eager (tiny, fp16): mean |diff| {diff.mean():.4f}, max {diff.max()}")
+    assert diff.mean() <= 1.0
+
+
+@pytest.mark.parametrize("kind", ["int8_weight_only", "int8_dynamic", "fp8"])
+def test_quantized_unet_generates_close_to_unquantized(sd15, kind):
+    key = BatchKey(512, 512, 10, 7.5, "default")
+    ref = Item("a lighthouse", None, 1, 5)
+    sd15.run(key, [ref])
+    q = sd15_pipeline(quantization=kind)
+    item = Item("a lighthouse", None, 1, 5)
+    q.run(key, [item])
+    diff = np.abs(arrays(item)[0] - arrays(ref)[0])
+    print(f"\n{kind}: mean |diff| {diff.mean():.3f} of 255")
+    assert diff.mean() < 40, f"{kind} moved the image by {diff.mean():.1f}/255 on average"
