@@ -35,7 +35,7 @@ async def generate(req: Req):
     ).images[0]
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    return {"images": [base64.b64encode(buf.getvalue()).decode()]}
+    return {"image": base64.b64encode(buf.getvalue()).decode(), "status": "success"}
 
 
 @app.get("/healthz")

@@ -116,6 +116,7 @@ async def generate(
     steps.validate(state, gen, problems)
     r = await steps.generate(state, gen, request.is_disconnected)
     return GenerateResponse(
+        image=r.images[0],
         images=r.images,
         seeds=r.seeds,
         model=state.settings.model_id,

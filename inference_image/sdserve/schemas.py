@@ -66,7 +66,12 @@ class Timings(BaseModel):
 
 
 class GenerateResponse(BaseModel):
-    images: list[str] = Field(description="Base64 PNGs.")
+    """The seed service's answer (``image``, ``status``), which its clients read, with sdserve's
+    own fields beside it."""
+
+    image: str = Field(description="The first image, a base64 PNG (the seed's field).")
+    status: Literal["success"] = Field("success", description="The seed's field: errors are 4xx/5xx with a body.")
+    images: list[str] = Field(description="Base64 PNGs, all of them.")
     seeds: list[int]
     model: str
     revision: str

@@ -78,6 +78,16 @@ async def test_generate_shape(client):
     assert set(body["timings"]) == {"queue_seconds", "inference_seconds", "total_seconds"}
 
 
+async def test_generate_answers_the_seed_services_contract(client):
+    """A client written for the seed reads r.json()["image"] and checks status == "success"."""
+    r = await gen(client, seed=9)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "success"
+    assert decode(body["image"]).shape == (64, 64, 3)
+    assert body["image"] == body["images"][0]
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
