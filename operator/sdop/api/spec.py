@@ -388,11 +388,12 @@ class BatchingSpec(ApiModel):
     )
     max_wait_ms: int = Field(25, description="How long the batcher waits to fill a batch.", ge=0, le=10000)
     mode: Literal["request", "step"] = Field(
-        "step",
+        "request",
         description=(
-            "step: requests join and leave the running batch between denoising steps, whatever their step count, "
-            "guidance or scheduler (continuous batching; bench/README.md). request: a batch runs all its steps "
-            "together and holds only requests with equal parameters."
+            "request: a batch runs all its steps together and holds only requests with equal parameters. step: "
+            "requests join and leave the running batch between denoising steps, whatever their step count, "
+            "guidance or scheduler (continuous batching; measured against request in bench/README.md and "
+            "docs/serving.md: more images per forward, but slower on the first GPU measured)."
         ),
     )
 
