@@ -49,6 +49,7 @@ class Pipeline:
         self.revision = settings.model_revision
         self.load_seconds = 0.0
         self._schedulers: dict[str, Any] = {}
+        self._edit_pipes: dict[str, Any] = {}
         self._safety: tuple[Any, Any] | None = None
 
     # ---- loading ---------------------------------------------------------------------
@@ -222,18 +223,25 @@ class Pipeline:
                 negatives.append(item.negative_prompt or "")
                 # One generator per image: its noise depends on its seed alone, not on the batch.
                 generators.append(torch.Generator(gen_device).manual_seed(item.seed + i))
-        pipe = self.pipe
+        pipe = self.task_pipe(key.task)
         pipe.scheduler = self.scheduler(key.scheduler)
+        kwargs: dict[str, Any] = {}
+        if key.task != "generate":  # edits: the input image (and mask) of each image's request
+            kwargs["image"] = [item.init_image for item in items for _ in range(item.n)]
+            kwargs["strength"] = key.strength
+        if key.task == "inpaint":
+            kwargs["mask_image"] = [item.mask_image for item in items for _ in range(item.n)]
+        if key.task != "img2img":  # img2img takes its size from the image
+            kwargs.update(width=key.width, height=key.height)
         with torch.inference_mode():
             out = pipe(
                 prompt=prompts,
                 negative_prompt=negatives if any(negatives) else None,
-                width=key.width,
-                height=key.height,
                 num_inference_steps=key.steps,
                 guidance_scale=key.guidance_scale,
                 generator=generators,
                 output_type="pil",
+                **kwargs,
             )
         images = out.images
         if self._safety is not None:
@@ -242,6 +250,20 @@ class Pipeline:
         for item in items:
             item.images = images[pos : pos + item.n]
             pos += item.n
+
+    def task_pipe(self, task: str) -> Any:
+        """The pipeline for a task: edits use image-to-image and inpainting pipelines made
+        from the loaded one (``from_pipe``: the same weights, no second copy)."""
+        if task == "generate":
+            return self.pipe
+        if task not in self._edit_pipes:
+            from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+            cls = AutoPipelineForImage2Image if task == "img2img" else AutoPipelineForInpainting
+            edit = cls.from_pipe(self.pipe)
+            edit.set_progress_bar_config(disable=True)
+            self._edit_pipes[task] = edit
+        return self._edit_pipes[task]
 
     # ---- step-level batching (sdserve.denoise) ------------------------------------------
     def begin(self, key: BatchKey, item: Item) -> list[Any]:

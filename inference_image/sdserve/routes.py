@@ -4,19 +4,25 @@ state) and lets ``steps`` do the work; dependencies are typed with ``Annotated``
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile as StarletteUpload
 
 from . import metrics, steps
+from .edits import Upload, edit_inputs
 from .errors import ApiError
 from .lifecycle import start_drain
 from .schemas import (
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
+    OpenAIEditRequest,
     OpenAIImage,
     OpenAIImageRequest,
     OpenAIImageResponse,
@@ -29,7 +35,7 @@ from .state import State
 router = APIRouter()
 
 #: Routes whose end-to-end latency is the request-duration histogram.
-GENERATION_ROUTES = frozenset({"/v1/images/generations", "/generate"})
+GENERATION_ROUTES = frozenset({"/v1/images/generations", "/v1/images/edits", "/generate"})
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (401, 403, 404, 422, 429, 503, 504)
@@ -86,6 +92,91 @@ async def images_generations(
         steps=key.steps,
         width_field="size",
         height_field="size",
+        n_field="n",
+    )
+    steps.validate(state, gen, problems)
+    r = await steps.generate(state, gen, request.is_disconnected)
+    data = [OpenAIImage(b64_json=b, seed=seed) for b, seed in zip(r.images, r.seeds, strict=True)]
+    return OpenAIImageResponse(created=int(time.time()), data=data)
+
+
+@router.post(
+    "/v1/images/edits",
+    response_model=OpenAIImageResponse,
+    responses={**ERRORS, 413: {"model": ErrorResponse}},
+    tags=["images"],
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["image", "prompt"],
+                        "properties": {
+                            "image": {"type": "string", "format": "binary"},
+                            "mask": {"type": "string", "format": "binary"},
+                            **OpenAIEditRequest.model_json_schema()["properties"],
+                        },
+                    }
+                }
+            }
+        }
+    },
+)
+async def images_edits(request: Request, state: StateDep, principal: LimitedPrincipal) -> OpenAIImageResponse:
+    """Image-to-image without a mask, inpainting with one; multipart as the OpenAI SDK sends it."""
+    s = state.settings
+    form = await request.form()
+    uploads: dict[str, Upload] = {}
+    fields: dict[str, Any] = {}
+    for name, value in form.multi_items():
+        field_ = "image" if name == "image[]" else name
+        if isinstance(value, StarletteUpload):
+            if field_ not in ("image", "mask"):
+                raise ApiError(422, "invalid_value", f"{field_} cannot be a file", param=field_)
+            if field_ in uploads:
+                raise ApiError(422, "invalid_value", f"one {field_} per request", param=field_)
+            uploads[field_] = Upload(field_, await value.read())
+        elif field_ in ("image", "mask"):
+            raise ApiError(422, "invalid_value", f"{field_} must be a file", param=field_)
+        else:
+            fields[field_] = value
+    if "image" not in uploads:
+        raise ApiError(422, "missing", "image is required", param="image")
+    try:
+        body = OpenAIEditRequest.model_validate(fields)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
+    if body.response_format != "b64_json":
+        raise ApiError(
+            422, "unsupported_value", "response_format 'url' is not supported; use b64_json", param="response_format"
+        )
+    if body.model and body.model != s.model_id:
+        raise ApiError(404, "model_not_found", f"this server serves {s.model_id!r}, not {body.model!r}", param="model")
+    size = parse_size(body.size) if body.size else None
+    if body.size and size is None:
+        raise ApiError(422, "invalid_value", f"size must be WIDTHxHEIGHT, got {body.size!r}", param="size")
+    inputs = edit_inputs(uploads["image"], uploads.get("mask"), size, s.max_upload_bytes)
+    task = "inpaint" if inputs.mask is not None else "img2img"
+    strength = body.strength if body.strength is not None else (1.0 if task == "inpaint" else 0.8)
+    key = steps.batch_key(
+        state, inputs.width, inputs.height, body.num_inference_steps, body.guidance_scale, body.scheduler
+    )
+    key = replace(key, task=task, strength=strength)
+    gen = steps.Generation(
+        key, body.prompt, body.negative_prompt, body.n, body.seed, inputs.image, inputs.mask, inputs.digest
+    )
+    side_field = "size" if size else "image"
+    problems = limit_problems(
+        s,
+        prompt=body.prompt,
+        negative=body.negative_prompt,
+        width=inputs.width,
+        height=inputs.height,
+        n=body.n,
+        steps=key.steps,
+        width_field=side_field,
+        height_field=side_field,
         n_field="n",
     )
     steps.validate(state, gen, problems)

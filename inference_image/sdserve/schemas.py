@@ -37,6 +37,24 @@ class OpenAIImageRequest(Extensions):
     user: str | None = Field(None, description="Accepted for compatibility; ignored.")
 
 
+class OpenAIEditRequest(Extensions):
+    """POST /v1/images/edits (multipart), as in the OpenAI Images API: the form's fields other
+    than ``image`` and ``mask``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="Text prompt.")
+    model: str | None = Field(None, description="Model id; must be the served model when set.")
+    n: int = Field(1, ge=1, description="Number of images.")
+    size: str | None = Field(None, description="WIDTHxHEIGHT; the image's own size (rounded to 8) when unset.")
+    response_format: Literal["b64_json", "url"] = Field("b64_json", description="Only b64_json is supported.")
+    strength: float | None = Field(
+        None, gt=0, le=1, description="How far the image is noised: 0.8 without a mask, 1.0 with one when unset."
+    )
+    quality: str | None = Field(None, description="Accepted for compatibility; ignored.")
+    user: str | None = Field(None, description="Accepted for compatibility; ignored.")
+
+
 class OpenAIImage(BaseModel):
     b64_json: str
     revised_prompt: str | None = None

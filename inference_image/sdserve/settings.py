@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     max_steps: int = 50
     max_images: int = 4
     max_prompt_length: int = 1000
+    #: Edits: the largest uploaded image or mask, in bytes.
+    max_upload_bytes: int = Field(16 * 2**20, ge=1024)
     default_steps: int = 25
     default_guidance_scale: float = 7.5
 

@@ -16,6 +16,7 @@ is admitted: the batch drains and the next one takes its shape, so no request st
 A request whose client leaves (or whose time runs out) is dropped at the next step,
 running or not. An out-of-memory step is split (``pipeline.step``); an image that does not
 fit alone fails its request with OutOfMemory and the budget shrinks to what fit.
+Edits (image-to-image, inpainting) are not stepped: one runs whole once the batch drained.
 """
 
 from __future__ import annotations
@@ -133,6 +134,8 @@ class StepBatcher:
         if not self._pending:
             return None
         job = self._pending[0]
+        if self._running and job.key.task != "generate":
+            return None  # an edit runs whole (not step by step): the batch drains first
         if self._running and self._shape(job) != self._shape(self._running[0].job):
             return None  # another shape: the batch drains first (arrival order, no starvation)
         if self._running and (
@@ -152,6 +155,9 @@ class StepBatcher:
             metrics.QUEUE_DEPTH.set(len(self._pending))
             job.started = time.monotonic()
             metrics.QUEUE_WAIT.observe(job.started - job.enqueued)
+            if job.key.task != "generate":
+                await self._run_whole(loop, job)
+                continue
             try:
                 states = await loop.run_in_executor(self._worker, self.pipeline.begin, job.key, job.item)
             except Exception as e:
@@ -160,6 +166,21 @@ class StepBatcher:
                     job.future.set_exception(e)
                 continue
             self._running.append(Running(job, states))
+
+    async def _run_whole(self, loop: asyncio.AbstractEventLoop, job: Job) -> None:
+        """An edit (image-to-image, inpainting) runs as one pipeline call between steps, with
+        the batch drained: edits are not step-batched yet."""
+        metrics.BATCH_SIZE.observe(job.item.n)
+        try:
+            await loop.run_in_executor(self._worker, self.pipeline.run, job.key, [job.item])
+        except Exception as e:  # noqa: BLE001 - the request fails alone (OutOfMemory becomes a 503)
+            if not job.future.done():
+                job.future.set_exception(e)
+            return
+        if not job.future.done():
+            metrics.IMAGES.inc(job.item.n)
+            metrics.INFERENCE_DURATION.observe(time.monotonic() - (job.started or job.enqueued))
+            job.future.set_result(job.item)
 
     def _drop_gone(self) -> None:
         """Requests whose client left or whose time ran out leave the batch at this step boundary."""

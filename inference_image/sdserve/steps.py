@@ -14,6 +14,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from . import metrics
 from .auth import AuthError
@@ -36,6 +37,10 @@ class Generation:
     negative_prompt: str | None
     n: int
     seed: int | None
+    #: Edits: the input image and mask (at the key's size), and a digest of the uploaded bytes.
+    init_image: Any = None
+    mask_image: Any = None
+    inputs_digest: str | None = None
 
 
 @dataclass
@@ -128,6 +133,9 @@ def result_key(state: State, gen: Generation, seed: int) -> str:
             "steps": gen.key.steps,
             "guidance_scale": gen.key.guidance_scale,
             "scheduler": gen.key.scheduler,
+            "task": gen.key.task,
+            "strength": gen.key.strength,
+            "inputs": gen.inputs_digest,
         },
     )
 
@@ -144,7 +152,8 @@ async def cached(state: State, key: str, gen: Generation, seed: int) -> Result |
 def enqueue(state: State, gen: Generation, seed: int) -> Job:
     """Into the bounded queue: 429 with Retry-After when it is full."""
     try:
-        return state.batcher.submit(gen.key, Item(gen.prompt, gen.negative_prompt, gen.n, seed))
+        item = Item(gen.prompt, gen.negative_prompt, gen.n, seed, init_image=gen.init_image, mask_image=gen.mask_image)
+        return state.batcher.submit(gen.key, item)
     except QueueFull as e:
         raise ApiError(
             429, "queue_full", "the queue is full; retry later", retry_after=e.retry_after, type_="rate_limit_error"

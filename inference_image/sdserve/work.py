@@ -28,6 +28,10 @@ class BatchKey:
     steps: int
     guidance_scale: float
     scheduler: str
+    #: "generate" (text to image), "img2img" (an edit without a mask) or "inpaint" (with one).
+    task: str = "generate"
+    #: Edits: how far the input image is noised (1.0: entirely).
+    strength: float = 1.0
 
 
 @dataclass
@@ -39,6 +43,9 @@ class Item:
     n: int
     seed: int
     images: list[Any] = field(default_factory=list)
+    #: Edits: the input image and, for inpainting, the mask (white: repaint), both at the key's size.
+    init_image: Any = None
+    mask_image: Any = None
 
 
 class ImagePipeline(Protocol):

@@ -1,0 +1,86 @@
+"""POST /v1/images/edits: the uploaded image and mask, checked and turned into the inputs of
+an image-to-image or inpainting generation.
+
+As in the OpenAI Images API, a mask's fully transparent pixels mark what to repaint; a mask
+without an alpha channel is read as diffusers reads it (white: repaint). Every problem is a
+4xx naming its field: not an image, over the upload limit, a mask of another size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ApiError
+
+
+@dataclass
+class Upload:
+    field: str
+    data: bytes
+
+
+@dataclass
+class EditInputs:
+    image: Any  # PIL RGB at the generation size
+    mask: Any | None  # PIL L at the generation size (white: repaint), or None for image-to-image
+    width: int
+    height: int
+    digest: str  # of the uploaded bytes: part of the result-cache key
+
+
+def open_image(upload: Upload, max_bytes: int) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    if len(upload.data) > max_bytes:
+        raise ApiError(
+            413,
+            "file_too_large",
+            f"{upload.field} is {len(upload.data)} bytes; the limit is {max_bytes}",
+            param=upload.field,
+        )
+    try:
+        im = Image.open(io.BytesIO(upload.data))
+        im.load()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ApiError(
+            422, "invalid_image", f"{upload.field} is not a PNG, JPEG or WebP image ({e})", param=upload.field
+        ) from None
+    return im
+
+
+def repaint_mask(mask: Any) -> Any:
+    """A diffusers mask (L, white: repaint) from an uploaded one."""
+    if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
+        alpha = mask.convert("RGBA").getchannel("A")
+        return alpha.point(lambda a: 255 if a == 0 else 0)  # OpenAI: transparent = edit here
+    return mask.convert("L")
+
+
+def edit_inputs(image: Upload, mask: Upload | None, size: tuple[int, int] | None, max_bytes: int) -> EditInputs:
+    """The image (and mask) at the generation size: ``size`` when given, else the image's own
+    size rounded down to a multiple of 8."""
+    from PIL import Image
+
+    im = open_image(image, max_bytes)
+    m = open_image(mask, max_bytes) if mask is not None else None
+    if m is not None and m.size != im.size:
+        raise ApiError(
+            422,
+            "invalid_value",
+            f"mask is {m.size[0]}x{m.size[1]}; it must have the image's size {im.size[0]}x{im.size[1]}",
+            param="mask",
+        )
+    width, height = size or (im.size[0] // 8 * 8, im.size[1] // 8 * 8)
+    digest = hashlib.sha256(image.data + b"\0" + (mask.data if mask else b"")).hexdigest()
+    rgb = im.convert("RGB")
+    if rgb.size != (width, height):
+        rgb = rgb.resize((width, height), Image.Resampling.LANCZOS)
+    out_mask = None
+    if m is not None:
+        out_mask = repaint_mask(m)
+        if out_mask.size != (width, height):
+            out_mask = out_mask.resize((width, height), Image.Resampling.NEAREST)
+    return EditInputs(rgb, out_mask, width, height, digest)
