@@ -16,6 +16,7 @@ from fastapi.routing import APIRoute
 from starlette.routing import Route
 
 from . import errors, metrics
+from .jobs import Jobs, make_store
 from .lifecycle import load_model
 from .middleware import MetricsMiddleware
 from .routes import GENERATION_ROUTES, router
@@ -32,6 +33,7 @@ def create_app(settings: Settings | None = None, pipeline: ImagePipeline | None 
 
         pipeline = Pipeline(settings)
     state = State.build(settings, pipeline)
+    state.jobs = Jobs(state, make_store(settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -42,6 +44,7 @@ def create_app(settings: Settings | None = None, pipeline: ImagePipeline | None 
         yield
         metrics.READY.set(0)
         state.load_task.cancel()
+        await state.jobs.stop()
         await state.batcher.stop()
         await state.cache.close()
 

@@ -71,6 +71,12 @@ CANCELLED = Counter(
 )
 AUTH_FAILURES = Counter("sdserve_auth_failures", "Requests refused by authentication.", ["reason"], registry=REGISTRY)
 NSFW_FLAGGED = Counter("sdserve_nsfw_flagged_images", "Images withheld by the NSFW check.", registry=REGISTRY)
+JOBS = Counter(
+    "sdserve_jobs", "Async jobs by event: submitted, then succeeded, failed or cancelled.", ["event"], registry=REGISTRY
+)
+WEBHOOKS = Counter(
+    "sdserve_webhooks", "Job webhook deliveries by outcome: delivered, retried, failed.", ["outcome"], registry=REGISTRY
+)
 OOM_SPLITS = Counter("sdserve_oom_splits", "Batches split after a device out-of-memory error.", registry=REGISTRY)
 MODEL_LOAD_SECONDS = Gauge("sdserve_model_load_seconds", "Time the model took to load and warm up.", registry=REGISTRY)
 MODEL_LOAD_FAILURES = Counter("sdserve_model_load_failures", "Failed model loads.", registry=REGISTRY)

@@ -233,9 +233,16 @@ class Pipeline:
             kwargs["mask_image"] = [item.mask_image for item in items for _ in range(item.n)]
         if key.task != "img2img":  # img2img takes its size from the image
             kwargs.update(width=key.width, height=key.height)
+
+        def progress(_pipe: Any, i: int, _t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+            for item in items:
+                item.progress = i + 1
+            return callback_kwargs
+
         with torch.inference_mode():
             out = pipe(
                 prompt=prompts,
+                callback_on_step_end=progress,
                 negative_prompt=negatives if any(negatives) else None,
                 num_inference_steps=key.steps,
                 guidance_scale=key.guidance_scale,

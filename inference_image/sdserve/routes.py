@@ -3,13 +3,16 @@ state) and lets ``steps`` do the work; dependencies are typed with ``Annotated``
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile as StarletteUpload
@@ -17,11 +20,13 @@ from starlette.datastructures import UploadFile as StarletteUpload
 from . import metrics, steps
 from .edits import Upload, edit_inputs
 from .errors import ApiError
+from .jobs import TERMINAL, check_webhook
 from .lifecycle import start_drain
 from .schemas import (
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
+    JobRequest,
     OpenAIEditRequest,
     OpenAIImage,
     OpenAIImageRequest,
@@ -66,10 +71,8 @@ Principal = Annotated[str, Depends(authenticated)]
 LimitedPrincipal = Annotated[str, Depends(rate_limited)]
 
 
-@router.post("/v1/images/generations", response_model=OpenAIImageResponse, responses=ERRORS, tags=["images"])
-async def images_generations(
-    body: OpenAIImageRequest, request: Request, state: StateDep, principal: LimitedPrincipal
-) -> OpenAIImageResponse:
+def openai_generation(state: State, body: OpenAIImageRequest) -> steps.Generation:
+    """A validated generation from an OpenAI Images API body (also the body of a job)."""
     s = state.settings
     if body.response_format != "b64_json":
         raise ApiError(
@@ -95,9 +98,64 @@ async def images_generations(
         n_field="n",
     )
     steps.validate(state, gen, problems)
+    return gen
+
+
+@router.post("/v1/images/generations", response_model=OpenAIImageResponse, responses=ERRORS, tags=["images"])
+async def images_generations(
+    body: OpenAIImageRequest, request: Request, state: StateDep, principal: LimitedPrincipal
+) -> OpenAIImageResponse:
+    gen = openai_generation(state, body)
     r = await steps.generate(state, gen, request.is_disconnected)
     data = [OpenAIImage(b64_json=b, seed=seed) for b, seed in zip(r.images, r.seeds, strict=True)]
     return OpenAIImageResponse(created=int(time.time()), data=data)
+
+
+@router.post("/v1/jobs", status_code=202, responses=ERRORS, tags=["jobs"])
+async def submit_job(body: JobRequest, state: StateDep, principal: LimitedPrincipal) -> JSONResponse:
+    """A generation run in the background: 202 with the job's id; poll it, stream its events,
+    cancel it, or be called back (a signed webhook) when it ends."""
+    if body.webhook is not None:
+        check_webhook(state.settings, body.webhook.url)
+    gen = openai_generation(state, OpenAIImageRequest(**body.model_dump(exclude={"webhook"}, exclude_unset=True)))
+    webhook = body.webhook.model_dump() if body.webhook else None
+    record = await state.jobs.submit(principal, gen, webhook)
+    return JSONResponse(record.public(), status_code=202, headers={"Location": f"/v1/jobs/{record.id}"})
+
+
+@router.get("/v1/jobs/{job_id}", responses=ERRORS, tags=["jobs"])
+async def get_job(job_id: str, state: StateDep, principal: Principal) -> dict[str, Any]:
+    return (await state.jobs.get(principal, job_id)).public()
+
+
+@router.delete("/v1/jobs/{job_id}", responses=ERRORS, tags=["jobs"])
+async def cancel_job(job_id: str, state: StateDep, principal: Principal) -> dict[str, Any]:
+    """Cancel: a queued job at once, a running one at its next step (step batching) or when its
+    batch ends (request batching; its result is dropped)."""
+    return (await state.jobs.cancel(principal, job_id)).public()
+
+
+@router.get("/v1/jobs/{job_id}/events", responses=ERRORS, tags=["jobs"])
+async def job_events(job_id: str, request: Request, state: StateDep, principal: Principal) -> StreamingResponse:
+    """Server-sent events: ``progress`` whenever the status or step changes, then ``done``
+    with the job as GET shows it."""
+    await state.jobs.get(principal, job_id)  # 404 before the stream starts
+
+    async def stream() -> AsyncIterator[str]:
+        last = None
+        while not await request.is_disconnected():
+            record = await state.jobs.get(principal, job_id)
+            view = record.public()
+            if record.status in TERMINAL:
+                yield f"event: done\ndata: {json.dumps(view)}\n\n"
+                return
+            now = (view["status"], view["progress"]["step"])
+            if now != last:
+                last = now
+                yield f"event: progress\ndata: {json.dumps({k: view[k] for k in ('id', 'status', 'progress')})}\n\n"
+            await asyncio.sleep(0.25)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
 
 @router.post(

@@ -37,6 +37,19 @@ class OpenAIImageRequest(Extensions):
     user: str | None = Field(None, description="Accepted for compatibility; ignored.")
 
 
+class Webhook(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="Called with the job when it ends; its host must be allowed by the operator.")
+    secret: str = Field("", description="Key of the HMAC-SHA256 signature in X-Sdserve-Signature.")
+
+
+class JobRequest(OpenAIImageRequest):
+    """POST /v1/jobs: a generations body, and where to report the end."""
+
+    webhook: Webhook | None = None
+
+
 class OpenAIEditRequest(Extensions):
     """POST /v1/images/edits (multipart), as in the OpenAI Images API: the form's fields other
     than ``image`` and ``mask``."""

@@ -67,6 +67,14 @@ class Settings(BaseSettings):
     cache_ttl_seconds: int = Field(86400, ge=1)
     redis_url: str | None = None
 
+    # Async jobs (sdserve.jobs): records in Redis when the cache is Redis, in memory otherwise.
+    job_ttl_seconds: int = Field(86400, ge=60)
+    #: A running job's record is renewed this often (x3); a record not renewed in time reads as failed.
+    job_lease_seconds: float = Field(15, gt=0)
+    #: Hosts job webhooks may call, comma-separated ("*.example.com" for subdomains); empty: none.
+    webhook_allowed_hosts: str = ""
+    webhook_backoff_seconds: float = Field(1.0, gt=0)
+
     # Auth
     api_keys_file: str | None = None
     jwt_issuer: str | None = None

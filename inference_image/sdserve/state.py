@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from .auth import Authenticator
 from .cache import Cache, make_cache
@@ -36,6 +37,8 @@ class State:
     load_error: str | None = None
     load_task: asyncio.Task[None] | None = None
     started: float = field(default_factory=time.time)
+    #: Async jobs (sdserve.jobs.Jobs), set by the app: they run through the request-path steps.
+    jobs: Any = None
 
     @classmethod
     def build(cls, settings: Settings, pipeline: ImagePipeline) -> State:

@@ -222,6 +222,7 @@ class StepBatcher:
         finally:
             self._step_seconds = 0.8 * self._step_seconds + 0.2 * (time.perf_counter() - t0)
         for r in batch:
+            r.job.item.progress += 1
             if r in self._running and all(self.pipeline.finished(s) for s in r.states):
                 self._running.remove(r)
                 self._decode(loop, r)

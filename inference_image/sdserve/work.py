@@ -46,6 +46,8 @@ class Item:
     #: Edits: the input image and, for inpainting, the mask (white: repaint), both at the key's size.
     init_image: Any = None
     mask_image: Any = None
+    #: Denoising steps taken so far (async jobs show it as progress).
+    progress: int = 0
 
 
 class ImagePipeline(Protocol):

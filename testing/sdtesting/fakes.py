@@ -42,6 +42,7 @@ class FakePipeline:
             time.sleep(self.seconds_per_call)
         for item in items:
             item.images = [self._image(key, item.prompt, item.seed + i) for i in range(item.n)]
+            item.progress = key.steps
         return items
 
     # ---- step batching: a state is [key, prompt, seed, steps taken] --------------------

@@ -56,3 +56,38 @@ def test_rate_limit_is_shared_by_replicas_through_redis(start_server, tmp_path):
         assert third.status_code == 429 and int(third.headers["Retry-After"]) >= 1
     finally:
         redis.stop()
+
+
+def test_jobs_are_answered_by_any_replica_sharing_redis_and_a_lost_replica_fails_its_job(
+    start_server, redis_server, tmp_path
+):
+    import time
+
+    shared = {"cache_type": "redis", "redis_url": redis_server.url, "job_lease_seconds": 2, "max_batch_size": 1}
+    a, b = start_server(**shared), start_server(**shared)
+    job = {"prompt": "a shared job", "size": "64x64", "num_inference_steps": 2, "seed": 5}
+
+    def until(server, job_id, statuses, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            view = httpx.get(f"{server.url}/v1/jobs/{job_id}", timeout=10).json()
+            if view["status"] in statuses:
+                return view
+            time.sleep(0.1)
+        raise TimeoutError(view)
+
+    # Submitted to A, answered by B.
+    first = httpx.post(a.url + "/v1/jobs", json=job, timeout=10).json()
+    done = until(b, first["id"], {"succeeded", "failed"})
+    assert done["status"] == "succeeded" and done["result"]["data"][0]["seed"] == 5
+
+    # A cancel sent to B reaches the queued job on A.
+    slow = {**job, "size": "512x512", "num_inference_steps": 50}
+    busy = [httpx.post(a.url + "/v1/jobs", json={**slow, "seed": i}, timeout=10).json() for i in range(4)]
+    assert httpx.delete(f"{b.url}/v1/jobs/{busy[3]['id']}", timeout=10).status_code == 200
+    assert until(a, busy[3]["id"], {"cancelled", "succeeded", "failed"})["status"] == "cancelled"
+
+    # A dies with jobs in flight: once their lease lapses, B reports them failed.
+    a.proc.kill()
+    lost = until(b, busy[2]["id"], {"failed", "succeeded"}, timeout=30)
+    assert lost["status"] == "failed" and lost["error"]["code"] == "replica_lost"

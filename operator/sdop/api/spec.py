@@ -739,6 +739,20 @@ class ServerSpec(ApiModel):
     )
 
 
+class WebhooksSpec(ApiModel):
+    """Where async jobs' webhooks may go (POST /v1/jobs with a webhook)."""
+
+    allowed_hosts: list[Hostname] = Field(
+        default_factory=list,
+        max_length=64,
+        description=(
+            "Hosts a job's webhook URL may name ('*.example.com' for any subdomain). Empty: webhooks are refused; "
+            "a webhook open to any host would let clients make the server call inside the cluster. With "
+            "service.restrictEgress, only HTTPS (443) leaves the pods."
+        ),
+    )
+
+
 class StableDiffusionServiceSpec(ApiModel):
     """Desired state of a Stable Diffusion service."""
 
@@ -795,6 +809,7 @@ class StableDiffusionServiceSpec(ApiModel):
     canary: CanarySpec | None = Field(None, description="A candidate model on a share of the traffic.")
     gateway: GatewaySpec | None = Field(None, description="Publish through a Gateway API HTTPRoute.")
     server: ServerSpec = Field(default_factory=ServerSpec, description="Server tuning.")
+    webhooks: WebhooksSpec = Field(default_factory=WebhooksSpec, description="Async job webhooks.")
 
     @model_validator(mode="after")
     def _cross(self) -> StableDiffusionServiceSpec:

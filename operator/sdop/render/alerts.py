@@ -7,7 +7,7 @@ from typing import Any
 from .context import Ctx
 
 RUNBOOK = "https://github.com/sdop/sdop/blob/main/docs/runbook.md"
-GENERATE_ROUTES = "/v1/images/generations|/generate"
+GENERATE_ROUTES = "/v1/images/generations|/v1/images/edits|/generate"
 
 
 def _alert(name: str, expr: str, for_: str, severity: str, summary: str, description: str) -> dict[str, Any]:
@@ -96,6 +96,24 @@ def rule_groups(ctx: Ctx) -> list[dict[str, Any]]:
             "warning",
             f"{svc} rejects more than {t.rejection_ratio:.0%} of requests with 429",
             "{{ $value | humanizePercentage }} of requests are rejected (queue full or rate limited).",
+        ),
+        _alert(
+            "SDJobsFailing",
+            f'sum by ({by}) (increase(sdserve_jobs_total{{{sel},event="failed"}}[15m]))'
+            f' / sum by ({by}) (increase(sdserve_jobs_total{{{sel},event="submitted"}}[15m])) > {t.error_ratio}'
+            f' and sum by ({by}) (increase(sdserve_jobs_total{{{sel},event="submitted"}}[15m])) >= 5',
+            t.for_duration,
+            "warning",
+            f"{svc} fails more than {t.error_ratio:.0%} of its async jobs",
+            "{{ $value | humanizePercentage }} of the jobs submitted in 15 minutes failed.",
+        ),
+        _alert(
+            "SDJobWebhooksFailing",
+            f'sum by ({by}) (increase(sdserve_webhooks_total{{{sel},outcome="failed"}}[15m])) > 0',
+            "0m",
+            "warning",
+            f"{svc} could not deliver job webhooks",
+            "{{ $value }} webhook(s) were given up after every retry in the last 15 minutes.",
         ),
         _alert(
             "SDPodsNotReady",

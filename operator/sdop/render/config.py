@@ -56,6 +56,7 @@ def settings_env(ctx: Ctx) -> dict[str, str]:
         "SDSERVE_RATE_LIMIT_ENABLED": s.rate_limit.enabled,
         "SDSERVE_RATE_LIMIT_RPS": s.rate_limit.requests_per_second,
         "SDSERVE_RATE_LIMIT_BURST": s.rate_limit.burst,
+        "SDSERVE_WEBHOOK_ALLOWED_HOSTS": ",".join(s.webhooks.allowed_hosts),
         "SDSERVE_LOG_LEVEL": s.server.log_level,
         "SDSERVE_PORT": HTTP_PORT,
         # Leave a margin inside the grace period for the final responses.

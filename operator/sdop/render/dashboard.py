@@ -33,7 +33,7 @@ PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
         [
             (
                 f"histogram_quantile({q}, sum by (le) "
-                f'(rate(sdserve_request_duration_seconds_bucket{{{SEL},route=~"/v1/images/generations|/generate"}}[5m])))',
+                f'(rate(sdserve_request_duration_seconds_bucket{{{SEL},route=~"/v1/images/generations|/v1/images/edits|/generate"}}[5m])))',
                 f"p{int(q * 100)}",
             )
             for q in (0.5, 0.95, 0.99)
@@ -124,11 +124,19 @@ PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
         [
             (
                 "histogram_quantile(0.95, sum by (revision, le) "
-                f'(rate(sdserve_request_duration_seconds_bucket{{{SEL},route=~"/v1/images/generations|/generate"}}[5m])))',
+                f'(rate(sdserve_request_duration_seconds_bucket{{{SEL},route=~"/v1/images/generations|/v1/images/edits|/generate"}}[5m])))',
                 "{{revision}}",
             )
         ],
         "s",
+    ),
+    (
+        "Async jobs and webhooks",
+        [
+            (f"sum by (event) (rate(sdserve_jobs_total{{{SEL}}}[5m]))", "jobs {{event}}"),
+            (f"sum by (outcome) (rate(sdserve_webhooks_total{{{SEL}}}[5m]))", "webhooks {{outcome}}"),
+        ],
+        "ops",
     ),
     (
         "Rejections",

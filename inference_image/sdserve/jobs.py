@@ -1,0 +1,251 @@
+"""Async jobs: ``POST /v1/jobs`` runs a generation in the background and answers 202 at once;
+``GET /v1/jobs/{id}`` gives its status, progress (step i of n) and result; ``DELETE`` cancels it
+(a queued one at once, a running one at the next step under step batching); ``/events``
+streams progress as server-sent events; a webhook, signed, reports the end.
+
+Records live in Redis when the server has one (SDSERVE_CACHE_TYPE=redis), so any replica
+answers for any job and a cancel reaches the replica running it (it reads the record once a
+second); in memory otherwise. The replica running a job renews a lease on its record while
+it runs: a record whose lease ran out (the replica died or restarted) reads as ``failed``,
+so no job is left running forever or silently lost. A job belongs to the principal that made
+it: another principal gets 404.
+
+Webhooks go only to hosts in SDSERVE_WEBHOOK_ALLOWED_HOSTS (an open webhook lets anyone make
+the server call inside the cluster). The body is the job as GET shows it; the headers carry
+``X-Sdserve-Timestamp`` and ``X-Sdserve-Signature: sha256=HMAC(secret, "{timestamp}.{body}")``
+so a receiver can check who sent it and refuse a replay. Failed deliveries are retried with
+exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import time
+import urllib.parse
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from . import metrics, steps
+from .errors import ApiError
+from .settings import Settings
+
+log = logging.getLogger("sdserve.jobs")
+
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+WEBHOOK_ATTEMPTS = 4
+
+
+@dataclass
+class JobRecord:
+    id: str
+    owner: str
+    status: str = "queued"  # queued, running, succeeded, failed, cancelled
+    created: float = field(default_factory=time.time)
+    step: int = 0
+    steps: int = 0
+    images: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    error: dict[str, Any] | None = None
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    lease_until: float = 0.0
+    cancel_requested: bool = False
+
+    def lapsed(self, now: float) -> bool:
+        return self.status not in TERMINAL and self.lease_until < now
+
+    def public(self) -> dict[str, Any]:
+        """What GET, the events and the webhook show (never the webhook's secret)."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "object": "image.job",
+            "status": self.status,
+            "created": int(self.created),
+            "progress": {"step": self.step, "steps": self.steps},
+        }
+        if self.status == "succeeded":
+            out["result"] = {
+                "created": int(time.time()),
+                "data": [{"b64_json": b, "seed": s} for b, s in zip(self.images, self.seeds, strict=True)],
+            }
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+class JobStore(Protocol):
+    async def get(self, job_id: str) -> JobRecord | None: ...
+
+    async def put(self, record: JobRecord) -> None: ...
+
+
+class MemoryJobs:
+    def __init__(self) -> None:
+        self._data: dict[str, str] = {}
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        raw = self._data.get(job_id)
+        return JobRecord(**json.loads(raw)) if raw else None
+
+    async def put(self, record: JobRecord) -> None:
+        self._data[record.id] = json.dumps(asdict(record))
+
+
+class RedisJobs:
+    PREFIX = "sdserve:job:"
+
+    def __init__(self, url: str, ttl_seconds: int):
+        import redis.asyncio as aioredis
+
+        self.ttl = ttl_seconds
+        self._redis = aioredis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        raw = await self._redis.get(self.PREFIX + job_id)
+        return JobRecord(**json.loads(raw)) if raw else None
+
+    async def put(self, record: JobRecord) -> None:
+        await self._redis.set(self.PREFIX + record.id, json.dumps(asdict(record)), ex=self.ttl)
+
+
+def make_store(s: Settings) -> JobStore:
+    if s.cache_type == "redis" and s.redis_url:
+        return RedisJobs(s.redis_url, s.job_ttl_seconds)
+    return MemoryJobs()
+
+
+def check_webhook(s: Settings, url: str) -> None:
+    """422 naming webhook.url unless it is http(s) to an allowed host."""
+    parsed = urllib.parse.urlsplit(url)
+    host = (parsed.hostname or "").lower()
+    if parsed.scheme not in ("http", "https") or not host:
+        raise ApiError(422, "invalid_value", "webhook.url must be an http or https URL", param="webhook.url")
+    allowed = [h.strip().lower() for h in s.webhook_allowed_hosts.split(",") if h.strip()]
+    if not any(host == a or (a.startswith("*.") and host.endswith(a[1:])) for a in allowed):
+        raise ApiError(
+            422,
+            "webhook_host_not_allowed",
+            f"webhook host {host!r} is not allowed (SDSERVE_WEBHOOK_ALLOWED_HOSTS, spec.webhooks.allowedHosts)",
+            param="webhook.url",
+        )
+
+
+def signature(secret: str, timestamp: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+class Jobs:
+    """Runs this replica's jobs and answers for every job in the store."""
+
+    def __init__(self, state: Any, store: JobStore):
+        self.state = state
+        self.store = store
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, principal: str, gen: steps.Generation, webhook: dict[str, str] | None) -> JobRecord:
+        steps.admit(self.state)
+        record = JobRecord(id="job_" + secrets.token_hex(12), owner=principal, steps=gen.key.steps)
+        if webhook:
+            record.webhook_url, record.webhook_secret = webhook["url"], webhook.get("secret") or ""
+        record.lease_until = time.time() + self.state.settings.job_lease_seconds
+        await self.store.put(record)
+        metrics.JOBS.labels("submitted").inc()
+        task = asyncio.get_running_loop().create_task(self._run(record, gen), name=f"sdserve-{record.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return record
+
+    async def get(self, principal: str, job_id: str) -> JobRecord:
+        """The caller's job (404 for another principal's, as for one that does not exist)."""
+        record = await self.store.get(job_id)
+        if record is None or not hmac.compare_digest(record.owner, principal):
+            raise ApiError(404, "job_not_found", f"no job {job_id!r}", param="id")
+        if record.lapsed(time.time()):
+            record.status = "failed"
+            record.error = {
+                "code": "replica_lost",
+                "message": "the replica running this job stopped before it finished; submit it again",
+            }
+            await self.store.put(record)
+            metrics.JOBS.labels("failed").inc()
+        return record
+
+    async def cancel(self, principal: str, job_id: str) -> JobRecord:
+        record = await self.get(principal, job_id)
+        if record.status not in TERMINAL:
+            record.cancel_requested = True  # the replica running it reads this within a second
+            await self.store.put(record)
+        return record
+
+    async def _run(self, record: JobRecord, gen: steps.Generation) -> None:
+        state = self.state
+        try:
+            seed = gen.seed if gen.seed is not None else secrets.randbelow(2**32)
+            job = steps.enqueue(state, gen, seed)
+
+            async def poll() -> bool:
+                """Progress and lease into the store; True once a cancel was asked for."""
+                fresh = await self.store.get(record.id)
+                record.status = "running" if job.started else "queued"
+                record.step = job.item.progress
+                record.lease_until = time.time() + state.settings.job_lease_seconds
+                record.cancel_requested = bool(fresh and fresh.cancel_requested)
+                await self.store.put(record)
+                return record.cancel_requested
+
+            await steps.wait(state, job, poll)
+            record.images = await steps.encode(job)
+            record.seeds = [seed + i for i in range(gen.n)]
+            record.status, record.step = "succeeded", gen.key.steps
+        except ApiError as e:
+            cancelled = e.status == 499 or record.cancel_requested
+            record.status = "cancelled" if cancelled else "failed"
+            record.error = None if cancelled else {"code": e.code, "message": e.message}
+        except Exception as e:
+            log.exception("job %s failed", record.id)
+            record.status, record.error = "failed", {"code": "generation_failed", "message": f"{type(e).__name__}: {e}"}
+        metrics.JOBS.labels(record.status).inc()
+        try:
+            await self.store.put(record)
+        except Exception:
+            log.exception("could not store the end of job %s", record.id)
+        if record.webhook_url:
+            await self._deliver(record)
+
+    async def _deliver(self, record: JobRecord) -> None:
+        import httpx
+
+        assert record.webhook_url is not None
+        body = json.dumps(record.public()).encode()
+        delay = self.state.settings.webhook_backoff_seconds
+        async with httpx.AsyncClient(timeout=10, follow_redirects=False) as client:
+            for attempt in range(WEBHOOK_ATTEMPTS):
+                ts = str(int(time.time()))
+                headers = {
+                    "content-type": "application/json",
+                    "x-sdserve-job-id": record.id,
+                    "x-sdserve-timestamp": ts,
+                    "x-sdserve-signature": signature(record.webhook_secret or "", ts, body),
+                }
+                try:
+                    r = await client.post(record.webhook_url, content=body, headers=headers)
+                    if 200 <= r.status_code < 300:
+                        metrics.WEBHOOKS.labels("delivered").inc()
+                        return
+                    problem = f"HTTP {r.status_code}"
+                except httpx.HTTPError as e:
+                    problem = f"{type(e).__name__}: {e}"
+                metrics.WEBHOOKS.labels("retried" if attempt + 1 < WEBHOOK_ATTEMPTS else "failed").inc()
+                log.warning("webhook of %s, attempt %d: %s", record.id, attempt + 1, problem)
+                await asyncio.sleep(delay * 2**attempt)
+
+    async def stop(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)

@@ -1,0 +1,152 @@
+"""Async jobs (sdserve.jobs) in-process: submit, poll, progress events, cancel, signed
+webhooks to allowed hosts only, and ownership. Redis sharing between two server processes is
+in tests/integration/test_server_redis.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from aiohttp import web
+
+from sdserve.app import create_app
+from sdserve.jobs import signature
+from sdserve.settings import Settings
+from sdtesting.asgi import metric, serve
+from sdtesting.fakes import FakePipeline
+from sdtesting.imaging import decode
+
+BODY = {"prompt": "a lighthouse", "size": "64x64", "num_inference_steps": 4, "seed": 3}
+
+
+@pytest.fixture
+def keys(tmp_path):
+    (tmp_path / "keys").write_text("alice:key-alice\nbob:key-bob\n")
+    return str(tmp_path / "keys")
+
+
+def app(keys, seconds=0.0, **settings):
+    base = {"model": "fake", "min_side": 64, "api_keys_file": keys, "webhook_backoff_seconds": 0.05}
+    return create_app(Settings(**{**base, **settings}), FakePipeline(seconds_per_call=seconds))
+
+
+ALICE = {"authorization": "Bearer key-alice"}
+BOB = {"authorization": "Bearer key-bob"}
+
+
+async def until_done(client, job_id, headers=ALICE, within=30.0) -> dict:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        view = (await client.get(f"/v1/jobs/{job_id}", headers=headers)).json()
+        if view["status"] in ("succeeded", "failed", "cancelled"):
+            return view
+        await asyncio.sleep(0.05)
+    raise TimeoutError(job_id)
+
+
+async def test_a_job_is_accepted_at_once_and_polled_to_its_result(keys):
+    async with serve(app(keys, seconds=0.5)) as client:
+        r = await client.post("/v1/jobs", json=BODY, headers=ALICE)
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["status"] == "queued" and r.headers["location"] == f"/v1/jobs/{job['id']}"
+        done = await until_done(client, job["id"])
+        assert done["status"] == "succeeded" and done["progress"] == {"step": 4, "steps": 4}
+        (image,) = done["result"]["data"]
+        assert image["seed"] == 3 and decode(image["b64_json"]).shape == (64, 64, 3)
+
+
+async def test_events_stream_progress_then_the_finished_job(keys):
+    async with serve(app(keys, seconds=0.6)) as client:
+        job = (await client.post("/v1/jobs", json=BODY, headers=ALICE)).json()
+        r = await client.get(f"/v1/jobs/{job['id']}/events", headers=ALICE)
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [block for block in r.text.split("\n\n") if block.strip()]
+        kinds = [e.split("\n")[0] for e in events]
+        assert kinds[0] == "event: progress" and kinds[-1] == "event: done"
+        assert json.loads(events[-1].split("data: ", 1)[1])["status"] == "succeeded"
+
+
+async def test_cancel_of_a_queued_job_and_another_principal_sees_no_job(keys):
+    async with serve(app(keys, seconds=1.0, max_batch_size=1)) as client:
+        first = (await client.post("/v1/jobs", json=BODY, headers=ALICE)).json()
+        second = (await client.post("/v1/jobs", json={**BODY, "seed": 4}, headers=ALICE)).json()
+        assert (await client.get(f"/v1/jobs/{second['id']}", headers=BOB)).status_code == 404
+        assert (await client.delete(f"/v1/jobs/{second['id']}", headers=BOB)).status_code == 404
+        assert (await client.delete(f"/v1/jobs/{second['id']}", headers=ALICE)).status_code == 200
+        assert (await until_done(client, second["id"]))["status"] == "cancelled"
+        assert (await until_done(client, first["id"]))["status"] == "succeeded"
+        assert (await client.get("/v1/jobs/job_nope", headers=ALICE)).status_code == 404
+
+
+async def test_a_webhook_is_signed_and_delivered_after_a_failed_attempt(keys):
+    received: list[tuple[dict, bytes]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(({k.lower(): v for k, v in request.headers.items()}, await request.read()))
+        return web.Response(status=500 if len(received) == 1 else 204)  # the first delivery fails
+
+    receiver = web.Application()
+    receiver.router.add_post("/hook", hook)
+    runner = web.AppRunner(receiver)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # the port bound to 0
+    try:
+        async with serve(app(keys, webhook_allowed_hosts="127.0.0.1")) as client:
+            webhook = {"url": f"http://127.0.0.1:{port}/hook", "secret": "s3cret"}
+            before = metric("sdserve_webhooks_total", outcome="delivered")
+            job = (await client.post("/v1/jobs", json={**BODY, "webhook": webhook}, headers=ALICE)).json()
+            await until_done(client, job["id"])
+            for _ in range(100):
+                if metric("sdserve_webhooks_total", outcome="delivered") > before:
+                    break
+                await asyncio.sleep(0.05)
+        assert len(received) == 2
+        headers, body = received[-1]
+        assert json.loads(body)["id"] == job["id"] and json.loads(body)["status"] == "succeeded"
+        assert "s3cret" not in body.decode()
+        ts = headers["x-sdserve-timestamp"]
+        assert abs(int(ts) - time.time()) < 60
+        assert headers["x-sdserve-signature"] == signature("s3cret", ts, body)
+        assert headers["x-sdserve-signature"] != signature("wrong", ts, body)
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("allowed", "url"),
+    [
+        ("", "http://127.0.0.1/hook"),
+        ("hooks.example.com", "http://169.254.169.254/latest/meta-data"),
+        ("*.example.com", "http://example.com.evil.test/hook"),
+        ("hooks.example.com", "file:///etc/passwd"),
+    ],
+)
+async def test_a_webhook_to_a_host_not_allowed_is_refused(keys, allowed, url):
+    async with serve(app(keys, webhook_allowed_hosts=allowed)) as client:
+        r = await client.post("/v1/jobs", json={**BODY, "webhook": {"url": url}}, headers=ALICE)
+        assert r.status_code == 422 and r.json()["error"]["param"] == "webhook.url", r.text
+
+
+async def test_a_job_with_a_bad_body_is_a_422_naming_the_field(keys):
+    async with serve(app(keys)) as client:
+        r = await client.post("/v1/jobs", json={**BODY, "size": "64x5000"}, headers=ALICE)
+        assert r.status_code == 422 and r.json()["error"]["param"] == "size"
+        r = await client.post("/v1/jobs", json={**BODY, "colour": "red"}, headers=ALICE)
+        assert r.status_code == 422 and r.json()["error"]["param"] == "colour"
+
+
+async def test_a_running_job_is_cancelled_at_its_next_step_under_step_batching(keys):
+    async with serve(app(keys, seconds=4.0, batching="step")) as client:  # 1 s a step
+        job = (await client.post("/v1/jobs", json=BODY, headers=ALICE)).json()
+        while (await client.get(f"/v1/jobs/{job['id']}", headers=ALICE)).json()["status"] != "running":  # noqa: ASYNC110 - polling the API is the point
+            await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        await client.delete(f"/v1/jobs/{job['id']}", headers=ALICE)
+        done = await until_done(client, job["id"])
+        assert done["status"] == "cancelled" and done["progress"]["step"] < 4
+        assert time.monotonic() - t0 < 3.5  # well before its 4 steps were done
