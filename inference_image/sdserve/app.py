@@ -19,6 +19,7 @@ from . import errors, metrics
 from .jobs import Jobs, make_store
 from .lifecycle import load_model
 from .middleware import MetricsMiddleware
+from .outputs import make_outputs
 from .routes import GENERATION_ROUTES, router
 from .settings import Settings
 from .state import State
@@ -34,6 +35,7 @@ def create_app(settings: Settings | None = None, pipeline: ImagePipeline | None 
         pipeline = Pipeline(settings)
     state = State.build(settings, pipeline)
     state.jobs = Jobs(state, make_store(settings))
+    state.outputs = make_outputs(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -77,6 +77,12 @@ JOBS = Counter(
 WEBHOOKS = Counter(
     "sdserve_webhooks", "Job webhook deliveries by outcome: delivered, retried, failed.", ["outcome"], registry=REGISTRY
 )
+OUTPUTS = Counter(
+    "sdserve_url_outputs",
+    "Images answered as URLs: uploaded, reused (already stored) or failed.",
+    ["outcome"],
+    registry=REGISTRY,
+)
 OOM_SPLITS = Counter("sdserve_oom_splits", "Batches split after a device out-of-memory error.", registry=REGISTRY)
 MODEL_LOAD_SECONDS = Gauge("sdserve_model_load_seconds", "Time the model took to load and warm up.", registry=REGISTRY)
 MODEL_LOAD_FAILURES = Counter("sdserve_model_load_failures", "Failed model loads.", registry=REGISTRY)

@@ -71,13 +71,30 @@ Principal = Annotated[str, Depends(authenticated)]
 LimitedPrincipal = Annotated[str, Depends(rate_limited)]
 
 
+def check_response_format(state: State, response_format: str) -> None:
+    if response_format == "url" and state.outputs is None:
+        raise ApiError(
+            422,
+            "unsupported_value",
+            "response_format 'url' needs object storage (spec.outputs.s3, SDSERVE_S3_BUCKET); use b64_json",
+            param="response_format",
+        )
+
+
+async def openai_images(state: State, r: steps.Result, response_format: str) -> OpenAIImageResponse:
+    """The answer of the Images API: base64 PNGs, or presigned URLs of stored ones."""
+    if response_format == "url":
+        urls = await state.outputs.urls(r.images)
+        data = [OpenAIImage(url=u, seed=seed) for u, seed in zip(urls, r.seeds, strict=True)]
+    else:
+        data = [OpenAIImage(b64_json=b, seed=seed) for b, seed in zip(r.images, r.seeds, strict=True)]
+    return OpenAIImageResponse(created=int(time.time()), data=data)
+
+
 def openai_generation(state: State, body: OpenAIImageRequest) -> steps.Generation:
     """A validated generation from an OpenAI Images API body (also the body of a job)."""
     s = state.settings
-    if body.response_format != "b64_json":
-        raise ApiError(
-            422, "unsupported_value", "response_format 'url' is not supported; use b64_json", param="response_format"
-        )
+    check_response_format(state, body.response_format)
     if body.model and body.model != s.model_id:
         raise ApiError(404, "model_not_found", f"this server serves {s.model_id!r}, not {body.model!r}", param="model")
     size = parse_size(body.size) if body.size != "auto" else (512, 512)
@@ -107,14 +124,15 @@ async def images_generations(
 ) -> OpenAIImageResponse:
     gen = openai_generation(state, body)
     r = await steps.generate(state, gen, request.is_disconnected)
-    data = [OpenAIImage(b64_json=b, seed=seed) for b, seed in zip(r.images, r.seeds, strict=True)]
-    return OpenAIImageResponse(created=int(time.time()), data=data)
+    return await openai_images(state, r, body.response_format)
 
 
 @router.post("/v1/jobs", status_code=202, responses=ERRORS, tags=["jobs"])
 async def submit_job(body: JobRequest, state: StateDep, principal: LimitedPrincipal) -> JSONResponse:
     """A generation run in the background: 202 with the job's id; poll it, stream its events,
     cancel it, or be called back (a signed webhook) when it ends."""
+    if body.response_format != "b64_json":
+        raise ApiError(422, "unsupported_value", "a job's result is b64_json", param="response_format")
     if body.webhook is not None:
         check_webhook(state.settings, body.webhook.url)
     gen = openai_generation(state, OpenAIImageRequest(**body.model_dump(exclude={"webhook"}, exclude_unset=True)))
@@ -205,10 +223,7 @@ async def images_edits(request: Request, state: StateDep, principal: LimitedPrin
         body = OpenAIEditRequest.model_validate(fields)
     except ValidationError as e:
         raise RequestValidationError(e.errors()) from None
-    if body.response_format != "b64_json":
-        raise ApiError(
-            422, "unsupported_value", "response_format 'url' is not supported; use b64_json", param="response_format"
-        )
+    check_response_format(state, body.response_format)
     if body.model and body.model != s.model_id:
         raise ApiError(404, "model_not_found", f"this server serves {s.model_id!r}, not {body.model!r}", param="model")
     size = parse_size(body.size) if body.size else None
@@ -239,8 +254,7 @@ async def images_edits(request: Request, state: StateDep, principal: LimitedPrin
     )
     steps.validate(state, gen, problems)
     r = await steps.generate(state, gen, request.is_disconnected)
-    data = [OpenAIImage(b64_json=b, seed=seed) for b, seed in zip(r.images, r.seeds, strict=True)]
-    return OpenAIImageResponse(created=int(time.time()), data=data)
+    return await openai_images(state, r, body.response_format)
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=ERRORS, tags=["images"])

@@ -31,7 +31,9 @@ class OpenAIImageRequest(Extensions):
     model: str | None = Field(None, description="Model id; must be the served model when set.")
     n: int = Field(1, ge=1, description="Number of images.")
     size: str = Field("512x512", description="WIDTHxHEIGHT in pixels, each a multiple of 8.")
-    response_format: Literal["b64_json", "url"] = Field("b64_json", description="Only b64_json is supported.")
+    response_format: Literal["b64_json", "url"] = Field(
+        "b64_json", description="url: presigned URLs of images in object storage (when the server has it)."
+    )
     quality: str | None = Field(None, description="Accepted for compatibility; ignored.")
     style: str | None = Field(None, description="Accepted for compatibility; ignored.")
     user: str | None = Field(None, description="Accepted for compatibility; ignored.")
@@ -60,7 +62,9 @@ class OpenAIEditRequest(Extensions):
     model: str | None = Field(None, description="Model id; must be the served model when set.")
     n: int = Field(1, ge=1, description="Number of images.")
     size: str | None = Field(None, description="WIDTHxHEIGHT; the image's own size (rounded to 8) when unset.")
-    response_format: Literal["b64_json", "url"] = Field("b64_json", description="Only b64_json is supported.")
+    response_format: Literal["b64_json", "url"] = Field(
+        "b64_json", description="url: presigned URLs of images in object storage (when the server has it)."
+    )
     strength: float | None = Field(
         None, gt=0, le=1, description="How far the image is noised: 0.8 without a mask, 1.0 with one when unset."
     )
@@ -69,7 +73,8 @@ class OpenAIEditRequest(Extensions):
 
 
 class OpenAIImage(BaseModel):
-    b64_json: str
+    b64_json: str | None = None
+    url: str | None = None
     revised_prompt: str | None = None
     seed: int
 

@@ -75,6 +75,16 @@ class Settings(BaseSettings):
     webhook_allowed_hosts: str = ""
     webhook_backoff_seconds: float = Field(1.0, gt=0)
 
+    # URL outputs (response_format "url", sdserve.outputs): S3-compatible object storage.
+    s3_bucket: str | None = None
+    s3_endpoint: str | None = Field(None, description="Endpoint URL of an S3-compatible store; AWS when unset.")
+    s3_region: str = "us-east-1"
+    s3_prefix: str = "sdserve/"
+    s3_path_style: bool = Field(False, description="Path-style addressing (most S3-compatible stores).")
+    s3_access_key_id: str | None = Field(None, description="From a Secret; the default AWS chain when unset.")
+    s3_secret_access_key: str | None = None
+    s3_url_expiry_seconds: int = Field(3600, ge=1, le=604800)
+
     # Auth
     api_keys_file: str | None = None
     jwt_issuer: str | None = None

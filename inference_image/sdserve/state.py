@@ -39,6 +39,8 @@ class State:
     started: float = field(default_factory=time.time)
     #: Async jobs (sdserve.jobs.Jobs), set by the app: they run through the request-path steps.
     jobs: Any = None
+    #: URL outputs (sdserve.outputs.S3Outputs) when an S3 bucket is configured.
+    outputs: Any = None
 
     @classmethod
     def build(cls, settings: Settings, pipeline: ImagePipeline) -> State:

@@ -212,3 +212,62 @@ class PrometheusProc:
         self.proc.terminate()
         self.proc.wait(30)
         self._log.close()
+
+
+class S3Proc:
+    """An S3-protocol server on loopback: moto in server mode (a real HTTP server speaking the
+    S3 API, signatures checked), with one bucket."""
+
+    ACCESS_KEY, SECRET_KEY = "test-access-key", "test-secret-key"
+
+    def __init__(self, tmp_path, bucket: str = "images"):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.bucket = bucket
+        self._log = open(tmp_path / f"moto-{self.port}.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(self.url + "/moto-api/", timeout=1)
+                break
+            except httpx.HTTPError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto server did not start: {(tmp_path / f'moto-{self.port}.log').read_text()}")
+                time.sleep(0.1)
+        self.client().create_bucket(Bucket=bucket)
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id=self.ACCESS_KEY,
+            aws_secret_access_key=self.SECRET_KEY,
+        )
+
+    def settings(self, prefix: str = "out/") -> dict[str, Any]:
+        """The sdserve settings that point at this store."""
+        return {
+            "s3_bucket": self.bucket,
+            "s3_endpoint": self.url,
+            "s3_prefix": prefix,
+            "s3_path_style": True,
+            "s3_access_key_id": self.ACCESS_KEY,
+            "s3_secret_access_key": self.SECRET_KEY,
+        }
+
+    def keys(self) -> list[str]:
+        return [o["Key"] for o in self.client().list_objects_v2(Bucket=self.bucket).get("Contents", [])]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self._log.close()

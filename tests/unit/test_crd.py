@@ -77,6 +77,14 @@ INVALID = [
     ("canary weight above 100", "spec.canary", {"model": {"id": "tiny"}, "weight": 101}, "weight"),
     ("canary with two sources", "spec.canary", {"model": {"id": "tiny", "path": "/m"}}, "model"),
     ("gateway without parents", "spec.gateway", {"parentRefs": []}, "parentRefs"),
+    ("webhook host with a path", "spec.webhooks.allowedHosts", ["hooks.example.com/x"], "allowedHosts"),
+    (
+        "s3 access key without its secret",
+        "spec.outputs.s3",
+        {"bucket": "images", "accessKeyIdSecretRef": {"name": "s", "key": "id"}},
+        "accessKeyIdSecretRef",
+    ),
+    ("s3 endpoint not a URL", "spec.outputs.s3", {"bucket": "images", "endpoint": "minio:9000"}, "endpoint"),
     (
         "bad gateway hostname",
         "spec.gateway",

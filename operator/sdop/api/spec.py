@@ -739,6 +739,48 @@ class ServerSpec(ApiModel):
     )
 
 
+class S3Spec(ApiModel):
+    """S3-compatible object storage for response_format "url"."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": cel(
+            (
+                "has(self.accessKeyIdSecretRef) == has(self.secretAccessKeySecretRef)",
+                "accessKeyIdSecretRef and secretAccessKeySecretRef are set together",
+                ".accessKeyIdSecretRef",
+            ),
+        )
+    }
+
+    bucket: DnsSubdomain = Field(description="Bucket the images are stored in (content-addressed keys).")
+    endpoint: str | None = Field(
+        None,
+        description="Endpoint URL of an S3-compatible store (MinIO, Ceph, R2, GCS interop); AWS S3 when unset.",
+        pattern=r"^https?://[^\s]+$",
+        max_length=2048,
+    )
+    region: str = Field("us-east-1", description="Region of the bucket.", max_length=64)
+    prefix: str = Field("sdserve/", description="Key prefix of the stored images.", max_length=512)
+    path_style: bool = Field(False, description="Path-style addressing (most S3-compatible stores need it).")
+    access_key_id_secret_ref: SecretKeyRef | None = Field(
+        None, description="Access key id; unset: the pod's own credentials (IRSA, workload identity)."
+    )
+    secret_access_key_secret_ref: SecretKeyRef | None = Field(None, description="Secret access key.")
+    url_expiry_seconds: int = Field(3600, description="Lifetime of a presigned URL.", ge=1, le=604800)
+
+    @model_validator(mode="after")
+    def _keys_together(self) -> S3Spec:
+        if (self.access_key_id_secret_ref is None) != (self.secret_access_key_secret_ref is None):
+            raise ValueError("accessKeyIdSecretRef and secretAccessKeySecretRef are set together")
+        return self
+
+
+class OutputsSpec(ApiModel):
+    """Where images answered as URLs are stored."""
+
+    s3: S3Spec | None = Field(None, description="S3-compatible storage; without it, response_format url is a 422.")
+
+
 class WebhooksSpec(ApiModel):
     """Where async jobs' webhooks may go (POST /v1/jobs with a webhook)."""
 
@@ -810,6 +852,7 @@ class StableDiffusionServiceSpec(ApiModel):
     gateway: GatewaySpec | None = Field(None, description="Publish through a Gateway API HTTPRoute.")
     server: ServerSpec = Field(default_factory=ServerSpec, description="Server tuning.")
     webhooks: WebhooksSpec = Field(default_factory=WebhooksSpec, description="Async job webhooks.")
+    outputs: OutputsSpec = Field(default_factory=OutputsSpec, description="Object storage for URL outputs.")
 
     @model_validator(mode="after")
     def _cross(self) -> StableDiffusionServiceSpec:

@@ -66,6 +66,19 @@ def settings_env(ctx: Ctx) -> dict[str, str]:
         "SDSERVE_TERMINATION_LOG": "/dev/termination-log",
         "SDSERVE_EXIT_AFTER_LOAD_FAILURE_SECONDS": 30,
     }
+    if s.outputs.s3:
+        o = s.outputs.s3
+        env.update(
+            {
+                "SDSERVE_S3_BUCKET": o.bucket,
+                "SDSERVE_S3_REGION": o.region,
+                "SDSERVE_S3_PREFIX": o.prefix,
+                "SDSERVE_S3_PATH_STYLE": o.path_style,
+                "SDSERVE_S3_URL_EXPIRY_SECONDS": o.url_expiry_seconds,
+            }
+        )
+        if o.endpoint:
+            env["SDSERVE_S3_ENDPOINT"] = o.endpoint
     if s.model.variant:
         env["SDSERVE_VARIANT"] = s.model.variant
     if s.auth.api_keys_secret_ref:
