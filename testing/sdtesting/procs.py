@@ -237,7 +237,8 @@ class S3Proc:
                 break
             except httpx.HTTPError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start: {(tmp_path / f'moto-{self.port}.log').read_text()}")
+                    log = (tmp_path / f"moto-{self.port}.log").read_text()
+                    raise RuntimeError(f"moto server did not start: {log}") from None
                 time.sleep(0.1)
         self.client().create_bucket(Bucket=bucket)
 

@@ -59,12 +59,13 @@ def _env(ctx: Ctx) -> list[dict[str, Any]]:
         ref = s.model.token_secret_ref
         env.append({"name": "SDSERVE_HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     if s.outputs.s3:
-        for name, ref in (
+        for name, key_ref in (
             ("SDSERVE_S3_ACCESS_KEY_ID", s.outputs.s3.access_key_id_secret_ref),
             ("SDSERVE_S3_SECRET_ACCESS_KEY", s.outputs.s3.secret_access_key_secret_ref),
         ):
-            if ref:
-                env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+            if key_ref:
+                secret = {"name": key_ref.name, "key": key_ref.key}
+                env.append({"name": name, "valueFrom": {"secretKeyRef": secret}})
     if s.cache.type == "redis" and s.cache.redis:
         if s.cache.redis.managed:
             env.append({"name": "SDSERVE_REDIS_URL", "value": ctx.redis_url_managed})
