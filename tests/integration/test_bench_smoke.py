@@ -33,3 +33,21 @@ def test_operator_scale_bench_small(tmp_path):
     result = json.loads((tmp_path / "operator_scale.json").read_text())
     assert result["reconciled"] == 6 and result["writes in no-op resync"] == 0, out
     assert result["resyncs in window"] >= 6
+
+
+def test_scheduling_bench_compares_both_policies_on_a_simulated_cost_curve(tmp_path):
+    out = bench(tmp_path, "bench/scheduling.py", "--pipeline", "sim", "--duration", "3", "--loads", "0.5,1.5")
+    assert "SIMULATION" in out
+    result = json.loads((tmp_path / "scheduling_sim_assumed.json").read_text())
+    runs = {(r["policy"], r["load"]): r for r in result["runs"]}
+    assert set(runs) == {("request", 0.5), ("step", 0.5), ("request", 1.5), ("step", 1.5)}
+    assert all(r["ok"] == r["requests"] > 0 for r in runs.values() if r["load"] == 0.5)
+    assert "max sustained load (step)" in result["summary"]
+
+
+def test_quantization_bench_runs_on_the_tiny_model(tmp_path):
+    bench(tmp_path, "bench/quantization.py", "--steps", "3", "--batch", "2")
+    rows = json.loads((tmp_path / "quantization_tiny_cpu.json").read_text())["rows"]
+    assert [r["kind"] for r in rows] == ["none", "int8_weight_only"]
+    assert not any("error" in r for r in rows), rows
+    assert rows[0]["PSNR dB"] == float("inf") and rows[1]["PSNR dB"] > 20

@@ -1,0 +1,526 @@
+"""Open-loop serving benchmark: request-level against step-level batching on one pipeline.
+
+Requests arrive as a Poisson process at several offered loads, with a mix of step counts,
+guidance scales, schedulers, sizes and image counts (half of them use the server's defaults,
+as API traffic does). Each policy is sdserve's own batcher (``sdserve.queue.Batcher``,
+``sdserve.stepper.StepBatcher``) driving the pipeline; requests are submitted straight to it
+(no HTTP: this measures scheduling; server_overhead.py measures the HTTP path).
+
+    python bench/scheduling.py                                  # tiny model on the CPU, for real
+    python bench/scheduling.py --pipeline sim                   # simulated cost curve (see below)
+    python bench/scheduling.py --arch sd15 --device cuda        # SD 1.5 architecture, random fp16 weights
+
+--pipeline sim runs no model: every UNet step and VAE decode sleeps for the time a cost curve
+gives (seconds per step against latent pixels in the forward), holding one device lock, as
+kernels on one GPU do. The curve comes from --cost FILE (the ``step_cost`` a real run wrote,
+e.g. results/scheduling_sd15_cuda.json) or, without one, from a built-in assumption that is
+labelled as such in the output. Simulation results are named ``scheduling_sim*``.
+
+Per policy and load: throughput (images/s), p50/p99 latency, queue wait (arrival to first
+denoising work) and mean batch occupancy (images per UNet forward, over forwards). A load is
+sustained when every accepted request finished and the p99 latency is within the SLO (--slo,
+default 6x the latency of a default request alone).
+Targets (issue 12): at the highest load `request` sustains, `step` p99 <= 0.5x and
+throughput >= 1.0x; mean occupancy of `step` >= 2x that of `request`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import percentile, table, write
+
+from sdserve.queue import Batcher, QueueFull, cancel
+from sdserve.stepper import StepBatcher
+from sdserve.work import BatchKey, Item
+
+SCHEDULERS = ["default", "euler", "euler_a", "dpmpp_2m", "ddim"]
+
+#: Built-in cost curve for --pipeline sim without --cost: an assumption, not a measurement.
+#: Anchor: SD 1.5 at 512x512 runs ~31 it/s (32 ms a step, classifier-free guidance included)
+#: in plain diffusers fp16 on an A100 80GB (fal.ai stable-diffusion-benchmarks); the growth
+#: with batch (a forward of 8 images costing 4.5x one) is assumed.
+ASSUMED_COST = {
+    "source": "assumption: A100 SD1.5 512x512 batch-1 step 32 ms (fal.ai benchmark), batch scaling assumed",
+    "points": [[4096, 0.032], [8192, 0.046], [16384, 0.078], [32768, 0.144], [65536, 0.28]],
+    "decode_seconds": 0.03,
+    "encode_seconds": 0.005,
+}
+
+
+# ---- the workload ---------------------------------------------------------------------------
+@dataclass
+class Mix:
+    side: int  # the default size; 20% of the custom requests are 1.5x that
+    steps: tuple[int, ...]
+    default_steps: int
+
+
+def mixes(arch: str) -> Mix:
+    if arch == "tiny":
+        return Mix(side=64, steps=(6, 10, 16), default_steps=10)
+    return Mix(side=1024 if arch == "sdxl" else 512, steps=(20, 30, 50), default_steps=30)
+
+
+def workload(mix: Mix, rate: float, duration: float, seed: int) -> list[tuple[float, BatchKey, Item]]:
+    """Poisson arrivals at ``rate`` requests/s for ``duration`` seconds."""
+    rng = random.Random(seed)
+    out = []
+    t = rng.expovariate(rate)
+    while t < duration:
+        if rng.random() < 0.5:  # the server's defaults
+            key = BatchKey(mix.side, mix.side, mix.default_steps, 7.5, "default")
+        else:
+            side = mix.side if rng.random() < 0.8 else mix.side * 3 // 2
+            key = BatchKey(side, side, rng.choice(mix.steps), rng.choice([3.5, 5.0, 7.5, 9.0]), rng.choice(SCHEDULERS))
+        n = 2 if rng.random() < 0.15 else 1
+        out.append((t, key, Item(f"prompt {len(out)}", None, n, rng.randrange(2**31))))
+        t += rng.expovariate(rate)
+    return out
+
+
+# ---- pipelines ------------------------------------------------------------------------------
+class Recorder:
+    """Wraps a pipeline and records every UNet forward's image count (for occupancy)."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.revision, self.device, self.dtype, self.load_seconds = inner.revision, inner.device, inner.dtype, 0.0
+        self.forwards: list[int] = []  # images in each UNet forward
+
+    def reset(self) -> None:
+        self.forwards = []
+
+    def load(self) -> None:
+        self.inner.load()
+
+    def run(self, key: BatchKey, items: list[Item]) -> list[Item]:
+        self.forwards += [sum(i.n for i in items)] * key.steps
+        return self.inner.run(key, items)
+
+    def begin(self, key: BatchKey, item: Item) -> list[Any]:
+        return self.inner.begin(key, item)
+
+    def step(self, states: list[Any]) -> None:
+        self.forwards.append(len(states))
+        self.inner.step(states)
+
+    def finished(self, state: Any) -> bool:
+        return self.inner.finished(state)
+
+    def finish(self, states: list[Any]) -> list[Any]:
+        return self.inner.finish(states)
+
+
+class Cost:
+    """Seconds of one UNet step against latent pixels in the forward (linear between points)."""
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.points = sorted((float(p), float(s)) for p, s in spec["points"])
+        self.decode = float(spec["decode_seconds"])
+        self.encode = float(spec["encode_seconds"])
+
+    def step(self, pixels: float) -> float:
+        pts = self.points
+        if pixels <= pts[0][0]:
+            return pts[0][1]
+        for (p0, s0), (p1, s1) in zip(pts, pts[1:], strict=False):
+            if pixels <= p1:
+                return s0 + (s1 - s0) * (pixels - p0) / (p1 - p0)
+        (p0, s0), (p1, s1) = pts[-2], pts[-1]
+        return s1 + (s1 - s0) * (pixels - p1) / (p1 - p0)
+
+
+@dataclass
+class SimState:
+    pixels: int
+    steps: int
+    i: int = 0
+
+
+class SimPipeline:
+    """No model: each step and decode sleeps as the cost curve says, under one device lock."""
+
+    revision, device, dtype, load_seconds = "sim", "sim", None, 0.0
+
+    def __init__(self, cost: Cost):
+        self.cost = cost
+        self._device = threading.Lock()
+
+    def _busy(self, seconds: float) -> None:
+        with self._device:
+            time.sleep(seconds)
+
+    def load(self) -> None:
+        pass
+
+    def run(self, key: BatchKey, items: list[Item]) -> list[Item]:
+        n = sum(i.n for i in items)
+        px = (key.width // 8) * (key.height // 8)
+        self._busy(self.cost.encode * len(items) + key.steps * self.cost.step(n * px) + self.cost.decode * n)
+        for it in items:
+            it.images = [object()] * it.n
+        return items
+
+    def begin(self, key: BatchKey, item: Item) -> list[SimState]:
+        self._busy(self.cost.encode)
+        return [SimState((key.width // 8) * (key.height // 8), key.steps) for _ in range(item.n)]
+
+    def step(self, states: list[SimState]) -> None:
+        self._busy(self.cost.step(sum(s.pixels for s in states)))
+        for s in states:
+            s.i += 1
+
+    def finished(self, state: SimState) -> bool:
+        return state.i >= state.steps
+
+    def finish(self, states: list[SimState]) -> list[Any]:
+        self._busy(self.cost.decode * len(states))
+        return [object()] * len(states)
+
+
+def real_pipeline(arch: str, device: str, max_batch: int):
+    import torch
+
+    from sdserve.pipeline import Pipeline
+    from sdserve.settings import Settings
+
+    settings = Settings(
+        model="tiny" if arch == "tiny" else f"random-weights:{arch}",
+        pipeline="sdxl" if arch == "sdxl" else "sd",
+        device=device,
+        max_batch_size=max_batch,
+        warmup=False,
+    )
+    p = Pipeline(settings)
+    if arch == "tiny":
+        p.load()
+    else:
+        from gpu_pipeline import build
+
+        p.use(build(arch, device, torch.float16 if device.startswith("cuda") else torch.float32))
+    return p
+
+
+def sync(pipeline: Any) -> None:
+    if str(getattr(pipeline, "device", "")).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def warm_up(pipeline: Any, mix: Mix, max_batch: int) -> None:
+    """Every forward shape the runs will see (cuDNN and compile tune per shape)."""
+    for side in (mix.side, mix.side * 3 // 2):
+        for b in range(1, max_batch + 1):
+            pipeline.run(BatchKey(side, side, 2, 7.5, "default"), [Item("warm-up", None, b, 0)])
+        for name in SCHEDULERS:
+            states = pipeline.begin(BatchKey(side, side, 2, 7.5, name), Item("warm-up", None, 1, 0))
+            while not pipeline.finished(states[0]):
+                pipeline.step(states)
+            pipeline.finish(states)
+    sync(pipeline)
+
+
+def measure_cost(pipeline: Any, mix: Mix, max_batch: int, source: str) -> dict:
+    """Seconds per UNet step at 1..max_batch images of the default size (and 1 and 2 of the
+    large size), the decode and the text encode: the curve --pipeline sim replays."""
+    points = []
+    sizes = [(mix.side, b) for b in sorted({1, 2, max(1, max_batch // 2), max_batch})]
+    sizes += [(mix.side * 3 // 2, b) for b in (1, 2)]
+    decode = encode = 0.0
+    for side, b in sizes:
+        key = BatchKey(side, side, 8, 7.5, "default")
+        t0 = time.perf_counter()
+        states = [s for i in range(b) for s in pipeline.begin(key, Item("cost", None, 1, i))]
+        sync(pipeline)
+        t1 = time.perf_counter()
+        for _ in range(3):
+            pipeline.step(states)
+        sync(pipeline)
+        t2 = time.perf_counter()
+        if side == mix.side and b == 1:
+            encode = t1 - t0
+            while not pipeline.finished(states[0]):
+                pipeline.step(states)
+            sync(pipeline)
+            t3 = time.perf_counter()
+            pipeline.finish(states)
+            sync(pipeline)
+            decode = time.perf_counter() - t3
+        points.append([(side // 8) ** 2 * b, (t2 - t1) / 3])
+    return {"source": source, "points": points, "decode_seconds": decode, "encode_seconds": encode}
+
+
+# ---- one run ----------------------------------------------------------------------------------
+@dataclass
+class Record:
+    key: BatchKey
+    n: int
+    arrival: float
+    started: float | None = None
+    done: float | None = None
+    outcome: str = "unfinished"  # ok, rejected, failed, unfinished
+    job: Any = None
+
+
+@dataclass
+class Run:
+    policy: str
+    load: float
+    rate: float
+    records: list[Record] = field(default_factory=list)
+    forwards: list[int] = field(default_factory=list)
+
+
+def make(policy: str, pipeline: Any, max_batch: int) -> Batcher | StepBatcher:
+    if policy == "step":
+        return StepBatcher(pipeline, max_batch_size=max_batch, queue_size=100_000)
+    return Batcher(pipeline, max_batch_size=max_batch, max_wait_ms=25, queue_size=100_000)
+
+
+async def serve(policy: str, pipeline: Recorder, jobs, max_batch: int, drain: float) -> tuple[list[Record], float]:
+    batcher = make(policy, pipeline, max_batch)
+    batcher.start()
+    t0 = time.monotonic()
+    records: list[Record] = []
+    submitted = []
+
+    async def arrive(at: float, key: BatchKey, item: Item) -> None:
+        await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
+        rec = Record(key, item.n, time.monotonic())
+        records.append(rec)
+        try:
+            job = batcher.submit(key, Item(item.prompt, item.negative_prompt, item.n, item.seed))
+        except QueueFull:
+            rec.outcome = "rejected"
+            return
+        submitted.append(job)
+        rec.job = job
+        try:
+            await job.future
+            rec.outcome = "ok"
+        except asyncio.CancelledError:
+            return  # cut off at the end of the run: stays "unfinished"
+        except Exception:  # noqa: BLE001 - counted, not raised
+            rec.outcome = "failed"
+        rec.done = time.monotonic()
+
+    tasks = [asyncio.ensure_future(arrive(at, k, it)) for at, k, it in jobs]
+    horizon = (jobs[-1][0] if jobs else 0.0) + drain
+    _, pending = await asyncio.wait(tasks, timeout=max(0.0, t0 + horizon - time.monotonic()))
+    for job in submitted:
+        cancel(job, "timeout")
+    if pending:
+        await asyncio.wait(pending, timeout=5)
+    wall = time.monotonic() - t0
+    await batcher.stop()
+    for r in records:
+        r.started = r.job.started if r.job is not None else None
+        if r.outcome == "unfinished":
+            r.done = t0 + wall  # a lower bound: counted as over the SLO
+    return records, wall
+
+
+def summarise(run: Run, slo: float) -> dict:
+    recs = run.records
+    ok = [r for r in recs if r.outcome == "ok"]
+    unfinished = [r for r in recs if r.outcome == "unfinished"]
+    lat = sorted((r.done or 0) - r.arrival for r in recs if r.outcome in ("ok", "unfinished"))
+    waits = [(r.started or r.done or 0) - r.arrival for r in recs if r.outcome in ("ok", "unfinished")]
+    first = min((r.arrival for r in recs), default=0.0)
+    last = max((r.done or 0 for r in ok), default=first)
+    images = sum(r.n for r in ok)
+    p99 = percentile(lat, 0.99) if lat else float("nan")
+    return {
+        "policy": run.policy,
+        "load": run.load,
+        "offered req/s": run.rate,
+        "requests": len(recs),
+        "ok": len(ok),
+        "unfinished": len(unfinished),
+        "rejected": sum(r.outcome == "rejected" for r in recs),
+        "failed": sum(r.outcome == "failed" for r in recs),
+        "images/s": images / max(1e-9, last - first),
+        "p50 s": percentile(lat, 0.5) if lat else float("nan"),
+        "p99 s": p99,
+        "wait p50 s": percentile(waits, 0.5) if waits else float("nan"),
+        "wait p99 s": percentile(waits, 0.99) if waits else float("nan"),
+        "occupancy": sum(run.forwards) / max(1, len(run.forwards)),
+        "sustained": not unfinished and not any(r.outcome in ("rejected", "failed") for r in recs) and p99 <= slo,
+    }
+
+
+def verdict(rows: list[dict]) -> dict:
+    """The highest load each policy sustains (every lower load sustained too), and the targets
+    at request's highest sustained load."""
+    out: dict[str, Any] = {}
+    for policy in ("request", "step"):
+        best = None
+        for r in sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["load"]):
+            if not r["sustained"]:
+                break
+            best = r["load"]
+        out[f"max sustained load ({policy})"] = best
+    at = out["max sustained load (request)"]
+    pair = {r["policy"]: r for r in rows if r["load"] == at} if at is not None else {}
+    if len(pair) == 2:
+        req, stp = pair["request"], pair["step"]
+        out["at load"] = at
+        out["p99 step/request"] = stp["p99 s"] / req["p99 s"]
+        out["throughput step/request"] = stp["images/s"] / req["images/s"]
+        out["occupancy step/request"] = stp["occupancy"] / max(1e-9, req["occupancy"])
+        out["targets met"] = {
+            "p99 <= 0.5x": out["p99 step/request"] <= 0.5,
+            "throughput >= 1.0x": out["throughput step/request"] >= 1.0,
+            "occupancy >= 2x": out["occupancy step/request"] >= 2.0,
+        }
+    return out
+
+
+async def alone_latency(policy_pipeline: Recorder, mix: Mix, max_batch: int) -> float:
+    """Latency of one default request with nothing else running (request policy)."""
+    key = BatchKey(mix.side, mix.side, mix.default_steps, 7.5, "default")
+    best = float("inf")
+    for i in range(2):
+        records, _ = await serve("request", policy_pipeline, [(0.0, key, Item("alone", None, 1, i))], max_batch, 600)
+        best = min(best, (records[0].done or 0) - records[0].arrival)
+    return best
+
+
+def direct_latency(pipeline: Any, mix: Mix) -> dict:
+    """One default request straight through the pipeline, in this thread and in a worker
+    thread: against the served latency it shows what the batcher adds."""
+    import concurrent.futures
+
+    key = BatchKey(mix.side, mix.side, mix.default_steps, 7.5, "default")
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        pipeline.run(key, [Item("direct", None, 1, 0)])
+        sync(pipeline)
+        return time.perf_counter() - t0
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return {
+            "main thread s": min(once() for _ in range(2)),
+            "worker thread s": min(pool.submit(once).result() for _ in range(2)),
+        }
+
+
+def mean_service_seconds(alone: float, mix: Mix) -> float:
+    """Service time of the average request of the mix run alone, scaled from the measured
+    default request by its steps, its size (latent pixels) and its images."""
+    big = 0.2 * 0.5 * ((3 / 2) ** 2 - 1)  # custom requests (half) are 1.5x the side a fifth of the time
+    mean_steps = 0.5 * mix.default_steps + 0.5 * sum(mix.steps) / len(mix.steps)
+    return alone * (mean_steps / mix.default_steps) * (1 + big) * 1.15
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pipeline", choices=["real", "sim"], default="real")
+    ap.add_argument("--arch", choices=["tiny", "sd15", "sdxl"], help="default: tiny for real, sd15 for sim")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cost", help="sim: a results JSON with a step_cost (or a bare cost curve)")
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument(
+        "--loads", default="0.5,0.8,1.1,1.5,2.0", help="offered loads, as multiples of the batch-1 capacity"
+    )
+    ap.add_argument("--duration", type=float, default=30, help="seconds of arrivals per run")
+    ap.add_argument("--drain", type=float, default=0, help="seconds after the last arrival (0: 2x SLO)")
+    ap.add_argument("--slo", type=float, default=0, help="p99 latency SLO in seconds (0: 6x a default request alone)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--name", help="result file name (default from pipeline/arch/device)")
+    args = ap.parse_args()
+    args.arch = args.arch or ("sd15" if args.pipeline == "sim" else "tiny")
+    mix = mixes(args.arch)
+    loads = [float(x) for x in args.loads.split(",")]
+
+    if args.pipeline == "sim":
+        spec = ASSUMED_COST
+        if args.cost:
+            raw = json.load(open(args.cost))
+            spec = raw.get("step_cost", raw)
+            spec = {**spec, "source": f"measured: {args.cost} ({spec.get('source', '')})"}
+        inner: Any = SimPipeline(Cost(spec))
+        cost_spec = spec
+        label = f"SIMULATION: sleeps follow the cost curve ({spec['source']})"
+    else:
+        inner = real_pipeline(args.arch, args.device, args.max_batch)
+        print("warming up every batch shape ...", flush=True)
+        warm_up(inner, mix, args.max_batch)
+        cost_spec = measure_cost(inner, mix, args.max_batch, f"{args.arch} on {args.device}")
+        label = f"real pipeline: {args.arch} on {args.device}"
+    pipeline = Recorder(inner)
+    cost = Cost(cost_spec)
+    print(label, flush=True)
+    print("step cost (latent pixels, seconds):", [(int(p), round(s, 4)) for p, s in cost.points], flush=True)
+
+    direct = direct_latency(inner, mix)
+    alone = asyncio.run(alone_latency(pipeline, mix, args.max_batch))
+    direct["served (request batcher) s"] = alone
+    print("default request, direct vs served:", {k: round(v, 3) for k, v in direct.items()}, flush=True)
+    slo = args.slo or 6 * alone
+    drain = args.drain or 2 * slo
+    capacity = 1 / mean_service_seconds(alone, mix)
+    print(f"default request alone: {alone:.3f}s; SLO p99 <= {slo:.2f}s; batch-1 capacity ~{capacity:.2f} req/s")
+
+    name = args.name or (
+        f"scheduling_sim_{os.path.splitext(os.path.basename(args.cost))[0] if args.cost else 'assumed'}"
+        if args.pipeline == "sim"
+        else f"scheduling_{args.arch}_{args.device.split(':')[0]}"
+    )
+    rows: list[dict] = []
+    payload = {
+        "settings": vars(args),
+        "what": label,
+        "mix": {
+            "defaults share": 0.5,
+            "default": [mix.side, mix.default_steps, 7.5, "default"],
+            "custom steps": mix.steps,
+            "custom guidance": [3.5, 5.0, 7.5, 9.0],
+            "custom schedulers": SCHEDULERS,
+            "custom sizes": {str(mix.side): 0.8, str(mix.side * 3 // 2): 0.2},
+            "images per request": {"1": 0.85, "2": 0.15},
+        },
+        "step_cost": cost_spec,
+        "default_request_alone_s": alone,
+        "default_request_direct": direct,
+        "slo_p99_s": slo,
+        "batch1_capacity_req_s": capacity,
+        "runs": rows,
+    }
+    for load in loads:
+        jobs = workload(mix, load * capacity, args.duration, args.seed)
+        for policy in ("request", "step"):
+            pipeline.reset()
+            records, _ = asyncio.run(serve(policy, pipeline, jobs, args.max_batch, drain))
+            run = Run(policy, load, load * capacity, records, pipeline.forwards)
+            rows.append(summarise(run, slo))
+            print(table(rows[-1:], list(rows[-1])), flush=True)
+            write(name, payload)  # a run cut short keeps the loads it finished
+
+    columns = ["policy", "load", "offered req/s", "requests", "ok", "unfinished", "images/s", "p50 s", "p99 s"]
+    columns += ["wait p50 s", "wait p99 s", "occupancy", "sustained"]
+    print("\n" + label)
+    print(table(rows, columns))
+    summary = verdict(rows)
+    print(json.dumps(summary, indent=2))
+    payload["summary"] = summary
+    print(f"wrote {write(name, payload)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
