@@ -61,6 +61,7 @@ def begin(pipeline: Any, key: BatchKey, item: Item) -> list[ImageState]:
     pipe = pipeline.pipe
     device = pipeline.device
     gen_device = device if device.startswith("cuda") else "cpu"
+    pipeline.activate_loras(key.loras)  # the text encoder may carry the adapter too
     with torch.inference_mode():
         if pipeline.settings.pipeline == "sdxl":
             pe, npe, pooled, npooled = pipe.encode_prompt(
@@ -128,6 +129,7 @@ def _step(pipeline: Any, states: list[ImageState], pad: int) -> None:
     import torch
 
     pipe = pipeline.pipe
+    pipeline.activate_loras(states[0].key.loras)  # one adapter set per batch (sdserve.stepper)
     with torch.inference_mode():
         ts = [s.timesteps[s.i] for s in states]
         scaled = [s.scheduler.scale_model_input(s.latents, t) for s, t in zip(states, ts, strict=True)]

@@ -50,6 +50,7 @@ class Pipeline:
         self.load_seconds = 0.0
         self._schedulers: dict[str, Any] = {}
         self._edit_pipes: dict[str, Any] = {}
+        self._active_loras: tuple[tuple[str, float], ...] = ()
         self._safety: tuple[Any, Any] | None = None
 
     # ---- loading ---------------------------------------------------------------------
@@ -70,6 +71,7 @@ class Pipeline:
         schedulers, content check and warm-up. ``load`` calls it; the benchmarks hand it
         architectures built from configs with random weights."""
         self.pipe = pipe
+        self._load_loras()
         self._optimise()
         self._schedulers["default"] = pipe.scheduler
         if self.settings.nsfw_check:
@@ -131,6 +133,37 @@ class Pipeline:
             self._quantize()
         if self.settings.compile:
             pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
+
+    def _load_loras(self) -> None:
+        """Every SDSERVE_LORAS adapter into the pipeline, inactive until a request names it."""
+        if not self.settings.loras:
+            return
+        for lora in self.settings.loras:
+            source, weight_name = lora.source, lora.weight_name
+            if source.endswith(".safetensors") and pathlib.Path(source).is_file():
+                source, weight_name = str(pathlib.Path(source).parent), pathlib.Path(source).name
+            kwargs: dict[str, Any] = {"adapter_name": lora.name}
+            if weight_name:
+                kwargs["weight_name"] = weight_name
+            if self.settings.hf_token and not pathlib.Path(source).exists():
+                kwargs["token"] = self.settings.hf_token
+            try:
+                self.pipe.load_lora_weights(source, **kwargs)
+            except Exception as e:  # every adapter failure is a load failure that names the adapter
+                raise ModelLoadError(f"cannot load LoRA adapter {lora.name!r} from {lora.source!r}: {e}") from e
+        self.pipe.disable_lora()
+        log.info("LoRA adapters loaded: %s", ", ".join(lora.name for lora in self.settings.loras))
+
+    def activate_loras(self, loras: tuple[tuple[str, float], ...]) -> None:
+        """Make exactly these adapters (with their weights) active; the worker thread only."""
+        if loras == self._active_loras:
+            return
+        if loras:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters([n for n, _ in loras], adapter_weights=[w for _, w in loras])
+        else:
+            self.pipe.disable_lora()
+        self._active_loras = loras
 
     def _quantize(self) -> None:
         """The UNet's linear layers through torchao: int8 weights (any device), int8 weights and
@@ -223,6 +256,7 @@ class Pipeline:
                 negatives.append(item.negative_prompt or "")
                 # One generator per image: its noise depends on its seed alone, not on the batch.
                 generators.append(torch.Generator(gen_device).manual_seed(item.seed + i))
+        self.activate_loras(key.loras)
         pipe = self.task_pipe(key.task)
         pipe.scheduler = self.scheduler(key.scheduler)
         kwargs: dict[str, Any] = {}

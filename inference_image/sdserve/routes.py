@@ -100,7 +100,15 @@ def openai_generation(state: State, body: OpenAIImageRequest) -> steps.Generatio
     size = parse_size(body.size) if body.size != "auto" else (512, 512)
     if size is None:
         raise ApiError(422, "invalid_value", f"size must be WIDTHxHEIGHT, got {body.size!r}", param="size")
-    key = steps.batch_key(state, size[0], size[1], body.num_inference_steps, body.guidance_scale, body.scheduler)
+    key = steps.batch_key(
+        state,
+        size[0],
+        size[1],
+        body.num_inference_steps,
+        body.guidance_scale,
+        body.scheduler,
+        steps.lora_set(state, body.lora, body.loras),
+    )
     gen = steps.Generation(key, body.prompt, body.negative_prompt, body.n, body.seed)
     problems = limit_problems(
         s,
@@ -219,6 +227,11 @@ async def images_edits(request: Request, state: StateDep, principal: LimitedPrin
             fields[field_] = value
     if "image" not in uploads:
         raise ApiError(422, "missing", "image is required", param="image")
+    if isinstance(fields.get("loras"), str):  # a form field: JSON, {"name": weight}
+        try:
+            fields["loras"] = json.loads(fields["loras"])
+        except ValueError:
+            raise ApiError(422, "invalid_value", 'loras must be JSON: {"name": weight}', param="loras") from None
     try:
         body = OpenAIEditRequest.model_validate(fields)
     except ValidationError as e:
@@ -233,7 +246,13 @@ async def images_edits(request: Request, state: StateDep, principal: LimitedPrin
     task = "inpaint" if inputs.mask is not None else "img2img"
     strength = body.strength if body.strength is not None else (1.0 if task == "inpaint" else 0.8)
     key = steps.batch_key(
-        state, inputs.width, inputs.height, body.num_inference_steps, body.guidance_scale, body.scheduler
+        state,
+        inputs.width,
+        inputs.height,
+        body.num_inference_steps,
+        body.guidance_scale,
+        body.scheduler,
+        steps.lora_set(state, body.lora, body.loras),
     )
     key = replace(key, task=task, strength=strength)
     gen = steps.Generation(
@@ -262,7 +281,15 @@ async def generate(
     body: GenerateRequest, request: Request, state: StateDep, principal: LimitedPrincipal
 ) -> GenerateResponse:
     t0 = time.perf_counter()
-    key = steps.batch_key(state, body.width, body.height, body.num_inference_steps, body.guidance_scale, body.scheduler)
+    key = steps.batch_key(
+        state,
+        body.width,
+        body.height,
+        body.num_inference_steps,
+        body.guidance_scale,
+        body.scheduler,
+        steps.lora_set(state, body.lora, body.loras),
+    )
     gen = steps.Generation(key, body.prompt, body.negative_prompt, body.num_images, body.seed)
     problems = limit_problems(
         state.settings,

@@ -20,6 +20,8 @@ class Extensions(BaseModel):
         None, ge=0, lt=2**63, description="Seed of the first image; image i uses seed+i. Seeded requests are cached."
     )
     scheduler: SchedulerName = Field("default", description="Noise scheduler.")
+    lora: str | None = Field(None, description="A LoRA adapter of the server, by name, at its default weight.")
+    loras: dict[str, float] | None = Field(None, description="LoRA adapters of the server by name, with weights.")
 
 
 class OpenAIImageRequest(Extensions):

@@ -8,10 +8,19 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .schedulers import SchedulerName
+
+
+class LoraSetting(BaseModel):
+    """A LoRA adapter loaded at start (SDSERVE_LORAS, a JSON list of these)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    source: str = Field(min_length=1, description="A Hugging Face id, a folder, or a .safetensors file.")
+    weight_name: str | None = Field(None, description="The file inside a Hugging Face repo or folder.")
+    weight: float = Field(1.0, ge=-4, le=4, description="Weight when a request names the adapter without one.")
 
 
 class Settings(BaseSettings):
@@ -30,6 +39,8 @@ class Settings(BaseSettings):
     scheduler: SchedulerName = "default"
     warmup: bool = True
     safety_checker_path: str | None = None
+    #: LoRA adapters loaded at start; requests choose among them by name (``lora``, ``loras``).
+    loras: list[LoraSetting] = Field(default_factory=list)
     nsfw_check: bool = False
 
     # Batching and queue

@@ -146,8 +146,9 @@ class StepBatcher:
         return job
 
     @staticmethod
-    def _shape(job: Job) -> tuple[int, int]:
-        return job.key.width, job.key.height
+    def _shape(job: Job) -> tuple[Any, ...]:
+        """What requests stepped together must share: the latent size and the LoRA adapters."""
+        return job.key.width, job.key.height, job.key.loras
 
     async def _admit(self, loop: asyncio.AbstractEventLoop) -> None:
         while (job := self._next_admissible()) is not None:

@@ -53,7 +53,13 @@ class Result:
 
 
 def batch_key(
-    state: State, width: int, height: int, steps: int | None, guidance: float | None, scheduler: str
+    state: State,
+    width: int,
+    height: int,
+    steps: int | None,
+    guidance: float | None,
+    scheduler: str,
+    loras: tuple[tuple[str, float], ...] = (),
 ) -> BatchKey:
     """The key requests batch on, with the server's defaults filled in.
 
@@ -66,7 +72,25 @@ def batch_key(
         steps or s.default_steps,
         float(s.default_guidance_scale if guidance is None else guidance),
         s.scheduler if scheduler == "default" else scheduler,
+        loras=loras,
     )
+
+
+def lora_set(state: State, lora: str | None, loras: dict[str, float] | None) -> tuple[tuple[str, float], ...]:
+    """The adapters a request names (``lora``: one at its default weight; ``loras``: name ->
+    weight), sorted by name; 422 naming the field for an adapter the server does not have."""
+    known = {a.name: a.weight for a in state.settings.loras}
+    chosen: dict[str, float] = {}
+    for field_, names in (("lora", {lora: None} if lora else {}), ("loras", loras or {})):
+        for name, weight in names.items():
+            if name not in known:
+                have = ", ".join(sorted(known)) or "none"
+                raise ApiError(422, "unknown_lora", f"no LoRA adapter {name!r} (this server has: {have})", param=field_)
+            w = known[name] if weight is None else float(weight)
+            if not -4 <= w <= 4:
+                raise ApiError(422, "invalid_value", f"weight of {name!r} must be within -4..4", param=field_)
+            chosen[name] = w
+    return tuple(sorted(chosen.items()))
 
 
 async def authenticate(state: State, authorization: str | None, x_api_key: str | None) -> str:
@@ -134,6 +158,7 @@ def result_key(state: State, gen: Generation, seed: int) -> str:
             "guidance_scale": gen.key.guidance_scale,
             "scheduler": gen.key.scheduler,
             "task": gen.key.task,
+            "loras": [list(pair) for pair in gen.key.loras],
             "strength": gen.key.strength,
             "inputs": gen.inputs_digest,
         },

@@ -32,6 +32,8 @@ class BatchKey:
     task: str = "generate"
     #: Edits: how far the input image is noised (1.0: entirely).
     strength: float = 1.0
+    #: LoRA adapters and their weights, sorted by name (requests batch only with the same set).
+    loras: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass

@@ -10,8 +10,9 @@ from sdtesting.examples import EXAMPLES, load_yaml
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_every_rendered_setting_is_read_by_the_server(path):
-    objs = render(load_yaml(path))
+def test_every_rendered_setting_is_read_by_the_server(path, monkeypatch):
+    cr = load_yaml(path)
+    objs = render(cr)
     dep = next(
         o
         for o in objs
@@ -26,9 +27,12 @@ def test_every_rendered_setting_is_read_by_the_server(path):
     for name in extra_env:
         if name.startswith("SDSERVE_"):
             env[name] = "redis://redis:6379/0" if name == "SDSERVE_REDIS_URL" else "x"
-    settings = Settings(**{k.removeprefix("SDSERVE_").lower(): v for k, v in env.items()})
+    for name, value in env.items():  # read from the environment, as the server reads its ConfigMap
+        monkeypatch.setenv(name, str(value))
+    settings = Settings()
     assert settings.max_batch_size == int(cm["data"]["SDSERVE_MAX_BATCH_SIZE"])
     assert settings.queue_size == int(cm["data"]["SDSERVE_QUEUE_SIZE"])
+    assert [a.name for a in settings.loras] == [a["name"] for a in cr["spec"].get("model", {}).get("loras", [])]
 
 
 def test_the_crd_and_the_server_offer_the_same_schedulers():

@@ -77,6 +77,13 @@ INVALID = [
     ("canary weight above 100", "spec.canary", {"model": {"id": "tiny"}, "weight": 101}, "weight"),
     ("canary with two sources", "spec.canary", {"model": {"id": "tiny", "path": "/m"}}, "model"),
     ("gateway without parents", "spec.gateway", {"parentRefs": []}, "parentRefs"),
+    (
+        "two loras with one name",
+        "spec.model.loras",
+        [{"name": "a", "id": "org/one"}, {"name": "a", "path": "/l.safetensors"}],
+        "loras",
+    ),
+    ("lora with two sources", "spec.model.loras", [{"name": "a", "id": "org/one", "path": "/l"}], "loras"),
     ("webhook host with a path", "spec.webhooks.allowedHosts", ["hooks.example.com/x"], "allowedHosts"),
     (
         "s3 access key without its secret",

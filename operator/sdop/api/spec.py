@@ -102,6 +102,38 @@ class ModelCache(ApiModel):
     )
 
 
+class LoraSpec(ApiModel):
+    """A LoRA adapter loaded at start; requests name it (lora, loras) to use it."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": cel(
+            ("has(self.id) != has(self.path)", "exactly one of id and path must be set", None),
+        )
+    }
+
+    name: str = Field(description="Name requests use.", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    id: str | None = Field(
+        None,
+        description="Hugging Face repo of the adapter.",
+        max_length=256,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$",
+    )
+    path: str | None = Field(
+        None,
+        description="Absolute path in the image or the model volume: a folder or a .safetensors file.",
+        pattern=r"^/.*",
+        max_length=1024,
+    )
+    weight_name: str | None = Field(None, description="The file inside the repo or folder.", max_length=256)
+    weight: float = Field(1.0, description="Weight when a request names the adapter without one.", ge=-4, le=4)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LoraSpec:
+        if (self.id is None) == (self.path is None):
+            raise ValueError("exactly one of id and path must be set")
+        return self
+
+
 class ModelSpec(ApiModel):
     """Which weights to serve, from where, in which precision."""
 
@@ -121,6 +153,11 @@ class ModelSpec(ApiModel):
                 "!self.cache.enabled || has(self.id)",
                 "model.cache needs model.id: only Hugging Face downloads are cached",
                 ".cache",
+            ),
+            (
+                "self.loras.all(a, self.loras.exists_one(b, b.name == a.name))",
+                "model.loras names must be unique",
+                ".loras",
             ),
         )
     }
@@ -158,6 +195,9 @@ class ModelSpec(ApiModel):
         None, description="Secret key holding a Hugging Face token for gated or private models."
     )
     cache: ModelCache = Field(default_factory=ModelCache, description="Persistent download cache and prefetch Job.")
+    loras: list[LoraSpec] = Field(
+        default_factory=list, max_length=16, description="LoRA adapters loaded at start, chosen per request."
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -168,6 +208,9 @@ class ModelSpec(ApiModel):
             raise ValueError("model.tokenSecretRef is only used with model.id")
         if self.cache.enabled and self.id is None:
             raise ValueError("model.cache needs model.id: only Hugging Face downloads are cached")
+        names = [a.name for a in self.loras]
+        if len(names) != len(set(names)):
+            raise ValueError("model.loras names must be unique")
         return self
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from ..api.semantics import max_sides
@@ -66,6 +67,14 @@ def settings_env(ctx: Ctx) -> dict[str, str]:
         "SDSERVE_TERMINATION_LOG": "/dev/termination-log",
         "SDSERVE_EXIT_AFTER_LOAD_FAILURE_SECONDS": 30,
     }
+    if s.model.loras:
+        env["SDSERVE_LORAS"] = json.dumps(
+            [
+                {"name": a.name, "source": a.id or a.path, "weight_name": a.weight_name, "weight": a.weight}
+                for a in s.model.loras
+            ],
+            separators=(",", ":"),
+        )
     if s.outputs.s3:
         o = s.outputs.s3
         env.update(
