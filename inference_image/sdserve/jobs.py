@@ -146,6 +146,11 @@ class Jobs:
         self.state = state
         self.store = store
         self._tasks: set[asyncio.Task[None]] = set()
+        self._local: dict[str, JobRecord] = {}  # the jobs this replica runs, for the in-flight gauge
+
+    def _count(self) -> None:
+        for status in ("queued", "running"):
+            metrics.JOBS_IN_FLIGHT.labels(status).set(sum(r.status == status for r in self._local.values()))
 
     async def submit(self, principal: str, gen: steps.Generation, webhook: dict[str, str] | None) -> JobRecord:
         steps.admit(self.state)
@@ -155,6 +160,8 @@ class Jobs:
         record.lease_until = time.time() + self.state.settings.job_lease_seconds
         await self.store.put(record)
         metrics.JOBS.labels("submitted").inc()
+        self._local[record.id] = record
+        self._count()
         task = asyncio.get_running_loop().create_task(self._run(record, gen), name=f"sdserve-{record.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -183,6 +190,13 @@ class Jobs:
         return record
 
     async def _run(self, record: JobRecord, gen: steps.Generation) -> None:
+        try:
+            await self._execute(record, gen)
+        finally:
+            self._local.pop(record.id, None)
+            self._count()
+
+    async def _execute(self, record: JobRecord, gen: steps.Generation) -> None:
         state = self.state
         try:
             seed = gen.seed if gen.seed is not None else secrets.randbelow(2**32)
@@ -196,6 +210,7 @@ class Jobs:
                 record.lease_until = time.time() + state.settings.job_lease_seconds
                 record.cancel_requested = bool(fresh and fresh.cancel_requested)
                 await self.store.put(record)
+                self._count()
                 return record.cancel_requested
 
             await steps.wait(state, job, poll)

@@ -71,6 +71,12 @@ CANCELLED = Counter(
 )
 AUTH_FAILURES = Counter("sdserve_auth_failures", "Requests refused by authentication.", ["reason"], registry=REGISTRY)
 NSFW_FLAGGED = Counter("sdserve_nsfw_flagged_images", "Images withheld by the NSFW check.", registry=REGISTRY)
+JOBS_IN_FLIGHT = Gauge(
+    "sdserve_jobs_in_flight",
+    "Async jobs this replica runs, by status (queued, running).",
+    ["status"],
+    registry=REGISTRY,
+)
 JOBS = Counter(
     "sdserve_jobs", "Async jobs by event: submitted, then succeeded, failed or cancelled.", ["event"], registry=REGISTRY
 )

@@ -52,8 +52,12 @@ async def test_a_job_is_accepted_at_once_and_polled_to_its_result(keys):
         assert r.status_code == 202, r.text
         job = r.json()
         assert job["status"] == "queued" and r.headers["location"] == f"/v1/jobs/{job['id']}"
+        assert (
+            metric("sdserve_jobs_in_flight", status="queued") + metric("sdserve_jobs_in_flight", status="running") == 1
+        )
         done = await until_done(client, job["id"])
         assert done["status"] == "succeeded" and done["progress"] == {"step": 4, "steps": 4}
+        assert metric("sdserve_jobs_in_flight", status="running") == 0
         (image,) = done["result"]["data"]
         assert image["seed"] == 3 and decode(image["b64_json"]).shape == (64, 64, 3)
 

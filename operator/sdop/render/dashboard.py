@@ -134,6 +134,7 @@ PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
         "Async jobs and webhooks",
         [
             (f"sum by (event) (rate(sdserve_jobs_total{{{SEL}}}[5m]))", "jobs {{event}}"),
+            (f"sum by (status) (sdserve_jobs_in_flight{{{SEL}}})", "jobs {{status}} now"),
             (f"sum by (outcome) (rate(sdserve_webhooks_total{{{SEL}}}[5m]))", "webhooks {{outcome}}"),
         ],
         "ops",
