@@ -38,6 +38,8 @@ class ImageState:
     added: tuple[Any, Any, Any, Any] | None = None
     i: int = 0
     step_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: The request's Item when it asked for previews (its first image's state only).
+    preview_of: Item | None = None
 
     @property
     def done(self) -> bool:
@@ -102,6 +104,7 @@ def begin(pipeline: Any, key: BatchKey, item: Item) -> list[ImageState]:
                 embeds=(npe, pe),
                 added=added,
                 step_kwargs={"generator": generator} if "generator" in accepted else {},
+                preview_of=item if item.preview and i == 0 else None,
             )
         )
     return states
@@ -157,6 +160,10 @@ def _step(pipeline: Any, states: list[ImageState], pad: int) -> None:
             pred = uncond + s.key.guidance_scale * (cond - uncond)  # classifier-free guidance, per request
             s.latents = s.scheduler.step(pred, ts[k], s.latents, **s.step_kwargs, return_dict=False)[0]
             s.i += 1
+            if s.preview_of is not None:
+                from .preview import latent_preview
+
+                s.preview_of.preview_png = latent_preview(s.latents, pipeline.settings.pipeline)
 
 
 def finish(pipeline: Any, states: list[ImageState]) -> list[Any]:

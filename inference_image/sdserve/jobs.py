@@ -55,6 +55,7 @@ class JobRecord:
     webhook_secret: str | None = None
     lease_until: float = 0.0
     cancel_requested: bool = False
+    preview: str | None = None  # a low-resolution PNG (base64) while it runs, when asked for
 
     def lapsed(self, now: float) -> bool:
         return self.status not in TERMINAL and self.lease_until < now
@@ -75,6 +76,8 @@ class JobRecord:
             }
         if self.error:
             out["error"] = self.error
+        if self.preview and self.status not in TERMINAL:
+            out["preview"] = {"b64_json": self.preview, "step": self.step}
         return out
 
 
@@ -207,6 +210,7 @@ class Jobs:
                 fresh = await self.store.get(record.id)
                 record.status = "running" if job.started else "queued"
                 record.step = job.item.progress
+                record.preview = job.item.preview_png
                 record.lease_until = time.time() + state.settings.job_lease_seconds
                 record.cancel_requested = bool(fresh and fresh.cancel_requested)
                 await self.store.put(record)

@@ -269,8 +269,14 @@ class Pipeline:
             kwargs.update(width=key.width, height=key.height)
 
         def progress(_pipe: Any, i: int, _t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+            first = 0  # the index of each item's first image in the batch
             for item in items:
                 item.progress = i + 1
+                if item.preview:
+                    from .preview import latent_preview
+
+                    item.preview_png = latent_preview(callback_kwargs["latents"][first], self.settings.pipeline)
+                first += item.n
             return callback_kwargs
 
         with torch.inference_mode():

@@ -8,7 +8,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,6 +26,7 @@ from .schemas import (
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
+    JobEditRequest,
     JobRequest,
     OpenAIEditRequest,
     OpenAIImage,
@@ -38,6 +39,7 @@ from .schemas import (
 from .state import State
 
 router = APIRouter()
+EditBody = TypeVar("EditBody", bound=OpenAIEditRequest)
 
 #: Routes whose end-to-end latency is the request-duration histogram.
 GENERATION_ROUTES = frozenset({"/v1/images/generations", "/v1/images/edits", "/generate"})
@@ -136,15 +138,28 @@ async def images_generations(
 
 
 @router.post("/v1/jobs", status_code=202, responses=ERRORS, tags=["jobs"])
-async def submit_job(body: JobRequest, state: StateDep, principal: LimitedPrincipal) -> JSONResponse:
-    """A generation run in the background: 202 with the job's id; poll it, stream its events,
-    cancel it, or be called back (a signed webhook) when it ends."""
+async def submit_job(request: Request, state: StateDep, principal: LimitedPrincipal) -> JSONResponse:
+    """A generation or an edit run in the background: 202 with the job's id; poll it, stream its
+    events, cancel it, or be called back (a signed webhook) when it ends. JSON: a generations
+    body plus ``webhook``; multipart: an edits form plus ``webhook`` (JSON in a form field)."""
+    body: JobRequest | JobEditRequest
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        gen, body = await edit_generation(state, request, JobEditRequest)
+    else:
+        try:
+            body = JobRequest.model_validate(await request.json())
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+        except ValueError:
+            raise ApiError(422, "invalid_json", "the body must be JSON or a multipart form") from None
+        generation = OpenAIImageRequest(**body.model_dump(exclude={"webhook", "preview"}, exclude_unset=True))
+        gen = openai_generation(state, generation)
     if body.response_format != "b64_json":
         raise ApiError(422, "unsupported_value", "a job's result is b64_json", param="response_format")
     if body.webhook is not None:
         check_webhook(state.settings, body.webhook.url)
-    gen = openai_generation(state, OpenAIImageRequest(**body.model_dump(exclude={"webhook"}, exclude_unset=True)))
     webhook = body.webhook.model_dump() if body.webhook else None
+    gen.preview = body.preview
     record = await state.jobs.submit(principal, gen, webhook)
     return JSONResponse(record.public(), status_code=202, headers={"Location": f"/v1/jobs/{record.id}"})
 
@@ -178,7 +193,8 @@ async def job_events(job_id: str, request: Request, state: StateDep, principal: 
             now = (view["status"], view["progress"]["step"])
             if now != last:
                 last = now
-                yield f"event: progress\ndata: {json.dumps({k: view[k] for k in ('id', 'status', 'progress')})}\n\n"
+                event = {k: view[k] for k in ("id", "status", "progress", "preview") if k in view}
+                yield f"event: progress\ndata: {json.dumps(event)}\n\n"
             await asyncio.sleep(0.25)
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
@@ -209,6 +225,13 @@ async def job_events(job_id: str, request: Request, state: StateDep, principal: 
 )
 async def images_edits(request: Request, state: StateDep, principal: LimitedPrincipal) -> OpenAIImageResponse:
     """Image-to-image without a mask, inpainting with one; multipart as the OpenAI SDK sends it."""
+    gen, body = await edit_generation(state, request, OpenAIEditRequest)
+    r = await steps.generate(state, gen, request.is_disconnected)
+    return await openai_images(state, r, body.response_format)
+
+
+async def edit_generation(state: State, request: Request, model: type[EditBody]) -> tuple[steps.Generation, EditBody]:
+    """A validated edit from a multipart form (the edits route's, or a job's)."""
     s = state.settings
     form = await request.form()
     uploads: dict[str, Upload] = {}
@@ -227,13 +250,14 @@ async def images_edits(request: Request, state: StateDep, principal: LimitedPrin
             fields[field_] = value
     if "image" not in uploads:
         raise ApiError(422, "missing", "image is required", param="image")
-    if isinstance(fields.get("loras"), str):  # a form field: JSON, {"name": weight}
-        try:
-            fields["loras"] = json.loads(fields["loras"])
-        except ValueError:
-            raise ApiError(422, "invalid_value", 'loras must be JSON: {"name": weight}', param="loras") from None
+    for name in ("loras", "webhook"):  # objects in a form: JSON
+        if isinstance(fields.get(name), str):
+            try:
+                fields[name] = json.loads(fields[name])
+            except ValueError:
+                raise ApiError(422, "invalid_value", f"{name} must be a JSON object", param=name) from None
     try:
-        body = OpenAIEditRequest.model_validate(fields)
+        body = model.model_validate(fields)
     except ValidationError as e:
         raise RequestValidationError(e.errors()) from None
     check_response_format(state, body.response_format)
@@ -272,8 +296,7 @@ async def images_edits(request: Request, state: StateDep, principal: LimitedPrin
         n_field="n",
     )
     steps.validate(state, gen, problems)
-    r = await steps.generate(state, gen, request.is_disconnected)
-    return await openai_images(state, r, body.response_format)
+    return gen, body
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=ERRORS, tags=["images"])

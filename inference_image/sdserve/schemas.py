@@ -52,6 +52,7 @@ class JobRequest(OpenAIImageRequest):
     """POST /v1/jobs: a generations body, and where to report the end."""
 
     webhook: Webhook | None = None
+    preview: bool = Field(False, description="Low-resolution previews in GET and the events while it runs.")
 
 
 class OpenAIEditRequest(Extensions):
@@ -168,3 +169,10 @@ def limit_problems(
     if steps > s.max_steps:
         out.append(("num_inference_steps", f"{steps} steps requested; the limit is {s.max_steps}"))
     return out
+
+
+class JobEditRequest(OpenAIEditRequest):
+    """POST /v1/jobs as a multipart edits form, and where to report the end."""
+
+    webhook: Webhook | None = None
+    preview: bool = Field(False, description="Low-resolution previews in GET and the events while it runs.")

@@ -41,6 +41,8 @@ class Generation:
     init_image: Any = None
     mask_image: Any = None
     inputs_digest: str | None = None
+    #: Async jobs: low-resolution previews while denoising.
+    preview: bool = False
 
 
 @dataclass
@@ -177,7 +179,15 @@ async def cached(state: State, key: str, gen: Generation, seed: int) -> Result |
 def enqueue(state: State, gen: Generation, seed: int) -> Job:
     """Into the bounded queue: 429 with Retry-After when it is full."""
     try:
-        item = Item(gen.prompt, gen.negative_prompt, gen.n, seed, init_image=gen.init_image, mask_image=gen.mask_image)
+        item = Item(
+            gen.prompt,
+            gen.negative_prompt,
+            gen.n,
+            seed,
+            init_image=gen.init_image,
+            mask_image=gen.mask_image,
+            preview=gen.preview,
+        )
         return state.batcher.submit(gen.key, item)
     except QueueFull as e:
         raise ApiError(

@@ -50,6 +50,10 @@ class Item:
     mask_image: Any = None
     #: Denoising steps taken so far (async jobs show it as progress).
     progress: int = 0
+    #: Async jobs that asked for previews: a low-resolution PNG (base64) of the first image
+    #: as it is denoised (sdserve.preview), refreshed every step.
+    preview: bool = False
+    preview_png: str | None = None
 
 
 class ImagePipeline(Protocol):

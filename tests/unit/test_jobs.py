@@ -154,3 +154,52 @@ async def test_a_running_job_is_cancelled_at_its_next_step_under_step_batching(k
         done = await until_done(client, job["id"])
         assert done["status"] == "cancelled" and done["progress"]["step"] < 4
         assert time.monotonic() - t0 < 3.5  # well before its 4 steps were done
+
+
+async def test_an_edit_runs_as_a_job_from_a_multipart_form(keys):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(buf, format="PNG")
+    files = {"image": ("in.png", buf.getvalue(), "image/png")}
+    async with serve(app(keys, webhook_allowed_hosts="hooks.example.com")) as client:
+        form = {"prompt": "a green field", "num_inference_steps": "3", "seed": "8"}
+        r = await client.post("/v1/jobs", files=files, data=form, headers=ALICE)
+        assert r.status_code == 202, r.text
+        done = await until_done(client, r.json()["id"])
+        assert done["status"] == "succeeded" and done["result"]["data"][0]["seed"] == 8
+        assert decode(done["result"]["data"][0]["b64_json"]).shape == (64, 64, 3)
+        bad = {**form, "webhook": json.dumps({"url": "http://10.0.0.1/steal"})}
+        r = await client.post("/v1/jobs", files=files, data=bad, headers=ALICE)
+        assert r.status_code == 422 and r.json()["error"]["param"] == "webhook.url", r.text
+
+
+@pytest.mark.parametrize("batching", ["request", "step"])
+async def test_a_job_that_asks_for_previews_shows_them_while_it_runs(tiny_model, batching):
+    """The tiny model, for real: the preview is its latents as a low-resolution image."""
+    settings = Settings(model="tiny", min_side=64, batching=batching)
+    async with serve(create_app(settings, tiny_model)) as client:
+        body = {**BODY, "num_inference_steps": 40, "preview": True}
+        job = (await client.post("/v1/jobs", json=body)).json()
+        r = await client.get(f"/v1/jobs/{job['id']}/events")
+    previews = [
+        json.loads(e.split("data: ", 1)[1])["preview"]
+        for e in r.text.split("\n\n")
+        if e.startswith("event: progress") and "preview" in e
+    ]
+    assert previews, r.text[:500]
+    side = 64 // tiny_model.pipe.vae_scale_factor  # one pixel per latent pixel
+    assert decode(previews[-1]["b64_json"]).shape == (side, side, 3)
+    assert 0 < previews[-1]["step"] <= 40
+    assert '"preview"' not in r.text.split("event: done")[1]  # the finished job has its result instead
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from sdserve.pipeline import Pipeline
+
+    p = Pipeline(Settings(model="tiny", min_side=64))
+    p.load()
+    return p
