@@ -79,6 +79,30 @@ def build(arch: str, device: str, dtype):
     return pipe
 
 
+def sdserve_pipeline(arch: str, device: str, **settings):
+    """sdserve's own Pipeline (its optimisations, batching entry points) on the tiny model or an
+    architecture from configs/ with random weights."""
+    import torch
+
+    from sdserve.pipeline import Pipeline
+    from sdserve.settings import Settings
+
+    p = Pipeline(
+        Settings(
+            model="tiny" if arch == "tiny" else f"random-weights:{arch}",
+            pipeline="sdxl" if arch == "sdxl" else "sd",
+            device=device,
+            warmup=False,
+            **settings,
+        )
+    )
+    if arch == "tiny":
+        p.load()  # build_tiny_pipeline seeds its weights
+    else:
+        p.use(build(arch, device, torch.float16 if device.startswith("cuda") else torch.float32))
+    return p
+
+
 def sdop_settings(pipe, compile_mode: str | None, only_compile: bool = False):
     """What sdserve's Pipeline._optimise does, plus fused QKV projections."""
     import torch

@@ -22,33 +22,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import table, write
+from gpu_pipeline import sdserve_pipeline
 
 from sdserve.work import BatchKey, Item
 
 
 def pipeline(arch: str, device: str, kind: str, batch: int):
-    import torch
-
-    from sdserve.pipeline import Pipeline
-    from sdserve.settings import Settings
-
-    settings = Settings(
-        model="tiny" if arch == "tiny" else f"random-weights:{arch}",
-        pipeline="sdxl" if arch == "sdxl" else "sd",
-        device=device,
-        quantization=kind,
-        max_batch_size=batch,
-        step_pad="off",  # measure the batch asked for, also on the CPU
-        warmup=False,
-    )
-    p = Pipeline(settings)
-    if arch == "tiny":
-        p.load()  # build_tiny_pipeline seeds its weights
-    else:
-        from gpu_pipeline import build
-
-        p.use(build(arch, device, torch.float16 if device.startswith("cuda") else torch.float32))
-    return p
+    # step_pad off: measure the batch asked for, also on the CPU
+    return sdserve_pipeline(arch, device, quantization=kind, max_batch_size=batch, step_pad="off")
 
 
 def sync(device: str) -> None:

@@ -39,6 +39,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import percentile, table, write
+from gpu_pipeline import sdserve_pipeline
 
 from sdserve.queue import Batcher, QueueFull, cancel
 from sdserve.stepper import StepBatcher
@@ -191,26 +192,7 @@ class SimPipeline:
 
 
 def real_pipeline(arch: str, device: str, max_batch: int):
-    import torch
-
-    from sdserve.pipeline import Pipeline
-    from sdserve.settings import Settings
-
-    settings = Settings(
-        model="tiny" if arch == "tiny" else f"random-weights:{arch}",
-        pipeline="sdxl" if arch == "sdxl" else "sd",
-        device=device,
-        max_batch_size=max_batch,
-        warmup=False,
-    )
-    p = Pipeline(settings)
-    if arch == "tiny":
-        p.load()
-    else:
-        from gpu_pipeline import build
-
-        p.use(build(arch, device, torch.float16 if device.startswith("cuda") else torch.float32))
-    return p
+    return sdserve_pipeline(arch, device, max_batch_size=max_batch)
 
 
 def sync(pipeline: Any) -> None:

@@ -50,3 +50,14 @@ def redis_server(tmp_path_factory):
     r = RedisProc(tmp_path_factory.mktemp("redis"))
     yield r
     r.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The built-in tiny model, loaded once; the in-process API tests' apps share it."""
+    from sdserve.pipeline import Pipeline
+    from sdserve.settings import Settings
+
+    p = Pipeline(Settings(model="tiny", min_side=64))
+    p.load()
+    return p

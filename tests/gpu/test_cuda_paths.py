@@ -26,13 +26,11 @@ if not torch.cuda.is_available():  # collected only with --run-gpu, where a miss
     pytest.fail("tests/gpu need a CUDA GPU", pytrace=False)
 
 sys.path.insert(0, str(ROOT / "bench"))
-from gpu_pipeline import build  # noqa: E402 - bench/ is put on the path just above
+from gpu_pipeline import sdserve_pipeline  # noqa: E402 - bench/ is put on the path just above
 
 
 def sd15_pipeline(**settings) -> Pipeline:
-    p = Pipeline(Settings(model="random-weights:sd15", device="cuda", warmup=False, max_batch_size=8, **settings))
-    p.use(build("sd15", "cuda", torch.float16))
-    return p
+    return sdserve_pipeline("sd15", "cuda", max_batch_size=8, **settings)
 
 
 @pytest.fixture(scope="module")

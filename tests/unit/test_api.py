@@ -13,7 +13,6 @@ import pytest
 from openai import AsyncOpenAI
 
 from sdserve.app import create_app
-from sdserve.pipeline import Pipeline
 from sdserve.settings import Settings
 from sdtesting.asgi import BASE_URL, metric, serve
 from sdtesting.fakes import FakePipeline
@@ -21,14 +20,6 @@ from sdtesting.imaging import decode
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
 BASE = {"model": "tiny", "min_side": 64}
-
-
-@pytest.fixture(scope="module")
-def tiny() -> Pipeline:
-    """The tiny model, loaded once for the module; every app below shares it."""
-    p = Pipeline(Settings(**BASE))
-    p.load()
-    return p
 
 
 @pytest.fixture

@@ -13,20 +13,12 @@ from openai import AsyncOpenAI, BadRequestError, UnprocessableEntityError
 from PIL import Image
 
 from sdserve.app import create_app
-from sdserve.pipeline import Pipeline
 from sdserve.settings import Settings
 from sdtesting.asgi import BASE_URL, metric, serve
 from sdtesting.imaging import decode
 
 BASE = {"model": "tiny", "min_side": 64}
 STEPS = {"num_inference_steps": 4}
-
-
-@pytest.fixture(scope="module")
-def tiny() -> Pipeline:
-    p = Pipeline(Settings(**BASE))
-    p.load()
-    return p
 
 
 @pytest.fixture

@@ -177,10 +177,10 @@ async def test_an_edit_runs_as_a_job_from_a_multipart_form(keys):
 
 
 @pytest.mark.parametrize("batching", ["request", "step"])
-async def test_a_job_that_asks_for_previews_shows_them_while_it_runs(tiny_model, batching):
+async def test_a_job_that_asks_for_previews_shows_them_while_it_runs(tiny, batching):
     """The tiny model, for real: the preview is its latents as a low-resolution image."""
     settings = Settings(model="tiny", min_side=64, batching=batching)
-    async with serve(create_app(settings, tiny_model)) as client:
+    async with serve(create_app(settings, tiny)) as client:
         body = {**BODY, "num_inference_steps": 40, "preview": True}
         job = (await client.post("/v1/jobs", json=body)).json()
         r = await client.get(f"/v1/jobs/{job['id']}/events")
@@ -190,16 +190,7 @@ async def test_a_job_that_asks_for_previews_shows_them_while_it_runs(tiny_model,
         if e.startswith("event: progress") and "preview" in e
     ]
     assert previews, r.text[:500]
-    side = 64 // tiny_model.pipe.vae_scale_factor  # one pixel per latent pixel
+    side = 64 // tiny.pipe.vae_scale_factor  # one pixel per latent pixel
     assert decode(previews[-1]["b64_json"]).shape == (side, side, 3)
     assert 0 < previews[-1]["step"] <= 40
     assert '"preview"' not in r.text.split("event: done")[1]  # the finished job has its result instead
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    from sdserve.pipeline import Pipeline
-
-    p = Pipeline(Settings(model="tiny", min_side=64))
-    p.load()
-    return p
