@@ -45,23 +45,42 @@ class Job:
         return self.future.done()
 
 
-class Batcher:
-    def __init__(self, pipeline: ImagePipeline, *, max_batch_size: int, max_wait_ms: int, queue_size: int):
+class QueueBase:
+    """What both batching policies share: the bounded queue of jobs, submission with 429 when
+    full and 503 while draining, the schedule task, the worker threads, and the drain."""
+
+    #: Step batching can drop a started job at a step boundary; a request batch runs whole.
+    PREEMPTIBLE = False
+    TASK_NAME = "sdserve-batcher"
+
+    def __init__(self, pipeline: ImagePipeline, *, max_batch_size: int, queue_size: int):
         self.pipeline = pipeline
         self.max_batch_size = max_batch_size
-        self.max_wait = max_wait_ms / 1000.0
         self.queue_size = queue_size
         self._pending: collections.deque[Job] = collections.deque()
         self._wakeup = asyncio.Event()
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdserve-gpu")
-        self._task: asyncio.Task | None = None
-        self.inflight = 0
+        self._task: asyncio.Task[None] | None = None
+        self._threads: list[concurrent.futures.ThreadPoolExecutor] = []
         self.draining = False
-        self._batch_seconds = 1.0  # running estimate of one batch, for Retry-After
 
-    # ---- event-loop side -------------------------------------------------------------
+    def _thread(self, name: str) -> concurrent.futures.ThreadPoolExecutor:
+        """A one-thread executor, shut down with the queue."""
+        executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._threads.append(executor)
+        return executor
+
+    async def _loop(self) -> None:
+        raise NotImplementedError
+
+    def _busy(self) -> int:
+        """Jobs taken from the queue and not finished."""
+        raise NotImplementedError
+
+    def retry_after(self) -> int:
+        raise NotImplementedError
+
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="sdserve-batcher")
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.TASK_NAME)
 
     async def stop(self) -> None:
         if self._task:
@@ -70,7 +89,8 @@ class Batcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        for executor in self._threads:
+            executor.shutdown(wait=True, cancel_futures=True)
 
     @property
     def depth(self) -> int:
@@ -78,12 +98,7 @@ class Batcher:
 
     @property
     def idle(self) -> bool:
-        return self.inflight == 0 and all(j.cancelled for j in self._pending)
-
-    def retry_after(self) -> int:
-        """Seconds until the queue has room again, roughly: the batches ahead times their cost."""
-        batches_ahead = max(1, self.depth // max(1, self.max_batch_size))
-        return max(1, int(batches_ahead * self._batch_seconds + 0.999))
+        return self._busy() == 0 and all(j.cancelled for j in self._pending)
 
     def submit(self, key: BatchKey, item: Item) -> Job:
         if self.draining:
@@ -93,11 +108,37 @@ class Batcher:
         if len(self._pending) >= self.queue_size:
             metrics.REJECTED.labels("queue_full").inc()
             raise QueueFull(self.retry_after())
-        job = Job(key, item, asyncio.get_running_loop().create_future())
+        job = Job(key, item, asyncio.get_running_loop().create_future(), preemptible=self.PREEMPTIBLE)
         self._pending.append(job)
         metrics.QUEUE_DEPTH.set(len(self._pending))
         self._wakeup.set()
         return job
+
+    async def drain(self, seconds: float) -> bool:
+        """Refuse new work and wait until queued and running work is done, ``seconds`` at most."""
+        self.draining = True
+        deadline = time.monotonic() + seconds
+        # Polled: "idle" changes in several places (a batch ends, a queued job is cancelled).
+        while not self.idle and time.monotonic() < deadline:  # noqa: ASYNC110 - see the line above
+            await asyncio.sleep(0.05)
+        return self.idle
+
+
+class Batcher(QueueBase):
+    def __init__(self, pipeline: ImagePipeline, *, max_batch_size: int, max_wait_ms: int, queue_size: int):
+        super().__init__(pipeline, max_batch_size=max_batch_size, queue_size=queue_size)
+        self.max_wait = max_wait_ms / 1000.0
+        self._executor = self._thread("sdserve-gpu")
+        self.inflight = 0
+        self._batch_seconds = 1.0  # running estimate of one batch, for Retry-After
+
+    def _busy(self) -> int:
+        return self.inflight
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has room again, roughly: the batches ahead times their cost."""
+        batches_ahead = max(1, self.depth // max(1, self.max_batch_size))
+        return max(1, int(batches_ahead * self._batch_seconds + 0.999))
 
     def _drop_cancelled(self) -> None:
         if any(j.cancelled for j in self._pending):
@@ -195,15 +236,6 @@ class Batcher:
             except Exception as e:  # noqa: BLE001 - the worker never dies; this request fails alone
                 if not job.future.done():
                     job.future.set_exception(e)
-
-    async def drain(self, seconds: float) -> bool:
-        """Refuse new work and wait until queued and running work is done, ``seconds`` at most."""
-        self.draining = True
-        deadline = time.monotonic() + seconds
-        # Polled: "idle" changes in several places (a batch ends, a queued job is cancelled).
-        while not self.idle and time.monotonic() < deadline:  # noqa: ASYNC110 - see the line above
-            await asyncio.sleep(0.05)
-        return self.idle
 
 
 def cancel(job: Job, reason: str) -> None:

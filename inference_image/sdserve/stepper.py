@@ -22,16 +22,14 @@ Edits (image-to-image, inpainting) are not stepped: one runs whole once the batc
 from __future__ import annotations
 
 import asyncio
-import collections
-import concurrent.futures
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from . import metrics
-from .queue import Draining, Job, QueueFull
-from .work import BatchKey, ImagePipeline, Item, OutOfMemory
+from .queue import Job, QueueBase
+from .work import BatchKey, ImagePipeline, OutOfMemory
 
 log = logging.getLogger("sdserve.stepper")
 
@@ -51,74 +49,31 @@ class Running:
     states: list[Any]
 
 
-class StepBatcher:
+class StepBatcher(QueueBase):
+    PREEMPTIBLE = True
+    TASK_NAME = "sdserve-stepper"
+
     def __init__(self, pipeline: ImagePipeline, *, max_batch_size: int, queue_size: int, budget: int = 0):
-        self.pipeline = pipeline
-        self.max_batch_size = max_batch_size
-        self.queue_size = queue_size
+        super().__init__(pipeline, max_batch_size=max_batch_size, queue_size=queue_size)
         self.budget = budget or max_batch_size * LATENT_512
-        self._pending: collections.deque[Job] = collections.deque()
         self._running: list[Running] = []
         self._decoding: set[asyncio.Future[Any]] = set()
-        self._wakeup = asyncio.Event()
-        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdserve-gpu")
-        self._decoder = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdserve-decode")
-        self._task: asyncio.Task[None] | None = None
-        self.draining = False
+        self._worker = self._thread("sdserve-gpu")
+        self._decoder = self._thread("sdserve-decode")
         self._step_seconds = 0.05  # running estimate of one step, for Retry-After
-
-    # ---- the interface the request path uses (as sdserve.queue.Batcher) -----------------
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="sdserve-stepper")
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        self._worker.shutdown(wait=True, cancel_futures=True)
-        self._decoder.shutdown(wait=True, cancel_futures=True)
-
-    @property
-    def depth(self) -> int:
-        return len(self._pending)
 
     @property
     def inflight(self) -> int:
         """Requests being denoised or decoded."""
         return len(self._running) + len(self._decoding)
 
-    @property
-    def idle(self) -> bool:
-        return self.inflight == 0 and all(j.cancelled for j in self._pending)
+    def _busy(self) -> int:
+        return self.inflight
 
     def retry_after(self) -> int:
         """Seconds until the queue has room, roughly: the steps of the requests ahead."""
         steps = sum(j.key.steps for j in self._pending) / max(1, self.max_batch_size)
         return max(1, int(steps * self._step_seconds + 0.999))
-
-    def submit(self, key: BatchKey, item: Item) -> Job:
-        if self.draining:
-            raise Draining()
-        if item.n > self.max_batch_size:
-            raise ValueError("n exceeds the batch size")  # validated before; defensive
-        if len(self._pending) >= self.queue_size:
-            metrics.REJECTED.labels("queue_full").inc()
-            raise QueueFull(self.retry_after())
-        job = Job(key, item, asyncio.get_running_loop().create_future(), preemptible=True)
-        self._pending.append(job)
-        metrics.QUEUE_DEPTH.set(len(self._pending))
-        self._wakeup.set()
-        return job
-
-    async def drain(self, seconds: float) -> bool:
-        self.draining = True
-        deadline = time.monotonic() + seconds
-        while not self.idle and time.monotonic() < deadline:  # noqa: ASYNC110 - idle changes in many places
-            await asyncio.sleep(0.05)
-        return self.idle
 
     # ---- the schedule -------------------------------------------------------------------
     def _cost(self) -> int:
