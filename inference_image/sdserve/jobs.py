@@ -109,11 +109,22 @@ class RedisJobs:
         self._redis = aioredis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
 
     async def get(self, job_id: str) -> JobRecord | None:
-        raw = await self._redis.get(self.PREFIX + job_id)
+        try:
+            raw = await self._redis.get(self.PREFIX + job_id)
+        except Exception as e:  # any Redis failure is the same retryable 503
+            raise unavailable(e) from e
         return JobRecord(**json.loads(raw)) if raw else None
 
     async def put(self, record: JobRecord) -> None:
-        await self._redis.set(self.PREFIX + record.id, json.dumps(asdict(record)), ex=self.ttl)
+        try:
+            await self._redis.set(self.PREFIX + record.id, json.dumps(asdict(record)), ex=self.ttl)
+        except Exception as e:  # any Redis failure is the same retryable 503
+            raise unavailable(e) from e
+
+
+def unavailable(e: Exception) -> ApiError:
+    log.warning("job store (redis) unavailable: %s", e)
+    return ApiError(503, "job_store_unavailable", "the job store cannot be reached; retry", retry_after=5)
 
 
 def make_store(s: Settings) -> JobStore:

@@ -113,4 +113,6 @@ def test_prometheus_scrapes_queue_depth_and_latency_under_load(server, prometheu
                 raise
             time.sleep(1)
     rules = httpx.get(prometheus + "/api/v1/rules").json()["data"]["groups"][0]["rules"]
-    assert len(rules) == 8 and all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
+    assert len(rules) == 10 and all(r["health"] == "ok" for r in rules), [
+        (r["name"], r.get("lastError")) for r in rules
+    ]

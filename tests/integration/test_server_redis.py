@@ -59,11 +59,15 @@ def test_rate_limit_is_shared_by_replicas_through_redis(start_server, tmp_path):
 
 
 def test_jobs_are_answered_by_any_replica_sharing_redis_and_a_lost_replica_fails_its_job(
-    start_server, redis_server, tmp_path
+    start_server, tmp_path, request
 ):
     import time
 
-    shared = {"cache_type": "redis", "redis_url": redis_server.url, "job_lease_seconds": 2, "max_batch_size": 1}
+    from sdtesting.procs import RedisProc
+
+    redis = RedisProc(tmp_path)  # its own: the module's Redis is stopped by the first test
+    request.addfinalizer(redis.stop)
+    shared = {"cache_type": "redis", "redis_url": redis.url, "job_lease_seconds": 2, "max_batch_size": 1}
     a, b = start_server(**shared), start_server(**shared)
     job = {"prompt": "a shared job", "size": "64x64", "num_inference_steps": 2, "seed": 5}
 
@@ -91,3 +95,8 @@ def test_jobs_are_answered_by_any_replica_sharing_redis_and_a_lost_replica_fails
     a.proc.kill()
     lost = until(b, busy[2]["id"], {"failed", "succeeded"}, timeout=30)
     assert lost["status"] == "failed" and lost["error"]["code"] == "replica_lost"
+
+    # Redis goes away: a retryable 503, not a 500.
+    redis.stop()
+    r = httpx.post(b.url + "/v1/jobs", json=job, timeout=30)
+    assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "job_store_unavailable"
