@@ -113,19 +113,33 @@ def begin(pipeline: Any, key: BatchKey, item: Item) -> list[ImageState]:
 def step(pipeline: Any, states: list[ImageState], pad: int = 0) -> None:
     """One UNet forward for all states (padded to ``pad`` images); an out-of-memory splits
     them in halves (unpadded) and retries."""
+    first = True
+
+    def forward(part: list[ImageState]) -> list[Any]:
+        nonlocal first
+        _step(pipeline, part, pad if first else 0)
+        first = False
+        return []
+
+    _in_halves(pipeline, states, forward, "for")
+
+
+def _in_halves(pipeline: Any, states: list[ImageState], call: Any, what: str) -> list[Any]:
+    """``call(states)``; when that runs out of memory, each half the same way (after the failed
+    attempt's memory is freed). A single state that does not fit fails with OutOfMemory."""
     from .pipeline import out_of_memory
 
-    if not out_of_memory(_step, pipeline, states, pad):
-        return
+    out: list[Any] = []
+    if not out_of_memory(lambda: out.extend(call(states))):
+        return out
     pipeline._free()
     if len(states) == 1:
-        raise OutOfMemory(f"out of memory for one {states[0].key.width}x{states[0].key.height} image")
+        raise OutOfMemory(f"out of memory {what} one {states[0].key.width}x{states[0].key.height} image")
     from .metrics import OOM_SPLITS
 
     OOM_SPLITS.inc()
     mid = len(states) // 2
-    step(pipeline, states[:mid])
-    step(pipeline, states[mid:])
+    return _in_halves(pipeline, states[:mid], call, what) + _in_halves(pipeline, states[mid:], call, what)
 
 
 def _step(pipeline: Any, states: list[ImageState], pad: int) -> None:
@@ -169,19 +183,7 @@ def _step(pipeline: Any, states: list[ImageState], pad: int) -> None:
 def finish(pipeline: Any, states: list[ImageState]) -> list[Any]:
     """Decode one request's images; an out-of-memory decodes them in halves (the VAE at
     1024x1024 needs more memory than a UNet step of the same images)."""
-    from .pipeline import out_of_memory
-
-    out: list[Any] = []
-    if not out_of_memory(lambda: out.extend(_decode(pipeline, states))):
-        return out
-    pipeline._free()
-    if len(states) == 1:
-        raise OutOfMemory(f"out of memory decoding one {states[0].key.width}x{states[0].key.height} image")
-    from .metrics import OOM_SPLITS
-
-    OOM_SPLITS.inc()
-    mid = len(states) // 2
-    return finish(pipeline, states[:mid]) + finish(pipeline, states[mid:])
+    return _in_halves(pipeline, states, lambda part: _decode(pipeline, part), "decoding")
 
 
 def _decode(pipeline: Any, states: list[ImageState]) -> list[Any]:
