@@ -24,6 +24,7 @@ from .jobs import TERMINAL, check_webhook
 from .lifecycle import start_drain
 from .schemas import (
     ErrorResponse,
+    Extensions,
     GenerateRequest,
     GenerateResponse,
     JobEditRequest,
@@ -37,6 +38,7 @@ from .schemas import (
     parse_size,
 )
 from .state import State
+from .work import BatchKey
 
 router = APIRouter()
 EditBody = TypeVar("EditBody", bound=OpenAIEditRequest)
@@ -73,14 +75,32 @@ Principal = Annotated[str, Depends(authenticated)]
 LimitedPrincipal = Annotated[str, Depends(rate_limited)]
 
 
-def check_response_format(state: State, response_format: str) -> None:
-    if response_format == "url" and state.outputs is None:
+def check_openai(state: State, body: OpenAIImageRequest | OpenAIEditRequest) -> None:
+    """The Images API fields every route checks alike: the response format and the model."""
+    if body.response_format == "url" and state.outputs is None:
         raise ApiError(
             422,
             "unsupported_value",
             "response_format 'url' needs object storage (spec.outputs.s3, SDSERVE_S3_BUCKET); use b64_json",
             param="response_format",
         )
+    if body.model and body.model != state.settings.model_id:
+        raise ApiError(
+            404, "model_not_found", f"this server serves {state.settings.model_id!r}, not {body.model!r}", param="model"
+        )
+
+
+def key_for(state: State, width: int, height: int, body: Extensions) -> BatchKey:
+    """The batch key of a request body, its LoRA adapters resolved."""
+    return steps.batch_key(
+        state,
+        width,
+        height,
+        body.num_inference_steps,
+        body.guidance_scale,
+        body.scheduler,
+        steps.lora_set(state, body.lora, body.loras),
+    )
 
 
 async def openai_images(state: State, r: steps.Result, response_format: str) -> OpenAIImageResponse:
@@ -96,21 +116,11 @@ async def openai_images(state: State, r: steps.Result, response_format: str) -> 
 def openai_generation(state: State, body: OpenAIImageRequest) -> steps.Generation:
     """A validated generation from an OpenAI Images API body (also the body of a job)."""
     s = state.settings
-    check_response_format(state, body.response_format)
-    if body.model and body.model != s.model_id:
-        raise ApiError(404, "model_not_found", f"this server serves {s.model_id!r}, not {body.model!r}", param="model")
+    check_openai(state, body)
     size = parse_size(body.size) if body.size != "auto" else (512, 512)
     if size is None:
         raise ApiError(422, "invalid_value", f"size must be WIDTHxHEIGHT, got {body.size!r}", param="size")
-    key = steps.batch_key(
-        state,
-        size[0],
-        size[1],
-        body.num_inference_steps,
-        body.guidance_scale,
-        body.scheduler,
-        steps.lora_set(state, body.lora, body.loras),
-    )
+    key = key_for(state, size[0], size[1], body)
     gen = steps.Generation(key, body.prompt, body.negative_prompt, body.n, body.seed)
     problems = limit_problems(
         s,
@@ -152,8 +162,7 @@ async def submit_job(request: Request, state: StateDep, principal: LimitedPrinci
             raise RequestValidationError(e.errors()) from None
         except ValueError:
             raise ApiError(422, "invalid_json", "the body must be JSON or a multipart form") from None
-        generation = OpenAIImageRequest(**body.model_dump(exclude={"webhook", "preview"}, exclude_unset=True))
-        gen = openai_generation(state, generation)
+        gen = openai_generation(state, body)  # a JobRequest is a generations body
     if body.response_format != "b64_json":
         raise ApiError(422, "unsupported_value", "a job's result is b64_json", param="response_format")
     if body.webhook is not None:
@@ -260,24 +269,14 @@ async def edit_generation(state: State, request: Request, model: type[EditBody])
         body = model.model_validate(fields)
     except ValidationError as e:
         raise RequestValidationError(e.errors()) from None
-    check_response_format(state, body.response_format)
-    if body.model and body.model != s.model_id:
-        raise ApiError(404, "model_not_found", f"this server serves {s.model_id!r}, not {body.model!r}", param="model")
+    check_openai(state, body)
     size = parse_size(body.size) if body.size else None
     if body.size and size is None:
         raise ApiError(422, "invalid_value", f"size must be WIDTHxHEIGHT, got {body.size!r}", param="size")
     inputs = edit_inputs(uploads["image"], uploads.get("mask"), size, s.max_upload_bytes)
     task = "inpaint" if inputs.mask is not None else "img2img"
     strength = body.strength if body.strength is not None else (1.0 if task == "inpaint" else 0.8)
-    key = steps.batch_key(
-        state,
-        inputs.width,
-        inputs.height,
-        body.num_inference_steps,
-        body.guidance_scale,
-        body.scheduler,
-        steps.lora_set(state, body.lora, body.loras),
-    )
+    key = key_for(state, inputs.width, inputs.height, body)
     key = replace(key, task=task, strength=strength)
     gen = steps.Generation(
         key, body.prompt, body.negative_prompt, body.n, body.seed, inputs.image, inputs.mask, inputs.digest
@@ -304,15 +303,7 @@ async def generate(
     body: GenerateRequest, request: Request, state: StateDep, principal: LimitedPrincipal
 ) -> GenerateResponse:
     t0 = time.perf_counter()
-    key = steps.batch_key(
-        state,
-        body.width,
-        body.height,
-        body.num_inference_steps,
-        body.guidance_scale,
-        body.scheduler,
-        steps.lora_set(state, body.lora, body.loras),
-    )
+    key = key_for(state, body.width, body.height, body)
     gen = steps.Generation(key, body.prompt, body.negative_prompt, body.num_images, body.seed)
     problems = limit_problems(
         state.settings,
