@@ -29,9 +29,10 @@ def raw_pipeline(args) -> dict:
     from sdserve.settings import Settings
     from sdserve.work import BatchKey, Item
 
-    p = Pipeline(Settings(model=args.model, warmup=True))
+    p = Pipeline(Settings(model=args.model))
     p.load()
     key = BatchKey(args.size, args.size, args.steps, 7.5, "default")
+    p.run(key, [Item("warm-up", None, 1, j) for j in range(args.batch)])  # this thread, this shape
     batches = max(2, args.requests // args.batch)
     t0 = time.perf_counter()
     for i in range(batches):

@@ -1,4 +1,5 @@
-"""Start-up and shut-down of one server: load the model in the worker thread, drain on SIGTERM."""
+"""Start-up and shut-down of one server: load and warm up the model on the threads that serve
+it, drain on SIGTERM."""
 
 from __future__ import annotations
 
@@ -20,11 +21,12 @@ LOAD_FAILED = "model_load_failed"
 
 
 async def load_model(state: State) -> None:
-    """Load in the worker thread; a failure leaves the server up, unready, and says why
-    (on /readyz and in metrics). In Kubernetes the operator also asks it to write the reason
-    to the termination log and exit, so the pod's status names the failure."""
+    """Load and warm up on the batcher's threads (``QueueBase.load``); a failure leaves the
+    server up, unready, and says why (on /readyz and in metrics). In Kubernetes the operator
+    also asks it to write the reason to the termination log and exit, so the pod's status
+    names the failure."""
     try:
-        await asyncio.to_thread(state.pipeline.load)
+        await state.batcher.load()
     except ModelLoadError as e:
         state.load_error = str(e)
         log.error("MODEL LOAD FAILED: %s (the server stays up, unready; see sdserve_model_load_failures_total)", e)

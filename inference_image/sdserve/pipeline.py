@@ -68,16 +68,14 @@ class Pipeline:
 
     def use(self, pipe: Any) -> None:
         """Serve a diffusers pipeline already on the device: the settings' optimisations,
-        schedulers, content check and warm-up. ``load`` calls it; the benchmarks hand it
-        architectures built from configs with random weights."""
+        schedulers and content check. ``load`` calls it; the benchmarks hand it architectures
+        built from configs with random weights. The warm-up is the batcher's (``warmup_shapes``)."""
         self.pipe = pipe
         self._load_loras()
         self._optimise()
         self._schedulers["default"] = pipe.scheduler
         if self.settings.nsfw_check:
             self._load_safety_checker()
-        if self.settings.warmup:
-            self.warmup()
 
     def _load_pipe(self):
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -213,10 +211,18 @@ class Pipeline:
             self._schedulers[name] = cls.from_config(self._schedulers["default"].config, **extra)
         return self._schedulers[name]
 
-    def warmup(self) -> None:
-        side = 64 if self.settings.model == "tiny" else 512
-        key = BatchKey(side, side, 2, 7.5, "default")
-        self.run(key, [Item("warm-up", None, 1, 0)])
+    def warmup_shapes(self) -> list[tuple[BatchKey, int]]:
+        """Two steps at the API's default size (64x64 for the tiny model) for every batch size up
+        to max_batch_size on a GPU, where cuDNN autotunes (and torch.compile compiles) per input
+        shape, so an unwarmed batch size stalls the first request that makes it; one image on a
+        CPU. The batcher runs them on its own threads (``sdserve.queue.QueueBase.load``)."""
+        s = self.settings
+        if not s.warmup:
+            return []
+        side = 64 if s.model == "tiny" else 512
+        key = BatchKey(side, side, 2, s.default_guidance_scale, "default")
+        sizes = range(1, s.max_batch_size + 1) if self.device.startswith("cuda") else [1]
+        return [(key, n) for n in sizes]
 
     # ---- generation ------------------------------------------------------------------
     def run(self, key: BatchKey, items: list[Item]) -> list[Item]:

@@ -13,12 +13,16 @@ import collections
 import concurrent.futures
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from . import metrics
 from .work import BatchKey, ImagePipeline, Item, OutOfMemory
 
 log = logging.getLogger("sdserve.queue")
+
+T = TypeVar("T")
 
 
 class QueueFull(Exception):
@@ -61,6 +65,8 @@ class QueueBase:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._threads: list[concurrent.futures.ThreadPoolExecutor] = []
+        #: The thread that owns the model: loading, warm-up and every UNet call run on it.
+        self._worker = self._thread("sdserve-gpu")
         self.draining = False
 
     def _thread(self, name: str) -> concurrent.futures.ThreadPoolExecutor:
@@ -68,6 +74,25 @@ class QueueBase:
         executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._threads.append(executor)
         return executor
+
+    async def load(self) -> None:
+        """Load the model, then warm it up, on the threads that will serve it.
+
+        The thread matters on a GPU: PyTorch keeps cuDNN's autotuned kernel choices
+        (``cudnn.benchmark``) in a per-thread cache, so a warm-up on any other thread leaves the
+        first request of every shape to tune again, seconds of extra latency each. The shapes
+        are the pipeline's (``warmup_shapes``); how each is run is the policy's (``_warm``)."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._worker, self.pipeline.load)
+        for key, n in self.pipeline.warmup_shapes():
+            await self._warm(loop, key, Item("warm-up", None, n, 0))
+
+    async def _warm(self, loop: asyncio.AbstractEventLoop, key: BatchKey, item: Item) -> None:
+        raise NotImplementedError
+
+    async def on_worker(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the model's thread (benchmarks time the pipeline where it serves)."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     async def _loop(self) -> None:
         raise NotImplementedError
@@ -128,7 +153,6 @@ class Batcher(QueueBase):
     def __init__(self, pipeline: ImagePipeline, *, max_batch_size: int, max_wait_ms: int, queue_size: int):
         super().__init__(pipeline, max_batch_size=max_batch_size, queue_size=queue_size)
         self.max_wait = max_wait_ms / 1000.0
-        self._executor = self._thread("sdserve-gpu")
         self.inflight = 0
         self._batch_seconds = 1.0  # running estimate of one batch, for Retry-After
 
@@ -139,6 +163,9 @@ class Batcher(QueueBase):
         """Seconds until the queue has room again, roughly: the batches ahead times their cost."""
         batches_ahead = max(1, self.depth // max(1, self.max_batch_size))
         return max(1, int(batches_ahead * self._batch_seconds + 0.999))
+
+    async def _warm(self, loop: asyncio.AbstractEventLoop, key: BatchKey, item: Item) -> None:
+        await loop.run_in_executor(self._worker, self.pipeline.run, key, [item])
 
     def _drop_cancelled(self) -> None:
         if any(j.cancelled for j in self._pending):
@@ -203,7 +230,7 @@ class Batcher(QueueBase):
         metrics.BATCH_SIZE.observe(images)
         t0 = time.perf_counter()
         try:
-            await loop.run_in_executor(self._executor, self.pipeline.run, batch[0].key, [j.item for j in batch])
+            await loop.run_in_executor(self._worker, self.pipeline.run, batch[0].key, [j.item for j in batch])
         except OutOfMemory:
             # The batch was split down to single images and one still did not fit.
             # Retry one at a time so that only the request that cannot fit fails.
@@ -230,7 +257,7 @@ class Batcher(QueueBase):
             if job.future.done():
                 continue
             try:
-                await loop.run_in_executor(self._executor, self.pipeline.run, job.key, [job.item])
+                await loop.run_in_executor(self._worker, self.pipeline.run, job.key, [job.item])
                 job.future.set_result(job.item)
                 metrics.IMAGES.inc(job.item.n)
             except Exception as e:  # noqa: BLE001 - the worker never dies; this request fails alone

@@ -29,7 +29,7 @@ from typing import Any
 
 from . import metrics
 from .queue import Job, QueueBase
-from .work import BatchKey, ImagePipeline, OutOfMemory
+from .work import BatchKey, ImagePipeline, Item, OutOfMemory
 
 log = logging.getLogger("sdserve.stepper")
 
@@ -58,9 +58,8 @@ class StepBatcher(QueueBase):
         self.budget = budget or max_batch_size * LATENT_512
         self._running: list[Running] = []
         self._decoding: set[asyncio.Future[Any]] = set()
-        self._worker = self._thread("sdserve-gpu")
         self._decoder = self._thread("sdserve-decode")
-        self._step_seconds = 0.05  # running estimate of one step, for Retry-After
+        self._step_seconds = 0.05  # running estimate of one step boundary, for Retry-After
 
     @property
     def inflight(self) -> int:
@@ -74,6 +73,13 @@ class StepBatcher(QueueBase):
         """Seconds until the queue has room, roughly: the steps of the requests ahead."""
         steps = sum(j.key.steps for j in self._pending) / max(1, self.max_batch_size)
         return max(1, int(steps * self._step_seconds + 0.999))
+
+    async def _warm(self, loop: asyncio.AbstractEventLoop, key: BatchKey, item: Item) -> None:
+        """A request's whole path as a step-batched one: admission, steps, decode (on its thread)."""
+        states = await loop.run_in_executor(self._worker, self.pipeline.begin, key, item)
+        while not all(self.pipeline.finished(s) for s in states):
+            await loop.run_in_executor(self._worker, self.pipeline.step, states)
+        await loop.run_in_executor(self._decoder, self.pipeline.finish, states)
 
     # ---- the schedule -------------------------------------------------------------------
     def _cost(self) -> int:

@@ -65,7 +65,12 @@ class ImagePipeline(Protocol):
     load_seconds: float
 
     def load(self) -> None:
-        """Load the weights (and warm up); raise ModelLoadError when that cannot be done."""
+        """Load the weights; raise ModelLoadError when that cannot be done."""
+
+    def warmup_shapes(self) -> list[tuple[BatchKey, int]]:
+        """What to run (a key, a number of images) after loading and before the server reports
+        ready: every input shape whose first run is slow (kernel autotuning, compilation)."""
+        ...
 
     def run(self, key: BatchKey, items: list[Item]) -> list[Item]:
         """Fill every item's ``images`` (None for an image withheld by the content check);

@@ -19,7 +19,13 @@ class FakePipeline:
     device = "cpu"
     dtype = "float32"
 
-    def __init__(self, seconds_per_call: float = 0.0, load_error: str | None = None, oom_prompt: str | None = None):
+    def __init__(
+        self,
+        seconds_per_call: float = 0.0,
+        load_error: str | None = None,
+        oom_prompt: str | None = None,
+        warmup: list[tuple[BatchKey, int]] | None = None,
+    ):
         self.seconds_per_call = seconds_per_call
         self.load_error = load_error
         self.oom_prompt = oom_prompt  # a batch holding this prompt runs out of memory, as one image alone would
@@ -27,13 +33,25 @@ class FakePipeline:
         self.calls: list[tuple[BatchKey, int]] = []  # (key, images) per call, for assertions
         self.steps: list[int] = []  # step batching: images per step
         self.step_keys: list[list[BatchKey]] = []  # and their keys
+        self.warmup = warmup or []
+        #: (method, prompt, thread name) of every call: which thread did what.
+        self.threads: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()
 
+    def _on(self, method: str, prompt: str) -> None:
+        with self._lock:
+            self.threads.append((method, prompt, threading.current_thread().name))
+
     def load(self) -> None:
+        self._on("load", "")
         if self.load_error:
             raise ModelLoadError(self.load_error)
 
+    def warmup_shapes(self) -> list[tuple[BatchKey, int]]:
+        return list(self.warmup)
+
     def run(self, key: BatchKey, items: list[Item]) -> list[Item]:
+        self._on("run", items[0].prompt)
         with self._lock:
             self.calls.append((key, sum(i.n for i in items)))
         if self.oom_prompt is not None and any(i.prompt == self.oom_prompt for i in items):
@@ -47,11 +65,13 @@ class FakePipeline:
 
     # ---- step batching: a state is [key, prompt, seed, steps taken] --------------------
     def begin(self, key: BatchKey, item: Item) -> list[Any]:
+        self._on("begin", item.prompt)
         with self._lock:
             self.calls.append((key, item.n))  # a request's images start (its prompt is encoded)
         return [[key, item.prompt, item.seed + i, 0] for i in range(item.n)]
 
     def step(self, states: list[Any]) -> None:
+        self._on("step", states[0][1])
         with self._lock:
             self.steps.append(len(states))
             self.step_keys.append([s[0] for s in states])
@@ -67,6 +87,7 @@ class FakePipeline:
         return bool(state[3] >= state[0].steps)
 
     def finish(self, states: list[Any]) -> list[Any]:
+        self._on("finish", states[0][1])
         return [self._image(s[0], s[1], s[2]) for s in states]
 
     @staticmethod

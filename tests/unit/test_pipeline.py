@@ -36,3 +36,15 @@ def test_model_loaded_on_cpu_in_float32_with_sdpa():
 
     assert p.device == "cpu" and p.dtype == torch.float32 and p.revision == "tiny-v1"
     assert all(isinstance(proc, AttnProcessor2_0) for proc in p.pipe.unet.attn_processors.values())
+
+
+def test_warm_up_covers_every_batch_size_on_a_gpu_and_one_image_on_a_cpu():
+    """cuDNN autotunes per input shape: on a GPU every batch size the server will run is warmed
+    before ready; a CPU runs one image (its kernels are not tuned per shape)."""
+    gpu = Pipeline(Settings(model="/models/sd15", device="cuda", max_batch_size=4))  # not loaded
+    shapes = gpu.warmup_shapes()
+    assert [n for _, n in shapes] == [1, 2, 3, 4]
+    assert {(k.width, k.height, k.steps) for k, _ in shapes} == {(512, 512, 2)}
+    cpu = Pipeline(Settings(model="tiny", device="cpu", max_batch_size=4))
+    assert [(k.width, n) for k, n in cpu.warmup_shapes()] == [(64, 1)]
+    assert Pipeline(Settings(model="tiny", warmup=False)).warmup_shapes() == []
