@@ -117,7 +117,7 @@ def openai_generation(state: State, body: OpenAIImageRequest) -> steps.Generatio
     """A validated generation from an OpenAI Images API body (also the body of a job)."""
     s = state.settings
     check_openai(state, body)
-    size = parse_size(body.size) if body.size != "auto" else (512, 512)
+    size = parse_size(body.size) if body.size not in (None, "auto") else s.default_width_height
     if size is None:
         raise ApiError(422, "invalid_value", f"size must be WIDTHxHEIGHT, got {body.size!r}", param="size")
     key = key_for(state, size[0], size[1], body)
@@ -303,14 +303,16 @@ async def generate(
     body: GenerateRequest, request: Request, state: StateDep, principal: LimitedPrincipal
 ) -> GenerateResponse:
     t0 = time.perf_counter()
-    key = key_for(state, body.width, body.height, body)
+    default_w, default_h = state.settings.default_width_height
+    width, height = body.width or default_w, body.height or default_h
+    key = key_for(state, width, height, body)
     gen = steps.Generation(key, body.prompt, body.negative_prompt, body.num_images, body.seed)
     problems = limit_problems(
         state.settings,
         prompt=body.prompt,
         negative=body.negative_prompt,
-        width=body.width,
-        height=body.height,
+        width=width,
+        height=height,
         n=body.num_images,
         steps=key.steps,
         width_field="width",

@@ -32,7 +32,13 @@ class OpenAIImageRequest(Extensions):
     prompt: str = Field(min_length=1, description="Text prompt.")
     model: str | None = Field(None, description="Model id; must be the served model when set.")
     n: int = Field(1, ge=1, description="Number of images.")
-    size: str = Field("512x512", description="WIDTHxHEIGHT in pixels, each a multiple of 8.")
+    size: str | None = Field(
+        None,
+        description=(
+            "WIDTHxHEIGHT in pixels, each a multiple of 8; unset or auto: the server's default size "
+            "(the model's native size: 1024x1024 for SDXL, 512x512 otherwise)."
+        ),
+    )
     response_format: Literal["b64_json", "url"] = Field(
         "b64_json", description="url: presigned URLs of images in object storage (when the server has it)."
     )
@@ -93,8 +99,8 @@ class GenerateRequest(Extensions):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1)
-    width: int = Field(512, ge=8)
-    height: int = Field(512, ge=8)
+    width: int | None = Field(None, ge=8, description="Default: the server's default size (see size).")
+    height: int | None = Field(None, ge=8, description="Default: the server's default size.")
     num_images: int = Field(1, ge=1)
 
 

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(16 * 2**20, ge=1024)
     default_steps: int = 25
     default_guidance_scale: float = 7.5
+    #: The size of a request that names none (and of the warm-up): "auto" is the model's native
+    #: size, 1024x1024 for SDXL and 512x512 otherwise, within max_width and max_height.
+    default_size: str = Field("auto", pattern=r"^(auto|[1-9][0-9]*x[1-9][0-9]*)$")
 
     # Result cache
     cache_type: Literal["none", "memory", "redis"] = "memory"
@@ -135,7 +138,21 @@ class Settings(BaseSettings):
             raise ValueError("SDSERVE_CACHE_TYPE=redis needs SDSERVE_REDIS_URL")
         if self.jwt_issuer and not (self.jwt_jwks_url or self.jwt_key_file):
             raise ValueError("SDSERVE_JWT_ISSUER needs SDSERVE_JWT_JWKS_URL or SDSERVE_JWT_KEY_FILE")
+        w, h = self.default_width_height
+        if not (self.min_side <= w <= self.max_width and self.min_side <= h <= self.max_height) or w % 8 or h % 8:
+            raise ValueError(
+                f"SDSERVE_DEFAULT_SIZE {w}x{h} must be multiples of 8 within the request limits "
+                f"({self.min_side}..{self.max_width} x {self.min_side}..{self.max_height})"
+            )
         return self
+
+    @property
+    def default_width_height(self) -> tuple[int, int]:
+        if self.default_size != "auto":
+            w, h = self.default_size.split("x")
+            return int(w), int(h)
+        side = 1024 if self.pipeline == "sdxl" else 512
+        return min(side, self.max_width), min(side, self.max_height)
 
     @property
     def model_id(self) -> str:

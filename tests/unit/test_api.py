@@ -185,3 +185,26 @@ async def test_request_not_done_in_time_is_504_and_its_queued_work_is_dropped():
     assert codes[0] == 200 and 504 in codes, codes
     assert next(r for r in results if r.status_code == 504).json()["error"]["code"] == "timeout"
     assert len(fake.calls) < 3, "a request that timed out while queued must not reach the model"
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "default_size", "expected"),
+    [("sdxl", "auto", (1024, 1024)), ("sd", "auto", (512, 512)), ("sd", "768x512", (768, 512))],
+)
+async def test_a_request_without_a_size_gets_the_models_native_size(pipeline, default_size, expected):
+    """SDXL is trained at 1024x1024 and SD 1.5 at 512x512: a request that names no size gets
+    the model's own (SDSERVE_DEFAULT_SIZE overrides it), on both APIs, and so does the warm-up."""
+    fake = FakePipeline()
+    settings = Settings(model="fake", pipeline=pipeline, default_size=default_size, cache_type="none")
+    async with serve(create_app(settings, fake)) as client:
+        assert (await client.post("/v1/images/generations", json={"prompt": "a"})).status_code == 200
+        assert (await client.post("/v1/images/generations", json={"prompt": "b", "size": "auto"})).status_code == 200
+        r = await client.post("/generate", json={"prompt": "c", "num_inference_steps": 2})
+        assert r.status_code == 200 and decode(r.json()["image"]).shape == (expected[1], expected[0], 3)
+    assert [(k.width, k.height) for k, _ in fake.calls] == [expected] * 3
+
+
+def test_a_default_size_outside_the_request_limits_is_refused_at_start():
+    with pytest.raises(ValueError, match="SDSERVE_DEFAULT_SIZE 2048x2048"):
+        Settings(default_size="2048x2048")
+    assert Settings(pipeline="sdxl", max_width=768).default_width_height == (768, 1024)
