@@ -212,17 +212,18 @@ class Pipeline:
         return self._schedulers[name]
 
     def warmup_shapes(self) -> list[tuple[BatchKey, int]]:
-        """Two steps at the default request size (64x64 for the tiny model) for every batch size
-        up to max_batch_size on a GPU, where cuDNN autotunes (and torch.compile compiles) per
-        input shape, so an unwarmed batch size stalls the first request that makes it; one image
-        on a CPU. The batcher runs them on its own threads (``sdserve.queue.QueueBase.load``)."""
+        """Two steps at the default request size (64x64 for the tiny model) and at every
+        SDSERVE_WARMUP_SIZES size, for every batch size up to max_batch_size on a GPU, where
+        cuDNN autotunes (and torch.compile compiles) per input shape, so an unwarmed batch size
+        stalls the first request that makes it; one image on a CPU. The batcher runs them on its
+        own threads (``sdserve.queue.QueueBase.load``)."""
         s = self.settings
         if not s.warmup:
             return []
-        width, height = (64, 64) if s.model == "tiny" else s.default_width_height
-        key = BatchKey(width, height, 2, s.default_guidance_scale, "default")
-        sizes = range(1, s.max_batch_size + 1) if self.device.startswith("cuda") else [1]
-        return [(key, n) for n in sizes]
+        default = (64, 64) if s.model == "tiny" else s.default_width_height
+        sizes = list(dict.fromkeys([default, *s.warmup_list]))  # SDSERVE_WARMUP_SIZES, in order, once each
+        counts = range(1, s.max_batch_size + 1) if self.device.startswith("cuda") else [1]
+        return [(BatchKey(w, h, 2, s.default_guidance_scale, "default"), n) for w, h in sizes for n in counts]
 
     # ---- generation ------------------------------------------------------------------
     def run(self, key: BatchKey, items: list[Item]) -> list[Item]:

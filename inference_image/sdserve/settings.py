@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     channels_last: bool = True
     scheduler: SchedulerName = "default"
     warmup: bool = True
+    #: Sizes warmed besides the default size, "WIDTHxHEIGHT" comma-separated (e.g. "768x768,1024x576").
+    warmup_sizes: str = Field("", pattern=r"^([1-9][0-9]*x[1-9][0-9]*(,[1-9][0-9]*x[1-9][0-9]*)*)?$")
     safety_checker_path: str | None = None
     #: LoRA adapters loaded at start; requests choose among them by name (``lora``, ``loras``).
     loras: list[LoraSetting] = Field(default_factory=list)
@@ -138,19 +140,27 @@ class Settings(BaseSettings):
             raise ValueError("SDSERVE_CACHE_TYPE=redis needs SDSERVE_REDIS_URL")
         if self.jwt_issuer and not (self.jwt_jwks_url or self.jwt_key_file):
             raise ValueError("SDSERVE_JWT_ISSUER needs SDSERVE_JWT_JWKS_URL or SDSERVE_JWT_KEY_FILE")
-        w, h = self.default_width_height
-        if not (self.min_side <= w <= self.max_width and self.min_side <= h <= self.max_height) or w % 8 or h % 8:
-            raise ValueError(
-                f"SDSERVE_DEFAULT_SIZE {w}x{h} must be multiples of 8 within the request limits "
-                f"({self.min_side}..{self.max_width} x {self.min_side}..{self.max_height})"
-            )
+        for name, sizes in (("DEFAULT_SIZE", [self.default_width_height]), ("WARMUP_SIZES", self.warmup_list)):
+            for w, h in sizes:
+                if (
+                    not (self.min_side <= w <= self.max_width and self.min_side <= h <= self.max_height)
+                    or w % 8
+                    or h % 8
+                ):
+                    raise ValueError(
+                        f"SDSERVE_{name} {w}x{h} must be multiples of 8 within the request limits "
+                        f"({self.min_side}..{self.max_width} x {self.min_side}..{self.max_height})"
+                    )
         return self
+
+    @property
+    def warmup_list(self) -> list[tuple[int, int]]:
+        return [_size(z) for z in self.warmup_sizes.split(",") if z]
 
     @property
     def default_width_height(self) -> tuple[int, int]:
         if self.default_size != "auto":
-            w, h = self.default_size.split("x")
-            return int(w), int(h)
+            return _size(self.default_size)
         side = 1024 if self.pipeline == "sdxl" else 512
         return min(side, self.max_width), min(side, self.max_height)
 
@@ -162,6 +172,11 @@ class Settings(BaseSettings):
     @property
     def jwt_algorithm_list(self) -> list[str]:
         return [a.strip() for a in self.jwt_algorithms.split(",") if a.strip()]
+
+
+def _size(text: str) -> tuple[int, int]:
+    w, h = text.split("x")
+    return int(w), int(h)
 
 
 def env_names() -> set[str]:

@@ -48,3 +48,12 @@ def test_warm_up_covers_every_batch_size_on_a_gpu_and_one_image_on_a_cpu():
     cpu = Pipeline(Settings(model="tiny", device="cpu", max_batch_size=4))
     assert [(k.width, n) for k, n in cpu.warmup_shapes()] == [(64, 1)]
     assert Pipeline(Settings(model="tiny", warmup=False)).warmup_shapes() == []
+    sdxl = Pipeline(Settings(model="/m", pipeline="sdxl", device="cuda", max_batch_size=2, warmup_sizes="768x768"))
+    assert [(k.width, k.height, n) for k, n in sdxl.warmup_shapes()] == [
+        (1024, 1024, 1),
+        (1024, 1024, 2),
+        (768, 768, 1),
+        (768, 768, 2),
+    ]
+    with pytest.raises(ValueError, match="SDSERVE_WARMUP_SIZES 2048x512"):
+        Settings(warmup_sizes="768x768,2048x512")

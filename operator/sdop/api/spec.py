@@ -766,6 +766,13 @@ class CanarySpec(ApiModel):
     replicas: int = Field(1, description="Replicas of the canary (not autoscaled).", ge=1, le=100)
 
 
+class ImageSize(ApiModel):
+    """An image size in pixels."""
+
+    width: int = Field(description="Width in pixels (a multiple of 8).", ge=64, le=4096, multiple_of=8)
+    height: int = Field(description="Height in pixels (a multiple of 8).", ge=64, le=4096, multiple_of=8)
+
+
 class ServerSpec(ApiModel):
     """Inference server tuning."""
 
@@ -779,6 +786,16 @@ class ServerSpec(ApiModel):
             "Quantize the UNet with torchao: int8_weight_only (any GPU), int8_dynamic (int8 tensor cores), fp8 "
             "(compute capability 8.9+: L4, H100). Measured speed and image effect: bench/README.md."
         ),
+    )
+    warmup_sizes: list[ImageSize] = Field(
+        default_factory=list,
+        description=(
+            "Sizes warmed before a replica reports ready, besides the default size (the model's native one). "
+            "On a GPU each is run once at every batch size, so the first request of that size does not pay "
+            "cuDNN's kernel tuning (seconds); each adds to the start-up time. Within limits.minSide, "
+            "limits.maxWidth and limits.maxHeight."
+        ),
+        max_length=8,
     )
 
 
@@ -871,6 +888,13 @@ class StableDiffusionServiceSpec(ApiModel):
                 "batching.maxBatchSize must be <= limits.queueSize",
                 ".batching.maxBatchSize",
             ),
+            (
+                "!has(self.server.warmupSizes) || self.server.warmupSizes.all(s, s.width >= self.limits.minSide && "
+                "s.width <= self.limits.maxWidth && s.height >= self.limits.minSide && "
+                "s.height <= self.limits.maxHeight)",
+                "server.warmupSizes must be within limits.minSide, limits.maxWidth and limits.maxHeight",
+                ".server.warmupSizes",
+            ),
         )
     }
 
@@ -916,4 +940,11 @@ class StableDiffusionServiceSpec(ApiModel):
             )
         if self.batching.max_batch_size is not None and self.batching.max_batch_size > self.limits.queue_size:
             raise ValueError("batching.maxBatchSize must be <= limits.queueSize")
+        lim = self.limits
+        for size in self.server.warmup_sizes:
+            if not (lim.min_side <= size.width <= lim.max_width and lim.min_side <= size.height <= lim.max_height):
+                raise ValueError(
+                    f"server.warmupSizes {size.width}x{size.height} must be within limits.minSide, "
+                    "limits.maxWidth and limits.maxHeight"
+                )
         return self
