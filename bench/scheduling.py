@@ -98,12 +98,16 @@ class Recorder:
         self.inner = inner
         self.revision, self.device, self.dtype, self.load_seconds = inner.revision, inner.device, inner.dtype, 0.0
         self.forwards: list[int] = []  # images in each UNet forward
+        self.warm: list[tuple[BatchKey, int]] = []  # what each batcher warms on its threads
 
     def reset(self) -> None:
         self.forwards = []
 
     def load(self) -> None:
         self.inner.load()
+
+    def warmup_shapes(self) -> list[tuple[BatchKey, int]]:
+        return list(self.warm)
 
     def run(self, key: BatchKey, items: list[Item]) -> list[Item]:
         self.forwards += [sum(i.n for i in items)] * key.steps
@@ -202,22 +206,21 @@ def sync(pipeline: Any) -> None:
         torch.cuda.synchronize()
 
 
-def warm_up(pipeline: Any, mix: Mix, max_batch: int) -> None:
-    """Every forward shape the runs will see (cuDNN and compile tune per shape)."""
-    for side in (mix.side, mix.side * 3 // 2):
-        for b in range(1, max_batch + 1):
-            pipeline.run(BatchKey(side, side, 2, 7.5, "default"), [Item("warm-up", None, b, 0)])
-        for name in SCHEDULERS:
-            states = pipeline.begin(BatchKey(side, side, 2, 7.5, name), Item("warm-up", None, 1, 0))
-            while not pipeline.finished(states[0]):
-                pipeline.step(states)
-            pipeline.finish(states)
-    sync(pipeline)
+def warm_shapes(mix: Mix, max_batch: int) -> list[tuple[BatchKey, int]]:
+    """Every forward shape the runs will see (cuDNN and compile tune per shape): both sizes at
+    every batch size. Each batcher runs them on its own threads before the first run, as a
+    server does before it reports ready (cuDNN's tuning is kept per thread)."""
+    return [
+        (BatchKey(side, side, 2, 7.5, "default"), b)
+        for side in (mix.side, mix.side * 3 // 2)
+        for b in range(1, max_batch + 1)
+    ]
 
 
 def measure_cost(pipeline: Any, mix: Mix, max_batch: int, source: str) -> dict:
     """Seconds per UNet step at 1..max_batch images of the default size (and 1 and 2 of the
-    large size), the decode and the text encode: the curve --pipeline sim replays."""
+    large size), the decode and the text encode: the curve --pipeline sim replays. Run on the
+    step batcher's worker thread, whose shapes its warm-up tuned."""
     points = []
     sizes = [(mix.side, b) for b in sorted({1, 2, max(1, max_batch // 2), max_batch})]
     sizes += [(mix.side * 3 // 2, b) for b in (1, 2)]
@@ -236,6 +239,7 @@ def measure_cost(pipeline: Any, mix: Mix, max_batch: int, source: str) -> dict:
             encode = t1 - t0
             while not pipeline.finished(states[0]):
                 pipeline.step(states)
+            pipeline.finish(states)  # once to warm this thread's decode kernels, then timed
             sync(pipeline)
             t3 = time.perf_counter()
             pipeline.finish(states)
@@ -272,9 +276,10 @@ def make(policy: str, pipeline: Any, max_batch: int) -> Batcher | StepBatcher:
     return Batcher(pipeline, max_batch_size=max_batch, max_wait_ms=25, queue_size=100_000)
 
 
-async def serve(policy: str, pipeline: Recorder, jobs, max_batch: int, drain: float) -> tuple[list[Record], float]:
-    batcher = make(policy, pipeline, max_batch)
-    batcher.start()
+async def serve(batcher: Batcher | StepBatcher, jobs, drain: float) -> tuple[list[Record], float]:
+    """Submit ``jobs`` at their arrival times to a started, warmed batcher; at ``drain`` seconds
+    after the last arrival, cancel what is left and wait until the batcher is idle (it serves
+    the next run: one batcher per policy, as one server lives through changing load)."""
     t0 = time.monotonic()
     records: list[Record] = []
     submitted = []
@@ -307,7 +312,9 @@ async def serve(policy: str, pipeline: Recorder, jobs, max_batch: int, drain: fl
     if pending:
         await asyncio.wait(pending, timeout=5)
     wall = time.monotonic() - t0
-    await batcher.stop()
+    # A request batch already running finishes; step work stops at its next step.
+    while not batcher.idle:  # noqa: ASYNC110 - polled as sdserve's drain is: "idle" changes in several places
+        await asyncio.sleep(0.05)
     for r in records:
         r.started = r.job.started if r.job is not None else None
         if r.outcome == "unfinished":
@@ -371,19 +378,21 @@ def verdict(rows: list[dict]) -> dict:
     return out
 
 
-async def alone_latency(policy_pipeline: Recorder, mix: Mix, max_batch: int) -> float:
+async def alone_latency(batcher: Batcher, mix: Mix) -> float:
     """Latency of one default request with nothing else running (request policy)."""
     key = BatchKey(mix.side, mix.side, mix.default_steps, 7.5, "default")
     best = float("inf")
     for i in range(2):
-        records, _ = await serve("request", policy_pipeline, [(0.0, key, Item("alone", None, 1, i))], max_batch, 600)
+        records, _ = await serve(batcher, [(0.0, key, Item("alone", None, 1, i))], 600)
         best = min(best, (records[0].done or 0) - records[0].arrival)
     return best
 
 
 def direct_latency(pipeline: Any, mix: Mix) -> dict:
-    """One default request straight through the pipeline, in this thread and in a worker
-    thread: against the served latency it shows what the batcher adds."""
+    """One default request straight through the pipeline on a new thread: its first call (a
+    thread that has tuned nothing: cuDNN's autotuning is per thread) and its second. Against
+    the served latency this shows what a warm-up on the wrong thread costs and what the
+    batcher adds."""
     import concurrent.futures
 
     key = BatchKey(mix.side, mix.side, mix.default_steps, 7.5, "default")
@@ -395,10 +404,8 @@ def direct_latency(pipeline: Any, mix: Mix) -> dict:
         return time.perf_counter() - t0
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return {
-            "main thread s": min(once() for _ in range(2)),
-            "worker thread s": min(pool.submit(once).result() for _ in range(2)),
-        }
+        first = pool.submit(once).result()
+        return {"new thread, first call s": first, "same thread, second call s": pool.submit(once).result()}
 
 
 def mean_service_seconds(alone: float, mix: Mix) -> float:
@@ -422,35 +429,69 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=30, help="seconds of arrivals per run")
     ap.add_argument("--drain", type=float, default=0, help="seconds after the last arrival (0: 2x SLO)")
     ap.add_argument("--slo", type=float, default=0, help="p99 latency SLO in seconds (0: 6x a default request alone)")
+    ap.add_argument("--policies", default="request,step", help="which policies to run (comma-separated)")
+    ap.add_argument(
+        "--refine", type=int, default=0, help="bisection runs to place the load at which request breaks the SLO"
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--name", help="result file name (default from pipeline/arch/device)")
     args = ap.parse_args()
     args.arch = args.arch or ("sd15" if args.pipeline == "sim" else "tiny")
+    spec = ASSUMED_COST
+    if args.cost:
+        raw = json.load(open(args.cost))
+        spec = raw.get("step_cost", raw)
+        spec = {**spec, "source": f"measured: {args.cost} ({spec.get('source', '')})"}
+    return asyncio.run(run_benchmark(args, spec))
+
+
+async def run_benchmark(args: argparse.Namespace, spec: dict) -> int:
+    """--pipeline sim replays ``spec``; a real pipeline measures its own cost curve."""
     mix = mixes(args.arch)
     loads = [float(x) for x in args.loads.split(",")]
 
     if args.pipeline == "sim":
-        spec = ASSUMED_COST
-        if args.cost:
-            raw = json.load(open(args.cost))
-            spec = raw.get("step_cost", raw)
-            spec = {**spec, "source": f"measured: {args.cost} ({spec.get('source', '')})"}
         inner: Any = SimPipeline(Cost(spec))
-        cost_spec = spec
         label = f"SIMULATION: sleeps follow the cost curve ({spec['source']})"
     else:
         inner = real_pipeline(args.arch, args.device, args.max_batch)
-        print("warming up every batch shape ...", flush=True)
-        warm_up(inner, mix, args.max_batch)
-        cost_spec = measure_cost(inner, mix, args.max_batch, f"{args.arch} on {args.device}")
         label = f"real pipeline: {args.arch} on {args.device}"
     pipeline = Recorder(inner)
+    if args.pipeline == "real":
+        pipeline.warm = warm_shapes(mix, args.max_batch)
+    policies = args.policies.split(",")
+    batchers = {policy: make(policy, pipeline, args.max_batch) for policy in ("request", "step")}
+    print("loading and warming up every batch shape on each policy's threads ...", flush=True)
+    for b in batchers.values():
+        b.start()
+        await b.load()
+    try:
+        if args.pipeline == "sim":
+            cost_spec = spec
+        else:
+            source = f"{args.arch} on {args.device}"
+            cost_spec = await batchers["step"].on_worker(measure_cost, inner, mix, args.max_batch, source)
+        rows = await compare(args, mix, loads, policies, label, pipeline, batchers, cost_spec)
+    finally:
+        for b in batchers.values():
+            await b.stop()
+    print("\n" + label)
+    columns = ["policy", "load", "offered req/s", "requests", "ok", "unfinished", "images/s", "p50 s", "p99 s"]
+    columns += ["wait p50 s", "wait p99 s", "occupancy", "sustained"]
+    print(table(sorted(rows, key=lambda r: (r["load"], r["policy"])), columns))
+    return 0
+
+
+async def compare(
+    args, mix: Mix, loads: list[float], policies: list[str], label: str, pipeline: Recorder, batchers, cost_spec
+) -> list[dict]:
+    """The policies at every load on the same arrivals; writes the JSON after every run."""
     cost = Cost(cost_spec)
     print(label, flush=True)
     print("step cost (latent pixels, seconds):", [(int(p), round(s, 4)) for p, s in cost.points], flush=True)
 
-    direct = direct_latency(inner, mix)
-    alone = asyncio.run(alone_latency(pipeline, mix, args.max_batch))
+    direct = {} if args.pipeline == "sim" else direct_latency(pipeline.inner, mix)
+    alone = await alone_latency(batchers["request"], mix)
     direct["served (request batcher) s"] = alone
     print("default request, direct vs served:", {k: round(v, 3) for k, v in direct.items()}, flush=True)
     slo = args.slo or 6 * alone
@@ -483,25 +524,40 @@ def main() -> int:
         "batch1_capacity_req_s": capacity,
         "runs": rows,
     }
-    for load in loads:
-        jobs = workload(mix, load * capacity, args.duration, args.seed)
-        for policy in ("request", "step"):
-            pipeline.reset()
-            records, _ = asyncio.run(serve(policy, pipeline, jobs, args.max_batch, drain))
-            run = Run(policy, load, load * capacity, records, pipeline.forwards)
-            rows.append(summarise(run, slo))
-            print(table(rows[-1:], list(rows[-1])), flush=True)
-            write(name, payload)  # a run cut short keeps the loads it finished
 
-    columns = ["policy", "load", "offered req/s", "requests", "ok", "unfinished", "images/s", "p50 s", "p99 s"]
-    columns += ["wait p50 s", "wait p99 s", "occupancy", "sustained"]
-    print("\n" + label)
-    print(table(rows, columns))
+    async def at(load: float, policy: str) -> dict:
+        jobs = workload(mix, load * capacity, args.duration, args.seed)
+        pipeline.reset()
+        records, _ = await serve(batchers[policy], jobs, drain)
+        rows.append(summarise(Run(policy, load, load * capacity, records, pipeline.forwards), slo))
+        print(table(rows[-1:], list(rows[-1])), flush=True)
+        write(name, payload)  # a run cut short keeps the loads it finished
+        return rows[-1]
+
+    for load in loads:
+        for policy in policies:
+            await at(load, policy)
+    # The targets are stated at the highest load `request` sustains: between the grid's last
+    # sustained load and the next, bisect on request's runs, then run step at the load found.
+    if args.refine and set(policies) == {"request", "step"}:
+        low = verdict(rows)["max sustained load (request)"]
+        above = [r["load"] for r in rows if r["policy"] == "request" and low is not None and r["load"] > low]
+        if above:
+            high = min(above)
+            for _ in range(args.refine):
+                mid = round((low + high) / 2, 3)
+                if (await at(mid, "request"))["sustained"]:
+                    low = mid
+                else:
+                    high = mid
+            if not any(r["load"] == low and r["policy"] == "step" for r in rows):
+                await at(low, "step")
+
     summary = verdict(rows)
     print(json.dumps(summary, indent=2))
     payload["summary"] = summary
     print(f"wrote {write(name, payload)}")
-    return 0
+    return rows
 
 
 if __name__ == "__main__":
