@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     default_steps: int = 25
     default_guidance_scale: float = 7.5
     #: The size of a request that names none (and of the warm-up): "auto" is the model's native
-    #: size, 1024x1024 for SDXL and 512x512 otherwise, within max_width and max_height.
+    #: size, 1024x1024 for SDXL and 512x512 otherwise, brought within the request limits.
     default_size: str = Field("auto", pattern=r"^(auto|[1-9][0-9]*x[1-9][0-9]*)$")
 
     # Result cache
@@ -162,7 +162,7 @@ class Settings(BaseSettings):
         if self.default_size != "auto":
             return _size(self.default_size)
         side = 1024 if self.pipeline == "sdxl" else 512
-        return min(side, self.max_width), min(side, self.max_height)
+        return max(self.min_side, min(side, self.max_width)), max(self.min_side, min(side, self.max_height))
 
     @property
     def model_id(self) -> str:

@@ -208,3 +208,4 @@ def test_a_default_size_outside_the_request_limits_is_refused_at_start():
     with pytest.raises(ValueError, match="SDSERVE_DEFAULT_SIZE 2048x2048"):
         Settings(default_size="2048x2048")
     assert Settings(pipeline="sdxl", max_width=768).default_width_height == (768, 1024)
+    assert Settings(min_side=768).default_width_height == (768, 768)  # auto stays within the limits
