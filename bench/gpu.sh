@@ -3,6 +3,9 @@
 #
 #     bash bench/gpu.sh [part ...]      parts: tests quant sd15 sched sdxl (default: all, in this order)
 #
+# With a short lease, run `sched tests` first: sched places the served-vs-direct gap (cuDNN's
+# per-thread tuning, bench/README.md), tests re-checks the out-of-memory fixes on a GPU.
+#
 # Results go to $SDOP_BENCH_RESULTS (default bench/results/), logs next to them. Python wheels
 # in .whl/ (a machine without the inference extra's packages) are installed to /tmp/site first.
 # Each part has a time cap so that one slow part cannot eat the others' time.
@@ -37,7 +40,7 @@ for p in "${parts[@]}"; do
     quant) part quant 80 $PY bench/quantization.py --arch sd15 --device cuda ;;
     sd15) part sd15 230 $PY bench/gpu_pipeline.py --arch sd15 --batches 1,4,8,16 --warmup 1 --repeats 2 \
       --compile-mode reduce-overhead --compile-batches 1,8 ;;
-    sched) part sched 200 $PY bench/scheduling.py --arch sd15 --device cuda --loads 0.6,1.0,1.4,1.8 --duration 15 ;;
+    sched) part sched 240 $PY bench/scheduling.py --arch sd15 --device cuda --loads 0.8,1.2,1.6 --duration 20 ;;
     sdxl) part sdxl 105 $PY bench/gpu_pipeline.py --arch sdxl --size 1024 --batches 1,4 --warmup 1 --repeats 2 \
       --compile-mode none ;;
     *) echo "unknown part $p" ;;
