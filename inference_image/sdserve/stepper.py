@@ -191,10 +191,15 @@ class StepBatcher(QueueBase):
 
     async def _step_singly(self, loop: asyncio.AbstractEventLoop, batch: list[Running]) -> None:
         """The split step still ran out of memory: step each request alone, fail the one that
-        does not fit, and keep the budget at what did."""
+        does not fit, and keep the budget at what did. The halves that fitted before the failure
+        have stepped already: their states may take this step's successor now (harmless), but
+        a state that took its last step is not stepped again (it has no timestep left)."""
         for r in batch:
+            todo = [s for s in r.states if not self.pipeline.finished(s)]
+            if not todo:
+                continue
             try:
-                await loop.run_in_executor(self._worker, self.pipeline.step, r.states)
+                await loop.run_in_executor(self._worker, self.pipeline.step, todo)
             except Exception as e:  # noqa: BLE001 - this request fails alone
                 if not r.job.future.done():
                     r.job.future.set_exception(e)

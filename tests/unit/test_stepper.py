@@ -131,6 +131,35 @@ async def test_a_request_that_does_not_fit_fails_alone_and_the_budget_shrinks():
     assert batcher.budget < 4 * LATENT_512
 
 
+async def test_a_request_that_finished_in_a_split_that_fitted_is_not_stepped_again():
+    """A split step advances the halves that fit and then fails on the one that does not; the
+    requests are then stepped one by one. One whose last step was in a half that fitted must
+    not be stepped past its end (the real pipeline has no timestep left for it)."""
+
+    class HalvesThenFail(FakePipeline):
+        def step(self, states):
+            fits = [s for s in states if s[1] != "huge"]
+            if len(fits) < len(states):
+                if fits:
+                    super().step(fits)  # the halves that fitted ran before the one that did not
+                raise OutOfMemory("out of memory for one 64x64 image")
+            for s in states:
+                assert s[3] < s[0].steps, f"{s[1]} stepped past its last step"
+            super().step(states)
+
+    fake = HalvesThenFail()
+    batcher = StepBatcher(fake, max_batch_size=4, queue_size=8)
+    batcher.start()
+    try:
+        short = batcher.submit(key(1), Item("short", None, 1, 1))  # one step: done in the first half
+        huge = batcher.submit(key(3), Item("huge", None, 1, 2))
+        results = await asyncio.wait_for(asyncio.gather(short.future, huge.future, return_exceptions=True), 10)
+    finally:
+        await batcher.stop()
+    assert isinstance(results[1], OutOfMemory)
+    assert len(results[0].images) == 1, results[0]
+
+
 async def test_an_out_of_memory_unet_step_is_split_and_still_finishes(tiny, monkeypatch):
     real = tiny.pipe.unet.forward
     splits0 = metrics.OOM_SPLITS._value.get()
