@@ -65,12 +65,13 @@ class Mix:
     side: int  # the default size; 20% of the custom requests are 1.5x that
     steps: tuple[int, ...]
     default_steps: int
+    defaults: float = 0.5  # the share of requests with the server's defaults (the rest: custom)
 
 
-def mixes(arch: str) -> Mix:
+def mixes(arch: str, defaults: float = 0.5) -> Mix:
     if arch == "tiny":
-        return Mix(side=64, steps=(6, 10, 16), default_steps=10)
-    return Mix(side=1024 if arch == "sdxl" else 512, steps=(20, 30, 50), default_steps=30)
+        return Mix(side=64, steps=(6, 10, 16), default_steps=10, defaults=defaults)
+    return Mix(side=1024 if arch == "sdxl" else 512, steps=(20, 30, 50), default_steps=30, defaults=defaults)
 
 
 def workload(mix: Mix, rate: float, duration: float, seed: int) -> list[tuple[float, BatchKey, Item]]:
@@ -79,7 +80,7 @@ def workload(mix: Mix, rate: float, duration: float, seed: int) -> list[tuple[fl
     out = []
     t = rng.expovariate(rate)
     while t < duration:
-        if rng.random() < 0.5:  # the server's defaults
+        if rng.random() < mix.defaults:  # the server's defaults
             key = BatchKey(mix.side, mix.side, mix.default_steps, 7.5, "default")
         else:
             side = mix.side if rng.random() < 0.8 else mix.side * 3 // 2
@@ -411,8 +412,9 @@ def direct_latency(pipeline: Any, mix: Mix) -> dict:
 def mean_service_seconds(alone: float, mix: Mix) -> float:
     """Service time of the average request of the mix run alone, scaled from the measured
     default request by its steps, its size (latent pixels) and its images."""
-    big = 0.2 * 0.5 * ((3 / 2) ** 2 - 1)  # custom requests (half) are 1.5x the side a fifth of the time
-    mean_steps = 0.5 * mix.default_steps + 0.5 * sum(mix.steps) / len(mix.steps)
+    custom = 1 - mix.defaults
+    big = 0.2 * custom * ((3 / 2) ** 2 - 1)  # custom requests are 1.5x the side a fifth of the time
+    mean_steps = mix.defaults * mix.default_steps + custom * sum(mix.steps) / len(mix.steps)
     return alone * (mean_steps / mix.default_steps) * (1 + big) * 1.15
 
 
@@ -429,6 +431,12 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=30, help="seconds of arrivals per run")
     ap.add_argument("--drain", type=float, default=0, help="seconds after the last arrival (0: 2x SLO)")
     ap.add_argument("--slo", type=float, default=0, help="p99 latency SLO in seconds (0: 6x a default request alone)")
+    ap.add_argument(
+        "--defaults-share",
+        type=float,
+        default=0.5,
+        help="share of requests with the server's default parameters (0: every request mixes its own)",
+    )
     ap.add_argument("--policies", default="request,step", help="which policies to run (comma-separated)")
     ap.add_argument(
         "--refine", type=int, default=0, help="bisection runs to place the load at which request breaks the SLO"
@@ -447,7 +455,7 @@ def main() -> int:
 
 async def run_benchmark(args: argparse.Namespace, spec: dict) -> int:
     """--pipeline sim replays ``spec``; a real pipeline measures its own cost curve."""
-    mix = mixes(args.arch)
+    mix = mixes(args.arch, args.defaults_share)
     loads = [float(x) for x in args.loads.split(",")]
 
     if args.pipeline == "sim":
@@ -509,7 +517,7 @@ async def compare(
         "settings": vars(args),
         "what": label,
         "mix": {
-            "defaults share": 0.5,
+            "defaults share": mix.defaults,
             "default": [mix.side, mix.default_steps, 7.5, "default"],
             "custom steps": mix.steps,
             "custom guidance": [3.5, 5.0, 7.5, 9.0],
