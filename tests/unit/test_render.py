@@ -66,6 +66,18 @@ def test_batch_size_changes_only_configmap_and_pod_template():
     )
 
 
+def test_warmup_sizes_reach_the_server_and_their_absence_keeps_the_config_hash():
+    """A service without warmupSizes renders no SDSERVE_WARMUP_SIZES: the operator's upgrade
+    does not change its ConfigMap, so its pods are not rolled."""
+    a = example("sd15-production")
+    assert "SDSERVE_WARMUP_SIZES" not in by_kind(render(a))[("ConfigMap", "sd15-config")]["data"]
+    b = copy.deepcopy(a)
+    b["spec"].setdefault("server", {})["warmupSizes"] = [{"width": 768, "height": 768}]
+    changed, added, removed = _diff(a, b)
+    assert changed == {("ConfigMap", "sd15-config"), ("Deployment", "sd15")}
+    assert by_kind(render(b))[("ConfigMap", "sd15-config")]["data"]["SDSERVE_WARMUP_SIZES"] == "768x768"
+
+
 def test_replicas_max_changes_hpa_and_alert_only():
     a = example("sd15-production")
     b = copy.deepcopy(a)

@@ -43,7 +43,6 @@ def settings_env(ctx: Ctx) -> dict[str, str]:
         # Latent pixels one UNet forward may hold: the preset's batch of 512x512 images.
         "SDSERVE_STEP_BUDGET": ctx.max_batch_size * 64 * 64,
         "SDSERVE_QUANTIZATION": s.server.quantization,
-        "SDSERVE_WARMUP_SIZES": ",".join(f"{z.width}x{z.height}" for z in s.server.warmup_sizes),
         "SDSERVE_QUEUE_SIZE": s.limits.queue_size,
         "SDSERVE_TIMEOUT_SECONDS": s.limits.timeout_seconds,
         "SDSERVE_MIN_SIDE": s.limits.min_side,
@@ -68,6 +67,8 @@ def settings_env(ctx: Ctx) -> dict[str, str]:
         "SDSERVE_TERMINATION_LOG": "/dev/termination-log",
         "SDSERVE_EXIT_AFTER_LOAD_FAILURE_SECONDS": 30,
     }
+    if s.server.warmup_sizes:  # only when set: a new key would roll every existing service on upgrade
+        env["SDSERVE_WARMUP_SIZES"] = ",".join(f"{z.width}x{z.height}" for z in s.server.warmup_sizes)
     if s.model.loras:
         env["SDSERVE_LORAS"] = json.dumps(
             [
