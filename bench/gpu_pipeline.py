@@ -92,7 +92,6 @@ def sdserve_pipeline(arch: str, device: str, **settings):
             model="tiny" if arch == "tiny" else f"random-weights:{arch}",
             pipeline="sdxl" if arch == "sdxl" else "sd",
             device=device,
-            warmup=False,
             **settings,
         )
     )

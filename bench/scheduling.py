@@ -99,7 +99,6 @@ class Recorder:
         self.inner = inner
         self.revision, self.device, self.dtype, self.load_seconds = inner.revision, inner.device, inner.dtype, 0.0
         self.forwards: list[int] = []  # images in each UNet forward
-        self.warm: list[tuple[BatchKey, int]] = []  # what each batcher warms on its threads
 
     def reset(self) -> None:
         self.forwards = []
@@ -108,7 +107,7 @@ class Recorder:
         self.inner.load()
 
     def warmup_shapes(self) -> list[tuple[BatchKey, int]]:
-        return list(self.warm)
+        return self.inner.warmup_shapes()
 
     def run(self, key: BatchKey, items: list[Item]) -> list[Item]:
         self.forwards += [sum(i.n for i in items)] * key.steps
@@ -171,6 +170,9 @@ class SimPipeline:
     def load(self) -> None:
         pass
 
+    def warmup_shapes(self) -> list[tuple[BatchKey, int]]:
+        return []  # sleeps need no warm-up
+
     def run(self, key: BatchKey, items: list[Item]) -> list[Item]:
         n = sum(i.n for i in items)
         px = (key.width // 8) * (key.height // 8)
@@ -196,8 +198,20 @@ class SimPipeline:
         return [object()] * len(states)
 
 
-def real_pipeline(arch: str, device: str, max_batch: int):
-    return sdserve_pipeline(arch, device, max_batch_size=max_batch)
+def real_pipeline(arch: str, device: str, max_batch: int, mix: Mix):
+    """sdserve's Pipeline, set to warm up what the runs will see as a server would: the default
+    size and the mix's large size (SDSERVE_WARMUP_SIZES), at every batch size on a GPU. Each
+    batcher runs that warm-up on its own threads (cuDNN's tuning is kept per thread)."""
+    big = mix.side * 3 // 2
+    return sdserve_pipeline(
+        arch,
+        device,
+        max_batch_size=max_batch,
+        warmup_sizes=f"{big}x{big}",
+        min_side=min(256, mix.side),
+        max_width=max(1024, big),
+        max_height=max(1024, big),
+    )
 
 
 def sync(pipeline: Any) -> None:
@@ -205,17 +219,6 @@ def sync(pipeline: Any) -> None:
         import torch
 
         torch.cuda.synchronize()
-
-
-def warm_shapes(mix: Mix, max_batch: int) -> list[tuple[BatchKey, int]]:
-    """Every forward shape the runs will see (cuDNN and compile tune per shape): both sizes at
-    every batch size. Each batcher runs them on its own threads before the first run, as a
-    server does before it reports ready (cuDNN's tuning is kept per thread)."""
-    return [
-        (BatchKey(side, side, 2, 7.5, "default"), b)
-        for side in (mix.side, mix.side * 3 // 2)
-        for b in range(1, max_batch + 1)
-    ]
 
 
 def measure_cost(pipeline: Any, mix: Mix, max_batch: int, source: str) -> dict:
@@ -462,11 +465,9 @@ async def run_benchmark(args: argparse.Namespace, spec: dict) -> int:
         inner: Any = SimPipeline(Cost(spec))
         label = f"SIMULATION: sleeps follow the cost curve ({spec['source']})"
     else:
-        inner = real_pipeline(args.arch, args.device, args.max_batch)
+        inner = real_pipeline(args.arch, args.device, args.max_batch, mix)
         label = f"real pipeline: {args.arch} on {args.device}"
     pipeline = Recorder(inner)
-    if args.pipeline == "real":
-        pipeline.warm = warm_shapes(mix, args.max_batch)
     policies = args.policies.split(",")
     batchers = {policy: make(policy, pipeline, args.max_batch) for policy in ("request", "step")}
     print("loading and warming up every batch shape on each policy's threads ...", flush=True)
