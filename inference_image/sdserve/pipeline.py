@@ -130,7 +130,7 @@ class Pipeline:
         if self.settings.quantization != "none":
             self._quantize()
         if self.settings.compile:
-            pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
+            pipe.unet = torch.compile(pipe.unet, mode=self.settings.compile_mode, fullgraph=False)
 
     def _load_loras(self) -> None:
         """Every SDSERVE_LORAS adapter into the pipeline, inactive until a request names it."""

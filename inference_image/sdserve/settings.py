@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     hf_token: str | None = Field(None, description="Hugging Face token (from a Secret).")
     compile: bool = False
+    #: torch.compile mode for the UNet. "reduce-overhead" and "max-autotune" also record CUDA
+    #: graphs (one per batch size; less CPU launch time per step, more GPU memory); the default
+    #: leaves them out.
+    compile_mode: Literal["max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune", "default"] = (
+        "max-autotune-no-cudagraphs"
+    )
     channels_last: bool = True
     scheduler: SchedulerName = "default"
     warmup: bool = True

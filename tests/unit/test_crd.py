@@ -85,6 +85,8 @@ INVALID = [
     ),
     ("lora with two sources", "spec.model.loras", [{"name": "a", "id": "org/one", "path": "/l"}], "loras"),
     ("webhook host with a path", "spec.webhooks.allowedHosts", ["hooks.example.com/x"], "allowedHosts"),
+    ("compile mode without compile", "spec.server.compileMode", "reduce-overhead", "compileMode"),
+    ("unknown compile mode", "spec.server", {"compile": True, "compileMode": "fastest"}, "compileMode"),
     ("warm-up size over the limits", "spec.server.warmupSizes", [{"width": 2048, "height": 512}], "warmupSizes"),
     ("warm-up size not a multiple of 8", "spec.server.warmupSizes", [{"width": 700, "height": 512}], "width"),
     (

@@ -66,16 +66,24 @@ def test_batch_size_changes_only_configmap_and_pod_template():
     )
 
 
-def test_warmup_sizes_reach_the_server_and_their_absence_keeps_the_config_hash():
-    """A service without warmupSizes renders no SDSERVE_WARMUP_SIZES: the operator's upgrade
-    does not change its ConfigMap, so its pods are not rolled."""
+@pytest.mark.parametrize(
+    "server,key,value",
+    [
+        ({"warmupSizes": [{"width": 768, "height": 768}]}, "SDSERVE_WARMUP_SIZES", "768x768"),
+        ({"compile": True, "compileMode": "reduce-overhead"}, "SDSERVE_COMPILE_MODE", "reduce-overhead"),
+    ],
+    ids=["warmupSizes", "compileMode"],
+)
+def test_optional_server_settings_reach_the_server_and_their_absence_keeps_the_config_hash(server, key, value):
+    """A service without the field renders no key: the operator's upgrade does not change its
+    ConfigMap, so its pods are not rolled."""
     a = example("sd15-production")
-    assert "SDSERVE_WARMUP_SIZES" not in by_kind(render(a))[("ConfigMap", "sd15-config")]["data"]
+    assert key not in by_kind(render(a))[("ConfigMap", "sd15-config")]["data"]
     b = copy.deepcopy(a)
-    b["spec"].setdefault("server", {})["warmupSizes"] = [{"width": 768, "height": 768}]
+    b["spec"].setdefault("server", {}).update(server)
     changed, added, removed = _diff(a, b)
     assert changed == {("ConfigMap", "sd15-config"), ("Deployment", "sd15")}
-    assert by_kind(render(b))[("ConfigMap", "sd15-config")]["data"]["SDSERVE_WARMUP_SIZES"] == "768x768"
+    assert by_kind(render(b))[("ConfigMap", "sd15-config")]["data"][key] == value
 
 
 def test_replicas_max_changes_hpa_and_alert_only():

@@ -777,6 +777,14 @@ class ServerSpec(ApiModel):
     """Inference server tuning."""
 
     compile: bool = Field(False, description="torch.compile the UNet (slower start, faster steps).")
+    compile_mode: Literal["max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune", "default"] | None = Field(
+        None,
+        description=(
+            "torch.compile mode when compile is true; unset: max-autotune-no-cudagraphs. reduce-overhead and "
+            "max-autotune also record CUDA graphs, one per batch size: less CPU launch time per step (the gain "
+            "at small batches), more GPU memory. Measured effect: bench/README.md."
+        ),
+    )
     channels_last: bool = Field(True, description="channels_last memory format for the UNet and VAE.")
     scheduler: Scheduler = Field("default", description="Default noise scheduler.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Server log level.")
@@ -889,6 +897,11 @@ class StableDiffusionServiceSpec(ApiModel):
                 ".batching.maxBatchSize",
             ),
             (
+                "!has(self.server.compileMode) || self.server.compile",
+                "server.compileMode needs server.compile: true",
+                ".server.compileMode",
+            ),
+            (
                 "!has(self.server.warmupSizes) || self.server.warmupSizes.all(s, s.width >= self.limits.minSide && "
                 "s.width <= self.limits.maxWidth && s.height >= self.limits.minSide && "
                 "s.height <= self.limits.maxHeight)",
@@ -940,6 +953,8 @@ class StableDiffusionServiceSpec(ApiModel):
             )
         if self.batching.max_batch_size is not None and self.batching.max_batch_size > self.limits.queue_size:
             raise ValueError("batching.maxBatchSize must be <= limits.queueSize")
+        if self.server.compile_mode is not None and not self.server.compile:
+            raise ValueError("server.compileMode needs server.compile: true")
         lim = self.limits
         for size in self.server.warmup_sizes:
             if not (lim.min_side <= size.width <= lim.max_width and lim.min_side <= size.height <= lim.max_height):

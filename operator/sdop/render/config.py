@@ -67,6 +67,8 @@ def settings_env(ctx: Ctx) -> dict[str, str]:
         "SDSERVE_TERMINATION_LOG": "/dev/termination-log",
         "SDSERVE_EXIT_AFTER_LOAD_FAILURE_SECONDS": 30,
     }
+    if s.server.compile_mode is not None:  # only when set, as below
+        env["SDSERVE_COMPILE_MODE"] = s.server.compile_mode
     if s.server.warmup_sizes:  # only when set: a new key would roll every existing service on upgrade
         env["SDSERVE_WARMUP_SIZES"] = ",".join(f"{z.width}x{z.height}" for z in s.server.warmup_sizes)
     if s.model.loras:
