@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one go, for a machine with one CUDA GPU and no network:
 #
-#     bash bench/gpu.sh [part ...]      parts: tests quant sd15 sched sdxl (default: all, in this order)
+#     bash bench/gpu.sh [part ...]      parts: tests quant sd15 sd15c sched sdxl (default: all, in this order)
 #
-# With a short lease, run `sched tests` first: sched places the served-vs-direct gap (cuDNN's
-# per-thread tuning, bench/README.md), tests re-checks the out-of-memory fixes on a GPU.
+# With a short lease, run `sched sd15 tests` first: sched places the served-vs-direct gap
+# (cuDNN's per-thread tuning, bench/README.md), sd15 says which of sdserve's eager settings pay
+# (one at a time on plain diffusers) and measures the server's own Pipeline, tests re-checks
+# the out-of-memory fixes and the compiled paths. sd15c is the compiled figure (CUDA graphs).
 #
 # Results go to $SDOP_BENCH_RESULTS (default bench/results/), logs next to them. Python wheels
 # in .whl/ (a machine without the inference extra's packages) are installed to /tmp/site first.
@@ -33,16 +35,18 @@ part() {  # name, seconds, command...
 }
 
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(tests quant sd15 sched sdxl)
+[ ${#parts[@]} -eq 0 ] && parts=(tests quant sd15 sd15c sched sdxl)
 for p in "${parts[@]}"; do
   case $p in
     tests) part tests 300 $PY -m pytest -q -s -p no:cacheprovider --run-gpu --timeout 240 tests/gpu ;;
     quant) part quant 80 $PY bench/quantization.py --arch sd15 --device cuda ;;
-    sd15) part sd15 230 $PY bench/gpu_pipeline.py --arch sd15 --batches 1,4,8,16 --warmup 1 --repeats 2 \
-      --compile-mode reduce-overhead --compile-batches 1,8 ;;
+    sd15) part sd15 170 $PY bench/gpu_pipeline.py --arch sd15 --batches 1,4,8,16 --warmup 1 --repeats 2 \
+      --parts plain,ablate,eager ;;
+    sd15c) part sd15c 300 $PY bench/gpu_pipeline.py --arch sd15 --batches 1,8 --warmup 1 --repeats 2 \
+      --parts compiled --compile-mode reduce-overhead --name gpu_pipeline_sd15_compiled ;;
     sched) part sched 240 $PY bench/scheduling.py --arch sd15 --device cuda --loads 0.8,1.2,1.6 --duration 20 ;;
-    sdxl) part sdxl 105 $PY bench/gpu_pipeline.py --arch sdxl --size 1024 --batches 1,4 --warmup 1 --repeats 2 \
-      --compile-mode none ;;
+    sdxl) part sdxl 120 $PY bench/gpu_pipeline.py --arch sdxl --size 1024 --batches 1,4 --warmup 1 --repeats 2 \
+      --parts plain,eager ;;
     *) echo "unknown part $p" ;;
   esac
 done

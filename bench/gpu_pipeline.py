@@ -7,9 +7,13 @@ weights, fp16): no download, same FLOPs and memory traffic as the released check
     python bench/gpu_pipeline.py --arch sdxl --size 1024 --steps 30 --batches 1,2,4,8
     python bench/gpu_pipeline.py --smoke        # the built-in tiny model on the CPU: checks the script
 
-plain: the seed's settings, StableDiffusionPipeline in fp16 as it comes.
-sdop:  what sdserve does (channels_last, fused QKV, SDPA, torch.compile with CUDA graphs),
-       plus batching. Same steps, size, guidance and scheduler: equal quality settings.
+plain:    the seed's settings, StableDiffusionPipeline in fp16 as it comes.
+ablation: one setting at a time on plain (cudnn.benchmark, channels_last, fused QKV): which
+          of them pays on this GPU.
+sdop:     sdserve's own Pipeline serving the same model, through Pipeline.run (the request
+          batcher's path): eager with the server's settings, then with SDSERVE_COMPILE and
+          --compile-mode (reduce-overhead: CUDA graphs). Same steps, size, guidance and
+          scheduler: equal quality settings.
 Reports images/s per batch size, batch-1 latency, model FLOPs per image and the fraction
 of the GPU's measured bf16 matmul rate reached. Target: sdop >= 2x plain images/s.
 """
@@ -102,41 +106,6 @@ def sdserve_pipeline(arch: str, device: str, **settings):
     return p
 
 
-def sdop_settings(pipe, compile_mode: str | None, only_compile: bool = False):
-    """What sdserve's Pipeline._optimise does, plus fused QKV projections."""
-    import torch
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    if only_compile:
-        return compile_parts(pipe, compile_mode)
-    pipe.unet.set_attn_processor(AttnProcessor2_0())
-    pipe.vae.set_attn_processor(AttnProcessor2_0())
-    try:
-        pipe.fuse_qkv_projections()
-    except Exception as e:  # noqa: BLE001 - older diffusers
-        print(f"fuse_qkv_projections unavailable: {e}")
-    pipe.unet.to(memory_format=torch.channels_last)
-    pipe.vae.to(memory_format=torch.channels_last)
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    return compile_parts(pipe, compile_mode)
-
-
-def compile_parts(pipe, compile_mode: str | None):
-    import torch
-
-    if compile_mode:
-        import torch._inductor.config as ic
-
-        ic.conv_1x1_as_mm = True
-        ic.coordinate_descent_tuning = True
-        ic.epilogue_fusion = False
-        pipe.unet = torch.compile(pipe.unet, mode=compile_mode, fullgraph=True)
-        pipe.vae.decode = torch.compile(pipe.vae.decode, mode=compile_mode, fullgraph=True)
-    return pipe
-
-
 def sync(device: str) -> None:
     import torch
 
@@ -144,51 +113,98 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def call(pipe, batch: int, args) -> None:
-    pipe(
-        prompt=["a photograph of an astronaut riding a horse"] * batch,
-        num_inference_steps=args.steps,
-        guidance_scale=7.5,
-        width=args.size,
-        height=args.size,
-        output_type="pil",
-    )
+PROMPT = "a photograph of an astronaut riding a horse"
 
 
-def measure(pipe, batch: int, args) -> dict:
+def plain_call(pipe):
+    """Generation straight through the diffusers pipeline, as the seed's service called it."""
+
+    def gen(batch: int, steps: int, size: int) -> None:
+        pipe(
+            prompt=[PROMPT] * batch,
+            num_inference_steps=steps,
+            guidance_scale=7.5,
+            width=size,
+            height=size,
+            output_type="pil",
+        )
+
+    return gen
+
+
+def served_call(p):
+    """Generation through sdserve's ``Pipeline.run``: the path a request-batched server takes
+    (one generator per image, the progress callback, the scheduler the request names)."""
+    from sdserve.work import BatchKey, Item
+
+    def gen(batch: int, steps: int, size: int) -> None:
+        p.run(BatchKey(size, size, steps, 7.5, "default"), [Item(PROMPT, None, batch, 0)])
+
+    return gen
+
+
+def measure(gen, batch: int, args, steps: int | None = None) -> dict:
+    steps = steps or args.steps
     for _ in range(args.warmup):
-        call(pipe, batch, args)
+        gen(batch, steps, args.size)
     sync(args.device)
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        call(pipe, batch, args)
+        gen(batch, steps, args.size)
         sync(args.device)
         times.append(time.perf_counter() - t0)
     best = min(times)
+    return {"batch": batch, "seconds_per_call": best, "images_per_s": batch / best}
+
+
+def server_pipeline(pipe, arch: str, device: str, max_batch: int, **settings):
+    """sdserve's Pipeline serving ``pipe``: its ``_optimise`` is applied to it (in place)."""
+    from sdserve.pipeline import Pipeline
+    from sdserve.settings import Settings
+
+    p = Pipeline(
+        Settings(
+            model=f"random-weights:{arch}",
+            pipeline="sdxl" if arch == "sdxl" else "sd",
+            device=device,
+            max_batch_size=max_batch,
+            warmup=False,
+            **settings,
+        )
+    )
+    p.use(pipe)
+    return p
+
+
+def ablations(pipe) -> dict:
+    """One setting at a time on top of plain diffusers: (apply, undo). Says which of sdserve's
+    settings (cudnn.benchmark, channels_last) and which candidate (fused QKV) pays on this GPU."""
+    import torch
+
+    def benchmark(on: bool):
+        return lambda: setattr(torch.backends.cudnn, "benchmark", on)
+
+    def memory_format(fmt):
+        def apply():
+            pipe.unet.to(memory_format=fmt)
+            pipe.vae.to(memory_format=fmt)
+
+        return apply
+
     return {
-        "batch": batch,
-        "seconds_per_call": best,
-        "images_per_s": batch / best,
-        "latency_s": best if batch == 1 else None,
+        "cudnn.benchmark": (benchmark(True), benchmark(False)),
+        "channels_last": (memory_format(torch.channels_last), memory_format(torch.contiguous_format)),
+        "fused QKV": (pipe.fuse_qkv_projections, pipe.unfuse_qkv_projections),
     }
 
 
-def latency(pipe, args) -> float:
-    """Batch-1 latency at --latency-steps steps (best of --repeats after one warm-up)."""
-    steps, args.steps = args.steps, args.latency_steps
-    try:
-        return measure(pipe, 1, args)["seconds_per_call"]
-    finally:
-        args.steps = steps
-
-
-def flops_per_image(pipe, args) -> float:
+def flops_per_image(gen, args) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
-        call(pipe, 1, args)
+        gen(1, args.steps, args.size)
     return float(counter.get_total_flops())
 
 
@@ -220,79 +236,122 @@ def main() -> int:
     ap.add_argument("--batches", default="1,4,8,16")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode for sdop; 'none' to skip")
+    ap.add_argument(
+        "--parts",
+        default="plain,ablate,eager,compiled",
+        help="plain: diffusers as it comes; ablate: one setting at a time on plain; eager: sdserve's Pipeline; "
+        "compiled: sdserve's Pipeline with SDSERVE_COMPILE (plain is always measured)",
+    )
+    ap.add_argument("--ablate-batches", default="1,8", help="batch sizes of the ablation")
+    ap.add_argument("--compile-mode", default="reduce-overhead", help="SDSERVE_COMPILE_MODE of the compiled part")
     ap.add_argument("--compile-batches", help="batch sizes measured compiled (default: --batches)")
     ap.add_argument("--latency-steps", type=int, default=50, help="also batch-1 latency at this many steps; 0: skip")
+    ap.add_argument("--name", help="result file name (default gpu_pipeline_ARCH)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, CPU, 2 steps: checks that the script works")
     args = ap.parse_args()
     if args.smoke:
         args.arch, args.device, args.size, args.steps, args.batches = "tiny", "cpu", 64, 2, "1,2"
-        args.warmup, args.repeats, args.compile_mode, args.latency_steps = 1, 1, "none", 3
+        args.warmup, args.repeats, args.latency_steps, args.ablate_batches = 1, 1, 3, "1"
+        args.parts = "plain,ablate,eager"
     import torch
 
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     batches = [int(b) for b in args.batches.split(",")]
-    compile_mode = None if args.compile_mode == "none" else args.compile_mode
-
-    name = f"gpu_pipeline_{args.arch}" + ("_smoke_cpu" if args.smoke else "")
-    results: dict = {"settings": vars(args), "plain": [], "sdop_eager": [], "sdop": [], "latency": {}}
+    parts = set(args.parts.split(",")) | {"plain"}
+    compiled_batches = [int(b) for b in args.compile_batches.split(",")] if args.compile_batches else batches
+    name = args.name or (f"gpu_pipeline_{args.arch}" + ("_smoke_cpu" if args.smoke else ""))
+    results: dict = {"settings": vars(args), "plain": [], "ablation": {}, "sdop_eager": [], "sdop_compiled": []}
+    results["latency"] = {}
     pipe = build(args.arch, args.device, dtype)
-    results["flops_per_image"] = flops_per_image(pipe, args)
+    results["flops_per_image"] = flops_per_image(plain_call(pipe), args)
 
-    def phase(label: str, which: list[int]) -> None:
+    def phase(label: str, gen, which: list[int]) -> None:
         for b in which:
-            results[label].append(measure(pipe, b, args))
+            results[label].append(measure(gen, b, args))
             print(label, results[label][-1], flush=True)
             write(name, results)  # a run cut short still leaves what it measured
         if args.latency_steps:
-            results["latency"][label] = latency(pipe, args)
+            results["latency"][label] = measure(gen, 1, args, args.latency_steps)["seconds_per_call"]
             print(label, f"batch-1 latency at {args.latency_steps} steps: {results['latency'][label]:.3f}s")
             write(name, results)
 
-    phase("plain", batches)
-    pipe = sdop_settings(pipe, None)
-    if compile_mode:
-        phase("sdop_eager", batches)
-        pipe = sdop_settings(pipe, compile_mode, only_compile=True)
-    compiled = [int(b) for b in args.compile_batches.split(",")] if args.compile_batches else batches
-    try:
-        phase("sdop", compiled if compile_mode else batches)
-    except Exception as e:  # noqa: BLE001 - a compile failure is a result too; the eager figures stand
-        results["sdop_error"] = f"{type(e).__name__}: {e}"[:2000]
-        print(f"sdop (compiled) failed: {results['sdop_error']}", flush=True)
+    phase("plain", plain_call(pipe), batches)
+    if "ablate" in parts:
+        for factor, (apply, undo) in ablations(pipe).items():
+            apply()
+            try:
+                rows = results["ablation"][factor] = []
+                for b in [int(x) for x in args.ablate_batches.split(",")]:
+                    rows.append(measure(plain_call(pipe), b, args))
+                    print("plain +", factor, rows[-1], flush=True)
+                    write(name, results)
+            finally:
+                undo()
+    max_batch = max(batches + compiled_batches)
+    if "eager" in parts:
+        phase("sdop_eager", served_call(server_pipeline(pipe, args.arch, args.device, max_batch)), batches)
+    if "compiled" in parts and args.compile_mode != "none":
+        served = server_pipeline(pipe, args.arch, args.device, max_batch, compile=True, compile_mode=args.compile_mode)
+        try:
+            phase("sdop_compiled", served_call(served), compiled_batches)
+        except Exception as e:  # noqa: BLE001 - a compile failure is a result too; the eager figures stand
+            results["sdop_compiled_error"] = f"{type(e).__name__}: {e}"[:2000]
+            print(f"sdop (compiled) failed: {results['sdop_compiled_error']}", flush=True)
     if args.device.startswith("cuda"):
         results["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     peak = bf16_peak(args.device)
     results["bf16_matmul_flops_per_s"] = peak
+    report(results, peak, args)
+    print(f"wrote {write(name, results)}")
+    return 0
 
-    plain_b1 = results["plain"][0]["images_per_s"]
-    best = max(results["sdop"] + results["sdop_eager"] or results["plain"], key=lambda r: r["images_per_s"])
-    results["speedup_best_sdop_over_plain_batch1"] = best["images_per_s"] / plain_b1
-    plain_best = max(results["plain"], key=lambda r: r["images_per_s"])
-    results["speedup_best_sdop_over_best_plain"] = best["images_per_s"] / plain_best["images_per_s"]
-    by_batch = {label: {r["batch"]: r["images_per_s"] for r in results[label]} for label in ("sdop_eager", "sdop")}
+
+def report(results: dict, peak: float | None, args) -> None:
+    plain = {r["batch"]: r["images_per_s"] for r in results["plain"]}
+    served = results["sdop_eager"] + results["sdop_compiled"]
+    if served:
+        best = max(served, key=lambda r: r["images_per_s"])
+        results["speedup_best_sdop_over_plain_batch1"] = best["images_per_s"] / plain[min(plain)]
+        results["speedup_best_sdop_over_best_plain"] = best["images_per_s"] / max(plain.values())
+    by_batch = {
+        label: {r["batch"]: r["images_per_s"] for r in results[label]} for label in ("sdop_eager", "sdop_compiled")
+    }
     rows = []
-    for p in results["plain"]:
-        row = {"batch": p["batch"], "plain img/s": p["images_per_s"]}
-        for label, column in (("sdop_eager", "sdop eager img/s"), ("sdop", "sdop img/s")):
-            if p["batch"] in by_batch[label]:
-                row[column] = by_batch[label][p["batch"]]
-        top = max(row.get("sdop eager img/s", 0), row.get("sdop img/s", 0))
-        row["sdop/plain"] = top / p["images_per_s"]
-        if peak:
-            row["sdop % of bf16 peak"] = 100 * results["flops_per_image"] * top / peak
+    for b, plain_rate in plain.items():
+        row: dict = {"batch": b, "plain img/s": plain_rate}
+        for label, column in (("sdop_eager", "sdop eager img/s"), ("sdop_compiled", "sdop compiled img/s")):
+            if b in by_batch[label]:
+                row[column] = by_batch[label][b]
+        top = max(row.get("sdop eager img/s", 0), row.get("sdop compiled img/s", 0))
+        if top:
+            row["sdop/plain"] = top / plain_rate
+            if peak:
+                row["sdop % of bf16 peak"] = 100 * results["flops_per_image"] * top / peak
         rows.append(row)
-    columns = ["batch", "plain img/s", "sdop eager img/s", "sdop img/s", "sdop/plain", "sdop % of bf16 peak"]
+    columns = ["batch", "plain img/s", "sdop eager img/s", "sdop compiled img/s", "sdop/plain", "sdop % of bf16 peak"]
     print(table(rows, columns))
+    ablation = [
+        {
+            "setting": factor,
+            "batch": r["batch"],
+            "img/s": r["images_per_s"],
+            "vs plain": r["images_per_s"] / plain[r["batch"]],
+        }
+        for factor, measured in results["ablation"].items()
+        for r in measured
+        if r["batch"] in plain
+    ]
+    if ablation:
+        print("\none setting at a time on plain diffusers:")
+        print(table(ablation, ["setting", "batch", "img/s", "vs plain"]))
     print(f"\nFLOPs per image: {results['flops_per_image'] / 1e12:.2f} TFLOP")
     for label, seconds in results["latency"].items():
         print(f"batch-1 latency at {args.latency_steps} steps, {label}: {seconds:.3f}s")
-    print(
-        f"best sdop (batch {best['batch']}) / plain batch 1 = {results['speedup_best_sdop_over_plain_batch1']:.2f}x"
-        f" (target >= 2x); / best plain = {results['speedup_best_sdop_over_best_plain']:.2f}x"
-    )
-    print(f"wrote {write(name, results)}")
-    return 0
+    if served:
+        print(
+            f"best sdop (batch {best['batch']}) / plain batch 1 = {results['speedup_best_sdop_over_plain_batch1']:.2f}x"
+            f" (target >= 2x); / best plain = {results['speedup_best_sdop_over_best_plain']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

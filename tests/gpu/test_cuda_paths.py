@@ -128,18 +128,40 @@ def test_out_of_memory_splits_a_step_and_a_decode_and_every_request_still_finish
         torch.cuda.empty_cache()
 
 
-def test_compiled_unet_gives_the_eager_images_within_tolerance():
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune-no-cudagraphs"])
+def test_compiled_unet_gives_the_eager_images_within_tolerance(mode):
+    """Request batching (Pipeline.run) and step batching (a StepBatcher warmed on its own
+    threads, forwards of changing batch sizes) through the compiled UNet; reduce-overhead
+    replays a CUDA graph per batch size."""
     key = BatchKey(64, 64, 6, 7.5, "default")
     eager = Pipeline(Settings(model="tiny", device="cuda", warmup=False))
     eager.load()
-    compiled = Pipeline(Settings(model="tiny", device="cuda", warmup=False, compile=True))
+    compiled = Pipeline(Settings(model="tiny", device="cuda", max_batch_size=4, compile=True, compile_mode=mode))
     compiled.load()
     a, b = Item("a fox", None, 2, 3), Item("a fox", None, 2, 3)
     eager.run(key, [a])
     compiled.run(key, [b])
     diff = np.abs(np.stack(arrays(a)) - np.stack(arrays(b)))
-    print(f"\ncompiled vs eager (tiny, fp16): mean |diff| {diff.mean():.4f}, max {diff.max()}")
+    print(f"\ncompiled ({mode}) vs eager (tiny, fp16): mean |diff| {diff.mean():.4f}, max {diff.max()}")
     assert diff.mean() <= 1.0
+
+    async def served() -> list[Item]:
+        batcher = StepBatcher(compiled, max_batch_size=4, queue_size=16, budget=4 * 64 * 64)
+        batcher.start()
+        try:
+            await batcher.load()  # the warm-up (every batch size) on the threads that serve
+            jobs = [batcher.submit(BatchKey(64, 64, s, g, "default"), Item("a fox", None, 1, 3)) for s, g in mix]
+            return list(await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), 240))
+        finally:
+            await batcher.stop()
+
+    mix = [(6, 7.5), (4, 3.0), (9, 9.0)]  # the running batch shrinks from 3 images to 1
+    first = asyncio.run(served())[0]
+    direct = Item("a fox", None, 1, 3)
+    eager.run(key, [direct])
+    diff = np.abs(arrays(first)[0] - arrays(direct)[0])
+    print(f"compiled ({mode}) step-batched in a mix vs eager alone: mean |diff| {diff.mean():.4f}, max {diff.max()}")
+    assert diff.mean() <= 1.0 and np.percentile(diff, 99) <= 8
 
 
 @pytest.mark.parametrize("kind", ["int8_weight_only", "int8_dynamic", "fp8"])

@@ -25,7 +25,8 @@ def test_gpu_pipeline_bench_smoke_on_cpu(tmp_path):
     out = bench(tmp_path, "bench/gpu_pipeline.py", "--smoke")
     assert "sdop/plain" in out
     result = json.loads((tmp_path / "gpu_pipeline_tiny_smoke_cpu.json").read_text())
-    assert [r["batch"] for r in result["sdop"]] == [1, 2] and result["flops_per_image"] > 0
+    assert [r["batch"] for r in result["sdop_eager"]] == [1, 2] and result["flops_per_image"] > 0
+    assert set(result["ablation"]) == {"cudnn.benchmark", "channels_last", "fused QKV"}
 
 
 def test_operator_scale_bench_small(tmp_path):

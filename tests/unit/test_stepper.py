@@ -63,6 +63,24 @@ async def test_a_request_gives_the_same_image_alone_or_in_any_mix(tiny):
     assert not np.array_equal(pixels(done[0])[0], pixels(alone)[0])
 
 
+@pytest.mark.parametrize("scheduler,negative", [("default", None), ("euler_a", "ugly"), ("dpmpp_2m", None)])
+async def test_step_batching_gives_the_image_request_batching_gives(tiny, scheduler, negative):
+    """Switching SDSERVE_BATCHING keeps every seed's image: the step path (denoise.begin/step/
+    finish) does what the diffusers pipeline call does. Not bit-identical: the forward is padded
+    to max_batch_size rows here, one image there."""
+    k = key(8, 7.5, scheduler)
+    requested = Item("a red fox", negative, 1, 42)
+    tiny.run(k, [requested])
+    (stepped,) = await run_all(
+        StepBatcher(tiny, max_batch_size=6, queue_size=16), [(k, Item("a red fox", negative, 1, 42))]
+    )
+    diff = np.abs(pixels(stepped)[0].astype(np.int16) - pixels(requested)[0].astype(np.int16))
+    assert diff.max() <= 2 and diff.mean() < 0.01, (diff.mean(), diff.max())
+    other = Item("a red fox", negative, 1, 43)
+    tiny.run(k, [other])
+    assert np.abs(pixels(other)[0].astype(np.int16) - pixels(requested)[0].astype(np.int16)).mean() > 1
+
+
 async def test_mixed_steps_guidance_and_schedulers_share_one_unet_forward(tiny):
     sum0, count0 = observed(metrics.BATCH_SIZE)
     jobs = [
