@@ -326,6 +326,10 @@ async def serve(batcher: Batcher | StepBatcher, jobs, drain: float) -> tuple[lis
     return records, wall
 
 
+COLUMNS = ["policy", "load", "offered req/s", "requests", "ok", "unfinished", "images/s", "p50 s", "p99 s"]
+COLUMNS += ["wait p50 s", "wait p99 s", "occupancy", "sustained"]
+
+
 def summarise(run: Run, slo: float) -> dict:
     recs = run.records
     ok = [r for r in recs if r.outcome == "ok"]
@@ -351,6 +355,19 @@ def summarise(run: Run, slo: float) -> dict:
         "wait p50 s": percentile(waits, 0.5) if waits else float("nan"),
         "wait p99 s": percentile(waits, 0.99) if waits else float("nan"),
         "occupancy": sum(run.forwards) / max(1, len(run.forwards)),
+        # Where the tail is: the slowest requests with their size, steps, images and wait.
+        "slowest": [
+            {
+                "size": f"{r.key.width}x{r.key.height}",
+                "steps": r.key.steps,
+                "images": r.n,
+                "wait s": round(((r.started or r.done or 0) - r.arrival), 3),
+                "latency s": round((r.done or 0) - r.arrival, 3),
+            }
+            for r in sorted(
+                (r for r in recs if r.outcome in ("ok", "unfinished")), key=lambda r: r.arrival - (r.done or 0)
+            )[:3]
+        ],
         "sustained": not unfinished and not any(r.outcome in ("rejected", "failed") for r in recs) and p99 <= slo,
     }
 
@@ -485,9 +502,7 @@ async def run_benchmark(args: argparse.Namespace, spec: dict) -> int:
         for b in batchers.values():
             await b.stop()
     print("\n" + label)
-    columns = ["policy", "load", "offered req/s", "requests", "ok", "unfinished", "images/s", "p50 s", "p99 s"]
-    columns += ["wait p50 s", "wait p99 s", "occupancy", "sustained"]
-    print(table(sorted(rows, key=lambda r: (r["load"], r["policy"])), columns))
+    print(table(sorted(rows, key=lambda r: (r["load"], r["policy"])), COLUMNS))
     return 0
 
 
@@ -539,7 +554,7 @@ async def compare(
         pipeline.reset()
         records, _ = await serve(batchers[policy], jobs, drain)
         rows.append(summarise(Run(policy, load, load * capacity, records, pipeline.forwards), slo))
-        print(table(rows[-1:], list(rows[-1])), flush=True)
+        print(table(rows[-1:], COLUMNS), "\nslowest:", rows[-1]["slowest"], flush=True)
         write(name, payload)  # a run cut short keeps the loads it finished
         return rows[-1]
 
