@@ -8,15 +8,18 @@ The event loop owns the schedule; the model runs in two threads:
 - the decode thread: the VAE decode (and content check) of a finished request
   (``pipeline.finish``), off the denoising loop, so the next step does not wait for it.
 
-Admission: the queue is served in arrival order. The running batch holds one latent shape
-(width x height); the oldest queued request joins at the next step boundary when its shape
-matches and it fits the budget (latent pixels summed over the running images, and
-``max_batch_size`` images). When the oldest request has another shape, nothing behind it
-is admitted: the batch drains and the next one takes its shape, so no request starves.
+Schedule, in arrival order across groups: requests stepped together must share a latent
+shape (width x height) and LoRA adapters, their group. At each step boundary the oldest
+request, running or queued, is the lead: its group takes the step. Queued requests of the
+lead's group join in arrival order while they fit the budget (latent pixels summed over the
+group's images, and ``max_batch_size`` images); a queued request of another group is passed
+over, and the younger requests that passed it are paused (kept, not stepped) once it is the
+oldest. So no request waits for a younger one, and a request queued behind another shape
+still joins the running batch instead of waiting for that shape's whole run.
 A request whose client leaves (or whose time runs out) is dropped at the next step,
-running or not. An out-of-memory step is split (``pipeline.step``); an image that does not
-fit alone fails its request with OutOfMemory and the budget shrinks to what fit.
-Edits (image-to-image, inpainting) are not stepped: one runs whole once the batch drained.
+running, paused or queued. An out-of-memory step is split (``pipeline.step``); an image
+that does not fit alone fails its request with OutOfMemory and the budget shrinks to what
+fit. Edits (image-to-image, inpainting) are not stepped: one runs whole when it is the lead.
 """
 
 from __future__ import annotations
@@ -82,44 +85,49 @@ class StepBatcher(QueueBase):
         await loop.run_in_executor(self._decoder, self.pipeline.finish, states)
 
     # ---- the schedule -------------------------------------------------------------------
-    def _cost(self) -> int:
-        return sum(latent_pixels(r.job.key) * len(r.states) for r in self._running)
-
-    def _images(self) -> int:
-        return sum(len(r.states) for r in self._running)
-
-    def _next_admissible(self) -> Job | None:
-        """The oldest queued request, when it can join the running batch now."""
-        while self._pending and self._pending[0].cancelled:
-            self._pending.popleft()
-        if not self._pending:
-            return None
-        job = self._pending[0]
-        if self._running and job.key.task != "generate":
-            return None  # an edit runs whole (not step by step): the batch drains first
-        if self._running and self._shape(job) != self._shape(self._running[0].job):
-            return None  # another shape: the batch drains first (arrival order, no starvation)
-        if self._running and (
-            self._cost() + latent_pixels(job.key) * job.item.n > self.budget
-            or self._images() + job.item.n > self.max_batch_size
-        ):
-            return None
-        return job
-
     @staticmethod
     def _shape(job: Job) -> tuple[Any, ...]:
         """What requests stepped together must share: the latent size and the LoRA adapters."""
         return job.key.width, job.key.height, job.key.loras
 
-    async def _admit(self, loop: asyncio.AbstractEventLoop) -> None:
-        while (job := self._next_admissible()) is not None:
+    def _lead(self) -> Job | None:
+        """The oldest request, running or queued: its group takes the next step."""
+        while self._pending and self._pending[0].cancelled:
             self._pending.popleft()
-            metrics.QUEUE_DEPTH.set(len(self._pending))
-            job.started = time.monotonic()
-            metrics.QUEUE_WAIT.observe(job.started - job.enqueued)
-            if job.key.task != "generate":
-                await self._run_whole(loop, job)
+        head = self._pending[0] if self._pending else None
+        running = min((r.job for r in self._running), key=lambda j: j.enqueued, default=None)
+        if running is None or (head is not None and head.enqueued < running.enqueued):
+            return head
+        return running
+
+    def _group(self, lead: Job) -> list[Running]:
+        shape = self._shape(lead)
+        return [r for r in self._running if self._shape(r.job) == shape]
+
+    @staticmethod
+    def _cost(group: list[Running]) -> int:
+        return sum(latent_pixels(r.job.key) * len(r.states) for r in group)
+
+    def _joining(self, lead: Job) -> list[Job]:
+        """Queued requests that join the lead's group at this step boundary, in arrival order."""
+        group = self._group(lead)
+        cost, images = self._cost(group), sum(len(r.states) for r in group)
+        out: list[Job] = []
+        for job in self._pending:
+            if job.cancelled or job.key.task != "generate" or self._shape(job) != self._shape(lead):
+                continue  # another group: it steps when it is the oldest
+            pixels = latent_pixels(job.key) * job.item.n
+            if (group or out) and (cost + pixels > self.budget or images + job.item.n > self.max_batch_size):
+                break  # arrival order within the group: nobody younger overtakes it
+            out.append(job)
+            cost, images = cost + pixels, images + job.item.n
+        return out
+
+    async def _admit(self, loop: asyncio.AbstractEventLoop, lead: Job) -> None:
+        for job in self._joining(lead):
+            if job.cancelled:  # its client left while an earlier one was admitted
                 continue
+            self._start(job)
             try:
                 states = await loop.run_in_executor(self._worker, self.pipeline.begin, job.key, job.item)
             except Exception as e:
@@ -129,9 +137,16 @@ class StepBatcher(QueueBase):
                 continue
             self._running.append(Running(job, states))
 
+    def _start(self, job: Job) -> None:
+        """Take a job out of the queue (by identity: jobs compare by value)."""
+        del self._pending[next(i for i, j in enumerate(self._pending) if j is job)]
+        metrics.QUEUE_DEPTH.set(len(self._pending))
+        job.started = time.monotonic()
+        metrics.QUEUE_WAIT.observe(job.started - job.enqueued)
+
     async def _run_whole(self, loop: asyncio.AbstractEventLoop, job: Job) -> None:
-        """An edit (image-to-image, inpainting) runs as one pipeline call between steps, with
-        the batch drained: edits are not step-batched yet."""
+        """An edit (image-to-image, inpainting) runs as one pipeline call between steps while
+        the younger running requests wait: edits are not step-batched yet."""
         metrics.BATCH_SIZE.observe(job.item.n)
         try:
             await loop.run_in_executor(self._worker, self.pipeline.run, job.key, [job.item])
@@ -154,19 +169,24 @@ class StepBatcher(QueueBase):
         loop = asyncio.get_running_loop()
         while True:
             self._drop_gone()
-            if not self._running and not any(not j.cancelled for j in self._pending):
+            lead = self._lead()
+            if lead is None:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            await self._admit(loop)
+            if lead.started is None and lead.key.task != "generate":
+                self._start(lead)  # an edit runs whole when it is the oldest
+                await self._run_whole(loop, lead)
+                continue
+            await self._admit(loop, lead)
             self._drop_gone()
-            if not self._running:
+            group = self._group(lead)
+            if not group:
                 continue
             metrics.INFLIGHT.set(self.inflight)
-            await self._step(loop)
+            await self._step(loop, group)
 
-    async def _step(self, loop: asyncio.AbstractEventLoop) -> None:
-        batch = list(self._running)
+    async def _step(self, loop: asyncio.AbstractEventLoop, batch: list[Running]) -> None:
         states = [s for r in batch for s in r.states]
         metrics.BATCH_SIZE.observe(len(states))
         t0 = time.perf_counter()
@@ -204,7 +224,7 @@ class StepBatcher(QueueBase):
                 if not r.job.future.done():
                     r.job.future.set_exception(e)
                 self._running.remove(r)
-        fits = max(LATENT_512 // 4, self._cost())
+        fits = max(LATENT_512 // 4, self._cost([r for r in batch if r in self._running]))
         if fits < self.budget:
             log.warning("out of memory: step budget %d -> %d latent pixels", self.budget, fits)
             self.budget = fits

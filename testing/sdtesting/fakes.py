@@ -33,6 +33,7 @@ class FakePipeline:
         self.calls: list[tuple[BatchKey, int]] = []  # (key, images) per call, for assertions
         self.steps: list[int] = []  # step batching: images per step
         self.step_keys: list[list[BatchKey]] = []  # and their keys
+        self.step_prompts: list[list[str]] = []  # and their prompts
         self.warmup = warmup or []
         #: (method, prompt, thread name) of every call: which thread did what.
         self.threads: list[tuple[str, str, str]] = []
@@ -75,6 +76,7 @@ class FakePipeline:
         with self._lock:
             self.steps.append(len(states))
             self.step_keys.append([s[0] for s in states])
+            self.step_prompts.append([s[1] for s in states])
         if self.oom_prompt is not None and any(s[1] == self.oom_prompt for s in states):
             raise OutOfMemory(f"out of memory for one {states[0][0].width}x{states[0][0].height} image")
         if self.seconds_per_call:

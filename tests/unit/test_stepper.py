@@ -96,7 +96,10 @@ async def test_mixed_steps_guidance_and_schedulers_share_one_unet_forward(tiny):
     assert steps == 5 and images == 4 * 3 + 3 + 2, (images, steps)
 
 
-async def test_requests_join_at_step_boundaries_in_arrival_order_within_the_budget():
+async def test_requests_step_in_arrival_order_across_shapes_within_the_budget():
+    """The oldest request's group takes each step. A younger request passes a queued one of
+    another shape into free budget, and is paused (kept, not stepped) while that one, older,
+    takes its steps; nobody waits for a younger request."""
     fake = FakePipeline(seconds_per_call=0.05)
     # Budget: two 64x64 images (64 latent pixels each).
     batcher = StepBatcher(fake, max_batch_size=8, queue_size=16, budget=2 * 64)
@@ -104,17 +107,11 @@ async def test_requests_join_at_step_boundaries_in_arrival_order_within_the_budg
         (key(4), Item("a", None, 1, 1)),
         (key(4), Item("b", None, 1, 2)),
         (key(4), Item("c", None, 1, 3)),  # waits for a slot
-        (key(4, side=128), Item("big", None, 1, 4)),  # another shape: waits for the batch to drain
-        (key(4), Item("d", None, 1, 5)),  # arrives after "big": must not overtake it
+        (key(4, side=128), Item("big", None, 1, 4)),  # another shape: waits for a, b and c, which are older
+        (key(8), Item("d", None, 1, 5)),  # younger than big: takes the slot beside c, pauses for big
     ]
     await run_all(batcher, jobs)
-    prompts_per_step = [[k.width for k in ks] for ks in fake.step_keys]
-    assert max(len(s) for s in prompts_per_step) == 2  # the budget held
-    first_big = next(i for i, s in enumerate(prompts_per_step) if 128 in s)
-    last_small_before = max(i for i, s in enumerate(prompts_per_step[:first_big]) if 64 in s)
-    assert all(s == [128] for s in prompts_per_step[first_big : first_big + 4])  # alone, in its own shape
-    assert last_small_before < first_big
-    assert prompts_per_step[-1] == [64]  # "d" ran after "big"
+    assert fake.step_prompts == [["a", "b"]] * 4 + [["c", "d"]] * 4 + [["big"]] * 4 + [["d"]] * 4
 
 
 async def test_cancelling_a_running_request_frees_its_slot_at_the_next_step():
