@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one go, for a machine with one CUDA GPU and no network:
 #
-#     bash bench/gpu.sh [part ...]      parts: tests quant sd15 sd15c sched sdxl (default: all, in this order)
+#     bash bench/gpu.sh [part ...]      parts: tests quant sd15 sd15c overhead sched sdxl (default: all, in this order)
 #
 # With a short lease, run `sched sd15 tests` first: sched places the served-vs-direct gap
 # (cuDNN's per-thread tuning, bench/README.md), sd15 says which of sdserve's eager settings pay
@@ -35,7 +35,7 @@ part() {  # name, seconds, command...
 }
 
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(tests quant sd15 sd15c sched sdxl)
+[ ${#parts[@]} -eq 0 ] && parts=(tests quant sd15 sd15c overhead sched sdxl)
 for p in "${parts[@]}"; do
   case $p in
     tests) part tests 300 $PY -m pytest -q -s -p no:cacheprovider --run-gpu --timeout 240 tests/gpu ;;
@@ -44,6 +44,7 @@ for p in "${parts[@]}"; do
       --parts plain,ablate,eager ;;
     sd15c) part sd15c 300 $PY bench/gpu_pipeline.py --arch sd15 --batches 1,8 --warmup 1 --repeats 2 \
       --parts compiled --compile-mode reduce-overhead --name gpu_pipeline_sd15_compiled ;;
+    overhead) part overhead 60 $PY bench/step_overhead.py --arch sd15 --device cuda ;;
     sched) part sched 240 $PY bench/scheduling.py --arch sd15 --device cuda --loads 0.8,1.2,1.6 --duration 20 ;;
     sdxl) part sdxl 120 $PY bench/gpu_pipeline.py --arch sdxl --size 1024 --batches 1,4 --warmup 1 --repeats 2 \
       --parts plain,eager ;;

@@ -52,3 +52,11 @@ def test_quantization_bench_runs_on_the_tiny_model(tmp_path):
     assert [r["kind"] for r in rows] == ["none", "int8_weight_only"]
     assert not any("error" in r for r in rows), rows
     assert rows[0]["PSNR dB"] == float("inf") and rows[1]["PSNR dB"] > 20
+
+
+def test_step_overhead_bench_splits_a_step_into_the_unet_and_the_rest(tmp_path):
+    bench(tmp_path, "bench/step_overhead.py", "--batches", "1,2", "--repeats", "2")
+    rows = json.loads((tmp_path / "step_overhead_tiny_cpu.json").read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert 0 < r["rest ms (host)"] < r["UNet call ms (host)"] <= r["step ms"] * 1.01, r
