@@ -132,6 +132,27 @@ async def test_cancelling_a_running_request_frees_its_slot_at_the_next_step():
         await batcher.stop()
 
 
+async def test_a_paused_request_whose_client_leaves_is_dropped_without_another_step():
+    fake = FakePipeline(seconds_per_call=0.4)  # 8 steps of 50 ms
+    batcher = StepBatcher(fake, max_batch_size=8, queue_size=8, budget=2 * 64)
+    batcher.start()
+    try:
+        first = batcher.submit(key(4), Item("a", None, 1, 1))
+        big = batcher.submit(key(8, side=128), Item("big", None, 1, 2))
+        late = batcher.submit(key(8), Item("late", None, 1, 3))  # joins "a", pauses for "big"
+        while ["big"] not in fake.step_prompts:  # noqa: ASYNC110 - the fake records steps on the worker thread
+            await asyncio.sleep(0.01)
+        assert late.started is not None and not late.future.done()  # admitted, paused
+        cancel(late, "client_disconnected")
+        await asyncio.wait_for(asyncio.gather(first.future, big.future), 10)
+        while not batcher.idle:  # noqa: ASYNC110 - idle changes on the worker and decode threads
+            await asyncio.sleep(0.01)
+        assert late.future.cancelled()
+        assert fake.step_prompts == [["a", "late"]] * 4 + [["big"]] * 8  # "late" never stepped again
+    finally:
+        await batcher.stop()
+
+
 async def test_a_request_that_does_not_fit_fails_alone_and_the_budget_shrinks():
     fake = FakePipeline(oom_prompt="huge")
     batcher = StepBatcher(fake, max_batch_size=4, queue_size=8)
