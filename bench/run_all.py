@@ -27,11 +27,13 @@ def main() -> int:
         codes.append(run(str(HERE / "gpu_pipeline.py"), "--arch", "sdxl", "--size", "1024", "--batches", "1,2,4,8"))
         codes.append(run(str(HERE / "scheduling.py"), "--arch", "sd15", "--device", "cuda"))
         codes.append(run(str(HERE / "quantization.py"), "--arch", "sd15", "--device", "cuda"))
+        codes.append(run(str(HERE / "step_overhead.py"), "--arch", "sd15", "--device", "cuda"))
     else:
         print("\nno CUDA GPU here: gpu_pipeline.py runs its CPU smoke check only", flush=True)
         codes.append(run(str(HERE / "gpu_pipeline.py"), "--smoke"))
         codes.append(run(str(HERE / "scheduling.py"), "--max-batch", "4", "--loads", "0.2,0.35,0.5,0.7"))
         codes.append(run(str(HERE / "quantization.py")))
+        codes.append(run(str(HERE / "step_overhead.py")))
     measured = HERE / "results" / "scheduling_sd15_cuda.json"
     if measured.exists():  # the policies on the GPU's measured cost curve (a simulation, labelled so)
         codes.append(run(str(HERE / "scheduling.py"), "--pipeline", "sim", "--cost", str(measured)))
