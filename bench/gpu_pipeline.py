@@ -83,8 +83,9 @@ def build(arch: str, device: str, dtype):
     return pipe
 
 
-def sdserve_pipeline(arch: str, device: str, **settings):
-    """sdserve's own Pipeline (its optimisations, batching entry points) on the tiny model or an
+def sdserve_pipeline(arch: str, device: str, pipe=None, **settings):
+    """sdserve's own Pipeline (its optimisations, batching entry points) serving ``pipe`` when
+    given (its optimisations are applied to it, in place), else the tiny model or an
     architecture from configs/ with random weights."""
     import torch
 
@@ -99,7 +100,9 @@ def sdserve_pipeline(arch: str, device: str, **settings):
             **settings,
         )
     )
-    if arch == "tiny":
+    if pipe is not None:
+        p.use(pipe)
+    elif arch == "tiny":
         p.load()  # build_tiny_pipeline seeds its weights
     else:
         p.use(build(arch, device, torch.float16 if device.startswith("cuda") else torch.float32))
@@ -156,25 +159,6 @@ def measure(gen, batch: int, args, steps: int | None = None) -> dict:
         times.append(time.perf_counter() - t0)
     best = min(times)
     return {"batch": batch, "seconds_per_call": best, "images_per_s": batch / best}
-
-
-def server_pipeline(pipe, arch: str, device: str, max_batch: int, **settings):
-    """sdserve's Pipeline serving ``pipe``: its ``_optimise`` is applied to it (in place)."""
-    from sdserve.pipeline import Pipeline
-    from sdserve.settings import Settings
-
-    p = Pipeline(
-        Settings(
-            model=f"random-weights:{arch}",
-            pipeline="sdxl" if arch == "sdxl" else "sd",
-            device=device,
-            max_batch_size=max_batch,
-            warmup=False,
-            **settings,
-        )
-    )
-    p.use(pipe)
-    return p
 
 
 def ablations(pipe) -> dict:
@@ -289,9 +273,18 @@ def main() -> int:
                 undo()
     max_batch = max(batches + compiled_batches)
     if "eager" in parts:
-        phase("sdop_eager", served_call(server_pipeline(pipe, args.arch, args.device, max_batch)), batches)
+        served = sdserve_pipeline(args.arch, args.device, pipe, max_batch_size=max_batch, warmup=False)
+        phase("sdop_eager", served_call(served), batches)
     if "compiled" in parts and args.compile_mode != "none":
-        served = server_pipeline(pipe, args.arch, args.device, max_batch, compile=True, compile_mode=args.compile_mode)
+        served = sdserve_pipeline(
+            args.arch,
+            args.device,
+            pipe,
+            max_batch_size=max_batch,
+            warmup=False,
+            compile=True,
+            compile_mode=args.compile_mode,
+        )
         try:
             phase("sdop_compiled", served_call(served), compiled_batches)
         except Exception as e:  # noqa: BLE001 - a compile failure is a result too; the eager figures stand

@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import table, write
-from gpu_pipeline import sdserve_pipeline
+from gpu_pipeline import sdserve_pipeline, sync
 
 from sdserve.work import BatchKey, Item
 
@@ -30,13 +30,6 @@ from sdserve.work import BatchKey, Item
 def pipeline(arch: str, device: str, kind: str, batch: int):
     # step_pad off: measure the batch asked for, also on the CPU
     return sdserve_pipeline(arch, device, quantization=kind, max_batch_size=batch, step_pad="off")
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
 
 
 def step_seconds(p, key: BatchKey, batch: int, device: str) -> float:

@@ -39,7 +39,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import percentile, table, write
-from gpu_pipeline import sdserve_pipeline
+from gpu_pipeline import sdserve_pipeline, sync
 
 from sdserve.queue import Batcher, QueueFull, cancel
 from sdserve.stepper import StepBatcher
@@ -214,13 +214,6 @@ def real_pipeline(arch: str, device: str, max_batch: int, mix: Mix):
     )
 
 
-def sync(pipeline: Any) -> None:
-    if str(getattr(pipeline, "device", "")).startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
-
-
 def measure_cost(pipeline: Any, mix: Mix, max_batch: int, source: str) -> dict:
     """Seconds per UNet step at 1..max_batch images of the default size (and 1 and 2 of the
     large size), the decode and the text encode: the curve --pipeline sim replays. Run on the
@@ -233,21 +226,21 @@ def measure_cost(pipeline: Any, mix: Mix, max_batch: int, source: str) -> dict:
         key = BatchKey(side, side, 8, 7.5, "default")
         t0 = time.perf_counter()
         states = [s for i in range(b) for s in pipeline.begin(key, Item("cost", None, 1, i))]
-        sync(pipeline)
+        sync(str(pipeline.device))
         t1 = time.perf_counter()
         for _ in range(3):
             pipeline.step(states)
-        sync(pipeline)
+        sync(str(pipeline.device))
         t2 = time.perf_counter()
         if side == mix.side and b == 1:
             encode = t1 - t0
             while not pipeline.finished(states[0]):
                 pipeline.step(states)
             pipeline.finish(states)  # once to warm this thread's decode kernels, then timed
-            sync(pipeline)
+            sync(str(pipeline.device))
             t3 = time.perf_counter()
             pipeline.finish(states)
-            sync(pipeline)
+            sync(str(pipeline.device))
             decode = time.perf_counter() - t3
         points.append([(side // 8) ** 2 * b, (t2 - t1) / 3])
     return {"source": source, "points": points, "decode_seconds": decode, "encode_seconds": encode}
@@ -421,7 +414,7 @@ def direct_latency(pipeline: Any, mix: Mix) -> dict:
     def once() -> float:
         t0 = time.perf_counter()
         pipeline.run(key, [Item("direct", None, 1, 0)])
-        sync(pipeline)
+        sync(str(pipeline.device))
         return time.perf_counter() - t0
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
