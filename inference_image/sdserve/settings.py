@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .schedulers import SchedulerName
+from .schemas import parse_size
 
 
 class LoraSetting(BaseModel):
@@ -161,12 +162,13 @@ class Settings(BaseSettings):
 
     @property
     def warmup_list(self) -> list[tuple[int, int]]:
-        return [_size(z) for z in self.warmup_sizes.split(",") if z]
+        return [size for z in self.warmup_sizes.split(",") if (size := parse_size(z))]
 
     @property
     def default_width_height(self) -> tuple[int, int]:
-        if self.default_size != "auto":
-            return _size(self.default_size)
+        size = parse_size(self.default_size)  # None for "auto"
+        if size:
+            return size
         side = 1024 if self.pipeline == "sdxl" else 512
         return max(self.min_side, min(side, self.max_width)), max(self.min_side, min(side, self.max_height))
 
@@ -178,11 +180,6 @@ class Settings(BaseSettings):
     @property
     def jwt_algorithm_list(self) -> list[str]:
         return [a.strip() for a in self.jwt_algorithms.split(",") if a.strip()]
-
-
-def _size(text: str) -> tuple[int, int]:
-    w, h = text.split("x")
-    return int(w), int(h)
 
 
 def env_names() -> set[str]:
