@@ -40,14 +40,27 @@ async def reconcile(
     memo: Memo,
     body: dict[str, Any],
     trigger: str,
-    work: Callable[[Reconciler], Awaitable[Report]],
+    work: Callable[[Reconciler, dict[str, Any]], Awaitable[Report]],
     retry: int = 0,
+    *,
+    reread: bool = False,
 ) -> Report:
-    """Run one convergence step for the service in ``body``: the wrapper every trigger uses."""
-    async with memo.slots:
+    """Run one convergence step for the service in ``body``: the wrapper every trigger uses.
+
+    Reconciles of one service never overlap (``Memo.lock``). A trigger whose body may be older
+    than a spec change another handler already applied and pruned for (the resync's list, a
+    Deployment event's owner) passes ``reread``: the service is read again once its lock is
+    held, so that an old spec cannot put back what the change removed, which no later prune
+    would take out."""
+    async with memo.lock(body["metadata"]["uid"]), memo.slots:
         with metrics.RECONCILE_SECONDS.time():
             try:
-                report = await work(memo.reconciler)
+                if reread:
+                    current = await memo.reconciler.current(body)
+                    if current is None:
+                        return Report()  # deleted, or being deleted: its children go by garbage collection
+                    body = current
+                report = await work(memo.reconciler, body)
             except RetryLater as e:
                 metrics.RECONCILES.labels(trigger, "error").inc()
                 raise kopf.TemporaryError(str(e), delay=retry_delay(retry)) from e
@@ -70,14 +83,16 @@ async def reconcile(
 async def changed(body: kopf.Body, reason: str, memo: Memo, retry: int, **_: Any) -> None:
     """Created, updated, or found on start-up: converge and prune what the spec no longer asks for."""
     cr = dict(body)
-    await reconcile(memo, cr, str(reason), lambda r: r.converge(cr, prune=True), retry=retry)
+    await reconcile(memo, cr, str(reason), lambda r, cr: r.converge(cr, prune=True), retry=retry)
 
 
 async def resync_forever(memo: Memo, logger: logging.Logger) -> None:
     """Drift repair for every service, every ``resync_seconds``: a child edited or deleted by
     someone else is put back; a no-op makes no writes.
 
-    One list call per interval (per watched namespace), not a kopf timer per object: a kopf
+    One list call per interval (per watched namespace), then one read of each service once
+    its lock is held (``reconcile``'s ``reread``: the list may predate a spec change that
+    another handler has applied since). Not a kopf timer per object: a kopf
     timer makes kopf put a finalizer on every StableDiffusionService, so deleting one (or
     its namespace) would hang once the operator is uninstalled. Pruning follows spec
     changes, which the create/update/resume handlers see.
@@ -103,7 +118,7 @@ async def resync_forever(memo: Memo, logger: logging.Logger) -> None:
 
         async def one(cr: dict[str, Any]) -> None:
             try:
-                await reconcile(memo, cr, "resync", lambda r: r.converge(cr, prune=False))
+                await resync_service(memo, cr)
             except kopf.TemporaryError as e:
                 logger.warning("resync of %s/%s: %s", cr["metadata"]["namespace"], cr["metadata"]["name"], e)
             except Exception:
@@ -113,6 +128,11 @@ async def resync_forever(memo: Memo, logger: logging.Logger) -> None:
         logger.debug("resync: %d services checked", len(items))
 
 
+async def resync_service(memo: Memo, cr: dict[str, Any]) -> Report:
+    """One service's drift repair: converge without pruning, on the service as it is now."""
+    return await reconcile(memo, cr, "resync", lambda r, cr: r.converge(cr, prune=False), reread=True)
+
+
 async def start_resync(memo: Memo, **_: Any) -> None:
     memo.resync_task = asyncio.create_task(resync_forever(memo, logging.getLogger("sdop.resync")))
 
@@ -120,14 +140,14 @@ async def start_resync(memo: Memo, **_: Any) -> None:
 async def deployment_event(event: kopf.RawEvent, body: kopf.Body, memo: Memo, logger: kopf.Logger, **_: Any) -> None:
     """Follow the serving Deployment: replicas into status at once; put it back if deleted or edited."""
     dep = dict(body)
+    owner = memo.reconciler.owner_of(dep)
+    if owner is None:
+        return
     try:
-        cr = await memo.reconciler.owner_of(dep)
-        if cr is None:
-            return
         if event.get("type") == "DELETED":
-            await reconcile(memo, cr, "deployment", lambda r: r.converge(cr, prune=False))
+            await reconcile(memo, owner, "deployment", lambda r, cr: r.converge(cr, prune=False), reread=True)
         else:
-            await reconcile(memo, cr, "deployment", lambda r: r.follow_deployment(cr, dep))
+            await reconcile(memo, owner, "deployment", lambda r, cr: r.follow_deployment(cr, dep), reread=True)
     except (RetryLater, kopf.TemporaryError) as e:
         # Event handlers are not retried by kopf; the resync timer is the retry.
         logger.warning("after a Deployment %s event: %s (the resync timer retries)", event.get("type"), e)

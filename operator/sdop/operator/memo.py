@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 from ..reconcile.discovery import Discovery
 from ..reconcile.kube import Kube
@@ -25,6 +26,15 @@ class Memo:
     slots: asyncio.Semaphore
     #: The resync loop (``handlers.resync_forever``), started at start-up, cancelled at cleanup.
     resync_task: asyncio.Task[None] | None = None
+    #: One lock per service (by uid), so that its reconciles never overlap; a lock nobody
+    #: holds or waits for is dropped.
+    locks: weakref.WeakValueDictionary[str, asyncio.Lock] = field(default_factory=weakref.WeakValueDictionary)
+
+    def lock(self, uid: str) -> asyncio.Lock:
+        lock = self.locks.get(uid)
+        if lock is None:
+            lock = self.locks[uid] = asyncio.Lock()
+        return lock
 
     @classmethod
     def build(cls, settings: OperatorSettings, kube: Kube | None = None) -> Memo:

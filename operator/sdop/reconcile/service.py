@@ -148,16 +148,25 @@ class Reconciler:
         await self._write_status(body, previous, new, report)
         return report
 
-    async def owner_of(self, child: dict[str, Any]) -> dict[str, Any] | None:
-        """The live StableDiffusionService that controls a child, if it still exists and is not going away."""
+    @staticmethod
+    def owner_of(child: dict[str, Any]) -> dict[str, Any] | None:
+        """The StableDiffusionService that controls a child, as a reference (apiVersion, kind,
+        namespace, name, uid): ``current`` reads it."""
         meta = child.get("metadata", {})
         owner = next(
             (r for r in meta.get("ownerReferences") or [] if r.get("kind") == KIND and r.get("controller")), None
         )
         if owner is None:
             return None
-        cr = await self._read(API_VERSION, KIND, meta["namespace"], owner["name"])
-        if cr is None or cr["metadata"].get("uid") != owner.get("uid") or cr["metadata"].get("deletionTimestamp"):
+        ref_meta = {"namespace": meta["namespace"], "name": owner["name"], "uid": owner.get("uid")}
+        return {"apiVersion": API_VERSION, "kind": KIND, "metadata": ref_meta}
+
+    async def current(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The service as the API server holds it now, if it is still the same object (same
+        uid) and not going away."""
+        meta = body["metadata"]
+        cr = await self._read(API_VERSION, KIND, meta["namespace"], meta["name"])
+        if cr is None or cr["metadata"].get("uid") != meta.get("uid") or cr["metadata"].get("deletionTimestamp"):
             return None
         return cr
 
