@@ -16,6 +16,10 @@ kernels on one GPU do. The curve comes from --cost FILE (the ``step_cost`` a rea
 e.g. results/scheduling_sd15_cuda.json) or, without one, from a built-in assumption that is
 labelled as such in the output. Simulation results are named ``scheduling_sim*``.
 
+--clients 4,8,16 runs a closed loop instead (each client sends its next request when the last
+returns): each policy's capacity and occupancy on the mix at saturation, which an open loop
+below the policies' capacity cannot show (at low load there is little to batch).
+
 Per policy and load: throughput (images/s), p50/p99 latency, queue wait (arrival to first
 denoising work) and mean batch occupancy (images per UNet forward, over forwards). A load is
 sustained when every accepted request finished and the p99 latency is within the SLO (--slo,
@@ -74,19 +78,24 @@ def mixes(arch: str, defaults: float = 0.5) -> Mix:
     return Mix(side=1024 if arch == "sdxl" else 512, steps=(20, 30, 50), default_steps=30, defaults=defaults)
 
 
+def draw(mix: Mix, rng: random.Random, index: int) -> tuple[BatchKey, Item]:
+    """One request of the mix."""
+    if rng.random() < mix.defaults:  # the server's defaults
+        key = BatchKey(mix.side, mix.side, mix.default_steps, 7.5, "default")
+    else:
+        side = mix.side if rng.random() < 0.8 else mix.side * 3 // 2
+        key = BatchKey(side, side, rng.choice(mix.steps), rng.choice([3.5, 5.0, 7.5, 9.0]), rng.choice(SCHEDULERS))
+    n = 2 if rng.random() < 0.15 else 1
+    return key, Item(f"prompt {index}", None, n, rng.randrange(2**31))
+
+
 def workload(mix: Mix, rate: float, duration: float, seed: int) -> list[tuple[float, BatchKey, Item]]:
     """Poisson arrivals at ``rate`` requests/s for ``duration`` seconds."""
     rng = random.Random(seed)
     out = []
     t = rng.expovariate(rate)
     while t < duration:
-        if rng.random() < mix.defaults:  # the server's defaults
-            key = BatchKey(mix.side, mix.side, mix.default_steps, 7.5, "default")
-        else:
-            side = mix.side if rng.random() < 0.8 else mix.side * 3 // 2
-            key = BatchKey(side, side, rng.choice(mix.steps), rng.choice([3.5, 5.0, 7.5, 9.0]), rng.choice(SCHEDULERS))
-        n = 2 if rng.random() < 0.15 else 1
-        out.append((t, key, Item(f"prompt {len(out)}", None, n, rng.randrange(2**31))))
+        out.append((t, *draw(mix, rng, len(out))))
         t += rng.expovariate(rate)
     return out
 
@@ -319,6 +328,71 @@ async def serve(batcher: Batcher | StepBatcher, jobs, drain: float) -> tuple[lis
     return records, wall
 
 
+async def saturate(
+    batcher: Batcher | StepBatcher, pipeline: Recorder, mix: Mix, clients: int, duration: float, seed: int
+) -> dict:
+    """Closed loop: ``clients`` clients each send their next request of the mix as soon as the
+    last one returns, for ``duration`` seconds. Throughput and occupancy count the window only
+    (the requests still running at its end finish, outside it): the policy's capacity on
+    this mix with ``clients`` requests in the system."""
+    pipeline.reset()
+    t0 = time.monotonic()
+    records: list[Record] = []
+
+    async def client(c: int) -> None:
+        rng = random.Random(seed * 1000 + c)
+        while time.monotonic() - t0 < duration:
+            key, item = draw(mix, rng, len(records))
+            rec = Record(key, item.n, time.monotonic())
+            records.append(rec)
+            rec.job = batcher.submit(key, item)
+            await rec.job.future
+            rec.outcome, rec.done = "ok", time.monotonic()
+
+    tasks = [asyncio.ensure_future(client(c)) for c in range(clients)]
+    await asyncio.sleep(duration)
+    forwards = list(pipeline.forwards)
+    images = sum(r.n for r in records if r.done is not None and r.done - t0 <= duration)
+    await asyncio.gather(*tasks)
+    lat = sorted(r.done - r.arrival for r in records if r.done is not None)
+    return {
+        "clients": clients,
+        "requests": len(records),
+        "images/s": images / duration,
+        "p50 s": percentile(lat, 0.5),
+        "p99 s": percentile(lat, 0.99),
+        "occupancy": sum(forwards) / max(1, len(forwards)),
+    }
+
+
+SATURATION_COLUMNS = ["policy", "clients", "requests", "images/s", "p50 s", "p99 s", "occupancy"]
+
+
+async def saturation(args, mix: Mix, label: str, pipeline: Recorder, batchers, cost_spec) -> list[dict]:
+    """Each policy at each client count (--clients) on the same per-client request streams."""
+    name = (args.name or f"scheduling_saturation_{'sim' if args.pipeline == 'sim' else args.arch}") + (
+        f"_{args.device.split(':')[0]}" if args.pipeline == "real" else ""
+    )
+    rows: list[dict] = []
+    payload = {"settings": vars(args), "what": label, "step_cost": cost_spec, "runs": rows}
+    print(label, flush=True)
+    for clients in [int(c) for c in args.clients.split(",")]:
+        for policy in args.policies.split(","):
+            rows.append(
+                {"policy": policy} | await saturate(batchers[policy], pipeline, mix, clients, args.duration, args.seed)
+            )
+            print(table(rows[-1:], SATURATION_COLUMNS), flush=True)
+            write(name, payload)
+    for clients in {r["clients"] for r in rows}:
+        pair = {r["policy"]: r for r in rows if r["clients"] == clients}
+        if len(pair) == 2:
+            for k in ("images/s", "occupancy"):
+                pair["step"][f"{k} step/request"] = pair["step"][k] / max(1e-9, pair["request"][k])
+    print(table(rows, SATURATION_COLUMNS + ["images/s step/request", "occupancy step/request"]))
+    print(f"wrote {write(name, payload)}")
+    return rows
+
+
 COLUMNS = ["policy", "load", "offered req/s", "requests", "ok", "unfinished", "images/s", "p50 s", "p99 s"]
 COLUMNS += ["wait p50 s", "wait p99 s", "occupancy", "sustained"]
 
@@ -454,6 +528,10 @@ def main() -> int:
     ap.add_argument(
         "--refine", type=int, default=0, help="bisection runs to place the load at which request breaks the SLO"
     )
+    ap.add_argument(
+        "--clients",
+        help="closed loop instead of --loads: this many clients each keep one request in flight (comma-separated)",
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--name", help="result file name (default from pipeline/arch/device)")
     args = ap.parse_args()
@@ -490,6 +568,9 @@ async def run_benchmark(args: argparse.Namespace, spec: dict) -> int:
         else:
             source = f"{args.arch} on {args.device}"
             cost_spec = await batchers["step"].on_worker(measure_cost, inner, mix, args.max_batch, source)
+        if args.clients:
+            await saturation(args, mix, label, pipeline, batchers, cost_spec)
+            return 0
         rows = await compare(args, mix, loads, policies, label, pipeline, batchers, cost_spec)
     finally:
         for b in batchers.values():

@@ -46,6 +46,26 @@ def test_scheduling_bench_compares_both_policies_on_a_simulated_cost_curve(tmp_p
     assert "max sustained load (step)" in result["summary"]
 
 
+def test_scheduling_bench_saturates_both_policies_with_closed_loop_clients(tmp_path):
+    bench(
+        tmp_path,
+        "bench/scheduling.py",
+        "--pipeline",
+        "sim",
+        "--duration",
+        "3",
+        "--clients",
+        "4",
+        "--defaults-share",
+        "0",
+    )
+    rows = json.loads((tmp_path / "scheduling_saturation_sim.json").read_text())["runs"]
+    assert [(r["policy"], r["clients"]) for r in rows] == [("request", 4), ("step", 4)]
+    assert all(r["requests"] >= 4 and r["images/s"] > 0 and r["occupancy"] >= 1 for r in rows), rows
+    # Four clients with their own sampling parameters: request batches only identical ones.
+    assert rows[1]["occupancy step/request"] > 1, rows
+
+
 def test_quantization_bench_runs_on_the_tiny_model(tmp_path):
     bench(tmp_path, "bench/quantization.py", "--steps", "3", "--batch", "2")
     rows = json.loads((tmp_path / "quantization_tiny_cpu.json").read_text())["rows"]
