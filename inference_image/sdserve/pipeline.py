@@ -130,7 +130,10 @@ class Pipeline:
         if self.settings.quantization != "none":
             self._quantize()
         if self.settings.compile:
-            pipe.unet = torch.compile(pipe.unet, mode=self.settings.compile_mode, fullgraph=False)
+            # In place: pipe.unet stays a UNet2DConditionModel. torch.compile(pipe.unet) would
+            # put a wrapper there, in which diffusers' set_adapters finds no LoRA adapter.
+            # Each adapter set a request names compiles once more (dynamo guards on it).
+            pipe.unet.compile(mode=self.settings.compile_mode, fullgraph=False)
 
     def _load_loras(self) -> None:
         """Every SDSERVE_LORAS adapter into the pipeline, inactive until a request names it."""
