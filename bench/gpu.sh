@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one go, for a machine with one CUDA GPU and no network:
 #
-#     bash bench/gpu.sh [part ...]      parts: tests quant sd15 sd15c overhead sched sdxl (default: all, in this order)
+#     bash bench/gpu.sh [part ...]      parts: tests quant sd15 sd15c overhead sched sat sdxl (default: all, in this order)
 #
 # With a short lease, run `sched sd15 tests` first: sched places the served-vs-direct gap
 # (cuDNN's per-thread tuning, bench/README.md), sd15 says which of sdserve's eager settings pay
 # (one at a time on plain diffusers) and measures the server's own Pipeline, tests re-checks
-# the out-of-memory fixes and the compiled paths. sd15c is the compiled figure (CUDA graphs).
+# the out-of-memory fixes and the compiled paths. sd15c is the compiled figure (CUDA graphs);
+# sat is the two policies at saturation (8 clients, every request its own parameters).
 #
 # Results go to $SDOP_BENCH_RESULTS (default bench/results/), logs next to them. Python wheels
 # in .whl/ (a machine without the inference extra's packages) are installed to /tmp/site first.
@@ -35,7 +36,7 @@ part() {  # name, seconds, command...
 }
 
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(tests quant sd15 sd15c overhead sched sdxl)
+[ ${#parts[@]} -eq 0 ] && parts=(tests quant sd15 sd15c overhead sched sat sdxl)
 for p in "${parts[@]}"; do
   case $p in
     tests) part tests 300 $PY -m pytest -q -s -p no:cacheprovider --run-gpu --timeout 240 tests/gpu ;;
@@ -46,6 +47,7 @@ for p in "${parts[@]}"; do
       --parts compiled --compile-mode reduce-overhead --name gpu_pipeline_sd15_compiled ;;
     overhead) part overhead 60 $PY bench/step_overhead.py --arch sd15 --device cuda ;;
     sched) part sched 240 $PY bench/scheduling.py --arch sd15 --device cuda --loads 0.8,1.2,1.6 --duration 20 ;;
+    sat) part sat 150 $PY bench/scheduling.py --arch sd15 --device cuda --clients 8 --duration 20 --defaults-share 0 ;;
     sdxl) part sdxl 120 $PY bench/gpu_pipeline.py --arch sdxl --size 1024 --batches 1,4 --warmup 1 --repeats 2 \
       --parts plain,eager ;;
     *) echo "unknown part $p" ;;

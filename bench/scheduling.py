@@ -370,8 +370,10 @@ SATURATION_COLUMNS = ["policy", "clients", "requests", "images/s", "p50 s", "p99
 
 async def saturation(args, mix: Mix, label: str, pipeline: Recorder, batchers, cost_spec) -> list[dict]:
     """Each policy at each client count (--clients) on the same per-client request streams."""
-    name = (args.name or f"scheduling_saturation_{'sim' if args.pipeline == 'sim' else args.arch}") + (
-        f"_{args.device.split(':')[0]}" if args.pipeline == "real" else ""
+    name = args.name or (
+        "scheduling_saturation_sim"
+        if args.pipeline == "sim"
+        else f"scheduling_saturation_{args.arch}_{args.device.split(':')[0]}"
     )
     rows: list[dict] = []
     payload = {"settings": vars(args), "what": label, "step_cost": cost_spec, "runs": rows}
