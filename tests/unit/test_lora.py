@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 
 from sdserve.app import create_app
 from sdserve.pipeline import Pipeline
@@ -14,26 +13,9 @@ from sdserve.settings import Settings
 from sdtesting.asgi import serve
 from sdtesting.fakes import FakePipeline
 from sdtesting.imaging import decode
+from sdtesting.lora import make_adapter
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 3}
-
-
-def make_adapter(folder, seed: int) -> str:
-    """A LoRA of the tiny UNet's attention with random (non-zero) weights, saved as diffusers does."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    from sdserve.tiny import build_tiny_pipeline
-
-    unet = build_tiny_pipeline().unet
-    torch.manual_seed(seed)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
-    unet.add_adapter(config)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers)
-    return str(folder / "pytorch_lora_weights.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -117,25 +99,3 @@ async def test_requests_with_different_adapters_are_batched_apart():
             by_set.setdefault(key.loras, []).append(images)
         assert by_set[(("pixel", 1.0),)] == [2]  # the two pixel requests in one batch
         assert set(by_set) == {(("pixel", 1.0),), (("ink", 1.0),), ()}
-
-
-def test_adapters_apply_through_a_compiled_unet(tiny, loras):
-    """SDSERVE_COMPILE with adapters: the UNet is compiled in place, so diffusers still finds
-    its adapters (a torch.compile wrapper in pipe.unet made every LoRA request fail), and the
-    compiled UNet gives the eager one's images with and without an adapter."""
-    import numpy as np
-
-    from sdserve.work import BatchKey, Item
-
-    compiled = Pipeline(Settings(model="tiny", min_side=64, loras=loras, compile=True, compile_mode="default"))
-    compiled.load()
-
-    def pixels(p: Pipeline, lora: tuple) -> np.ndarray:
-        key = BatchKey(64, 64, 3, 7.5, "default", loras=lora)
-        return np.asarray(p.run(key, [Item("a fox", None, 1, 4)])[0].images[0], dtype=np.int16)
-
-    pixel = (("pixel", 1.0),)
-    plain, with_pixel = pixels(compiled, ()), pixels(compiled, pixel)
-    assert np.abs(with_pixel - plain).mean() > 1  # the adapter is on
-    for lora, image in (((), plain), (pixel, with_pixel)):
-        assert np.abs(image - pixels(tiny, lora)).max() <= 2, lora  # compiled kernels round differently
