@@ -218,15 +218,23 @@ class Pipeline:
         """Two steps at the default request size (64x64 for the tiny model) and at every
         SDSERVE_WARMUP_SIZES size, for every batch size up to max_batch_size on a GPU, where
         cuDNN autotunes (and torch.compile compiles) per input shape, so an unwarmed batch size
-        stalls the first request that makes it; one image on a CPU. The batcher runs them on its
-        own threads (``sdserve.queue.QueueBase.load``)."""
+        stalls the first request that makes it; one image on a CPU. With torch.compile, also each
+        LoRA adapter alone at its default weight at the default size: every adapter set compiles
+        the UNet once more, which would otherwise stall the first request naming it. The batcher
+        runs them on its own threads (``sdserve.queue.QueueBase.load``)."""
         s = self.settings
         if not s.warmup:
             return []
         default = (64, 64) if s.model == "tiny" else s.default_width_height
         sizes = list(dict.fromkeys([default, *s.warmup_list]))  # SDSERVE_WARMUP_SIZES, in order, once each
+        keys = [BatchKey(w, h, 2, s.default_guidance_scale, "default") for w, h in sizes]
+        if s.compile:
+            w, h = default
+            keys += [
+                BatchKey(w, h, 2, s.default_guidance_scale, "default", loras=((a.name, a.weight),)) for a in s.loras
+            ]
         counts = range(1, s.max_batch_size + 1) if self.device.startswith("cuda") else [1]
-        return [(BatchKey(w, h, 2, s.default_guidance_scale, "default"), n) for w, h in sizes for n in counts]
+        return [(key, n) for key in keys for n in counts]
 
     # ---- generation ------------------------------------------------------------------
     def run(self, key: BatchKey, items: list[Item]) -> list[Item]:

@@ -59,11 +59,13 @@ def test_warm_up_covers_every_batch_size_on_a_gpu_and_one_image_on_a_cpu():
         Settings(warmup_sizes="768x768,2048x512")
 
 
-def test_adapters_apply_through_a_compiled_unet(tmp_path):
+def test_adapters_apply_through_a_compiled_unet_warmed_up_for_each(tmp_path):
     """SDSERVE_COMPILE with LoRA adapters: the UNet is compiled in place, so diffusers still
     finds its adapters (a torch.compile wrapper in pipe.unet made every request naming one
-    fail), and the compiled UNet gives the eager one's images with and without an adapter."""
+    fail); the warm-up compiles each adapter, so no request compiles; and the compiled UNet
+    gives the eager one's images with and without an adapter."""
     import numpy as np
+    from torch._dynamo.utils import counters
 
     from sdtesting.lora import make_adapter
 
@@ -77,8 +79,14 @@ def test_adapters_apply_through_a_compiled_unet(tmp_path):
         key = BatchKey(64, 64, 3, 7.5, "default", loras=lora)
         return np.asarray(p.run(key, [Item("a fox", None, 1, 4)])[0].images[0], dtype=np.int16)
 
+    shapes = compiled.warmup_shapes()
+    assert [k.loras for k, _ in shapes] == [(), (("pixel", 1.0),)]
+    for key, n in shapes:
+        compiled.run(key, [Item("warm-up", None, n, 0)])
+    compiles = counters["stats"]["unique_graphs"]
     pixel = (("pixel", 1.0),)
     plain, with_pixel = pixels(compiled, ()), pixels(compiled, pixel)
+    assert counters["stats"]["unique_graphs"] == compiles  # the warm-up compiled both
     assert np.abs(with_pixel - plain).mean() > 1  # the adapter is on
     for lora, image in (((), plain), (pixel, with_pixel)):
         assert np.abs(image - pixels(eager, lora)).max() <= 2, lora  # compiled kernels round differently
