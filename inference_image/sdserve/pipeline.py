@@ -9,6 +9,7 @@ before the server reports ready.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pathlib
@@ -132,7 +133,7 @@ class Pipeline:
         if self.settings.compile:
             # In place: pipe.unet stays a UNet2DConditionModel. torch.compile(pipe.unet) would
             # put a wrapper there, in which diffusers' set_adapters finds no LoRA adapter.
-            # Each adapter set a request names compiles once more (dynamo guards on it).
+            # Each adapter set compiles once more (dynamo guards on it): see warmup_shapes.
             pipe.unet.compile(mode=self.settings.compile_mode, fullgraph=False)
 
     def _load_loras(self) -> None:
@@ -228,11 +229,8 @@ class Pipeline:
         default = (64, 64) if s.model == "tiny" else s.default_width_height
         sizes = list(dict.fromkeys([default, *s.warmup_list]))  # SDSERVE_WARMUP_SIZES, in order, once each
         keys = [BatchKey(w, h, 2, s.default_guidance_scale, "default") for w, h in sizes]
-        if s.compile:
-            w, h = default
-            keys += [
-                BatchKey(w, h, 2, s.default_guidance_scale, "default", loras=((a.name, a.weight),)) for a in s.loras
-            ]
+        if s.compile:  # keys[0] is the default size
+            keys += [dataclasses.replace(keys[0], loras=((a.name, a.weight),)) for a in s.loras]
         counts = range(1, s.max_batch_size + 1) if self.device.startswith("cuda") else [1]
         return [(key, n) for key in keys for n in counts]
 
