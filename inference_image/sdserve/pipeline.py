@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import pathlib
+import threading
 import time
 from typing import Any
 
@@ -53,6 +54,11 @@ class Pipeline:
         self._edit_pipes: dict[str, Any] = {}
         self._active_loras: tuple[tuple[str, float], ...] = ()
         self._safety: tuple[Any, Any] | None = None
+        #: Held while the VAE runs. With step batching a request's decode (``finish``, on the
+        #: decode thread) can overlap an edit's pipeline call (``run``, on the worker thread), and
+        #: diffusers' SDXL pipelines switch the VAE between float16 and float32 in place: an
+        #: unguarded decode then meets weights of the other dtype halfway and fails.
+        self._vae_lock = threading.Lock()
 
     # ---- loading ---------------------------------------------------------------------
     def load(self) -> None:
@@ -84,10 +90,10 @@ class Pipeline:
         s = self.settings
         cls = StableDiffusionXLPipeline if s.pipeline == "sdxl" else StableDiffusionPipeline
         if s.model == "tiny":
-            from .tiny import build_tiny_pipeline
+            from .tiny import build_tiny_pipeline, build_tiny_xl_pipeline
 
-            self.revision = "tiny-v1"
-            pipe = build_tiny_pipeline()
+            self.revision = "tiny-xl-v1" if s.pipeline == "sdxl" else "tiny-v1"
+            pipe = build_tiny_xl_pipeline() if s.pipeline == "sdxl" else build_tiny_pipeline()
         elif s.model.endswith((".safetensors", ".ckpt")):
             if not pathlib.Path(s.model).is_file():
                 raise FileNotFoundError(f"no checkpoint file at {s.model}")
@@ -295,7 +301,7 @@ class Pipeline:
                 first += item.n
             return callback_kwargs
 
-        with torch.inference_mode():
+        with self._vae_lock, torch.inference_mode():
             out = pipe(
                 prompt=prompts,
                 callback_on_step_end=progress,
@@ -348,10 +354,12 @@ class Pipeline:
     def finish(self, states: list[Any]) -> list[Any]:
         from . import denoise
 
-        if self.settings.pipeline == "sdxl" and self.dtype == _float16() and self.pipe.vae.config.force_upcast:
-            # The SDXL VAE overflows in fp16 (diffusers upcasts it too); decode runs on its own thread.
-            self.pipe.vae.to(dtype=_float32())
-        return denoise.finish(self, states)
+        with self._vae_lock:
+            if self.settings.pipeline == "sdxl" and self.dtype == _float16() and self.pipe.vae.config.force_upcast:
+                # The SDXL VAE overflows in fp16: decode in fp32, as diffusers does (an SDXL edit's
+                # run switches it back to fp16: hence the lock).
+                self.pipe.vae.to(dtype=_float32())
+            return denoise.finish(self, states)
 
     def _check_nsfw(self, images):
         import numpy as np

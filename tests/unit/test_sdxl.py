@@ -1,0 +1,137 @@
+"""SDXL (SDSERVE_PIPELINE=sdxl) on the tiny SDXL pipeline: two text encoders, the pooled
+embedding and size ids the UNet takes besides the prompt, and the VAE that diffusers switches
+to float32 to decode. Each batching policy serves it; the step path (sdserve.denoise) gives the
+image the diffusers call gives; an edit does not break a decode running beside it."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdserve.app import create_app
+from sdserve.pipeline import Pipeline
+from sdserve.settings import Settings
+from sdserve.stepper import StepBatcher
+from sdserve.work import BatchKey, Item
+from sdtesting.asgi import serve
+from sdtesting.imaging import decode
+
+XL = {"model": "tiny", "pipeline": "sdxl", "min_side": 64, "warmup": False}
+
+
+@pytest.fixture(scope="module")
+def xl():
+    p = Pipeline(Settings(**XL, max_batch_size=4))
+    p.load()
+    return p
+
+
+def key(steps=5, guidance=7.5, scheduler="default", side=64, **kw) -> BatchKey:
+    return BatchKey(side, side, steps, guidance, scheduler, **kw)
+
+
+def pixels(item: Item) -> np.ndarray:
+    return np.asarray(item.images[0]).astype(np.int16)
+
+
+async def stepped(pipeline: Pipeline, jobs: list[tuple[BatchKey, Item]]) -> list[Item]:
+    batcher = StepBatcher(pipeline, max_batch_size=4, queue_size=8)
+    batcher.start()
+    try:
+        futures = [batcher.submit(k, it).future for k, it in jobs]
+        return list(await asyncio.wait_for(asyncio.gather(*futures), 120))
+    finally:
+        await batcher.stop()
+
+
+def test_the_tiny_model_is_an_sdxl_pipeline_when_asked(xl):
+    assert type(xl.pipe).__name__ == "StableDiffusionXLPipeline" and xl.revision == "tiny-xl-v1"
+    assert xl.pipe.unet.config.addition_embed_type == "text_time"  # pooled text + size ids
+
+
+async def test_sdxl_step_batching_gives_the_request_image_alone_or_in_any_mix(xl):
+    fox = Item("a red fox", "blurry", 1, 42)
+    xl.run(key(), [fox])
+    (alone,) = await stepped(xl, [(key(), Item("a red fox", "blurry", 1, 42))])
+    diff = np.abs(pixels(alone) - pixels(fox))
+    assert diff.max() <= 2 and diff.mean() < 0.05, (diff.mean(), diff.max())
+    mix = [(key(3, 2.0, "euler"), Item("a bird", None, 2, 7)), (key(), Item("a red fox", "blurry", 1, 42))]
+    company, in_mix = await stepped(xl, mix)
+    assert np.array_equal(pixels(in_mix), pixels(alone))  # bit-identical on the CPU (padded forward)
+    assert np.abs(pixels(company) - pixels(alone)).mean() > 1  # the company was another image
+    other = Item("a red fox", "blurry", 1, 43)
+    xl.run(key(), [other])
+    assert np.abs(pixels(other) - pixels(fox)).mean() > 1  # the tolerance is far below a seed's difference
+
+
+def png(colour=(200, 40, 40), mode="RGB", box=None) -> bytes:
+    im = Image.new(mode, (64, 64), colour if mode == "RGB" else (*colour, 255))
+    if box:
+        im.paste((0, 0, 0, 0), box)  # transparent: the part to repaint
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("batching", ["request", "step"])
+async def test_sdxl_generations_and_edits_through_the_api(xl, batching):
+    app = create_app(Settings(**XL, batching=batching, max_batch_size=4, max_wait_ms=100), xl)
+    async with serve(app) as client:
+        body = {"prompt": "a red fox", "size": "64x64", "num_inference_steps": 4, "seed": 5}
+        gens = await asyncio.gather(
+            client.post("/v1/images/generations", json={**body, "n": 2}),
+            client.post("/v1/images/generations", json={**body, "guidance_scale": 3.0, "scheduler": "euler"}),
+        )
+        edits = await asyncio.gather(
+            client.post("/v1/images/edits", files={"image": ("a.png", png())}, data={"prompt": "a bird", "seed": "3"}),
+            client.post(
+                "/v1/images/edits",
+                files={"image": ("a.png", png()), "mask": ("m.png", png(mode="RGBA", box=(16, 16, 48, 48)))},
+                data={"prompt": "a bird", "seed": "3"},
+            ),
+        )
+    for r in (*gens, *edits):
+        assert r.status_code == 200, r.text
+    two = [decode(d["b64_json"]) for d in gens[0].json()["data"]]
+    assert len(two) == 2 and two[0].shape == (64, 64, 3) and np.abs(two[0] - two[1]).mean() > 1
+    img2img, inpaint = (decode(r.json()["data"][0]["b64_json"]) for r in edits)
+    assert np.abs(img2img - inpaint).mean() > 0  # the mask changed what was repainted
+
+
+async def test_an_sdxl_edit_during_a_step_batched_decode_leaves_both_intact(monkeypatch):
+    """float16: diffusers' SDXL edit switches the VAE to float32 and back to float16 while the
+    step batcher's decode thread decodes in float32. The decode below waits inside the VAE for
+    the edit to end (2 s at most); without the VAE lock the edit ran in that window and the
+    decode failed with "Input type (float) and bias type (c10::Half) should be the same"."""
+    half = Pipeline(Settings(**XL, dtype="float16", device="cpu", max_batch_size=2))
+    half.load()
+    edited = threading.Event()
+    real_decode, real_run = half.pipe.vae.decode, half.run
+
+    def decode_slowly(*args, **kwargs):
+        if threading.current_thread().name.startswith("sdserve-decode"):
+            edited.wait(2)
+        return real_decode(*args, **kwargs)
+
+    def run_then_tell(*args):
+        try:
+            return real_run(*args)
+        finally:
+            edited.set()
+
+    monkeypatch.setattr(half.pipe.vae, "decode", decode_slowly)
+    monkeypatch.setattr(half, "run", run_then_tell)
+    init = Image.new("RGB", (64, 64), (200, 40, 40))
+    jobs = [
+        (key(2), Item("a red fox", None, 1, 1)),  # finishes first: its decode overlaps the edit
+        (key(2, task="img2img", strength=0.6), Item("a bird", None, 1, 2, init_image=init)),
+    ]
+    generated, edit = await stepped(half, jobs)
+    assert edited.is_set()
+    assert len(generated.images) == 1 and len(edit.images) == 1
+    assert np.isfinite(pixels(generated)).all() and pixels(generated).std() > 0
