@@ -85,6 +85,16 @@ def test_more_than_one_gpu_per_replica_is_refused():
     assert "spec.gpu.count" in e.value.fields
 
 
+def test_sdxl_on_cpu_nodes_is_refused_except_for_the_tiny_model():
+    cr = example("tiny-cpu")
+    cr["spec"]["model"]["pipeline"] = "sdxl"
+    load(cr)  # the tiny SDXL pipeline runs on a CPU
+    cr["spec"]["model"]["id"] = "stabilityai/stable-diffusion-xl-base-1.0"
+    with pytest.raises(SpecError) as e:
+        load(cr)
+    assert e.value.fields == ["spec.gpu.count"]
+
+
 def test_the_cache_access_mode_follows_the_replica_count():
     several = rendered(lambda s: s["model"]["cache"].pop("accessMode", None))
     (pvc,) = [o for (k, _), o in several.items() if k == "PersistentVolumeClaim"]

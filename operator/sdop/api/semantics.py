@@ -23,8 +23,8 @@ def problems(spec: StableDiffusionServiceSpec) -> list[tuple[str, str]]:
         )
     gpu_type = spec.gpu.type
     if gpu_type not in PRESETS:
-        if spec.gpu.count == 0 and spec.model.pipeline == "sdxl":
-            out.append(("spec.gpu.count", "SDXL needs a GPU: set gpu.count >= 1"))
+        if spec.gpu.count == 0 and spec.model.pipeline == "sdxl" and spec.model.id != "tiny":
+            out.append(("spec.gpu.count", "SDXL needs a GPU: set gpu.count >= 1 (only model.id tiny runs on a CPU)"))
         return out
     p = PRESETS[gpu_type]
     product = spec.scheduling.node_selector.get(GPU_PRODUCT_LABEL)

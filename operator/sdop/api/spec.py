@@ -166,7 +166,7 @@ class ModelSpec(ApiModel):
         None,
         description=(
             "Hugging Face model id, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5. The built-in test model is "
-            "'tiny'."
+            "'tiny' (an SD 1.5 or, with pipeline sdxl, an SDXL architecture, scaled down; runs on a CPU)."
         ),
         min_length=1,
         max_length=256,
