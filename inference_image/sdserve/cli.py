@@ -74,6 +74,8 @@ def _prefetch(args: argparse.Namespace) -> int:
         # The variant's weights plus everything that is not a weight file.
         kwargs["allow_patterns"] = [f"*.{args.variant}.safetensors", "*.json", "*.txt", "*.model"]
     path = snapshot_download(args.model, **kwargs)
+    if args.safety_checker:  # the content check's own repo (SDSERVE_SAFETY_CHECKER), whole
+        snapshot_download(args.safety_checker, token=kwargs["token"])
     done = json.dumps({"model": args.model, "revision": args.revision, "path": path})
     if args.marker:
         write_marker(pathlib.Path(args.marker), done)
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--model", required=True)
     f.add_argument("--revision", default="main")
     f.add_argument("--variant")
+    f.add_argument("--safety-checker", help="a Hugging Face id of a safety checker to download too")
     f.add_argument("--marker", help="file written when the download is complete")
     f.set_defaults(func=_prefetch)
     w = sub.add_parser("wait-for", help="wait until a file exists (the prefetch marker)")

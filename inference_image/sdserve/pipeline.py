@@ -197,17 +197,39 @@ class Pipeline:
         log.info("UNet quantized: %s", kind)
 
     def _load_safety_checker(self) -> None:
-        path = self.settings.safety_checker_path
-        if not path:
-            log.warning("nsfw_check is on but no safety_checker_path is set: images are not checked")
-            return
+        """The content check: SDSERVE_SAFETY_CHECKER, else the model's own safety_checker and
+        feature_extractor folders. A server asked to check images that has no checker fails
+        its load (ModelLoadError names what to set): it never serves unchecked images."""
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
         from transformers import CLIPImageProcessor
 
-        self._safety = (
-            StableDiffusionSafetyChecker.from_pretrained(path).to(self.device, self.dtype),
-            CLIPImageProcessor.from_pretrained(path),
-        )
+        s = self.settings
+        hint = "set SDSERVE_SAFETY_CHECKER (CR spec.safety.checker), e.g. CompVis/stable-diffusion-safety-checker"
+        kwargs: dict[str, Any] = {}
+        if s.safety_checker:
+            source, folders = s.safety_checker, ("", "")
+        elif s.model == "tiny" or s.pipeline == "sdxl" or s.model.endswith((".safetensors", ".ckpt")):
+            what = "an SDXL model" if s.pipeline == "sdxl" else f"model {s.model!r}"
+            raise ModelLoadError(f"nsfw_check: {what} ships no safety checker; {hint}")
+        else:
+            source, folders = s.model, ("safety_checker", "feature_extractor")
+            if not pathlib.Path(source).is_dir():
+                kwargs["revision"] = s.model_revision
+                if s.variant:
+                    kwargs["variant"] = s.variant
+        if pathlib.Path(source).is_dir():
+            kwargs["local_files_only"] = True
+        elif s.hf_token:
+            kwargs["token"] = s.hf_token
+        where = f"{source}/{folders[0]}" if folders[0] else source
+        try:
+            checker = StableDiffusionSafetyChecker.from_pretrained(source, subfolder=folders[0], **kwargs)
+            kwargs.pop("variant", None)  # weights only
+            processor = CLIPImageProcessor.from_pretrained(source, subfolder=folders[1], **kwargs)
+        except Exception as e:  # every checker failure is a load failure that says where it looked
+            raise ModelLoadError(f"nsfw_check: no safety checker at {where}: {type(e).__name__}: {e}; {hint}") from e
+        self._safety = (checker.to(self.device, self.dtype).eval(), processor)
+        log.info("content check: safety checker from %s", where)
 
     def scheduler(self, name: str):
         """The scheduler a request asked for; "default" is the server's SDSERVE_SCHEDULER."""

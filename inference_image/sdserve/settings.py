@@ -47,7 +47,10 @@ class Settings(BaseSettings):
     warmup: bool = True
     #: Sizes warmed besides the default size, "WIDTHxHEIGHT" comma-separated (e.g. "768x768,1024x576").
     warmup_sizes: str = Field("", pattern=r"^([1-9][0-9]*x[1-9][0-9]*(,[1-9][0-9]*x[1-9][0-9]*)*)?$")
-    safety_checker_path: str | None = None
+    #: The content check's model (with nsfw_check): a Hugging Face id or a folder holding a diffusers
+    #: safety checker and its image processor, e.g. CompVis/stable-diffusion-safety-checker. Unset:
+    #: the model's own safety_checker and feature_extractor folders (SD 1.x ships them).
+    safety_checker: str | None = None
     #: LoRA adapters loaded at start; requests choose among them by name (``lora``, ``loras``).
     loras: list[LoraSetting] = Field(default_factory=list)
     nsfw_check: bool = False

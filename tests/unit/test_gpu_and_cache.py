@@ -119,6 +119,34 @@ def test_replicas_wait_for_the_prefetch_marker_and_the_job_runs_on_gpu_nodes():
     assert wait["args"][:3] == ["wait-for", "--path", marker]
     assert gpu_terms(job_pod) == gpu_terms(server_pod(objs))
     assert job_pod["tolerations"] == server_pod(objs)["tolerations"]
+    assert "--safety-checker" not in args  # sd15-production checks with the model's own checker
+    checked = rendered(lambda s: s["safety"].update(checker="CompVis/stable-diffusion-safety-checker"))
+    (job,) = [o for (k, _), o in checked.items() if k == "Job"]
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--safety-checker") + 1] == "CompVis/stable-diffusion-safety-checker"
+    assert args[args.index("--marker") + 1] != marker  # replicas wait for the checker too
+
+
+def test_prefetch_downloads_the_model_and_the_safety_checker_before_the_marker(tmp_path, monkeypatch):
+    """No network here: the Hub's download function is replaced by one that records its calls."""
+    import huggingface_hub
+
+    from sdserve.cli import main
+
+    asked: list[tuple[str, dict]] = []
+    marker = tmp_path / "marker"
+
+    def download(repo_id, **kwargs):
+        assert not marker.exists()  # the marker comes after every download
+        asked.append((repo_id, kwargs))
+        return f"/cache/{repo_id}"
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    args = ["prefetch", "--model", "a/model", "--variant", "fp16", "--marker", str(marker)]
+    assert main([*args, "--safety-checker", "c/checker"]) == 0
+    assert [repo for repo, _ in asked] == ["a/model", "c/checker"]
+    assert "allow_patterns" in asked[0][1] and "allow_patterns" not in asked[1][1]  # the checker whole
+    assert '"path": "/cache/a/model"' in marker.read_text()
 
 
 def test_wait_for_returns_once_the_marker_appears(tmp_path):

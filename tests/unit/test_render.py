@@ -239,6 +239,24 @@ def test_preset_conflict_is_a_spec_error_naming_the_field():
     assert e.value.fields == ["spec.batching.maxBatchSize"]
 
 
+def test_the_content_check_needs_a_checker_where_the_model_ships_none():
+    def config(cr) -> dict:
+        return next(o for o in render(cr) if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-config"))
+
+    cr = example("sdxl")
+    assert config(cr)["data"]["SDSERVE_SAFETY_CHECKER"] == "CompVis/stable-diffusion-safety-checker"
+    del cr["spec"]["safety"]["checker"]
+    with pytest.raises(SpecError) as e:
+        render(cr)
+    assert e.value.fields == ["spec.safety.checker"] and "an SDXL model" in str(e.value)
+    sd15 = example("sd15-production")  # SD 1.5 ships its own: nothing to set
+    assert sd15["spec"]["safety"]["nsfwCheck"] and "SDSERVE_SAFETY_CHECKER" not in config(sd15)["data"]
+    sd15["spec"]["canary"] = {"model": {"path": "/models/candidate.safetensors"}}
+    with pytest.raises(SpecError) as e:
+        render(sd15)
+    assert e.value.fields == ["spec.safety.checker"] and "spec.canary.model is a single-file checkpoint" in str(e.value)
+
+
 def test_the_ingress_publishes_only_the_image_api():
     objs = by_kind(render(example("sd15-production")))
     paths = objs[("Ingress", "sd15")]["spec"]["rules"][0]["http"]["paths"]

@@ -21,6 +21,7 @@ def problems(spec: StableDiffusionServiceSpec) -> list[tuple[str, str]]:
                 "volume (Multi-Attach error); use ReadWriteMany or replicas.max 1",
             )
         )
+    out += checker_problems(spec)
     gpu_type = spec.gpu.type
     if gpu_type not in PRESETS:
         if spec.gpu.count == 0 and spec.model.pipeline == "sdxl" and spec.model.id != "tiny":
@@ -63,6 +64,28 @@ def problems(spec: StableDiffusionServiceSpec) -> list[tuple[str, str]]:
             out.append((f"spec.limits.{name}", f"{value} exceeds the largest side {gpu_type} fits ({p.max_side})"))
     if spec.model.pipeline == "sdxl" and p.gpu_memory_gib < 16:
         out.append(("spec.model.pipeline", f"sdxl does not fit {gpu_type} ({p.gpu_memory_gib} GiB)"))
+    return out
+
+
+def checker_problems(spec: StableDiffusionServiceSpec) -> list[tuple[str, str]]:
+    """safety.nsfwCheck without safety.checker loads the model's own safety_checker folder, which
+    SD 1.x ships and SDXL, single-file checkpoints and the tiny model do not: the server would
+    fail its load, so the CR is refused here, naming the field to set."""
+    if not spec.safety.nsfw_check or spec.safety.checker:
+        return []
+    out = []
+    models = [("spec.model", spec.model)] + ([("spec.canary.model", spec.canary.model)] if spec.canary else [])
+    for field, m in models:
+        file = m.path or (m.pvc.sub_path if m.pvc else "")
+        if m.pipeline == "sdxl" or m.id == "tiny" or file.endswith((".safetensors", ".ckpt")):
+            what = "an SDXL model" if m.pipeline == "sdxl" else "a single-file checkpoint" if file else "model tiny"
+            out.append(
+                (
+                    "spec.safety.checker",
+                    f"safety.nsfwCheck needs a safety checker and {field} is {what}, which ships none: set "
+                    "safety.checker, e.g. CompVis/stable-diffusion-safety-checker",
+                )
+            )
     return out
 
 

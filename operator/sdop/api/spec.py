@@ -587,7 +587,20 @@ class SafetySpec(ApiModel):
         None, description="ConfigMap key with blocked words, one per line; lines 're:PATTERN' are regexes."
     )
     nsfw_check: bool = Field(
-        False, description="Run the diffusers safety checker on images (needs its weights in the model)."
+        False,
+        description=(
+            "Run a diffusers safety checker on every image; a flagged image fails its request (400 nsfw_content). "
+            "The checker is safety.checker, or the model's own safety_checker folder (SD 1.x ships one)."
+        ),
+    )
+    checker: str | None = Field(
+        None,
+        description=(
+            "Hugging Face id or absolute path of a diffusers safety checker with its image processor, e.g. "
+            "CompVis/stable-diffusion-safety-checker; needed with nsfwCheck for SDXL and single-file models."
+        ),
+        max_length=1024,
+        pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*|/.*)$",
     )
 
 

@@ -107,6 +107,8 @@ def settings_env(ctx: Ctx) -> dict[str, str]:
             env["SDSERVE_JWT_KEY_FILE"] = f"{AUTH_DIR}/jwt-key"
     if s.safety.blocklist_config_map_ref:
         env["SDSERVE_BLOCKLIST_FILE"] = f"{SAFETY_DIR}/blocklist"
+    if s.safety.checker:
+        env["SDSERVE_SAFETY_CHECKER"] = s.safety.checker
     return {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in sorted(env.items())}
 
 

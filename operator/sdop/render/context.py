@@ -153,7 +153,15 @@ class Ctx:
     def prefetch_marker(self) -> str:
         """The file the prefetch Job writes when the weights are in the cache; replicas wait for it."""
         m = self.spec.model
-        return f"{HF_CACHE_MOUNT}/.sdop/prefetched-{digest([m.id, m.revision, m.variant], 12)}"
+        what = [m.id, m.revision, m.variant] + ([self.hub_checker] if self.hub_checker else [])
+        return f"{HF_CACHE_MOUNT}/.sdop/prefetched-{digest(what, 12)}"
+
+    @property
+    def hub_checker(self) -> str | None:
+        """The content check's safety checker when it is a Hugging Face id: the prefetch Job
+        downloads it with the model (a path is already in the image)."""
+        s = self.spec.safety
+        return s.checker if s.nsfw_check and s.checker and not s.checker.startswith("/") else None
 
     def labels(self, component: str) -> dict[str, str]:
         return {

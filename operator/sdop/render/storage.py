@@ -41,6 +41,8 @@ def prefetch_job(ctx: Ctx) -> dict[str, Any] | None:
     args = ["prefetch", "--model", m.id, "--revision", m.revision, "--marker", ctx.prefetch_marker]
     if m.variant:
         args += ["--variant", m.variant]
+    if ctx.hub_checker:
+        args += ["--safety-checker", ctx.hub_checker]
     pod: dict[str, Any] = {
         "restartPolicy": "OnFailure",
         "serviceAccountName": ctx.name,
