@@ -80,6 +80,27 @@ def test_step_batching_on_cuda_matches_the_request_alone_within_tolerance(sd15):
     assert diff.mean() <= 1.0 and np.percentile(diff, 99) <= 8
 
 
+def test_sdxl_fp16_steps_like_its_request_and_an_edit_beside_a_decode_leaves_both_intact():
+    """The SDXL step path in fp16 on CUDA (the tiny SDXL: seconds): its image against diffusers'
+    call, and an edit (which switches the VAE's dtype) running while a decode runs."""
+    from PIL import Image
+
+    xl = Pipeline(Settings(model="tiny", pipeline="sdxl", device="cuda", dtype="float16", min_side=64, warmup=False))
+    xl.load()
+    key = BatchKey(128, 128, 10, 7.5, "default")
+    requested = Item("a red fox", None, 1, 42)
+    xl.run(key, [requested])
+    edit = (
+        BatchKey(128, 128, 10, 7.5, "default", task="img2img", strength=0.6),
+        Item("a bird", None, 1, 3, init_image=Image.new("RGB", (128, 128), (200, 40, 40))),
+    )
+    stepped, *others = asyncio.run(step_all(xl, [(key, Item("a red fox", None, 1, 42)), edit] * 3, max_batch=4))
+    diff = np.abs(arrays(stepped)[0] - arrays(requested)[0])
+    print(f"\nSDXL fp16, step vs request: mean |diff| {diff.mean():.4f}, max {diff.max()} (of 255)")
+    assert diff.mean() <= 1.0 and np.percentile(diff, 99) <= 8
+    assert all(len(o.images) == 1 and arrays(o)[0].std() > 0 for o in others)
+
+
 def test_out_of_memory_splits_request_batches_and_fails_a_single_image_that_cannot_fit(sd15):
     key = BatchKey(1024, 1024, 4, 7.5, "default")
     torch.cuda.empty_cache()
