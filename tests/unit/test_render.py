@@ -257,6 +257,22 @@ def test_the_content_check_needs_a_checker_where_the_model_ships_none():
     assert e.value.fields == ["spec.safety.checker"] and "spec.canary.model is a single-file checkpoint" in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "gpu,refused",
+    [({"type": "a100-40gb"}, True), ({"type": "h100-80gb"}, False), ({"type": "custom", "count": 0}, True)],
+)
+def test_fp8_is_refused_on_gpus_without_fp8_kernels(gpu, refused):
+    cr = example("minimal")
+    cr["spec"]["gpu"] = gpu
+    cr["spec"]["server"] = {"quantization": "fp8"}
+    if not refused:
+        render(cr)
+        return
+    with pytest.raises(SpecError) as e:
+        render(cr)
+    assert e.value.fields == ["spec.server.quantization"] and "8.9" in str(e.value)
+
+
 def test_the_ingress_publishes_only_the_image_api():
     objs = by_kind(render(example("sd15-production")))
     paths = objs[("Ingress", "sd15")]["spec"]["rules"][0]["http"]["paths"]

@@ -38,6 +38,8 @@ class GpuPreset:
     #: Label values per match method: every form factor of the GPU (SXM and PCIe cards differ
     #: in GPU feature discovery's product name). A method missing here cannot select it.
     labels: dict[str, tuple[str, ...]]
+    #: CUDA compute capability (fp8 kernels need 8.9 or newer); (0, 0) for custom: unknown.
+    compute_capability: tuple[int, int] = (0, 0)
 
     @property
     def product(self) -> str:
@@ -45,8 +47,8 @@ class GpuPreset:
 
 
 PRESETS: dict[str, GpuPreset] = {
-    "rtx3080-10gb": GpuPreset(10, 2, 768, "4", "16Gi", {"product": ("NVIDIA-GeForce-RTX-3080",)}),
-    "rtx4090-24gb": GpuPreset(24, 4, 1024, "6", "24Gi", {"product": ("NVIDIA-GeForce-RTX-4090",)}),
+    "rtx3080-10gb": GpuPreset(10, 2, 768, "4", "16Gi", {"product": ("NVIDIA-GeForce-RTX-3080",)}, (8, 6)),
+    "rtx4090-24gb": GpuPreset(24, 4, 1024, "6", "24Gi", {"product": ("NVIDIA-GeForce-RTX-4090",)}, (8, 9)),
     "a100-40gb": GpuPreset(
         40,
         8,
@@ -58,6 +60,7 @@ PRESETS: dict[str, GpuPreset] = {
             "gke": ("nvidia-tesla-a100",),
             "karpenter": ("a100",),
         },
+        (8, 0),
     ),
     "h100-80gb": GpuPreset(
         80,
@@ -70,6 +73,7 @@ PRESETS: dict[str, GpuPreset] = {
             "gke": ("nvidia-h100-80gb", "nvidia-h100-mega-80gb"),
             "karpenter": ("h100",),
         },
+        (9, 0),
     ),
 }
 

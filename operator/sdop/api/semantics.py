@@ -23,6 +23,8 @@ def problems(spec: StableDiffusionServiceSpec) -> list[tuple[str, str]]:
         )
     out += checker_problems(spec)
     gpu_type = spec.gpu.type
+    if spec.server.quantization == "fp8" and spec.gpu.count == 0:
+        out.append(("spec.server.quantization", "fp8 needs a GPU of compute capability 8.9 or newer (L4, H100)"))
     if gpu_type not in PRESETS:
         if spec.gpu.count == 0 and spec.model.pipeline == "sdxl" and spec.model.id != "tiny":
             out.append(("spec.gpu.count", "SDXL needs a GPU: set gpu.count >= 1 (only model.id tiny runs on a CPU)"))
@@ -62,6 +64,15 @@ def problems(spec: StableDiffusionServiceSpec) -> list[tuple[str, str]]:
         value = getattr(spec.limits, attr)
         if attr in spec.limits.model_fields_set and value > p.max_side:
             out.append((f"spec.limits.{name}", f"{value} exceeds the largest side {gpu_type} fits ({p.max_side})"))
+    if spec.server.quantization == "fp8" and spec.gpu.count > 0 and p.compute_capability < (8, 9):
+        cc = ".".join(map(str, p.compute_capability))
+        out.append(
+            (
+                "spec.server.quantization",
+                f"fp8 needs compute capability 8.9 or newer (L4, RTX 4090, H100); {gpu_type} is {cc}: use "
+                "int8_weight_only or none",
+            )
+        )
     if spec.model.pipeline == "sdxl" and p.gpu_memory_gib < 16:
         out.append(("spec.model.pipeline", f"sdxl does not fit {gpu_type} ({p.gpu_memory_gib} GiB)"))
     return out
