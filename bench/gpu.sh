@@ -10,7 +10,8 @@
 # sat is the two policies at saturation (8 clients, every request its own parameters).
 #
 # Results go to $SDOP_BENCH_RESULTS (default bench/results/), logs next to them. Python wheels
-# in .whl/ (a machine without the inference extra's packages) are installed to /tmp/site first.
+# in .whl/ (a machine without the inference extra's packages) are installed to /tmp/site first;
+# `bash bench/gpu_wheels.sh` fills .whl/ for the `device` tool's machine (carry [".whl"]).
 # Each part has a time cap so that one slow part cannot eat the others' time.
 set -u
 cd "$(dirname "$0")/.."
