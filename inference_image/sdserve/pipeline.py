@@ -9,6 +9,7 @@ before the server reports ready.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -54,10 +55,11 @@ class Pipeline:
         self._edit_pipes: dict[str, Any] = {}
         self._active_loras: tuple[tuple[str, float], ...] = ()
         self._safety: tuple[Any, Any] | None = None
-        #: Held while the VAE runs. With step batching a request's decode (``finish``, on the
-        #: decode thread) can overlap an edit's pipeline call (``run``, on the worker thread), and
-        #: diffusers' SDXL pipelines switch the VAE between float16 and float32 in place: an
-        #: unguarded decode then meets weights of the other dtype halfway and fails.
+        #: Held while the VAE runs, where its dtype moves (``_vae_switches``). With step batching a
+        #: request's decode (``finish``, on the decode thread) can overlap an edit's pipeline call
+        #: (``run``, on the worker thread), and diffusers' SDXL pipelines switch the VAE between
+        #: float16 and float32 in place: an unguarded decode then meets weights of the other dtype
+        #: halfway and fails. SD 1.x pipelines leave the VAE alone, and are not held up by the lock.
         self._vae_lock = threading.Lock()
 
     # ---- loading ---------------------------------------------------------------------
@@ -323,7 +325,7 @@ class Pipeline:
                 first += item.n
             return callback_kwargs
 
-        with self._vae_lock, torch.inference_mode():
+        with self._vae_held(), torch.inference_mode():
             out = pipe(
                 prompt=prompts,
                 callback_on_step_end=progress,
@@ -376,12 +378,19 @@ class Pipeline:
     def finish(self, states: list[Any]) -> list[Any]:
         from . import denoise
 
-        with self._vae_lock:
-            if self.settings.pipeline == "sdxl" and self.dtype == _float16() and self.pipe.vae.config.force_upcast:
+        with self._vae_held():
+            if self._vae_switches():
                 # The SDXL VAE overflows in fp16: decode in fp32, as diffusers does (an SDXL edit's
                 # run switches it back to fp16: hence the lock).
                 self.pipe.vae.to(dtype=_float32())
             return denoise.finish(self, states)
+
+    def _vae_switches(self) -> bool:
+        """Whether the VAE's dtype moves while serving: an fp16 SDXL pipeline's, upcast to decode."""
+        return self.settings.pipeline == "sdxl" and self.dtype == _float16() and self.pipe.vae.config.force_upcast
+
+    def _vae_held(self) -> Any:
+        return self._vae_lock if self._vae_switches() else contextlib.nullcontext()
 
     def _check_nsfw(self, images):
         import numpy as np
