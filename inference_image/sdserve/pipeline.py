@@ -105,7 +105,8 @@ class Pipeline:
             if not (pathlib.Path(s.model) / "model_index.json").is_file():
                 raise FileNotFoundError(f"{s.model} is not a diffusers folder (no model_index.json)")
             self.revision = f"dir:{int(os.path.getmtime(pathlib.Path(s.model) / 'model_index.json'))}"
-            pipe = cls.from_pretrained(s.model, torch_dtype=self.dtype, safety_checker=None, local_files_only=True)
+            apart: dict[str, Any] = {"safety_checker": None} if s.pipeline == "sd" else {}  # see nsfw_check
+            pipe = cls.from_pretrained(s.model, torch_dtype=self.dtype, local_files_only=True, **apart)
         else:
             kwargs: dict[str, Any] = {"torch_dtype": self.dtype, "revision": s.model_revision}
             if s.variant:

@@ -38,6 +38,47 @@ def test_model_loaded_on_cpu_in_float32_with_sdpa():
     assert all(isinstance(proc, AttnProcessor2_0) for proc in p.pipe.unet.attn_processors.values())
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_a_diffusers_folder_loads_and_serves_what_the_same_weights_serve(tmp_path, family):
+    """SDSERVE_MODEL=/path (spec.model.path, or a PVC's mount): the folder the tiny model saves
+    loads offline and gives its images; the revision (part of every cache key) follows the folder."""
+    import os
+
+    import numpy as np
+
+    from sdserve.tiny import build_tiny_pipeline, build_tiny_xl_pipeline
+
+    folder = tmp_path / "model"
+    (build_tiny_xl_pipeline if family == "sdxl" else build_tiny_pipeline)().save_pretrained(folder)
+    images = []
+    for model in ("tiny", str(folder)):
+        p = Pipeline(Settings(model=model, pipeline=family, warmup=False, min_side=64))
+        p.load()
+        item = Item("a red fox", None, 1, 5)
+        p.run(BatchKey(64, 64, 3, 7.5, "default"), [item])
+        images.append(np.asarray(item.images[0]))
+    assert type(p.pipe).__name__ == ("StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline")
+    assert np.array_equal(images[0], images[1])
+    assert p.revision.startswith("dir:")
+    os.utime(folder / "model_index.json", (1, 1))  # the weights were replaced
+    again = Pipeline(Settings(model=str(folder), pipeline=family, warmup=False))
+    again.load()
+    assert again.revision == "dir:1" != p.revision
+
+
+def test_a_model_that_cannot_load_names_itself_and_why(tmp_path):
+    from sdserve.work import ModelLoadError
+
+    (tmp_path / "empty").mkdir()
+    for model, says in [
+        (str(tmp_path / "empty"), "is not a diffusers folder (no model_index.json)"),
+        (str(tmp_path / "missing.safetensors"), "no checkpoint file at"),
+    ]:
+        with pytest.raises(ModelLoadError) as e:
+            Pipeline(Settings(model=model, warmup=False)).load()
+        assert f"cannot load model {model!r}" in str(e.value) and says in str(e.value), str(e.value)
+
+
 def test_warm_up_covers_every_batch_size_on_a_gpu_and_one_image_on_a_cpu():
     """cuDNN autotunes per input shape: on a GPU every batch size the server will run is warmed
     before ready; a CPU runs one image (its kernels are not tuned per shape)."""
