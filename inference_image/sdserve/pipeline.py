@@ -327,10 +327,12 @@ class Pipeline:
             return callback_kwargs
 
         with self._vae_held(), torch.inference_mode():
+            if self.settings.pipeline == "sdxl":
+                kwargs.update(self._sdxl_prompts(pipe, items))
+            else:  # SD encodes a missing negative prompt as the empty text, as "" here
+                kwargs.update(prompt=prompts, negative_prompt=negatives if any(negatives) else None)
             out = pipe(
-                prompt=prompts,
                 callback_on_step_end=progress,
-                negative_prompt=negatives if any(negatives) else None,
                 num_inference_steps=key.steps,
                 guidance_scale=key.guidance_scale,
                 generator=generators,
@@ -344,6 +346,26 @@ class Pipeline:
         for item in items:
             item.images = images[pos : pos + item.n]
             pos += item.n
+
+    def _sdxl_prompts(self, pipe: Any, items: list[Item]) -> dict[str, Any]:
+        """Each request's prompt embeddings, encoded on its own. SDXL encodes a missing negative
+        prompt as zeros, and a batch's prompts as one list, in which a missing one can only be
+        "": a request's image would change with whether another request in its batch has a
+        negative prompt. Step batching (``denoise.begin``) encodes the same way."""
+        import torch
+
+        parts = [
+            pipe.encode_prompt(
+                prompt=item.prompt,
+                device=self.device,
+                num_images_per_prompt=item.n,
+                do_classifier_free_guidance=True,
+                negative_prompt=item.negative_prompt,
+            )
+            for item in items
+        ]
+        names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+        return {name: torch.cat([p[i] for p in parts]) for i, name in enumerate(names)}
 
     def task_pipe(self, task: str) -> Any:
         """The pipeline for a task: edits use image-to-image and inpainting pipelines made

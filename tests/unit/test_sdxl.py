@@ -69,6 +69,20 @@ async def test_sdxl_step_batching_gives_the_request_image_alone_or_in_any_mix(xl
     assert np.abs(pixels(other) - pixels(fox)).mean() > 1  # the tolerance is far below a seed's difference
 
 
+def test_an_sdxl_request_batch_gives_each_request_the_image_it_gets_alone(xl):
+    """SDXL encodes a missing negative prompt as zeros: a request without one keeps its image
+    when it is batched with requests that have one (and so does the request that has one)."""
+    plain, negative = Item("a red fox", None, 1, 1), Item("a cat", "ugly", 1, 2)
+    xl.run(key(), [plain])
+    xl.run(key(), [negative])
+    together = [Item("a red fox", None, 1, 1), Item("a cat", "ugly", 1, 2)]
+    xl.run(key(), together)
+    for alone, batched in zip((plain, negative), together, strict=True):
+        diff = np.abs(pixels(alone) - pixels(batched))
+        assert diff.max() <= 1 and diff.mean() < 0.01, (diff.mean(), diff.max())
+    assert np.abs(pixels(plain) - pixels(negative)).mean() > 1
+
+
 def png(colour=(200, 40, 40), mode="RGB", box=None) -> bytes:
     im = Image.new(mode, (64, 64), colour if mode == "RGB" else (*colour, 255))
     if box:
