@@ -83,6 +83,25 @@ def test_an_sdxl_request_batch_gives_each_request_the_image_it_gets_alone(xl):
     assert np.abs(pixels(plain) - pixels(negative)).mean() > 1
 
 
+async def test_an_sdxl_lora_applies_in_both_batching_policies(tmp_path):
+    from sdserve.settings import LoraSetting
+    from sdtesting.lora import make_adapter
+
+    adapter = LoraSetting(name="style", source=make_adapter(tmp_path, seed=3, xl=True))
+    p = Pipeline(Settings(**XL, max_batch_size=4, loras=[adapter]))
+    p.load()
+    styled = key(loras=(("style", 1.0),))
+    plain, requested = Item("a red fox", None, 1, 1), Item("a red fox", None, 1, 1)
+    p.run(key(), [plain])
+    p.run(styled, [requested])
+    in_steps, in_steps_plain = await stepped(
+        p, [(styled, Item("a red fox", None, 1, 1)), (key(), Item("a red fox", None, 1, 1))]
+    )
+    assert np.abs(pixels(requested) - pixels(plain)).mean() > 1  # the adapter changes the image
+    assert np.abs(pixels(in_steps) - pixels(requested)).max() <= 2  # the same adapter in step batching
+    assert np.abs(pixels(in_steps_plain) - pixels(plain)).max() <= 2  # and it is off for the request without it
+
+
 def png(colour=(200, 40, 40), mode="RGB", box=None) -> bytes:
     im = Image.new(mode, (64, 64), colour if mode == "RGB" else (*colour, 255))
     if box:
