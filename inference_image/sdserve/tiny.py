@@ -78,6 +78,24 @@ def _text_encoder_config(vocab_size: int, **extra):
     )
 
 
+def _unet(**extra):
+    """The tiny UNet: two levels, cross attention on the lower one; ``extra`` says what differs."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=8,
+        norm_num_groups=32,
+        **extra,
+    )
+
+
 def _vae():
     from diffusers import AutoencoderKL
 
@@ -108,25 +126,14 @@ def _scheduler():
 def build_tiny_pipeline(pipeline_cls=None):
     """A StableDiffusionPipeline with random weights; identical on every call."""
     import torch
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
     tokenizer = _tokenizer()
     vocab_size = len(tokenizer)
 
     torch.manual_seed(TINY_SEED)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TEXT_DIM,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    unet = _unet(cross_attention_dim=TEXT_DIM)
     vae = _vae()
     text_encoder = CLIPTextModel(_text_encoder_config(vocab_size))
     cls = pipeline_cls or StableDiffusionPipeline
@@ -153,24 +160,15 @@ def build_tiny_xl_pipeline():
     cross attention takes both encoders' hidden states side by side (2 x TEXT_DIM), and its
     added embedding the six size/crop numbers and the second encoder's pooled projection."""
     import torch
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = _tokenizer()
     vocab_size = len(tokenizer)
 
     torch.manual_seed(TINY_SEED)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = _unet(
         cross_attention_dim=2 * TEXT_DIM,
-        attention_head_dim=8,
-        norm_num_groups=32,
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=TIME_EMBED_DIM,
