@@ -295,14 +295,9 @@ class Pipeline:
     def _run(self, key: BatchKey, items: list[Item]) -> None:
         import torch
 
-        prompts, negatives, generators = [], [], []
         gen_device = self.device if self.device.startswith("cuda") else "cpu"
-        for item in items:
-            for i in range(item.n):
-                prompts.append(item.prompt)
-                negatives.append(item.negative_prompt or "")
-                # One generator per image: its noise depends on its seed alone, not on the batch.
-                generators.append(torch.Generator(gen_device).manual_seed(item.seed + i))
+        # One generator per image: its noise depends on its seed alone, not on the batch.
+        generators = [torch.Generator(gen_device).manual_seed(item.seed + i) for item in items for i in range(item.n)]
         self.activate_loras(key.loras)
         pipe = self.task_pipe(key.task)
         pipe.scheduler = self.scheduler(key.scheduler)
@@ -330,6 +325,8 @@ class Pipeline:
             if self.settings.pipeline == "sdxl":
                 kwargs.update(self._sdxl_prompts(pipe, items))
             else:  # SD encodes a missing negative prompt as the empty text, as "" here
+                prompts = [item.prompt for item in items for _ in range(item.n)]
+                negatives = [item.negative_prompt or "" for item in items for _ in range(item.n)]
                 kwargs.update(prompt=prompts, negative_prompt=negatives if any(negatives) else None)
             out = pipe(
                 callback_on_step_end=progress,
