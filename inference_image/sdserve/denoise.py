@@ -66,13 +66,7 @@ def begin(pipeline: Any, key: BatchKey, item: Item) -> list[ImageState]:
     pipeline.activate_loras(key.loras)  # the text encoder may carry the adapter too
     with torch.inference_mode():
         if pipeline.settings.pipeline == "sdxl":
-            pe, npe, pooled, npooled = pipe.encode_prompt(
-                prompt=item.prompt,
-                device=device,
-                num_images_per_prompt=1,
-                do_classifier_free_guidance=True,
-                negative_prompt=item.negative_prompt,
-            )
+            pe, npe, pooled, npooled = pipeline.encode(pipe, item, 1)
             size = (key.height, key.width)
             time_ids = pipe._get_add_time_ids(
                 size,
@@ -83,7 +77,7 @@ def begin(pipeline: Any, key: BatchKey, item: Item) -> list[ImageState]:
             ).to(device)
             added = (npooled, pooled, time_ids, time_ids)
         else:
-            pe, npe = pipe.encode_prompt(item.prompt, device, 1, True, item.negative_prompt or None)
+            pe, npe = pipeline.encode(pipe, item, 1)
             added = None
     shape = (1, pipe.unet.config.in_channels, key.height // pipe.vae_scale_factor, key.width // pipe.vae_scale_factor)
     states = []

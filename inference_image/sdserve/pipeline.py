@@ -345,24 +345,31 @@ class Pipeline:
             pos += item.n
 
     def _sdxl_prompts(self, pipe: Any, items: list[Item]) -> dict[str, Any]:
-        """Each request's prompt embeddings, encoded on its own. SDXL encodes a missing negative
-        prompt as zeros, and a batch's prompts as one list, in which a missing one can only be
-        "": a request's image would change with whether another request in its batch has a
-        negative prompt. Step batching (``denoise.begin``) encodes the same way."""
+        """A batch's SDXL prompt embeddings, each request's encoded on its own (``encode``). SDXL
+        encodes a missing negative prompt as zeros, and a batch's prompts as one list, in which a
+        missing one can only be "": a request's image would change with whether another request
+        in its batch has a negative prompt."""
         import torch
 
-        parts = [
-            pipe.encode_prompt(
-                prompt=item.prompt,
-                device=self.device,
-                num_images_per_prompt=item.n,
-                do_classifier_free_guidance=True,
-                negative_prompt=item.negative_prompt,
-            )
-            for item in items
-        ]
+        parts = [self.encode(pipe, item, item.n) for item in items]
         names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
         return {name: torch.cat([p[i] for p in parts]) for i, name in enumerate(names)}
+
+    def encode(self, pipe: Any, item: Item, n: int) -> tuple[Any, ...]:
+        """One request's prompt embeddings, ``n`` copies each: SD gives (prompt, negative),
+        SDXL (prompt, negative, pooled, negative pooled). Request batching (SDXL) and step
+        batching (``denoise.begin``) both encode here, under inference mode."""
+        if self.settings.pipeline == "sdxl":
+            return tuple(
+                pipe.encode_prompt(
+                    prompt=item.prompt,
+                    device=self.device,
+                    num_images_per_prompt=n,
+                    do_classifier_free_guidance=True,
+                    negative_prompt=item.negative_prompt,
+                )
+            )
+        return tuple(pipe.encode_prompt(item.prompt, self.device, n, True, item.negative_prompt or None))
 
     def task_pipe(self, task: str) -> Any:
         """The pipeline for a task: edits use image-to-image and inpainting pipelines made
