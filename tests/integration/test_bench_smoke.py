@@ -80,3 +80,21 @@ def test_step_overhead_bench_splits_a_step_into_the_unet_and_the_rest(tmp_path):
     assert [r["batch"] for r in rows] == [1, 2]
     for r in rows:
         assert 0 < r["rest ms (host)"] < r["UNet call ms (host)"] <= r["step ms"] * 1.01, r
+
+
+def test_policy_model_reproduces_the_real_time_simulation_it_stands_for(tmp_path):
+    """The event-time model of both policies gives the p99 that the real-time simulation measured
+    on the same arrivals (scheduling.py --pipeline sim, seed 2): request within 2%, the lead rule
+    within 5% (the simulation adds the server's own time)."""
+    sim = "bench/results/scheduling_sim_long_seed2_sd15_cuda.json"
+    out = bench(tmp_path, "bench/policy_model.py", "--seeds", "2", "--validate", sim)
+    assert "MODEL" in out
+    result = json.loads((tmp_path / "policy_model_sd15_cuda.json").read_text())
+    checks = result["validate"]
+    assert {c["policy"] for c in checks} == {"request", "step"} and len(checks) == 12
+    for c in checks:
+        low = 0.98 if c["policy"] == "request" else 0.93
+        assert low <= c["model/sim"] <= 1.02, c
+    rows = {r["policy"]: r for r in result["rows"]}
+    assert set(rows) == {"request", "lead", "round-robin", "deadline", "one shape (bound)"}
+    assert rows["request"]["p99 vs request"] == 1 and rows["lead"]["p99_s"] <= result["slo_p99_s"]
