@@ -37,6 +37,7 @@ def main() -> int:
     measured = HERE / "results" / "scheduling_sd15_cuda.json"
     if measured.exists():  # the policies on the GPU's measured cost curve (a simulation, labelled so)
         codes.append(run(str(HERE / "scheduling.py"), "--pipeline", "sim", "--cost", str(measured)))
+        codes.append(run(str(HERE / "policy_model.py"), "--cost", str(measured)))
     codes.append(run(str(HERE / "operator_scale.py"), "--count", "1000"))
     return max(codes)
 
