@@ -108,6 +108,7 @@ async def test_edits_are_counted_like_generations(client):
         ({"image": ("x.png", png(size=(2048, 64)), "image/png")}, {}, 422, "image"),
         ({"image": ("x.png", png(), "image/png")}, {"size": "64x2048"}, 422, "size"),
         ({"image": ("x.png", png(), "image/png")}, {"strength": "1.5"}, 422, "strength"),
+        ({"image": ("x.png", png(), "image/png")}, {"strength": "0.1", "num_inference_steps": "4"}, 422, "strength"),
         ({"image": ("x.png", png(), "image/png")}, {"colour": "blue"}, 422, "colour"),
         ({}, {}, 422, "image"),
     ],
