@@ -122,6 +122,9 @@ class Recorder:
         self.forwards += [sum(i.n for i in items)] * key.steps
         return self.inner.run(key, items)
 
+    def stepped(self, key: BatchKey) -> bool:
+        return self.inner.stepped(key)
+
     def begin(self, key: BatchKey, item: Item) -> list[Any]:
         return self.inner.begin(key, item)
 
@@ -189,6 +192,9 @@ class SimPipeline:
         for it in items:
             it.images = [object()] * it.n
         return items
+
+    def stepped(self, key: BatchKey) -> bool:
+        return key.task == "generate"  # the simulated mix has no edits
 
     def begin(self, key: BatchKey, item: Item) -> list[SimState]:
         self._busy(self.cost.encode)

@@ -80,20 +80,26 @@ def begin(pipeline: Any, key: BatchKey, item: Item) -> list[ImageState]:
             pe, npe = pipeline.encode(pipe, item, 1)
             added = None
     shape = (1, pipe.unet.config.in_channels, key.height // pipe.vae_scale_factor, key.width // pipe.vae_scale_factor)
+    image = pipe.image_processor.preprocess(item.init_image) if key.task == "img2img" else None
     states = []
     for i in range(item.n):
         generator = torch.Generator(gen_device).manual_seed(item.seed + i)
         scheduler = _fresh_scheduler(pipeline, key.scheduler)
         scheduler.set_timesteps(key.steps, device=device)
-        latents = randn_tensor(shape, generator=generator, device=torch.device(device), dtype=pipe.unet.dtype)
-        latents = latents * scheduler.init_noise_sigma
+        if image is None:
+            timesteps = scheduler.timesteps
+            latents = randn_tensor(shape, generator=generator, device=torch.device(device), dtype=pipe.unet.dtype)
+            latents = latents * scheduler.init_noise_sigma
+        else:
+            timesteps = _edit_timesteps(scheduler, key)
+            latents = _noised_image(pipeline, image, scheduler, timesteps[:1], generator, pe.dtype)
         accepted = set(inspect.signature(scheduler.step).parameters)
         states.append(
             ImageState(
                 key=key,
                 latents=latents,
                 scheduler=scheduler,
-                timesteps=list(scheduler.timesteps),
+                timesteps=list(timesteps),
                 generator=generator,
                 embeds=(npe, pe),
                 added=added,
@@ -102,6 +108,45 @@ def begin(pipeline: Any, key: BatchKey, item: Item) -> list[ImageState]:
             )
         )
     return states
+
+
+def _edit_timesteps(scheduler: Any, key: BatchKey) -> Any:
+    """Image-to-image runs the last ``strength`` of the schedule, as diffusers' ``get_timesteps``."""
+    start = (key.steps - min(int(key.steps * key.strength), key.steps)) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return scheduler.timesteps[start:]
+
+
+def _noised_image(pipeline: Any, image: Any, scheduler: Any, t0: Any, generator: Any, dtype: Any) -> Any:
+    """An image-to-image start: the input image's latents (sampled with the image's generator),
+    noised to the first timestep with noise from the same generator, in the order diffusers'
+    img2img ``prepare_latents`` draws them, so the image is the one the pipeline call gives."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+    from diffusers.utils.torch_utils import randn_tensor
+
+    vae = pipeline.pipe.vae
+    xl = pipeline.settings.pipeline == "sdxl"
+    image = image.to(device=pipeline.device, dtype=dtype)
+    with pipeline._vae_held(), torch.inference_mode():
+        upcast = xl and vae.config.force_upcast  # SDXL encodes in fp32 (its VAE overflows in fp16)
+        if upcast:
+            image = image.float()
+            vae.to(dtype=torch.float32)
+        latents = retrieve_latents(vae.encode(image), generator=generator)
+        if upcast:
+            vae.to(dtype)
+        latents = latents.to(dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if xl and mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, dtype)
+            std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, dtype)
+            latents = (latents - mean) * vae.config.scaling_factor / std
+        else:
+            latents = vae.config.scaling_factor * latents
+        noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=dtype)
+        return scheduler.add_noise(latents, noise, t0)
 
 
 def step(pipeline: Any, states: list[ImageState], pad: int = 0) -> None:

@@ -386,10 +386,22 @@ class Pipeline:
         return self._edit_pipes[task]
 
     # ---- step-level batching (sdserve.denoise) ------------------------------------------
+    def stepped(self, key: BatchKey) -> bool:
+        """Generations and image-to-image; inpainting (a masked blend or a 9-channel UNet each
+        step) runs as one pipeline call."""
+        return key.task in ("generate", "img2img")
+
     def begin(self, key: BatchKey, item: Item) -> list[Any]:
+        """A request's states. Its text encoding, and an image-to-image request's VAE encode,
+        run here: one that runs out of memory fails the request alone with OutOfMemory (a 503,
+        as a request batch that does not fit), after the failed attempt's memory is freed."""
         from . import denoise
 
-        return denoise.begin(self, key, item)
+        states: list[Any] = []
+        if out_of_memory(lambda: states.extend(denoise.begin(self, key, item))):
+            self._free()
+            raise OutOfMemory(f"out of memory starting a {key.width}x{key.height} {key.task} request")
+        return states
 
     def step(self, states: list[Any]) -> None:
         from . import denoise

@@ -19,7 +19,8 @@ still joins the running batch instead of waiting for that shape's whole run.
 A request whose client leaves (or whose time runs out) is dropped at the next step,
 running, paused or queued. An out-of-memory step is split (``pipeline.step``); an image
 that does not fit alone fails its request with OutOfMemory and the budget shrinks to what
-fit. Edits (image-to-image, inpainting) are not stepped: one runs whole when it is the lead.
+fit. Image-to-image requests are stepped like generations (they start from the noised input
+image, at a later timestep); inpainting is not: one runs whole when it is the lead.
 """
 
 from __future__ import annotations
@@ -114,8 +115,8 @@ class StepBatcher(QueueBase):
         cost, images = self._cost(group), sum(len(r.states) for r in group)
         out: list[Job] = []
         for job in self._pending:
-            if job.cancelled or job.key.task != "generate" or self._shape(job) != self._shape(lead):
-                continue  # another group: it steps when it is the oldest
+            if job.cancelled or not self.pipeline.stepped(job.key) or self._shape(job) != self._shape(lead):
+                continue  # another group (or an inpainting, run whole): it goes when it is the oldest
             pixels = latent_pixels(job.key) * job.item.n
             if (group or out) and (cost + pixels > self.budget or images + job.item.n > self.max_batch_size):
                 break  # arrival order within the group: nobody younger overtakes it
@@ -145,8 +146,8 @@ class StepBatcher(QueueBase):
         metrics.QUEUE_WAIT.observe(job.started - job.enqueued)
 
     async def _run_whole(self, loop: asyncio.AbstractEventLoop, job: Job) -> None:
-        """An edit (image-to-image, inpainting) runs as one pipeline call between steps while
-        the younger running requests wait: edits are not step-batched yet."""
+        """A request the pipeline cannot step (inpainting) runs as one pipeline call between
+        steps while the younger running requests wait."""
         metrics.BATCH_SIZE.observe(job.item.n)
         try:
             await loop.run_in_executor(self._worker, self.pipeline.run, job.key, [job.item])
@@ -174,8 +175,8 @@ class StepBatcher(QueueBase):
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if lead.started is None and lead.key.task != "generate":
-                self._start(lead)  # an edit runs whole when it is the oldest
+            if lead.started is None and not self.pipeline.stepped(lead.key):
+                self._start(lead)  # an inpainting runs whole when it is the oldest
                 await self._run_whole(loop, lead)
                 continue
             await self._admit(loop, lead)

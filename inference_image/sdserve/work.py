@@ -79,6 +79,10 @@ class ImagePipeline(Protocol):
 
     # Step-level batching (sdserve.stepper): one image's denoising as a state advanced one
     # step at a time; states of one latent shape share each UNet forward.
+    def stepped(self, key: BatchKey) -> bool:
+        """Whether requests of this key can be step-batched (``begin``); the others run whole."""
+        ...
+
     def begin(self, key: BatchKey, item: Item) -> list[Any]:
         """Encode the prompt once and make one state per image (its noise from its own seed)."""
         ...

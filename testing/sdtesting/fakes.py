@@ -65,6 +65,9 @@ class FakePipeline:
         return items
 
     # ---- step batching: a state is [key, prompt, seed, steps taken] --------------------
+    def stepped(self, key: BatchKey) -> bool:
+        return key.task != "inpaint"  # as sdserve.pipeline.Pipeline
+
     def begin(self, key: BatchKey, item: Item) -> list[Any]:
         self._on("begin", item.prompt)
         with self._lock:

@@ -82,7 +82,8 @@ def test_step_batching_on_cuda_matches_the_request_alone_within_tolerance(sd15):
 
 def test_sdxl_fp16_steps_like_its_request_and_an_edit_beside_a_decode_leaves_both_intact():
     """The SDXL step path in fp16 on CUDA (the tiny SDXL: seconds): its image against diffusers'
-    call, and an edit (which switches the VAE's dtype) running while a decode runs."""
+    call, and edits beside decodes: a stepped image-to-image start and an inpainting (run
+    whole) both switch the VAE's dtype to encode."""
     from PIL import Image
 
     xl = Pipeline(Settings(model="tiny", pipeline="sdxl", device="cuda", dtype="float16", min_side=64, warmup=False))
@@ -90,11 +91,19 @@ def test_sdxl_fp16_steps_like_its_request_and_an_edit_beside_a_decode_leaves_bot
     key = BatchKey(128, 128, 10, 7.5, "default")
     requested = Item("a red fox", None, 1, 42)
     xl.run(key, [requested])
+    init = Image.new("RGB", (128, 128), (200, 40, 40))
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (32, 32, 96, 96))
     edit = (
         BatchKey(128, 128, 10, 7.5, "default", task="img2img", strength=0.6),
-        Item("a bird", None, 1, 3, init_image=Image.new("RGB", (128, 128), (200, 40, 40))),
+        Item("a bird", None, 1, 3, init_image=init),
     )
-    stepped, *others = asyncio.run(step_all(xl, [(key, Item("a red fox", None, 1, 42)), edit] * 3, max_batch=4))
+    inpaint = (
+        BatchKey(128, 128, 10, 7.5, "default", task="inpaint", strength=1.0),
+        Item("a bird", None, 1, 4, init_image=init, mask_image=mask),
+    )
+    jobs = [(key, Item("a red fox", None, 1, 42)), edit, inpaint] * 3
+    stepped, *others = asyncio.run(step_all(xl, jobs, max_batch=4))
     diff = np.abs(arrays(stepped)[0] - arrays(requested)[0])
     print(f"\nSDXL fp16, step vs request: mean |diff| {diff.mean():.4f}, max {diff.max()} (of 255)")
     assert diff.mean() <= 1.0 and np.percentile(diff, 99) <= 8

@@ -69,6 +69,23 @@ async def test_sdxl_step_batching_gives_the_request_image_alone_or_in_any_mix(xl
     assert np.abs(pixels(other) - pixels(fox)).mean() > 1  # the tolerance is far below a seed's difference
 
 
+async def test_sdxl_image_to_image_is_stepped_and_gives_the_request_image_alone_or_in_a_mix(xl):
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    k = key(6, task="img2img", strength=0.5)
+    requested = Item("a bird", "blurry", 1, 9, init_image=init)
+    xl.run(k, [requested])
+    (alone,) = await stepped(xl, [(k, Item("a bird", "blurry", 1, 9, init_image=init))])
+    assert alone.progress == requested.progress == 3
+    diff = np.abs(pixels(alone) - pixels(requested))
+    assert diff.max() <= 2 and diff.mean() < 0.05, (diff.mean(), diff.max())
+    mix = [(key(4, 3.0, "euler"), Item("a fox", None, 1, 7)), (k, Item("a bird", "blurry", 1, 9, init_image=init))]
+    company, in_mix = await stepped(xl, mix)
+    assert np.array_equal(pixels(in_mix), pixels(alone))  # bit-identical on the CPU (padded forward)
+    flat = Item("a bird", "blurry", 1, 9, init_image=Image.new("RGB", (64, 64), (20, 200, 40)))
+    xl.run(k, [flat])
+    assert np.abs(pixels(flat) - pixels(requested)).mean() > 1  # the input image counts
+
+
 def test_an_sdxl_request_batch_gives_each_request_the_image_it_gets_alone(xl):
     """SDXL encodes a missing negative prompt as zeros: a request without one keeps its image
     when it is batched with requests that have one (and so does the request that has one)."""
@@ -137,10 +154,11 @@ async def test_sdxl_generations_and_edits_through_the_api(xl, batching):
 
 
 async def test_an_sdxl_edit_during_a_step_batched_decode_leaves_both_intact(monkeypatch):
-    """float16: diffusers' SDXL edit switches the VAE to float32 and back to float16 while the
-    step batcher's decode thread decodes in float32. The decode below waits inside the VAE for
-    the edit to end (2 s at most); without the VAE lock the edit ran in that window and the
-    decode failed with "Input type (float) and bias type (c10::Half) should be the same"."""
+    """float16: diffusers' SDXL inpainting (run whole) switches the VAE to float32 and back to
+    float16 while the step batcher's decode thread decodes in float32. The decode below waits
+    inside the VAE for the edit to end (2 s at most); without the VAE lock the edit ran in that
+    window and the decode failed with "Input type (float) and bias type (c10::Half) should be
+    the same"."""
     half = Pipeline(Settings(**XL, dtype="float16", device="cpu", max_batch_size=2))
     half.load()
     edited = threading.Event()
@@ -160,11 +178,53 @@ async def test_an_sdxl_edit_during_a_step_batched_decode_leaves_both_intact(monk
     monkeypatch.setattr(half.pipe.vae, "decode", decode_slowly)
     monkeypatch.setattr(half, "run", run_then_tell)
     init = Image.new("RGB", (64, 64), (200, 40, 40))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
     jobs = [
         (key(2), Item("a red fox", None, 1, 1)),  # finishes first: its decode overlaps the edit
-        (key(2, task="img2img", strength=0.6), Item("a bird", None, 1, 2, init_image=init)),
+        (key(2, task="inpaint", strength=1.0), Item("a bird", None, 1, 2, init_image=init, mask_image=mask)),
     ]
     generated, edit = await stepped(half, jobs)
     assert edited.is_set()
     assert len(generated.images) == 1 and len(edit.images) == 1
     assert np.isfinite(pixels(generated)).all() and pixels(generated).std() > 0
+
+
+def test_an_sdxl_image_to_image_start_during_a_decode_leaves_both_intact(monkeypatch):
+    """float16: a stepped image-to-image request encodes its input image in float32 (as
+    diffusers' SDXL img2img does), switching the VAE on the worker thread while the decode
+    thread decodes. The decode below waits inside the VAE for the encode (2 s at most); with
+    the VAE lock the encode waits for the decode instead, and both come out whole."""
+    half = Pipeline(Settings(**XL, dtype="float16", device="cpu", max_batch_size=2))
+    half.load()
+    decoding, encoded = threading.Event(), threading.Event()
+    real_decode, real_encode = half.pipe.vae.decode, half.pipe.vae.encode
+
+    def decode_slowly(*args, **kwargs):
+        decoding.set()
+        encoded.wait(2)
+        return real_decode(*args, **kwargs)
+
+    def encode_and_tell(*args, **kwargs):
+        try:
+            return real_encode(*args, **kwargs)
+        finally:
+            encoded.set()
+
+    monkeypatch.setattr(half.pipe.vae, "decode", decode_slowly)
+    monkeypatch.setattr(half.pipe.vae, "encode", encode_and_tell)
+    states = half.begin(key(2), Item("a red fox", None, 1, 1))
+    while not all(half.finished(s) for s in states):
+        half.step(states)
+    decoded: list = []
+    thread = threading.Thread(target=lambda: decoded.extend(half.finish(states)), name="sdserve-decode-test")
+    thread.start()
+    assert decoding.wait(5)
+    init = Image.new("RGB", (64, 64), (200, 40, 40))
+    edit = half.begin(key(2, task="img2img", strength=0.5), Item("a bird", None, 1, 2, init_image=init))
+    thread.join(10)
+    assert len(decoded) == 1 and np.asarray(decoded[0]).std() > 0
+    while not all(half.finished(s) for s in edit):
+        half.step(edit)
+    (image,) = half.finish(edit)
+    assert np.isfinite(np.asarray(image)).all() and np.asarray(image).std() > 0

@@ -10,6 +10,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from sdserve import metrics
 from sdserve.pipeline import Pipeline
@@ -79,6 +80,53 @@ async def test_step_batching_gives_the_image_request_batching_gives(tiny, schedu
     other = Item("a red fox", negative, 1, 43)
     tiny.run(k, [other])
     assert np.abs(pixels(other)[0].astype(np.int16) - pixels(requested)[0].astype(np.int16)).mean() > 1
+
+
+def photo(seed: int = 0) -> Image.Image:
+    """Seed 0: noise; another seed: one flat colour."""
+    if seed:
+        return Image.new("RGB", (64, 64), (seed * 90 % 256, 200, 40))
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+
+def edit(steps=8, scheduler="default", strength=0.6, seed=42, n=1, init=0) -> tuple[BatchKey, Item]:
+    k = BatchKey(64, 64, steps, 7.5, scheduler, task="img2img", strength=strength)
+    return k, Item("a red fox", None, n, seed, init_image=photo(init))
+
+
+@pytest.mark.parametrize("scheduler,strength", [("default", 0.6), ("euler", 0.8), ("ddim", 0.5), ("dpmpp_2m", 1.0)])
+async def test_image_to_image_is_stepped_and_gives_the_image_request_batching_gives(tiny, scheduler, strength):
+    """An image-to-image request starts from its input image's latents, noised to the timestep
+    ``strength`` of the way into the schedule, and takes only the steps after it: the step path
+    gives the diffusers img2img call's images (each with its own seed) and takes its steps."""
+    k, requested = edit(8, scheduler, strength, n=2)
+    tiny.run(k, [requested])
+    (stepped,) = await run_all(StepBatcher(tiny, max_batch_size=6, queue_size=16), [edit(8, scheduler, strength, n=2)])
+    assert stepped.progress == requested.progress == int(8 * strength)
+    for a, b in zip(pixels(stepped), pixels(requested), strict=True):
+        diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+        assert diff.max() <= 2 and diff.mean() < 0.01, (diff.mean(), diff.max())
+    assert np.abs(pixels(stepped)[0].astype(np.int16) - pixels(stepped)[1]).mean() > 1  # seeds 42 and 43
+    if strength > 0.6:  # near 1 the input is mostly noised away (random weights: barely visible)
+        return
+    (other_input,) = await run_all(
+        StepBatcher(tiny, max_batch_size=6, queue_size=16), [edit(8, scheduler, strength, init=1)]
+    )
+    assert np.abs(pixels(other_input)[0].astype(np.int16) - pixels(stepped)[0]).mean() > 1  # the input image counts
+
+
+async def test_image_to_image_shares_the_unet_forward_with_generations_and_keeps_its_image(tiny):
+    (alone,) = await run_all(StepBatcher(tiny, max_batch_size=6, queue_size=16), [edit(8, "euler", 0.5)])
+    sum0, count0 = observed(metrics.BATCH_SIZE)
+    generated, in_mix = await run_all(
+        StepBatcher(tiny, max_batch_size=6, queue_size=16),
+        [(key(6, 3.0, "ddim"), Item("a", None, 1, 1)), edit(8, "euler", 0.5)],
+    )
+    images, steps = observed(metrics.BATCH_SIZE)
+    # Admitted together: 4 forwards hold both (the edit's 4 steps), 2 more the generation alone.
+    assert (images - sum0, steps - count0) == (4 * 2 + 2, 6)
+    assert np.array_equal(pixels(in_mix)[0], pixels(alone)[0])  # bit-identical on the CPU
+    assert len(generated.images) == 1
 
 
 async def test_mixed_steps_guidance_and_schedulers_share_one_unet_forward(tiny):
@@ -211,6 +259,31 @@ async def test_an_out_of_memory_unet_step_is_split_and_still_finishes(tiny, monk
     done = await run_all(StepBatcher(tiny, max_batch_size=6, queue_size=8), jobs)
     assert all(len(d.images) == 1 for d in done)
     assert metrics.OOM_SPLITS._value.get() > splits0
+
+
+async def test_an_image_to_image_start_out_of_memory_fails_that_request_alone(tiny, monkeypatch):
+    """The VAE encode of a stepped image-to-image request runs out of memory: that request gets
+    OutOfMemory (the API's retryable 503), the generation beside it still finishes."""
+    real = tiny.pipe.vae.encode
+
+    def no_room(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(tiny.pipe.vae, "encode", no_room)
+    batcher = StepBatcher(tiny, max_batch_size=6, queue_size=8)
+    batcher.start()
+    try:
+        generation = batcher.submit(key(3), Item("a", None, 1, 1))
+        edited = batcher.submit(*edit(4, "euler", 0.5))
+        done = await asyncio.wait_for(generation.future, 60)
+        with pytest.raises(OutOfMemory, match="64x64 img2img"):
+            await asyncio.wait_for(edited.future, 60)
+    finally:
+        await batcher.stop()
+    assert len(done.images) == 1
+    monkeypatch.setattr(tiny.pipe.vae, "encode", real)
+    (again,) = await run_all(StepBatcher(tiny, max_batch_size=6, queue_size=8), [edit(4, "euler", 0.5)])
+    assert len(again.images) == 1  # nothing of the failure stays behind
 
 
 def oom_above(rows: int, real, held: list, alive_at_call: list):
