@@ -40,6 +40,9 @@ class ImageState:
     step_kwargs: dict[str, Any] = field(default_factory=dict)
     #: The request's Item when it asked for previews (its first image's state only).
     preview_of: Item | None = None
+    #: Inpainting: (mask at latent size, the input image's latents, the start noise). After each
+    #: step the unmasked part goes back to the input image, noised to the next timestep.
+    blend: tuple[Any, Any, Any] | None = None
 
     @property
     def done(self) -> bool:
@@ -80,19 +83,20 @@ def begin(pipeline: Any, key: BatchKey, item: Item) -> list[ImageState]:
             pe, npe = pipeline.encode(pipe, item, 1)
             added = None
     shape = (1, pipe.unet.config.in_channels, key.height // pipe.vae_scale_factor, key.width // pipe.vae_scale_factor)
-    image = pipe.image_processor.preprocess(item.init_image) if key.task == "img2img" else None
+    image, mask = _edit_inputs(pipeline, key, item) if key.task != "generate" else (None, None)
     states = []
     for i in range(item.n):
         generator = torch.Generator(gen_device).manual_seed(item.seed + i)
         scheduler = _fresh_scheduler(pipeline, key.scheduler)
         scheduler.set_timesteps(key.steps, device=device)
+        blend = None
         if image is None:
             timesteps = scheduler.timesteps
             latents = randn_tensor(shape, generator=generator, device=torch.device(device), dtype=pipe.unet.dtype)
             latents = latents * scheduler.init_noise_sigma
         else:
             timesteps = _edit_timesteps(scheduler, key)
-            latents = _noised_image(pipeline, image, scheduler, timesteps[:1], generator, pe.dtype)
+            latents, blend = _edit_start(pipeline, key, image, mask, scheduler, timesteps[:1], generator, pe.dtype)
         accepted = set(inspect.signature(scheduler.step).parameters)
         states.append(
             ImageState(
@@ -105,48 +109,85 @@ def begin(pipeline: Any, key: BatchKey, item: Item) -> list[ImageState]:
                 added=added,
                 step_kwargs={"generator": generator} if "generator" in accepted else {},
                 preview_of=item if item.preview and i == 0 else None,
+                blend=blend,
             )
         )
     return states
 
 
 def _edit_timesteps(scheduler: Any, key: BatchKey) -> Any:
-    """Image-to-image runs the last ``strength`` of the schedule, as diffusers' ``get_timesteps``."""
+    """An edit runs the last ``strength`` of the schedule, as diffusers' ``get_timesteps``."""
     start = (key.steps - min(int(key.steps * key.strength), key.steps)) * scheduler.order
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
     return scheduler.timesteps[start:]
 
 
-def _noised_image(pipeline: Any, image: Any, scheduler: Any, t0: Any, generator: Any, dtype: Any) -> Any:
-    """An image-to-image start: the input image's latents (sampled with the image's generator),
-    noised to the first timestep with noise from the same generator, in the order diffusers'
-    img2img ``prepare_latents`` draws them, so the image is the one the pipeline call gives."""
+def _edit_inputs(pipeline: Any, key: BatchKey, item: Item) -> tuple[Any, Any]:
+    """An edit's input image in [-1, 1] and, inpainting, its mask in [0, 1] (1: repaint), as the
+    diffusers edit pipelines preprocess them (the images are at the key's size already)."""
     import torch
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+
+    edit = pipeline.task_pipe(key.task)
+    image = edit.image_processor.preprocess(item.init_image, height=key.height, width=key.width).to(torch.float32)
+    if key.task != "inpaint":
+        return image, None
+    return image, edit.mask_processor.preprocess(item.mask_image, height=key.height, width=key.width)
+
+
+def _edit_start(
+    pipeline: Any, key: BatchKey, image: Any, mask: Any, scheduler: Any, t0: Any, generator: Any, dtype: Any
+) -> tuple[Any, tuple[Any, Any, Any] | None]:
+    """An edit's first latents (and, inpainting, what ``blend`` needs), drawing from the image's
+    generator in the order diffusers' img2img and inpaint ``prepare_latents`` do, so the image is
+    the one the pipeline call gives."""
+    import torch
     from diffusers.utils.torch_utils import randn_tensor
 
     vae = pipeline.pipe.vae
-    xl = pipeline.settings.pipeline == "sdxl"
-    image = image.to(device=pipeline.device, dtype=dtype)
-    with pipeline._vae_held(), torch.inference_mode():
-        upcast = xl and vae.config.force_upcast  # SDXL encodes in fp32 (its VAE overflows in fp16)
-        if upcast:
-            image = image.float()
-            vae.to(dtype=torch.float32)
-        latents = retrieve_latents(vae.encode(image), generator=generator)
-        if upcast:
-            vae.to(dtype)
-        latents = latents.to(dtype)
+    device = torch.device(pipeline.device)
+    pixels = image.to(device=device, dtype=dtype)
+    if mask is None:  # image-to-image: the image's latents noised to the first timestep
+        latents = _vae_encode(pipeline, pixels, generator, dtype)
         mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if xl and mean is not None and std is not None:
-            mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, dtype)
-            std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, dtype)
+        if pipeline.settings.pipeline == "sdxl" and mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, 4, 1, 1).to(device, dtype)
+            std = torch.tensor(std).view(1, 4, 1, 1).to(device, dtype)
             latents = (latents - mean) * vae.config.scaling_factor / std
         else:
             latents = vae.config.scaling_factor * latents
-        noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=dtype)
-        return scheduler.add_noise(latents, noise, t0)
+        noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=dtype)
+        return scheduler.add_noise(latents, noise, t0), None
+    # Inpainting with a 4-channel UNet: at strength 1 the start is pure noise, else the noised image.
+    image_latents = vae.config.scaling_factor * _vae_encode(pipeline, pixels, generator, dtype)
+    noise = randn_tensor(image_latents.shape, generator=generator, device=device, dtype=dtype)
+    if key.strength == 1.0:
+        latents = noise * scheduler.init_noise_sigma
+    else:
+        latents = scheduler.add_noise(image_latents, noise, t0)
+    # The masked image's latents feed only 9-channel UNets, but diffusers encodes them with the
+    # image's generator all the same; so does this, or a stochastic scheduler's noise would differ.
+    _vae_encode(pipeline, (image * (mask < 0.5)).to(device=device, dtype=dtype), generator, dtype)
+    small = torch.nn.functional.interpolate(mask, size=tuple(image_latents.shape[-2:])).to(device=device, dtype=dtype)
+    return latents, (small, image_latents, noise)
+
+
+def _vae_encode(pipeline: Any, pixels: Any, generator: Any, dtype: Any) -> Any:
+    """One image's latents, sampled with its generator. SDXL's VAE encodes in float32 (it
+    overflows in float16), as diffusers does: that moves the VAE's dtype, hence the VAE lock."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+
+    vae = pipeline.pipe.vae
+    upcast = pipeline.settings.pipeline == "sdxl" and vae.config.force_upcast
+    with pipeline._vae_held(), torch.inference_mode():
+        if upcast:
+            pixels = pixels.float()
+            vae.to(dtype=torch.float32)
+        latents = retrieve_latents(vae.encode(pixels), generator=generator)
+        if upcast:
+            vae.to(dtype)
+    return latents.to(dtype)
 
 
 def step(pipeline: Any, states: list[ImageState], pad: int = 0) -> None:
@@ -212,11 +253,26 @@ def _step(pipeline: Any, states: list[ImageState], pad: int) -> None:
             uncond, cond = noise[k : k + 1], noise[b + k : b + k + 1]
             pred = uncond + s.key.guidance_scale * (cond - uncond)  # classifier-free guidance, per request
             s.latents = s.scheduler.step(pred, ts[k], s.latents, **s.step_kwargs, return_dict=False)[0]
+            if s.blend is not None:
+                _blend(s)
             s.i += 1
             if s.preview_of is not None:
                 from .preview import latent_preview
 
                 s.preview_of.preview_png = latent_preview(s.latents, pipeline.settings.pipeline)
+
+
+def _blend(s: ImageState) -> None:
+    """Inpainting with a 4-channel UNet, after the state's step: outside the mask the latents go
+    back to the input image's, noised to the next timestep (none after the last), as diffusers'
+    inpaint loop does."""
+    import torch
+
+    mask, image_latents, noise = s.blend  # type: ignore[misc]
+    proper = image_latents
+    if s.i < len(s.timesteps) - 1:
+        proper = s.scheduler.add_noise(image_latents, noise, torch.tensor([s.timesteps[s.i + 1]]))
+    s.latents = (1 - mask) * proper + mask * s.latents
 
 
 def finish(pipeline: Any, states: list[ImageState]) -> list[Any]:

@@ -387,9 +387,10 @@ class Pipeline:
 
     # ---- step-level batching (sdserve.denoise) ------------------------------------------
     def stepped(self, key: BatchKey) -> bool:
-        """Generations and image-to-image; inpainting (a masked blend or a 9-channel UNet each
-        step) runs as one pipeline call."""
-        return key.task in ("generate", "img2img")
+        """Generations, image-to-image and inpainting on the model's own 4-channel UNet (a masked
+        blend after each step). A 9-channel inpainting UNet takes the mask as input and cannot
+        share a forward with the others: its requests run as one pipeline call."""
+        return key.task != "inpaint" or self.pipe.unet.config.in_channels == 4
 
     def begin(self, key: BatchKey, item: Item) -> list[Any]:
         """A request's states. Its text encoding, and an image-to-image request's VAE encode,

@@ -19,8 +19,9 @@ still joins the running batch instead of waiting for that shape's whole run.
 A request whose client leaves (or whose time runs out) is dropped at the next step,
 running, paused or queued. An out-of-memory step is split (``pipeline.step``); an image
 that does not fit alone fails its request with OutOfMemory and the budget shrinks to what
-fit. Image-to-image requests are stepped like generations (they start from the noised input
-image, at a later timestep); inpainting is not: one runs whole when it is the lead.
+fit. Edits are stepped like generations: they start from the noised input image at a later
+timestep, and inpainting puts the unmasked part back after each step. A request the pipeline
+cannot step (``stepped``: inpainting on a 9-channel UNet) runs whole when it is the lead.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ class StepBatcher(QueueBase):
         out: list[Job] = []
         for job in self._pending:
             if job.cancelled or not self.pipeline.stepped(job.key) or self._shape(job) != self._shape(lead):
-                continue  # another group (or an inpainting, run whole): it goes when it is the oldest
+                continue  # another group (or a request run whole): it goes when it is the oldest
             pixels = latent_pixels(job.key) * job.item.n
             if (group or out) and (cost + pixels > self.budget or images + job.item.n > self.max_batch_size):
                 break  # arrival order within the group: nobody younger overtakes it
@@ -146,8 +147,8 @@ class StepBatcher(QueueBase):
         metrics.QUEUE_WAIT.observe(job.started - job.enqueued)
 
     async def _run_whole(self, loop: asyncio.AbstractEventLoop, job: Job) -> None:
-        """A request the pipeline cannot step (inpainting) runs as one pipeline call between
-        steps while the younger running requests wait."""
+        """A request the pipeline cannot step (inpainting on a 9-channel UNet) runs as one
+        pipeline call between steps while the younger running requests wait."""
         metrics.BATCH_SIZE.observe(job.item.n)
         try:
             await loop.run_in_executor(self._worker, self.pipeline.run, job.key, [job.item])
@@ -176,7 +177,7 @@ class StepBatcher(QueueBase):
                 await self._wakeup.wait()
                 continue
             if lead.started is None and not self.pipeline.stepped(lead.key):
-                self._start(lead)  # an inpainting runs whole when it is the oldest
+                self._start(lead)  # a request the pipeline cannot step runs whole when it is the oldest
                 await self._run_whole(loop, lead)
                 continue
             await self._admit(loop, lead)

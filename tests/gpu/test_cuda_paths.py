@@ -82,8 +82,8 @@ def test_step_batching_on_cuda_matches_the_request_alone_within_tolerance(sd15):
 
 def test_sdxl_fp16_steps_like_its_request_and_an_edit_beside_a_decode_leaves_both_intact():
     """The SDXL step path in fp16 on CUDA (the tiny SDXL: seconds): its image against diffusers'
-    call, and edits beside decodes: a stepped image-to-image start and an inpainting (run
-    whole) both switch the VAE's dtype to encode."""
+    call, and edits beside decodes: image-to-image and inpainting starts switch the VAE's dtype
+    to encode their input image."""
     from PIL import Image
 
     xl = Pipeline(Settings(model="tiny", pipeline="sdxl", device="cuda", dtype="float16", min_side=64, warmup=False))

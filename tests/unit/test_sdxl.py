@@ -86,6 +86,21 @@ async def test_sdxl_image_to_image_is_stepped_and_gives_the_request_image_alone_
     assert np.abs(pixels(flat) - pixels(requested)).mean() > 1  # the input image counts
 
 
+async def test_sdxl_inpainting_is_stepped_and_gives_the_request_image(xl):
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    for scheduler, strength in (("default", 1.0), ("euler_a", 0.75)):
+        k = key(4, scheduler=scheduler, task="inpaint", strength=strength)
+        requested = Item("a bird", None, 1, 9, init_image=init, mask_image=mask)
+        xl.run(k, [requested])
+        mix = [(key(3), Item("a fox", None, 1, 7)), (k, Item("a bird", None, 1, 9, init_image=init, mask_image=mask))]
+        _, in_mix = await stepped(xl, mix)
+        assert in_mix.progress == requested.progress == int(4 * strength)
+        diff = np.abs(pixels(in_mix) - pixels(requested))
+        assert diff.max() <= 2 and diff.mean() < 0.05, (scheduler, diff.mean(), diff.max())
+
+
 def test_an_sdxl_request_batch_gives_each_request_the_image_it_gets_alone(xl):
     """SDXL encodes a missing negative prompt as zeros: a request without one keeps its image
     when it is batched with requests that have one (and so does the request that has one)."""
@@ -153,14 +168,15 @@ async def test_sdxl_generations_and_edits_through_the_api(xl, batching):
     assert np.abs(img2img - inpaint).mean() > 0  # the mask changed what was repainted
 
 
-async def test_an_sdxl_edit_during_a_step_batched_decode_leaves_both_intact(monkeypatch):
-    """float16: diffusers' SDXL inpainting (run whole) switches the VAE to float32 and back to
-    float16 while the step batcher's decode thread decodes in float32. The decode below waits
-    inside the VAE for the edit to end (2 s at most); without the VAE lock the edit ran in that
-    window and the decode failed with "Input type (float) and bias type (c10::Half) should be
-    the same"."""
+async def test_an_sdxl_edit_run_whole_during_a_step_batched_decode_leaves_both_intact(monkeypatch):
+    """float16: diffusers' SDXL inpainting, run whole (as on a 9-channel inpainting UNet, made
+    so here), switches the VAE to float32 and back to float16 while the step batcher's decode
+    thread decodes in float32. The decode below waits inside the VAE for the edit to end (2 s
+    at most); without the VAE lock the edit ran in that window and the decode failed with
+    "Input type (float) and bias type (c10::Half) should be the same"."""
     half = Pipeline(Settings(**XL, dtype="float16", device="cpu", max_batch_size=2))
     half.load()
+    monkeypatch.setattr(half, "stepped", lambda key: key.task != "inpaint")
     edited = threading.Event()
     real_decode, real_run = half.pipe.vae.decode, half.run
 

@@ -115,17 +115,46 @@ async def test_image_to_image_is_stepped_and_gives_the_image_request_batching_gi
     assert np.abs(pixels(other_input)[0].astype(np.int16) - pixels(stepped)[0]).mean() > 1  # the input image counts
 
 
-async def test_image_to_image_shares_the_unet_forward_with_generations_and_keeps_its_image(tiny):
+def inpainting(steps=8, scheduler="default", strength=1.0, seed=42, n=1) -> tuple[BatchKey, Item]:
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))  # white: repaint
+    k = BatchKey(64, 64, steps, 7.5, scheduler, task="inpaint", strength=strength)
+    return k, Item("a red fox", None, n, seed, init_image=photo(), mask_image=mask)
+
+
+@pytest.mark.parametrize("scheduler,strength", [("default", 1.0), ("euler_a", 1.0), ("ddim", 0.75), ("dpmpp_2m", 0.5)])
+async def test_inpainting_is_stepped_and_gives_the_image_request_batching_gives(tiny, scheduler, strength):
+    """Inpainting on the model's own (4-channel) UNet: after each step the unmasked part goes
+    back to the input image noised to the next timestep. The step path gives the diffusers
+    inpaint call's images, with a stochastic scheduler too (euler_a: the generator's stream
+    is kept), and the part outside the mask does not depend on the seed."""
+    k, requested = inpainting(8, scheduler, strength, n=2)
+    tiny.run(k, [requested])
+    (stepped,) = await run_all(
+        StepBatcher(tiny, max_batch_size=6, queue_size=16), [inpainting(8, scheduler, strength, n=2)]
+    )
+    assert stepped.progress == requested.progress == int(8 * strength)
+    for a, b in zip(pixels(stepped), pixels(requested), strict=True):
+        diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+        assert diff.max() <= 2 and diff.mean() < 0.01, (diff.mean(), diff.max())
+    seeds = np.abs(pixels(stepped)[0].astype(np.int16) - pixels(stepped)[1])  # seeds 42 and 43
+    assert seeds[24:40, 24:40].mean() > 1 and seeds[:8, :8].mean() < seeds[24:40, 24:40].mean() / 4
+
+
+async def test_edits_share_the_unet_forward_with_generations_and_keep_their_images(tiny):
     (alone,) = await run_all(StepBatcher(tiny, max_batch_size=6, queue_size=16), [edit(8, "euler", 0.5)])
+    (painted_alone,) = await run_all(StepBatcher(tiny, max_batch_size=6, queue_size=16), [inpainting(5, "euler_a")])
     sum0, count0 = observed(metrics.BATCH_SIZE)
-    generated, in_mix = await run_all(
+    generated, in_mix, painted = await run_all(
         StepBatcher(tiny, max_batch_size=6, queue_size=16),
-        [(key(6, 3.0, "ddim"), Item("a", None, 1, 1)), edit(8, "euler", 0.5)],
+        [(key(6, 3.0, "ddim"), Item("a", None, 1, 1)), edit(8, "euler", 0.5), inpainting(5, "euler_a")],
     )
     images, steps = observed(metrics.BATCH_SIZE)
-    # Admitted together: 4 forwards hold both (the edit's 4 steps), 2 more the generation alone.
-    assert (images - sum0, steps - count0) == (4 * 2 + 2, 6)
+    # Admitted together: 4 forwards hold all three (the edit's 4 steps), 1 more the generation
+    # and the inpainting (5 steps), 1 more the generation alone (6).
+    assert (images - sum0, steps - count0) == (4 * 3 + 2 + 1, 6)
     assert np.array_equal(pixels(in_mix)[0], pixels(alone)[0])  # bit-identical on the CPU
+    assert np.array_equal(pixels(painted)[0], pixels(painted_alone)[0])
     assert len(generated.images) == 1
 
 
@@ -160,6 +189,19 @@ async def test_requests_step_in_arrival_order_across_shapes_within_the_budget():
     ]
     await run_all(batcher, jobs)
     assert fake.step_prompts == [["a", "b"]] * 4 + [["c", "d"]] * 4 + [["big"]] * 4 + [["d"]] * 4
+
+
+async def test_a_request_the_pipeline_cannot_step_runs_whole_when_it_is_the_oldest():
+    """(Inpainting on a 9-channel UNet.) A younger request of its size passes it into the
+    batch; once the older stepped one finishes, it runs as one call while the younger waits."""
+    fake = FakePipeline(seconds_per_call=0.04, whole_tasks=("inpaint",))
+    masked = BatchKey(64, 64, 4, 7.5, "default", task="inpaint")
+    jobs = [(key(4), Item("a", None, 1, 1)), (masked, Item("x", None, 1, 2)), (key(8), Item("b", None, 1, 3))]
+    done = await run_all(StepBatcher(fake, max_batch_size=8, queue_size=16), jobs)
+    assert fake.step_prompts == [["a", "b"]] * 4 + [["b"]] * 4
+    order = [(m, p) for m, p, _ in fake.threads if m in ("step", "run")]
+    assert order.index(("run", "x")) == 4  # after a's 4 steps, before b's last 4
+    assert [len(d.images) for d in done] == [1, 1, 1]
 
 
 async def test_cancelling_a_running_request_frees_its_slot_at_the_next_step():
