@@ -250,7 +250,8 @@ class Pipeline:
         """Two steps at the default request size (64x64 for the tiny model) and at every
         SDSERVE_WARMUP_SIZES size, for every batch size up to max_batch_size on a GPU, where
         cuDNN autotunes (and torch.compile compiles) per input shape, so an unwarmed batch size
-        stalls the first request that makes it; one image on a CPU. With torch.compile, also each
+        stalls the first request that makes it; one image on a CPU. On a GPU also one
+        image-to-image edit at the default size, for the VAE encoder's kernels. With torch.compile, also each
         LoRA adapter alone at its default weight at the default size: every adapter set compiles
         the UNet once more, which would otherwise stall the first request naming it. The batcher
         runs them on its own threads (``sdserve.queue.QueueBase.load``)."""
@@ -262,8 +263,12 @@ class Pipeline:
         keys = [BatchKey(w, h, 2, s.default_guidance_scale, "default") for w, h in sizes]
         if s.compile:  # keys[0] is the default size
             keys += [dataclasses.replace(keys[0], loras=((a.name, a.weight),)) for a in s.loras]
-        counts = range(1, s.max_batch_size + 1) if self.device.startswith("cuda") else [1]
-        return [(key, n) for key in keys for n in counts]
+        gpu = self.device.startswith("cuda")
+        counts = range(1, s.max_batch_size + 1) if gpu else [1]
+        shapes = [(key, n) for key in keys for n in counts]
+        if gpu:  # the VAE encoder of an edit's input image (one image at the default size)
+            shapes.append((dataclasses.replace(keys[0], loras=(), task="img2img", strength=1.0), 1))
+        return shapes
 
     # ---- generation ------------------------------------------------------------------
     def run(self, key: BatchKey, items: list[Item]) -> list[Item]:

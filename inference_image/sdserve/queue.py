@@ -85,7 +85,13 @@ class QueueBase:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._worker, self.pipeline.load)
         for key, n in self.pipeline.warmup_shapes():
-            await self._warm(loop, key, Item("warm-up", None, n, 0))
+            item = Item("warm-up", None, n, 0)
+            if key.task != "generate":  # an edit's input image (and mask), grey
+                from PIL import Image
+
+                item.init_image = Image.new("RGB", (key.width, key.height), (128, 128, 128))
+                item.mask_image = Image.new("L", (key.width, key.height), 255) if key.task == "inpaint" else None
+            await self._warm(loop, key, item)
 
     async def _warm(self, loop: asyncio.AbstractEventLoop, key: BatchKey, item: Item) -> None:
         raise NotImplementedError

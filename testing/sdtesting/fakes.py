@@ -54,8 +54,18 @@ class FakePipeline:
     def warmup_shapes(self) -> list[tuple[BatchKey, int]]:
         return list(self.warmup)
 
+    @staticmethod
+    def _check(key: BatchKey, item: Item) -> None:
+        """An edit without its input image fails, as in the real pipeline."""
+        if key.task != "generate" and item.init_image is None:
+            raise ValueError(f"a {key.task} request without an input image")
+        if key.task == "inpaint" and item.mask_image is None:
+            raise ValueError("an inpaint request without a mask")
+
     def run(self, key: BatchKey, items: list[Item]) -> list[Item]:
         self._on("run", items[0].prompt)
+        for item in items:
+            self._check(key, item)
         with self._lock:
             self.calls.append((key, sum(i.n for i in items)))
         if self.oom_prompt is not None and any(i.prompt == self.oom_prompt for i in items):
@@ -73,6 +83,7 @@ class FakePipeline:
 
     def begin(self, key: BatchKey, item: Item) -> list[Any]:
         self._on("begin", item.prompt)
+        self._check(key, item)
         with self._lock:
             self.calls.append((key, item.n))  # a request's images start (its prompt is encoded)
         return [[key, item.prompt, item.seed + i, 0] for i in range(item.n)]

@@ -84,8 +84,9 @@ def test_warm_up_covers_every_batch_size_on_a_gpu_and_one_image_on_a_cpu():
     before ready; a CPU runs one image (its kernels are not tuned per shape)."""
     gpu = Pipeline(Settings(model="/models/sd15", device="cuda", max_batch_size=4))  # not loaded
     shapes = gpu.warmup_shapes()
-    assert [n for _, n in shapes] == [1, 2, 3, 4]
+    assert [n for _, n in shapes] == [1, 2, 3, 4, 1]
     assert {(k.width, k.height, k.steps) for k, _ in shapes} == {(512, 512, 2)}
+    assert [k.task for k, _ in shapes] == ["generate"] * 4 + ["img2img"]  # and the VAE encoder
     cpu = Pipeline(Settings(model="tiny", device="cpu", max_batch_size=4))
     assert [(k.width, n) for k, n in cpu.warmup_shapes()] == [(64, 1)]
     assert Pipeline(Settings(model="tiny", warmup=False)).warmup_shapes() == []
@@ -95,6 +96,7 @@ def test_warm_up_covers_every_batch_size_on_a_gpu_and_one_image_on_a_cpu():
         (1024, 1024, 2),
         (768, 768, 1),
         (768, 768, 2),
+        (1024, 1024, 1),  # the edit
     ]
     with pytest.raises(ValueError, match="SDSERVE_WARMUP_SIZES 2048x512"):
         Settings(warmup_sizes="768x768,2048x512")

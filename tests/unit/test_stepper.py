@@ -196,7 +196,11 @@ async def test_a_request_the_pipeline_cannot_step_runs_whole_when_it_is_the_olde
     batch; once the older stepped one finishes, it runs as one call while the younger waits."""
     fake = FakePipeline(seconds_per_call=0.04, whole_tasks=("inpaint",))
     masked = BatchKey(64, 64, 4, 7.5, "default", task="inpaint")
-    jobs = [(key(4), Item("a", None, 1, 1)), (masked, Item("x", None, 1, 2)), (key(8), Item("b", None, 1, 3))]
+    jobs = [
+        (key(4), Item("a", None, 1, 1)),
+        (masked, Item("x", None, 1, 2, init_image=photo(), mask_image=photo(1).convert("L"))),
+        (key(8), Item("b", None, 1, 3)),
+    ]
     done = await run_all(StepBatcher(fake, max_batch_size=8, queue_size=16), jobs)
     assert fake.step_prompts == [["a", "b"]] * 4 + [["b"]] * 4
     order = [(m, p) for m, p, _ in fake.threads if m in ("step", "run")]

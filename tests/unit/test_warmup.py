@@ -16,11 +16,12 @@ from sdtesting.asgi import serve
 from sdtesting.fakes import FakePipeline
 
 KEY = BatchKey(64, 64, 2, 7.5, "default")
+EDIT = BatchKey(64, 64, 2, 7.5, "default", task="img2img", strength=1.0)
 
 
 @pytest.mark.parametrize("mode", ["request", "step"])
 async def test_warm_up_runs_every_shape_on_the_threads_that_then_serve_requests(mode):
-    fake = FakePipeline(warmup=[(KEY, 1), (KEY, 2), (KEY, 3)])
+    fake = FakePipeline(warmup=[(KEY, 1), (KEY, 2), (KEY, 3), (EDIT, 1)])
     settings = Settings(model="fake", min_side=64, batching=mode, max_batch_size=4, cache_type="none")
     async with serve(create_app(settings, fake)) as client:
         body = {"prompt": "served", "width": 64, "height": 64, "num_inference_steps": 2}
@@ -32,7 +33,8 @@ async def test_warm_up_runs_every_shape_on_the_threads_that_then_serve_requests(
     # Every shape was warmed, through the path requests take in this mode.
     model_calls = "run" if mode == "request" else "begin"
     assert [n for k, n in fake.calls[:3]] == [1, 2, 3] and all(k == KEY for k, _ in fake.calls[:3])
-    assert sum(m == model_calls for m, _ in warm) == 3
+    assert fake.calls[3] == (EDIT, 1)  # with an input image: the fake fails an edit without one
+    assert sum(m == model_calls for m, _ in warm) == 4
 
     # The load, the warm-up and the request's model calls share one thread; step mode decodes
     # on its own (also warmed) thread.
