@@ -117,7 +117,7 @@ def begin(pipeline: Any, key: BatchKey, item: Item) -> list[ImageState]:
 
 def _edit_timesteps(scheduler: Any, key: BatchKey) -> Any:
     """An edit runs the last ``strength`` of the schedule, as diffusers' ``get_timesteps``."""
-    start = (key.steps - min(int(key.steps * key.strength), key.steps)) * scheduler.order
+    start = (key.steps - key.denoising_steps) * scheduler.order
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
     return scheduler.timesteps[start:]

@@ -168,7 +168,7 @@ class Jobs:
 
     async def submit(self, principal: str, gen: steps.Generation, webhook: dict[str, str] | None) -> JobRecord:
         steps.admit(self.state)
-        record = JobRecord(id="job_" + secrets.token_hex(12), owner=principal, steps=gen.key.steps)
+        record = JobRecord(id="job_" + secrets.token_hex(12), owner=principal, steps=gen.key.denoising_steps)
         if webhook:
             record.webhook_url, record.webhook_secret = webhook["url"], webhook.get("secret") or ""
         record.lease_until = time.time() + self.state.settings.job_lease_seconds
@@ -231,7 +231,7 @@ class Jobs:
             await steps.wait(state, job, poll)
             record.images = await steps.encode(job)
             record.seeds = [seed + i for i in range(gen.n)]
-            record.status, record.step = "succeeded", gen.key.steps
+            record.status, record.step = "succeeded", gen.key.denoising_steps
         except ApiError as e:
             cancelled = e.status == 499 or record.cancel_requested
             record.status = "cancelled" if cancelled else "failed"

@@ -294,7 +294,7 @@ async def edit_generation(state: State, request: Request, model: type[EditBody])
         height_field=side_field,
         n_field="n",
     )
-    if int(key.steps * strength) < 1:  # diffusers would run no step and fail inside the pipeline
+    if key.denoising_steps < 1:  # diffusers would run no step and fail inside the pipeline
         problems.append(("strength", f"{strength} of {key.steps} steps is no denoising step; raise it or the steps"))
     steps.validate(state, gen, problems)
     return gen, body

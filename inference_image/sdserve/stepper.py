@@ -76,7 +76,7 @@ class StepBatcher(QueueBase):
 
     def retry_after(self) -> int:
         """Seconds until the queue has room, roughly: the steps of the requests ahead."""
-        steps = sum(j.key.steps for j in self._pending) / max(1, self.max_batch_size)
+        steps = sum(j.key.denoising_steps for j in self._pending) / max(1, self.max_batch_size)
         return max(1, int(steps * self._step_seconds + 0.999))
 
     async def _warm(self, loop: asyncio.AbstractEventLoop, key: BatchKey, item: Item) -> None:

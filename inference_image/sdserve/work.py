@@ -35,6 +35,11 @@ class BatchKey:
     #: LoRA adapters and their weights, sorted by name (requests batch only with the same set).
     loras: tuple[tuple[str, float], ...] = ()
 
+    @property
+    def denoising_steps(self) -> int:
+        """The UNet steps a request takes: an edit runs the last ``strength`` of ``steps``."""
+        return self.steps if self.task == "generate" else min(int(self.steps * self.strength), self.steps)
+
 
 @dataclass
 class Item:

@@ -74,7 +74,7 @@ class FakePipeline:
             time.sleep(self.seconds_per_call)
         for item in items:
             item.images = [self._image(key, item.prompt, item.seed + i) for i in range(item.n)]
-            item.progress = key.steps
+            item.progress = key.denoising_steps
         return items
 
     # ---- step batching: a state is [key, prompt, seed, steps taken] --------------------
@@ -103,7 +103,7 @@ class FakePipeline:
             s[3] += 1
 
     def finished(self, state: Any) -> bool:
-        return bool(state[3] >= state[0].steps)
+        return bool(state[3] >= state[0].denoising_steps)
 
     def finish(self, states: list[Any]) -> list[Any]:
         self._on("finish", states[0][1])
