@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -70,12 +71,14 @@ class Mix:
     steps: tuple[int, ...]
     default_steps: int
     defaults: float = 0.5  # the share of requests with the server's defaults (the rest: custom)
+    edits: float = 0.0  # the share made image-to-image edits (strength 0.5, 0.75 or 1.0)
 
 
-def mixes(arch: str, defaults: float = 0.5) -> Mix:
+def mixes(arch: str, defaults: float = 0.5, edits: float = 0.0) -> Mix:
     if arch == "tiny":
-        return Mix(side=64, steps=(6, 10, 16), default_steps=10, defaults=defaults)
-    return Mix(side=1024 if arch == "sdxl" else 512, steps=(20, 30, 50), default_steps=30, defaults=defaults)
+        return Mix(side=64, steps=(6, 10, 16), default_steps=10, defaults=defaults, edits=edits)
+    side = 1024 if arch == "sdxl" else 512
+    return Mix(side=side, steps=(20, 30, 50), default_steps=30, defaults=defaults, edits=edits)
 
 
 def draw(mix: Mix, rng: random.Random, index: int) -> tuple[BatchKey, Item]:
@@ -86,7 +89,13 @@ def draw(mix: Mix, rng: random.Random, index: int) -> tuple[BatchKey, Item]:
         side = mix.side if rng.random() < 0.8 else mix.side * 3 // 2
         key = BatchKey(side, side, rng.choice(mix.steps), rng.choice([3.5, 5.0, 7.5, 9.0]), rng.choice(SCHEDULERS))
     n = 2 if rng.random() < 0.15 else 1
-    return key, Item(f"prompt {index}", None, n, rng.randrange(2**31))
+    item = Item(f"prompt {index}", None, n, rng.randrange(2**31))
+    if mix.edits and rng.random() < mix.edits:  # no draw without edits: the same arrivals as before
+        key = dataclasses.replace(key, task="img2img", strength=rng.choice([0.5, 0.75, 1.0]))
+        from PIL import Image
+
+        item.init_image = Image.new("RGB", (key.width, key.height), (128, 128, 128))
+    return key, item
 
 
 def workload(mix: Mix, rate: float, duration: float, seed: int) -> list[tuple[float, BatchKey, Item]]:
@@ -119,7 +128,7 @@ class Recorder:
         return self.inner.warmup_shapes()
 
     def run(self, key: BatchKey, items: list[Item]) -> list[Item]:
-        self.forwards += [sum(i.n for i in items)] * key.steps
+        self.forwards += [sum(i.n for i in items)] * key.denoising_steps
         return self.inner.run(key, items)
 
     def stepped(self, key: BatchKey) -> bool:
@@ -167,12 +176,14 @@ class SimState:
 
 
 class SimPipeline:
-    """No model: each step and decode sleeps as the cost curve says, under one device lock."""
+    """No model: each step and decode sleeps as the cost curve says, under one device lock.
+    An edit's VAE encode of its input image is costed as a decode (not measured)."""
 
     revision, device, dtype, load_seconds = "sim", "sim", None, 0.0
 
-    def __init__(self, cost: Cost):
+    def __init__(self, cost: Cost, edits_whole: bool = False):
         self.cost = cost
+        self.edits_whole = edits_whole  # step batching runs edits as one call (sdserve before 2026-12-01)
         self._device = threading.Lock()
 
     def _busy(self, seconds: float) -> None:
@@ -188,17 +199,19 @@ class SimPipeline:
     def run(self, key: BatchKey, items: list[Item]) -> list[Item]:
         n = sum(i.n for i in items)
         px = (key.width // 8) * (key.height // 8)
-        self._busy(self.cost.encode * len(items) + key.steps * self.cost.step(n * px) + self.cost.decode * n)
+        encodes = self.cost.decode * n if key.task != "generate" else 0.0  # the input images
+        steps = key.denoising_steps * self.cost.step(n * px)
+        self._busy(self.cost.encode * len(items) + encodes + steps + self.cost.decode * n)
         for it in items:
             it.images = [object()] * it.n
         return items
 
     def stepped(self, key: BatchKey) -> bool:
-        return key.task == "generate"  # the simulated mix has no edits
+        return key.task == "generate" or not self.edits_whole
 
     def begin(self, key: BatchKey, item: Item) -> list[SimState]:
-        self._busy(self.cost.encode)
-        return [SimState((key.width // 8) * (key.height // 8), key.steps) for _ in range(item.n)]
+        self._busy(self.cost.encode + (self.cost.decode * item.n if key.task != "generate" else 0.0))
+        return [SimState((key.width // 8) * (key.height // 8), key.denoising_steps) for _ in range(item.n)]
 
     def step(self, states: list[SimState]) -> None:
         self._busy(self.cost.step(sum(s.pixels for s in states)))
@@ -532,6 +545,10 @@ def main() -> int:
         default=0.5,
         help="share of requests with the server's default parameters (0: every request mixes its own)",
     )
+    ap.add_argument("--edits", type=float, default=0.0, help="share of requests that are image-to-image edits")
+    ap.add_argument(
+        "--edits-whole", action="store_true", help="sim: step batching runs edits as one call (as before 2026-12-01)"
+    )
     ap.add_argument("--policies", default="request,step", help="which policies to run (comma-separated)")
     ap.add_argument(
         "--refine", type=int, default=0, help="bisection runs to place the load at which request breaks the SLO"
@@ -554,11 +571,11 @@ def main() -> int:
 
 async def run_benchmark(args: argparse.Namespace, spec: dict) -> int:
     """--pipeline sim replays ``spec``; a real pipeline measures its own cost curve."""
-    mix = mixes(args.arch, args.defaults_share)
+    mix = mixes(args.arch, args.defaults_share, args.edits)
     loads = [float(x) for x in args.loads.split(",")]
 
     if args.pipeline == "sim":
-        inner: Any = SimPipeline(Cost(spec))
+        inner: Any = SimPipeline(Cost(spec), edits_whole=args.edits_whole)
         label = f"SIMULATION: sleeps follow the cost curve ({spec['source']})"
     else:
         inner = real_pipeline(args.arch, args.device, args.max_batch, mix)
@@ -616,6 +633,7 @@ async def compare(
         "what": label,
         "mix": {
             "defaults share": mix.defaults,
+            "edits share (img2img, strength 0.5/0.75/1.0)": mix.edits,
             "default": [mix.side, mix.default_steps, 7.5, "default"],
             "custom steps": mix.steps,
             "custom guidance": [3.5, 5.0, 7.5, 9.0],
