@@ -251,9 +251,10 @@ class Pipeline:
         SDSERVE_WARMUP_SIZES size, for every batch size up to max_batch_size on a GPU, where
         cuDNN autotunes (and torch.compile compiles) per input shape, so an unwarmed batch size
         stalls the first request that makes it; one image on a CPU. On a GPU also one
-        image-to-image edit at the default size, for the VAE encoder's kernels. With torch.compile, also each
-        LoRA adapter alone at its default weight at the default size: every adapter set compiles
-        the UNet once more, which would otherwise stall the first request naming it. The batcher
+        image-to-image edit at the default size, for the VAE encoder's kernels. With
+        torch.compile, also each LoRA adapter alone at its default weight at the default size:
+        every adapter set compiles the UNet once more, which would otherwise stall the first
+        request naming it. The batcher
         runs them on its own threads (``sdserve.queue.QueueBase.load``)."""
         s = self.settings
         if not s.warmup:
@@ -398,7 +399,7 @@ class Pipeline:
         return key.task != "inpaint" or self.pipe.unet.config.in_channels == 4
 
     def begin(self, key: BatchKey, item: Item) -> list[Any]:
-        """A request's states. Its text encoding, and an image-to-image request's VAE encode,
+        """A request's states. Its text encoding, and an edit's VAE encode of its input image,
         run here: one that runs out of memory fails the request alone with OutOfMemory (a 503,
         as a request batch that does not fit), after the failed attempt's memory is freed."""
         from . import denoise
