@@ -199,18 +199,21 @@ class SimPipeline:
     def run(self, key: BatchKey, items: list[Item]) -> list[Item]:
         n = sum(i.n for i in items)
         px = (key.width // 8) * (key.height // 8)
-        encodes = self.cost.decode * n if key.task != "generate" else 0.0  # the input images
         steps = key.denoising_steps * self.cost.step(n * px)
-        self._busy(self.cost.encode * len(items) + encodes + steps + self.cost.decode * n)
+        self._busy(self.cost.encode * len(items) + self._inputs(key, n) + steps + self.cost.decode * n)
         for it in items:
             it.images = [object()] * it.n
         return items
+
+    def _inputs(self, key: BatchKey, n: int) -> float:
+        """An edit's VAE encode of its n input images, costed as decodes."""
+        return self.cost.decode * n if key.task != "generate" else 0.0
 
     def stepped(self, key: BatchKey) -> bool:
         return key.task == "generate" or not self.edits_whole
 
     def begin(self, key: BatchKey, item: Item) -> list[SimState]:
-        self._busy(self.cost.encode + (self.cost.decode * item.n if key.task != "generate" else 0.0))
+        self._busy(self.cost.encode + self._inputs(key, item.n))
         return [SimState((key.width // 8) * (key.height // 8), key.denoising_steps) for _ in range(item.n)]
 
     def step(self, states: list[SimState]) -> None:
