@@ -254,7 +254,7 @@ def _step(pipeline: Any, states: list[ImageState], pad: int) -> None:
             pred = uncond + s.key.guidance_scale * (cond - uncond)  # classifier-free guidance, per request
             s.latents = s.scheduler.step(pred, ts[k], s.latents, **s.step_kwargs, return_dict=False)[0]
             if s.blend is not None:
-                _blend(s)
+                _blend(s, *s.blend)
             s.i += 1
             if s.preview_of is not None:
                 from .preview import latent_preview
@@ -262,13 +262,12 @@ def _step(pipeline: Any, states: list[ImageState], pad: int) -> None:
                 s.preview_of.preview_png = latent_preview(s.latents, pipeline.settings.pipeline)
 
 
-def _blend(s: ImageState) -> None:
+def _blend(s: ImageState, mask: Any, image_latents: Any, noise: Any) -> None:
     """Inpainting with a 4-channel UNet, after the state's step: outside the mask the latents go
     back to the input image's, noised to the next timestep (none after the last), as diffusers'
     inpaint loop does."""
     import torch
 
-    mask, image_latents, noise = s.blend  # type: ignore[misc]
     proper = image_latents
     if s.i < len(s.timesteps) - 1:
         proper = s.scheduler.add_noise(image_latents, noise, torch.tensor([s.timesteps[s.i + 1]]))
