@@ -142,8 +142,18 @@ class QueueBase:
         job = Job(key, item, asyncio.get_running_loop().create_future(), preemptible=self.PREEMPTIBLE)
         self._pending.append(job)
         metrics.QUEUE_DEPTH.set(len(self._pending))
+        job.future.add_done_callback(lambda _: self._forget(job))
         self._wakeup.set()
         return job
+
+    def _forget(self, job: Job) -> None:
+        """A queued job whose client left (or whose time ran out) gives its place back at once:
+        it no longer counts against ``queue_size``, the depth the autoscaler reads, or Retry-After.
+        Runs on the event loop (a future's done-callback), as does everything else that changes
+        the queue."""
+        if job.started is None and any(j is job for j in self._pending):
+            self._pending = collections.deque(j for j in self._pending if j is not job)
+            metrics.QUEUE_DEPTH.set(len(self._pending))
 
     async def drain(self, seconds: float) -> bool:
         """Refuse new work and wait until queued and running work is done, ``seconds`` at most."""

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from sdserve import steps
+from sdserve import metrics, steps
 from sdserve.errors import ApiError
-from sdserve.queue import Batcher
+from sdserve.queue import Batcher, QueueFull, cancel
 from sdserve.settings import Settings
 from sdserve.state import State
 from sdserve.work import BatchKey, Item
@@ -50,6 +50,35 @@ async def test_rate_limit_is_429_with_retry_after_once_the_bucket_is_empty():
         await steps.rate_limit(s, "anonymous", "10.0.0.1")
     assert e.value.status == 429 and e.value.retry_after is not None and e.value.retry_after >= 1
     assert await steps.rate_limit(s, "anonymous", "10.0.0.2") == "anonymous"  # another client, another bucket
+
+
+@pytest.mark.parametrize("batching", ["request", "step"])
+async def test_a_request_whose_client_left_frees_its_queue_place_at_once(batching):
+    """A queued request whose client leaves stops counting against the queue's size and its
+    depth (the autoscaler's metric) at once, not when the scheduler next reaches it: a server
+    whose queue filled with requests nobody waits for any more would answer 429 to live ones."""
+    s = State.build(
+        Settings(model="fake", batching=batching, queue_size=2, max_batch_size=1, max_wait_ms=0),
+        FakePipeline(seconds_per_call=1.0),
+    )
+    s.batcher.start()
+    key = BatchKey(64, 64, 20, 7.5, "euler")
+    try:
+        running = s.batcher.submit(key, Item("running", None, 1, 1))
+        while running.started is None:  # noqa: ASYNC110 - the scheduler task starts it
+            await asyncio.sleep(0.01)
+        gone = [s.batcher.submit(key, Item(f"gone {i}", None, 1, i)) for i in range(2)]
+        with pytest.raises(QueueFull):
+            s.batcher.submit(key, Item("too many", None, 1, 9))
+        for job in gone:
+            cancel(job, "client_disconnected")
+        await asyncio.sleep(0)  # the futures' done-callbacks run on the next loop turn
+        assert s.batcher.depth == 0 and metrics.QUEUE_DEPTH._value.get() == 0
+        live = s.batcher.submit(key, Item("live", None, 1, 3))  # not QueueFull
+        assert not running.future.done()  # the running request still holds the model
+        await asyncio.wait_for(asyncio.gather(running.future, live.future), 10)
+    finally:
+        await s.batcher.stop()
 
 
 async def test_a_full_queue_is_429_and_a_loaded_server_generates_through_the_cache():
