@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -34,8 +35,10 @@ class Draining(Exception):
     pass
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
+    """A request in a queue. Jobs are distinct by identity (two equal requests are two jobs)."""
+
     key: BatchKey
     item: Item
     future: asyncio.Future
@@ -51,7 +54,8 @@ class Job:
 
 class QueueBase:
     """What both batching policies share: the bounded queue of jobs, submission with 429 when
-    full and 503 while draining, the schedule task, the worker threads, and the drain."""
+    full and 503 while draining, the jobs taken from it and not finished (in flight), the
+    schedule task, the worker threads, and the drain."""
 
     #: Step batching can drop a started job at a step boundary; a request batch runs whole.
     PREEMPTIBLE = False
@@ -62,6 +66,9 @@ class QueueBase:
         self.max_batch_size = max_batch_size
         self.queue_size = queue_size
         self._pending: collections.deque[Job] = collections.deque()
+        #: Jobs taken from the queue whose futures are not done: being admitted, denoised (in a
+        #: batch, stepped, or run whole) or decoded. A job leaves when its future is done.
+        self._taken: set[Job] = set()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._threads: list[concurrent.futures.ThreadPoolExecutor] = []
@@ -103,10 +110,6 @@ class QueueBase:
     async def _loop(self) -> None:
         raise NotImplementedError
 
-    def _busy(self) -> int:
-        """Jobs taken from the queue and not finished."""
-        raise NotImplementedError
-
     def retry_after(self) -> int:
         raise NotImplementedError
 
@@ -128,8 +131,28 @@ class QueueBase:
         return len(self._pending)
 
     @property
+    def inflight(self) -> int:
+        """Requests taken from the queue and not finished (sdserve_inflight_requests)."""
+        return len(self._taken)
+
+    @property
     def idle(self) -> bool:
-        return self._busy() == 0 and all(j.cancelled for j in self._pending)
+        return not self._taken and all(j.cancelled for j in self._pending)
+
+    def _began(self, jobs: list[Job]) -> None:
+        """Jobs taken from the queue start: queue wait observed, in flight until their futures
+        are done (whichever way: result, error, or cancel at a step boundary)."""
+        now = time.monotonic()
+        for job in jobs:
+            job.started = now
+            metrics.QUEUE_WAIT.observe(now - job.enqueued)
+            self._taken.add(job)
+            job.future.add_done_callback(functools.partial(self._ended, job))
+        metrics.INFLIGHT.set(self.inflight)
+
+    def _ended(self, job: Job, _done: asyncio.Future) -> None:
+        self._taken.discard(job)
+        metrics.INFLIGHT.set(self.inflight)
 
     def submit(self, key: BatchKey, item: Item) -> Job:
         if self.draining:
@@ -151,8 +174,8 @@ class QueueBase:
         it no longer counts against ``queue_size``, the depth the autoscaler reads, or Retry-After.
         Runs on the event loop (a future's done-callback), as does everything else that changes
         the queue."""
-        if job.started is None and any(j is job for j in self._pending):
-            self._pending = collections.deque(j for j in self._pending if j is not job)
+        if job.started is None and job in self._pending:
+            self._pending.remove(job)
             metrics.QUEUE_DEPTH.set(len(self._pending))
 
     async def drain(self, seconds: float) -> bool:
@@ -169,11 +192,7 @@ class Batcher(QueueBase):
     def __init__(self, pipeline: ImagePipeline, *, max_batch_size: int, max_wait_ms: int, queue_size: int):
         super().__init__(pipeline, max_batch_size=max_batch_size, queue_size=queue_size)
         self.max_wait = max_wait_ms / 1000.0
-        self.inflight = 0
         self._batch_seconds = 1.0  # running estimate of one batch, for Retry-After
-
-    def _busy(self) -> int:
-        return self.inflight
 
     def retry_after(self) -> int:
         """Seconds until the queue has room again, roughly: the batches ahead times their cost."""
@@ -236,12 +255,7 @@ class Batcher(QueueBase):
             await self._run(loop, batch)
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[Job]) -> None:
-        now = time.monotonic()
-        for job in batch:
-            job.started = now
-            metrics.QUEUE_WAIT.observe(now - job.enqueued)
-        self.inflight = len(batch)
-        metrics.INFLIGHT.set(self.inflight)
+        self._began(batch)
         images = sum(j.item.n for j in batch)
         metrics.BATCH_SIZE.observe(images)
         t0 = time.perf_counter()
@@ -265,8 +279,6 @@ class Batcher(QueueBase):
             elapsed = time.perf_counter() - t0
             metrics.INFERENCE_DURATION.observe(elapsed)
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
-            self.inflight = 0
-            metrics.INFLIGHT.set(0)
 
     async def _run_singly(self, loop: asyncio.AbstractEventLoop, batch: list[Job]) -> None:
         for job in batch:

@@ -46,7 +46,7 @@ def latent_pixels(key: BatchKey) -> int:
     return (key.width // 8) * (key.height // 8)
 
 
-@dataclass
+@dataclass(eq=False)
 class Running:
     """A request in the running batch: its images' states, stepped together with the others."""
 
@@ -62,17 +62,8 @@ class StepBatcher(QueueBase):
         super().__init__(pipeline, max_batch_size=max_batch_size, queue_size=queue_size)
         self.budget = budget or max_batch_size * LATENT_512
         self._running: list[Running] = []
-        self._decoding: set[asyncio.Future[Any]] = set()
         self._decoder = self._thread("sdserve-decode")
         self._step_seconds = 0.05  # running estimate of one step boundary, for Retry-After
-
-    @property
-    def inflight(self) -> int:
-        """Requests being denoised or decoded."""
-        return len(self._running) + len(self._decoding)
-
-    def _busy(self) -> int:
-        return self.inflight
 
     def retry_after(self) -> int:
         """Seconds until the queue has room, roughly: the steps of the requests ahead."""
@@ -140,11 +131,10 @@ class StepBatcher(QueueBase):
             self._running.append(Running(job, states))
 
     def _start(self, job: Job) -> None:
-        """Take a job out of the queue (by identity: jobs compare by value)."""
-        del self._pending[next(i for i, j in enumerate(self._pending) if j is job)]
+        """Take a job out of the queue: in flight from here until its future is done."""
+        self._pending.remove(job)
         metrics.QUEUE_DEPTH.set(len(self._pending))
-        job.started = time.monotonic()
-        metrics.QUEUE_WAIT.observe(job.started - job.enqueued)
+        self._began([job])
 
     async def _run_whole(self, loop: asyncio.AbstractEventLoop, job: Job) -> None:
         """A request the pipeline cannot step (inpainting on a 9-channel UNet) runs as one
@@ -185,7 +175,6 @@ class StepBatcher(QueueBase):
             group = self._group(lead)
             if not group:
                 continue
-            metrics.INFLIGHT.set(self.inflight)
             await self._step(loop, group)
 
     async def _step(self, loop: asyncio.AbstractEventLoop, batch: list[Running]) -> None:
@@ -233,11 +222,8 @@ class StepBatcher(QueueBase):
 
     def _decode(self, loop: asyncio.AbstractEventLoop, r: Running) -> None:
         fut = loop.run_in_executor(self._decoder, self.pipeline.finish, r.states)
-        self._decoding.add(fut)
 
         def done(f: asyncio.Future[Any]) -> None:
-            self._decoding.discard(f)
-            metrics.INFLIGHT.set(self.inflight)
             job = r.job
             if job.future.done():
                 return

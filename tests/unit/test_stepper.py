@@ -5,6 +5,7 @@ order within a budget, cancel of running work, and out-of-memory handling."""
 from __future__ import annotations
 
 import asyncio
+import time
 import weakref
 
 import numpy as np
@@ -206,6 +207,62 @@ async def test_a_request_the_pipeline_cannot_step_runs_whole_when_it_is_the_olde
     order = [(m, p) for m, p, _ in fake.threads if m in ("step", "run")]
     assert order.index(("run", "x")) == 4  # after a's 4 steps, before b's last 4
     assert [len(d.images) for d in done] == [1, 1, 1]
+
+
+class SlowStart(FakePipeline):
+    """Admission (text encoding, an edit's VAE encode) that takes a while."""
+
+    def begin(self, key, item):
+        states = super().begin(key, item)  # records the call
+        time.sleep(0.6)
+        return states
+
+
+@pytest.mark.parametrize("what", ["run whole", "being admitted"])
+async def test_a_drain_waits_for_a_request_taken_from_the_queue(what):
+    """A request is in flight from the moment it leaves the queue: while it is admitted
+    (between the queue and the running batch) and while it runs as one call (a request the
+    pipeline cannot step). The drain (SIGTERM) waits for it instead of calling an idle server
+    done and losing it."""
+    if what == "run whole":
+        fake = FakePipeline(seconds_per_call=0.6, whole_tasks=("inpaint",))
+        k = BatchKey(64, 64, 4, 7.5, "default", task="inpaint")
+        item = Item("x", None, 1, 2, init_image=photo(), mask_image=photo(1).convert("L"))
+    else:
+        fake, k, item = SlowStart(), key(4), Item("x", None, 1, 2)
+    batcher = StepBatcher(fake, max_batch_size=4, queue_size=4)
+    batcher.start()
+    try:
+        job = batcher.submit(k, item)
+        while not fake.calls:  # noqa: ASYNC110 - the fake records its call on the worker thread
+            await asyncio.sleep(0.01)
+        assert batcher.depth == 0 and batcher.inflight == 1 and not batcher.idle
+        assert metrics.INFLIGHT._value.get() == 1
+        assert await batcher.drain(10)
+        assert job.future.done() and len(job.future.result().images) == 1
+        assert batcher.inflight == 0
+    finally:
+        await batcher.stop()
+
+
+async def test_the_in_flight_gauge_falls_to_zero_when_the_only_running_request_leaves():
+    """The autoscaler reads sdserve_inflight: a request dropped at a step boundary (its client
+    left) leaves it, even when no step follows."""
+    fake = FakePipeline(seconds_per_call=2.0)
+    batcher = StepBatcher(fake, max_batch_size=2, queue_size=4)
+    batcher.start()
+    try:
+        job = batcher.submit(key(40), Item("long", None, 1, 1))
+        while len(fake.steps) < 2:  # noqa: ASYNC110 - the fake counts steps on the worker thread
+            await asyncio.sleep(0.01)
+        assert metrics.INFLIGHT._value.get() == 1
+        cancel(job, "client_disconnected")
+        while not batcher.idle:  # noqa: ASYNC110 - the scheduler drops it at the next step boundary
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # the scheduler is waiting for work now
+        assert metrics.INFLIGHT._value.get() == 0
+    finally:
+        await batcher.stop()
 
 
 async def test_cancelling_a_running_request_frees_its_slot_at_the_next_step():
