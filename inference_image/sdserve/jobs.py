@@ -274,6 +274,13 @@ class Jobs:
                 log.warning("webhook of %s, attempt %d: %s", record.id, attempt + 1, problem)
                 await asyncio.sleep(delay * 2**attempt)
 
+    async def drain(self, seconds: float) -> bool:
+        """Wait until this replica's jobs have ended (result stored, webhook delivered or given
+        up), ``seconds`` at most: after the model's part, a job still writes its end."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=seconds)
+        return not self._tasks
+
     async def stop(self) -> None:
         for t in list(self._tasks):
             t.cancel()

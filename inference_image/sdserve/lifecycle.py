@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 
 from . import metrics
 from .state import State
@@ -67,9 +68,13 @@ def _exit_load_failed() -> None:
 
 
 async def start_drain(state: State) -> bool:
-    """Readiness off, new requests 503, queued and running work finishes (drain_seconds at most)."""
+    """Readiness off, new requests 503, queued and running work finishes, and async jobs store
+    and report their ends (drain_seconds at most, in all)."""
     metrics.READY.set(0)
     log.info("draining: %d queued, %d in flight", state.batcher.depth, state.batcher.inflight)
+    deadline = time.monotonic() + state.settings.drain_seconds
     drained = await state.batcher.drain(state.settings.drain_seconds)
+    if state.jobs is not None:
+        drained = await state.jobs.drain(max(0.0, deadline - time.monotonic())) and drained
     log.info("drain %s", "complete" if drained else "timed out")
     return drained

@@ -131,7 +131,9 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = 8000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    drain_seconds: float = Field(150, ge=0, description="Longest a SIGTERM waits for queued work.")
+    drain_seconds: float = Field(
+        150, ge=0, description="Longest a SIGTERM waits for queued and running work and the ends of jobs."
+    )
     termination_log: str = Field(
         "", description="File the reason of a fatal failure is written to (Kubernetes: /dev/termination-log)."
     )

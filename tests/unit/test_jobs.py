@@ -13,6 +13,7 @@ from aiohttp import web
 
 from sdserve.app import create_app
 from sdserve.jobs import signature
+from sdserve.lifecycle import start_drain
 from sdserve.settings import Settings
 from sdtesting.asgi import metric, serve
 from sdtesting.fakes import FakePipeline
@@ -117,6 +118,39 @@ async def test_a_webhook_is_signed_and_delivered_after_a_failed_attempt(keys):
         assert abs(int(ts) - time.time()) < 60
         assert headers["x-sdserve-signature"] == signature("s3cret", ts, body)
         assert headers["x-sdserve-signature"] != signature("wrong", ts, body)
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_drain_waits_for_a_finished_job_to_store_and_report_its_end(keys):
+    """SIGTERM while a job's images are done but its webhook is still being delivered: the
+    drain waits for the job to end (the shutdown that follows cancels what is left), so the
+    work is neither lost nor reported as replica_lost."""
+    received: list[bytes] = []
+    delivering = asyncio.Event()
+
+    async def slow_hook(request: web.Request) -> web.Response:
+        delivering.set()
+        await asyncio.sleep(0.5)
+        received.append(await request.read())
+        return web.Response(status=204)
+
+    receiver = web.Application()
+    receiver.router.add_post("/hook", slow_hook)
+    runner = web.AppRunner(receiver)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # the port bound to 0
+    try:
+        served = app(keys, webhook_allowed_hosts="127.0.0.1")
+        async with serve(served) as client:
+            webhook = {"url": f"http://127.0.0.1:{port}/hook"}
+            job = (await client.post("/v1/jobs", json={**BODY, "webhook": webhook}, headers=ALICE)).json()
+            await asyncio.wait_for(delivering.wait(), 10)
+            assert served.state.sd.batcher.idle  # the model's part is over
+            assert await start_drain(served.state.sd)
+            assert len(received) == 1 and json.loads(received[0])["id"] == job["id"]
     finally:
         await runner.cleanup()
 
