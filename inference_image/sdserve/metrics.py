@@ -48,7 +48,11 @@ BATCH_SIZE = Histogram(
     "sdserve_batch_size", "Images per pipeline call.", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=REGISTRY
 )
 QUEUE_DEPTH = Gauge("sdserve_queue_depth", "Requests waiting for a batch.", registry=REGISTRY)
-INFLIGHT = Gauge("sdserve_inflight_requests", "Requests taken from the queue and not finished: being admitted, generated or decoded.", registry=REGISTRY)
+INFLIGHT = Gauge(
+    "sdserve_inflight_requests",
+    "Requests taken from the queue and not finished: being admitted, generated or decoded.",
+    registry=REGISTRY,
+)
 IMAGES = Counter("sdserve_images_generated", "Images generated.", registry=REGISTRY)
 CACHE_HITS = Counter("sdserve_cache_hits", "Result cache hits.", registry=REGISTRY)
 CACHE_MISSES = Counter("sdserve_cache_misses", "Result cache misses (seeded requests only).", registry=REGISTRY)
