@@ -18,7 +18,7 @@ from starlette.routing import Route
 from . import errors, metrics
 from .jobs import Jobs, make_store
 from .lifecycle import load_model
-from .middleware import MetricsMiddleware
+from .middleware import BodyLimit, MetricsMiddleware
 from .outputs import make_outputs
 from .routes import GENERATION_ROUTES, router
 from .settings import Settings
@@ -61,7 +61,8 @@ def create_app(settings: Settings | None = None, pipeline: ImagePipeline | None 
     errors.install(app)
     # The router's own routes: FastAPI may keep an included router as one opaque entry.
     paths = {r.path for r in (*app.routes, *router.routes) if isinstance(r, (APIRoute, Route))}
-    app.add_middleware(MetricsMiddleware, routes=paths, timed=GENERATION_ROUTES)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, routes=paths, timed=GENERATION_ROUTES)  # the outer: it counts 413s
     return app
 
 

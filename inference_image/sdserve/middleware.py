@@ -1,4 +1,6 @@
-"""Counts every response by route and status; times generation routes end to end."""
+"""The ASGI layers around the routes: ``MetricsMiddleware`` counts every response by route and
+status and times generation routes end to end; ``BodyLimit`` refuses a request body over the
+limit (413) before it is read."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from collections.abc import Collection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import metrics
+from .errors import ApiError, error_response
 
 
 class MetricsMiddleware:
@@ -35,3 +38,51 @@ class MetricsMiddleware:
             metrics.HTTP_REQUESTS.labels(route, scope["method"], str(status["code"])).inc()
             if route in self.timed:
                 metrics.REQUEST_DURATION.labels(route).observe(time.perf_counter() - t0)
+
+
+class BodyLimit:
+    """413 for a request body over ``max_bytes``: at once when its Content-Length says so, or
+    as soon as that many bytes of a body without one arrived. The routes would otherwise read a
+    body whole (an upload into memory) before they could judge its size."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _refusal(self) -> ApiError:
+        return ApiError(413, "request_too_large", f"the request body is over {self.max_bytes} bytes")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await error_response(self._refusal())(scope, receive, send)
+        received, over, started = 0, False, False
+
+        async def limited() -> Message:
+            nonlocal received, over
+            if over:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    over = True  # the route sees its client gone; the 413 below is the answer
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded(message: Message) -> None:
+            nonlocal started
+            if over and not started:
+                return  # the route's own answer to a body it could not read
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, guarded)
+        except Exception:
+            if not over:
+                raise
+        if over and not started:
+            await error_response(self._refusal())(scope, receive, send)

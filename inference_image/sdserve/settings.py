@@ -178,6 +178,12 @@ class Settings(BaseSettings):
         return max(self.min_side, min(side, self.max_width)), max(self.min_side, min(side, self.max_height))
 
     @property
+    def max_body_bytes(self) -> int:
+        """The largest request body: an edit's image and mask at their limit, and 1 MiB of form
+        fields or JSON (a prompt at the CR's largest maxPromptLength is 100 000 characters)."""
+        return 2 * self.max_upload_bytes + 2**20
+
+    @property
     def model_id(self) -> str:
         """What identifies the weights in cache keys and /v1/models."""
         return self.model

@@ -169,3 +169,46 @@ async def _check_rs256(s, key):
     forged = jwt.encode(claims, other, algorithm="RS256", headers={"kid": "k1"})
     r = await post(s, {"Authorization": f"Bearer {forged}"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_token"
+
+
+MULTIPART = "multipart/form-data; boundary=x"
+
+
+def chunks(total: int, counter: list[int], head: bytes, size: int = 64 * 1024):
+    """A request body of ``total`` bytes after ``head``, sent without a Content-Length;
+    ``counter`` counts the bytes the server asked for."""
+
+    async def body():
+        yield head
+        for _ in range(total // size):
+            counter[0] += size
+            yield b"x" * size
+
+    return body()
+
+
+@pytest.mark.parametrize("route", ["/v1/images/edits", "/v1/images/generations", "/generate"])
+async def test_a_body_over_the_limit_is_refused_413_before_it_is_read(route):
+    """The limit is two uploads (image and mask) and 1 MiB of form fields: a larger body is a
+    413 as soon as its Content-Length says so, or as soon as that many bytes of a chunked body
+    arrived, not after the server read it all into memory."""
+    limited = app(max_upload_bytes=64 * 1024)  # the limit: 1 MiB + 128 KiB
+    async with serve(limited) as client:
+        before = metric("sdserve_http_requests_total", route=route, method="POST", status="413")
+        declared = {"content-type": MULTIPART, "content-length": str(8 * 2**20)}
+        r = await client.post(route, content=b"", headers=declared)
+        assert r.status_code == 413, r.text
+        error = r.json()["error"]
+        assert error["code"] == "request_too_large" and "1179648 bytes" in error["message"]
+        sent = [0]
+        if route.endswith("edits"):  # an image upload that goes on and on
+            head = b'--x\r\ncontent-disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+            kind = MULTIPART
+        else:
+            head, kind = b'{"prompt": "', "application/json"
+        r = await client.post(route, content=chunks(8 * 2**20, sent, head), headers={"content-type": kind})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+        assert sent[0] < 2 * 2**20  # it stopped reading past the limit
+        assert metric("sdserve_http_requests_total", route=route, method="POST", status="413") == before + 2
+        r = await client.post("/generate", json=BODY)  # the server goes on
+        assert r.status_code == 200, r.text
