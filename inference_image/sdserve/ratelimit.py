@@ -20,13 +20,28 @@ class Limiter(Protocol):
 
 
 class MemoryBuckets:
-    def __init__(self, rate: float, burst: int):
+    """Buckets of this replica. One that has refilled is forgotten (a new key gets a full
+    bucket): anonymous clients are limited per address, and memory must not grow with every
+    address that ever called. The sweep runs when the buckets double past ``prune_at``."""
+
+    def __init__(self, rate: float, burst: int, prune_at: int = 4096):
         self.rate, self.burst = rate, burst
         self._buckets: dict[str, tuple[float, float]] = {}
+        self._prune_at = self._prune_floor = prune_at
+
+    def _prune(self, now: float) -> None:
+        self._buckets = {
+            k: (tokens, last)
+            for k, (tokens, last) in self._buckets.items()
+            if tokens + (now - last) * self.rate < self.burst
+        }
+        self._prune_at = max(self._prune_floor, 2 * len(self._buckets))
 
     async def take(self, key: str) -> tuple[bool, int]:
         """(allowed, seconds to wait before retrying)."""
         now = time.monotonic()
+        if len(self._buckets) >= self._prune_at:
+            self._prune(now)
         tokens, last = self._buckets.get(key, (float(self.burst), now))
         tokens = min(self.burst, tokens + (now - last) * self.rate)
         if tokens >= 1:

@@ -9,6 +9,7 @@ import pytest
 from sdserve import metrics, steps
 from sdserve.errors import ApiError
 from sdserve.queue import Batcher, QueueFull, cancel
+from sdserve.ratelimit import MemoryBuckets
 from sdserve.settings import Settings
 from sdserve.state import State
 from sdserve.work import BatchKey, Item
@@ -121,3 +122,24 @@ async def test_the_batcher_groups_compatible_requests_into_one_call_and_keeps_ot
         await batcher.stop()
     assert sorted(fake.calls, key=lambda c: c[0].steps) == [(a, 3), (b, 2)]
     assert all(len(j.item.images) == 1 for j in jobs)
+
+
+async def test_the_in_memory_rate_limit_forgets_refilled_buckets_and_keeps_the_rest():
+    """Anonymous clients are limited per address: buckets that have refilled are forgotten (a
+    full bucket is what a new key gets), so memory stays bounded however many addresses call;
+    a client still over its limit keeps its bucket."""
+    buckets = MemoryBuckets(rate=1000.0, burst=2, prune_at=10)
+    most = 0
+    for r in range(10):  # 1000 addresses, 100 at a time
+        for i in range(100):
+            assert (await buckets.take(f"10.0.{r}.{i}"))[0]
+            most = max(most, len(buckets._buckets))
+        await asyncio.sleep(0.01)  # every bucket refills within 2 ms
+    assert most <= 200  # twice the buckets that were not full, not one per address
+
+    slow = MemoryBuckets(rate=0.001, burst=1, prune_at=10)
+    assert (await slow.take("greedy"))[0]
+    for i in range(100):
+        await slow.take(f"10.0.0.{i}")
+    allowed, wait = await slow.take("greedy")
+    assert not allowed and wait > 900  # still limited: its empty bucket was kept
