@@ -88,15 +88,25 @@ class JobStore(Protocol):
 
 
 class MemoryJobs:
-    def __init__(self) -> None:
-        self._data: dict[str, str] = {}
+    """This replica's jobs, each kept ``ttl_seconds`` after its last write, as Redis keeps
+    them: a record holds its images, and a store that kept every job would grow for ever."""
+
+    def __init__(self, ttl_seconds: float) -> None:
+        self.ttl = ttl_seconds
+        self._data: dict[str, tuple[float, str]] = {}  # id -> (expiry, record), oldest write first
 
     async def get(self, job_id: str) -> JobRecord | None:
-        raw = self._data.get(job_id)
-        return JobRecord(**json.loads(raw)) if raw else None
+        expires, raw = self._data.get(job_id, (0.0, ""))
+        return JobRecord(**json.loads(raw)) if raw and expires > time.monotonic() else None
 
     async def put(self, record: JobRecord) -> None:
-        self._data[record.id] = json.dumps(asdict(record))
+        now = time.monotonic()
+        self._data.pop(record.id, None)  # to the end: the dict stays in order of expiry
+        self._data[record.id] = (now + self.ttl, json.dumps(asdict(record)))
+        for job_id, (expires, _) in list(self._data.items()):
+            if expires > now:
+                break  # the rest were written later
+            del self._data[job_id]
 
 
 class RedisJobs:
@@ -130,7 +140,7 @@ def unavailable(e: Exception) -> ApiError:
 def make_store(s: Settings) -> JobStore:
     if s.cache_type == "redis" and s.redis_url:
         return RedisJobs(s.redis_url, s.job_ttl_seconds)
-    return MemoryJobs()
+    return MemoryJobs(s.job_ttl_seconds)
 
 
 def check_webhook(s: Settings, url: str) -> None:

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from sdserve.app import create_app
-from sdserve.jobs import signature
+from sdserve.jobs import JobRecord, MemoryJobs, signature
 from sdserve.lifecycle import start_drain
 from sdserve.settings import Settings
 from sdtesting.asgi import metric, serve
@@ -248,3 +248,20 @@ async def test_a_job_that_asks_for_previews_shows_them_while_it_runs(tiny, batch
     assert decode(previews[-1]["b64_json"]).shape == (side, side, 3)
     assert 0 < previews[-1]["step"] <= 40
     assert '"preview"' not in r.text.split("event: done")[1]  # the finished job has its result instead
+
+
+async def test_jobs_kept_in_memory_expire_as_in_redis():
+    """Without Redis a replica keeps its jobs (with their images) for SDSERVE_JOB_TTL_SECONDS
+    after their last write, as Redis would, not for ever."""
+    store = MemoryJobs(ttl_seconds=0.2)
+    old = JobRecord(id="job_old", owner="alice")
+    await store.put(old)
+    await asyncio.sleep(0.15)
+    await store.put(JobRecord(id="job_new", owner="alice"))
+    await store.put(old)  # written again (its progress, say): kept from now
+    await asyncio.sleep(0.1)  # past the first write's expiry
+    assert (await store.get("job_old")) is not None and (await store.get("job_new")) is not None
+    await asyncio.sleep(0.15)
+    assert (await store.get("job_old")) is None and (await store.get("job_new")) is None
+    await store.put(JobRecord(id="job_last", owner="bob"))
+    assert list(store._data) == ["job_last"]  # the expired ones are gone from memory too
