@@ -10,10 +10,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import pathlib
 from dataclasses import dataclass
 
 from . import metrics
+from .watched import WatchedFile
+
+log = logging.getLogger("sdserve.auth")
 
 
 @dataclass
@@ -23,10 +27,10 @@ class AuthError(Exception):
     message: str
 
 
-def _load_keys(path: str) -> dict[str, str]:
+def _parse_keys(text: str) -> dict[str, str]:
     """key -> name. Lines are 'name:key' or just 'key'; '#' starts a comment."""
     keys: dict[str, str] = {}
-    for raw in pathlib.Path(path).read_text(encoding="utf-8").splitlines():
+    for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -39,7 +43,11 @@ def _load_keys(path: str) -> dict[str, str]:
 
 class Authenticator:
     def __init__(self, settings):
-        self.keys = _load_keys(settings.api_keys_file) if settings.api_keys_file else {}
+        #: With a keys file, key authentication is on whatever it holds: a Secret emptied of its
+        #: keys refuses every key, it does not open the API. Rotated keys apply within seconds.
+        self._keys = WatchedFile(settings.api_keys_file, _parse_keys, "API keys") if settings.api_keys_file else None
+        if self._keys is not None and not self._keys.current():
+            log.warning("%s holds no API key: every key is refused", settings.api_keys_file)
         self.issuer = settings.jwt_issuer
         self.audience = settings.jwt_audience
         self.algorithms = settings.jwt_algorithm_list
@@ -52,7 +60,7 @@ class Authenticator:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.keys) or bool(self.issuer)
+        return self._keys is not None or bool(self.issuer)
 
     def _fail(self, status: int, code: str, message: str) -> AuthError:
         metrics.AUTH_FAILURES.labels(code).inc()
@@ -72,7 +80,7 @@ class Authenticator:
             credential = value.strip()
         if not credential:
             raise self._fail(401, "missing_credentials", "send an API key or token: Authorization: Bearer <key>")
-        for key, name in self.keys.items():
+        for key, name in (self._keys.current() if self._keys else {}).items():
             if hmac.compare_digest(key.encode(), credential.encode()):
                 return name
         if self.issuer and credential.count(".") == 2:

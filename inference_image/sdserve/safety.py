@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import pathlib
 import re
+
+from .watched import WatchedFile
 
 
 class Blocklist:
@@ -27,12 +28,6 @@ class Blocklist:
                 words.append(line)
         return cls(words, patterns)
 
-    @classmethod
-    def from_file(cls, path: str | None) -> Blocklist:
-        if not path:
-            return cls([], [])
-        return cls.from_text(pathlib.Path(path).read_text(encoding="utf-8"))
-
     def check(self, *texts: str | None) -> str | None:
         """The reason code of the first match, or None."""
         for text in texts:
@@ -44,3 +39,18 @@ class Blocklist:
                 if p.search(text):
                     return "blocked_pattern"
         return None
+
+
+class WatchedBlocklist:
+    """The blocklist file's current list: an edited ConfigMap applies within seconds."""
+
+    def __init__(self, path: str):
+        self._file = WatchedFile(path, Blocklist.from_text, "prompt blocklist")
+
+    def check(self, *texts: str | None) -> str | None:
+        return self._file.current().check(*texts)
+
+
+def blocklist_from(path: str | None) -> Blocklist | WatchedBlocklist:
+    """SDSERVE_BLOCKLIST_FILE's list, kept current; none without a file."""
+    return WatchedBlocklist(path) if path else Blocklist([], [])

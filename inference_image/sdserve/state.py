@@ -11,7 +11,7 @@ from .auth import Authenticator
 from .cache import Cache, make_cache
 from .queue import Batcher
 from .ratelimit import Limiter, make_limiter
-from .safety import Blocklist
+from .safety import Blocklist, WatchedBlocklist, blocklist_from
 from .settings import Settings
 from .stepper import StepBatcher
 from .work import ImagePipeline
@@ -32,7 +32,7 @@ class State:
     cache: Cache
     auth: Authenticator
     limiter: Limiter | None
-    blocklist: Blocklist
+    blocklist: Blocklist | WatchedBlocklist
     loaded: bool = False
     load_error: str | None = None
     load_task: asyncio.Task[None] | None = None
@@ -52,7 +52,7 @@ class State:
             cache=make_cache(s),
             auth=Authenticator(s),
             limiter=make_limiter(s),
-            blocklist=Blocklist.from_file(s.blocklist_file),
+            blocklist=blocklist_from(s.blocklist_file),
         )
 
     @property

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import jwt
 import pytest
 from openai import AsyncOpenAI, AuthenticationError
 
+from sdserve import watched
 from sdserve.app import create_app
 from sdserve.settings import Settings
 from sdtesting.asgi import BASE_URL, metric, serve
@@ -212,3 +214,42 @@ async def test_a_body_over_the_limit_is_refused_413_before_it_is_read(route):
         assert metric("sdserve_http_requests_total", route=route, method="POST", status="413") == before + 2
         r = await client.post("/generate", json=BODY)  # the server goes on
         assert r.status_code == 200, r.text
+
+
+async def test_an_api_keys_file_without_a_key_refuses_every_request(tmp_path):
+    """A Secret mounted with no key in it (empty, or comments only) must not open the API."""
+    (tmp_path / "keys").write_text("# every key revoked\n")
+    async with serve(app(api_keys_file=str(tmp_path / "keys"))) as client:
+        r = await post(client)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "missing_credentials"
+        r = await post(client, {"Authorization": "Bearer anything"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def swap(path, text: str) -> None:
+    """Replace a file the way the kubelet updates a mounted Secret or ConfigMap: a new file
+    moved into place (a new inode), never an edit in place."""
+    staged = path.with_suffix(".new")
+    staged.write_text(text)
+    os.replace(staged, path)
+
+
+async def test_rotated_api_keys_and_an_edited_blocklist_apply_without_a_restart(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(watched, "RECHECK_SECONDS", 0.0)
+    keys, blocklist = tmp_path / "keys", tmp_path / "blocklist"
+    keys.write_text("alice:key-old\n")
+    blocklist.write_text("dragon\n")
+    async with serve(app(api_keys_file=str(keys), blocklist_file=str(blocklist))) as client:
+        old, new = {"Authorization": "Bearer key-old"}, {"Authorization": "Bearer key-new"}
+        assert (await post(client, old)).status_code == 200
+        assert (await post(client, new)).status_code == 401
+        assert (await post(client, old, prompt="a dragon")).status_code == 400
+        swap(keys, "alice:key-new\n")  # the leaked key revoked, a new one issued
+        swap(blocklist, "unicorn\n")
+        assert (await post(client, old)).status_code == 401
+        assert (await post(client, new)).status_code == 200
+        assert (await post(client, new, prompt="a dragon")).status_code == 200
+        assert (await post(client, new, prompt="a unicorn")).status_code == 400
+        swap(blocklist, "re:(unclosed\n")  # a list that does not parse: the last good one stays
+        assert (await post(client, new, prompt="a unicorn")).status_code == 400
+        assert "keeping the last good one" in caplog.text

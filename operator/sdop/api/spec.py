@@ -567,7 +567,11 @@ class AuthSpec(ApiModel):
     """Who may call the API; open when neither is set."""
 
     api_keys_secret_ref: SecretKeyRef | None = Field(
-        None, description="Secret key with API keys, one per line (optionally 'name:key')."
+        None,
+        description=(
+            "Secret key with API keys, one per line (optionally 'name:key'). Running replicas apply an edit within "
+            "about a minute (no restart); a Secret that holds no key refuses every request."
+        ),
     )
     jwt: JwtSpec | None = Field(None, description="Accept bearer JWTs.")
 
@@ -584,7 +588,11 @@ class SafetySpec(ApiModel):
     """Content safety."""
 
     blocklist_config_map_ref: ConfigMapKeyRef | None = Field(
-        None, description="ConfigMap key with blocked words, one per line; lines 're:PATTERN' are regexes."
+        None,
+        description=(
+            "ConfigMap key with blocked words, one per line; lines 're:PATTERN' are regexes. Running replicas apply "
+            "an edit within about a minute; one that does not parse leaves the last good list."
+        ),
     )
     nsfw_check: bool = Field(
         False,
