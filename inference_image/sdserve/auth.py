@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import hmac
 import logging
-import pathlib
 from dataclasses import dataclass
 
 from . import metrics
@@ -51,7 +50,7 @@ class Authenticator:
         self.issuer = settings.jwt_issuer
         self.audience = settings.jwt_audience
         self.algorithms = settings.jwt_algorithm_list
-        self._jwt_key = pathlib.Path(settings.jwt_key_file).read_text().strip() if settings.jwt_key_file else None
+        self._jwt_key = WatchedFile(settings.jwt_key_file, str.strip, "JWT key") if settings.jwt_key_file else None
         self._jwks = None
         if settings.jwt_jwks_url:
             import jwt
@@ -95,7 +94,7 @@ class Authenticator:
                 signing = await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)
                 key = signing.key
             else:
-                key = self._jwt_key
+                key = self._jwt_key.current() if self._jwt_key else None
             claims = jwt.decode(
                 token,
                 key,

@@ -253,3 +253,16 @@ async def test_rotated_api_keys_and_an_edited_blocklist_apply_without_a_restart(
         swap(blocklist, "re:(unclosed\n")  # a list that does not parse: the last good one stays
         assert (await post(client, new, prompt="a unicorn")).status_code == 400
         assert "keeping the last good one" in caplog.text
+
+
+async def test_a_rotated_jwt_key_applies_without_a_restart(tmp_path, monkeypatch):
+    monkeypatch.setattr(watched, "RECHECK_SECONDS", 0.0)
+    key = tmp_path / "jwt"
+    key.write_text(SECRET)
+    settings = {"jwt_issuer": "https://issuer.test/", "jwt_audience": "sd-api", "jwt_algorithms": "HS256"}
+    async with serve(app(jwt_key_file=str(key), **settings)) as client:
+        bearer = {"Authorization": f"Bearer {token()}"}
+        assert (await post(client, bearer)).status_code == 200
+        swap(key, "the-next-shared-secret-with-enough-bytes-too")
+        r = await post(client, bearer)  # signed with the old key
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_token"
