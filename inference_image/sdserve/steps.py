@@ -146,10 +146,22 @@ def admit(state: State) -> None:
 
 
 def result_key(state: State, gen: Generation, seed: int) -> str:
+    """The request and what else shapes the images served for it: replicas that share a Redis
+    cache, or one that outlives a change of the CR, must not serve images made another way: in
+    another dtype or quantization, with another file behind an adapter's name, or without the
+    content check that is now on. (torch.compile and channels_last change only rounding.)"""
+    s = state.settings
+    sources = {a.name: [a.source, a.weight_name] for a in s.loras}
     return cache_key(
-        state.settings.model_id,
+        s.model_id,
         state.pipeline.revision,
         {
+            "serving": {
+                "dtype": str(state.pipeline.dtype),
+                "quantization": s.quantization,
+                "content_check": (s.safety_checker or "model") if s.nsfw_check else None,
+                "adapters": {name: sources.get(name) for name, _ in gen.key.loras},
+            },
             "prompt": gen.prompt,
             "negative_prompt": gen.negative_prompt,
             "n": gen.n,

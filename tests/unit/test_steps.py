@@ -143,3 +143,27 @@ async def test_the_in_memory_rate_limit_forgets_refilled_buckets_and_keeps_the_r
         await slow.take(f"10.0.0.{i}")
     allowed, wait = await slow.take("greedy")
     assert not allowed and wait > 900  # still limited: its empty bucket was kept
+
+
+def test_the_result_cache_key_changes_with_what_shapes_the_images_served():
+    """Replicas sharing a Redis cache, or one that outlives an edit of the CR, must not serve
+    images made another way: above all, not images made before the content check was on."""
+    request = gen(BatchKey(64, 64, 4, 7.5, "euler", loras=(("pixel", 1.0),)), seed=5)
+    pixel = {"name": "pixel", "source": "org/pixel-lora"}
+
+    def key(dtype: str = "float32", **settings) -> str:
+        s = State.build(Settings(model="fake", **{"loras": [pixel], **settings}), FakePipeline())
+        s.pipeline.dtype = dtype  # the fake's resolved dtype
+        return steps.result_key(s, request, 5)
+
+    same = key()
+    assert key() == same  # the same server, the same key: shared across replicas
+    assert key(loras=[pixel, {"name": "ink", "source": "org/ink"}]) == same  # an adapter it does not use
+    changed = [
+        key(nsfw_check=True),
+        key(nsfw_check=True, safety_checker="CompVis/stable-diffusion-safety-checker"),
+        key(quantization="int8_weight_only"),
+        key(dtype="float16"),
+        key(loras=[{**pixel, "source": "org/pixel-lora-v2"}]),
+    ]
+    assert len({same, *changed}) == 1 + len(changed)
