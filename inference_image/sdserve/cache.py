@@ -52,9 +52,13 @@ class NoCache:
 
 
 class MemoryCache(NoCache):
-    def __init__(self, max_entries: int):
-        self.max_entries = max_entries
+    """Least recently used entries go past ``max_entries`` or ``max_bytes`` of values; a value
+    larger than ``max_bytes`` alone is not kept."""
+
+    def __init__(self, max_entries: int, max_bytes: int):
+        self.max_entries, self.max_bytes = max_entries, max_bytes
         self._data: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._bytes = 0
         metrics.CACHE_UP.set(1)
 
     async def get(self, key: str) -> bytes | None:
@@ -64,10 +68,12 @@ class MemoryCache(NoCache):
         return value
 
     async def set(self, key: str, value: bytes) -> None:
+        if len(value) > self.max_bytes:
+            return
+        self._bytes += len(value) - len(self._data.pop(key, b""))
         self._data[key] = value
-        self._data.move_to_end(key)
-        while len(self._data) > self.max_entries:
-            self._data.popitem(last=False)
+        while len(self._data) > self.max_entries or self._bytes > self.max_bytes:
+            self._bytes -= len(self._data.popitem(last=False)[1])
 
 
 class RedisCache(NoCache):
@@ -127,7 +133,7 @@ class RedisCache(NoCache):
 
 def make_cache(settings: Settings) -> Cache:
     if settings.cache_type == "memory":
-        return MemoryCache(settings.cache_max_entries)
+        return MemoryCache(settings.cache_max_entries, settings.cache_max_bytes)
     if settings.cache_type == "redis" and settings.redis_url:  # Settings requires the URL for redis
         return RedisCache(settings.redis_url, settings.cache_ttl_seconds)
     return NoCache()

@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     # Result cache
     cache_type: Literal["none", "memory", "redis"] = "memory"
     cache_max_entries: int = Field(256, ge=1)
+    #: The in-memory cache's bound in bytes, besides its entries (an SDXL entry of four images
+    #: is about 10 MB of base64 PNG).
+    cache_max_bytes: int = Field(512 * 2**20, ge=1)
     cache_ttl_seconds: int = Field(86400, ge=1)
     redis_url: str | None = None
 

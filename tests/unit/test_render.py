@@ -67,20 +67,21 @@ def test_batch_size_changes_only_configmap_and_pod_template():
 
 
 @pytest.mark.parametrize(
-    "server,key,value",
+    "section,fields,key,value",
     [
-        ({"warmupSizes": [{"width": 768, "height": 768}]}, "SDSERVE_WARMUP_SIZES", "768x768"),
-        ({"compile": True, "compileMode": "reduce-overhead"}, "SDSERVE_COMPILE_MODE", "reduce-overhead"),
+        ("server", {"warmupSizes": [{"width": 768, "height": 768}]}, "SDSERVE_WARMUP_SIZES", "768x768"),
+        ("server", {"compile": True, "compileMode": "reduce-overhead"}, "SDSERVE_COMPILE_MODE", "reduce-overhead"),
+        ("cache", {"maxMemory": "1.5Gi"}, "SDSERVE_CACHE_MAX_BYTES", str(3 * 2**29)),
     ],
-    ids=["warmupSizes", "compileMode"],
+    ids=["warmupSizes", "compileMode", "cache.maxMemory"],
 )
-def test_optional_server_settings_reach_the_server_and_their_absence_keeps_the_config_hash(server, key, value):
+def test_optional_settings_reach_the_server_and_their_absence_keeps_the_config_hash(section, fields, key, value):
     """A service without the field renders no key: the operator's upgrade does not change its
     ConfigMap, so its pods are not rolled."""
     a = example("sd15-production")
     assert key not in by_kind(render(a))[("ConfigMap", "sd15-config")]["data"]
     b = copy.deepcopy(a)
-    b["spec"].setdefault("server", {}).update(server)
+    b["spec"].setdefault(section, {}).update(fields)
     changed, added, removed = _diff(a, b)
     assert changed == {("ConfigMap", "sd15-config"), ("Deployment", "sd15")}
     assert by_kind(render(b))[("ConfigMap", "sd15-config")]["data"][key] == value

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from sdserve import metrics, steps
+from sdserve.cache import MemoryCache
 from sdserve.errors import ApiError
 from sdserve.queue import Batcher, QueueFull, cancel
 from sdserve.ratelimit import MemoryBuckets
@@ -167,3 +168,23 @@ def test_the_result_cache_key_changes_with_what_shapes_the_images_served():
         key(loras=[{**pixel, "source": "org/pixel-lora-v2"}]),
     ]
     assert len({same, *changed}) == 1 + len(changed)
+
+
+async def test_the_in_memory_result_cache_is_bounded_by_bytes_as_well_as_entries():
+    """Past either bound the least recently used entries go; a value larger than the whole
+    cache is not kept (it would evict everything and then itself)."""
+    cache = MemoryCache(max_entries=10, max_bytes=1000)
+    for i in range(4):
+        await cache.set(f"k{i}", b"x" * 300)
+    assert [k for k in ("k0", "k1", "k2", "k3") if await cache.get(k)] == ["k1", "k2", "k3"]
+    await cache.get("k1")  # used last: k2 is the least recently used
+    await cache.set("k1", b"y" * 400)  # replaced: 300 + 300 + 400, within the bound
+    assert await cache.get("k2") == b"x" * 300
+    await cache.set("k1", b"y" * 500)  # 300 + 300 + 500: k3, the least recently used now, goes
+    assert await cache.get("k3") is None and await cache.get("k2") == b"x" * 300
+    await cache.set("huge", b"z" * 1001)
+    assert await cache.get("huge") is None and await cache.get("k1") == b"y" * 500
+    small = MemoryCache(max_entries=2, max_bytes=1000)
+    for i in range(3):
+        await small.set(f"k{i}", b"x")
+    assert await small.get("k0") is None and await small.get("k2") == b"x"

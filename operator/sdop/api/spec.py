@@ -521,6 +521,14 @@ class CacheSpec(ApiModel):
         "memory", description="none, memory (per replica LRU) or redis (shared)."
     )
     max_entries: int = Field(256, description="Most entries in the in-memory cache.", ge=1, le=1000000)
+    max_memory: str | None = Field(
+        None,
+        description=(
+            "Most memory the in-memory cache holds, a quantity (512Mi when unset): past it, or past maxEntries, the "
+            "least recently used entries go. Count it in resources.memory."
+        ),
+        pattern=QUANTITY,
+    )
     ttl_seconds: int = Field(86400, description="Entry lifetime in Redis.", ge=1, le=31536000)
     redis: RedisSpec | None = Field(None, description="Redis settings, with type redis.")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..api import quantity
 from ..api.semantics import max_sides
 from .context import HF_CACHE_MOUNT, HTTP_PORT, Ctx
 
@@ -69,6 +70,8 @@ def settings_env(ctx: Ctx) -> dict[str, str]:
     }
     if s.server.compile_mode is not None:  # only when set, as below
         env["SDSERVE_COMPILE_MODE"] = s.server.compile_mode
+    if s.cache.max_memory is not None:  # only when set, as below
+        env["SDSERVE_CACHE_MAX_BYTES"] = int(quantity.value(s.cache.max_memory) or 0)
     if s.server.warmup_sizes:  # only when set: a new key would roll every existing service on upgrade
         env["SDSERVE_WARMUP_SIZES"] = ",".join(f"{z.width}x{z.height}" for z in s.server.warmup_sizes)
     if s.model.loras:
