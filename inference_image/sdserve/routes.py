@@ -46,8 +46,9 @@ EditBody = TypeVar("EditBody", bound=OpenAIEditRequest)
 #: Routes whose end-to-end latency is the request-duration histogram.
 GENERATION_ROUTES = frozenset({"/v1/images/generations", "/v1/images/edits", "/generate"})
 
+#: What any route may answer in the error shape (413: a body over the limit, sdserve.middleware).
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (401, 403, 404, 422, 429, 503, 504)
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 422, 429, 503, 504)
 }
 
 
@@ -212,7 +213,7 @@ async def job_events(job_id: str, request: Request, state: StateDep, principal: 
 @router.post(
     "/v1/images/edits",
     response_model=OpenAIImageResponse,
-    responses={**ERRORS, 413: {"model": ErrorResponse}},
+    responses=ERRORS,
     tags=["images"],
     openapi_extra={
         "requestBody": {
