@@ -31,6 +31,11 @@ class EditInputs:
     digest: str  # of the uploaded bytes: part of the result-cache key
 
 
+#: The most pixels an upload may have: a 4096x4096 image, the largest the CR allows. Checked
+#: from the header, before decoding: a small file can claim a huge image (a decompression bomb).
+MAX_UPLOAD_PIXELS = 4096 * 4096
+
+
 def open_image(upload: Upload, max_bytes: int) -> Any:
     from PIL import Image, UnidentifiedImageError
 
@@ -41,9 +46,18 @@ def open_image(upload: Upload, max_bytes: int) -> Any:
             f"{upload.field} is {len(upload.data)} bytes; the limit is {max_bytes}",
             param=upload.field,
         )
+
+    def too_many(what: str) -> ApiError:
+        message = f"{upload.field} {what}; the most pixels accepted are {MAX_UPLOAD_PIXELS}"
+        return ApiError(422, "invalid_value", message, param=upload.field)
+
     try:
-        im = Image.open(io.BytesIO(upload.data))
+        im = Image.open(io.BytesIO(upload.data))  # the header only
+        if im.size[0] * im.size[1] > MAX_UPLOAD_PIXELS:
+            raise too_many(f"is {im.size[0]}x{im.size[1]}")
         im.load()
+    except Image.DecompressionBombError:  # PIL's own bound, past ours: refused at the header
+        raise too_many("is larger than PIL will decode") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ApiError(
             422, "invalid_image", f"{upload.field} is not a PNG, JPEG or WebP image ({e})", param=upload.field

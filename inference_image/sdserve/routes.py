@@ -274,7 +274,8 @@ async def edit_generation(state: State, request: Request, model: type[EditBody])
     size = parse_size(body.size) if body.size else None
     if body.size and size is None:
         raise ApiError(422, "invalid_value", f"size must be WIDTHxHEIGHT, got {body.size!r}", param="size")
-    inputs = edit_inputs(uploads["image"], uploads.get("mask"), size, s.max_upload_bytes)
+    # Decoding and resizing take a while (a 16-megapixel upload): off the event loop.
+    inputs = await asyncio.to_thread(edit_inputs, uploads["image"], uploads.get("mask"), size, s.max_upload_bytes)
     task = "inpaint" if inputs.mask is not None else "img2img"
     strength = body.strength if body.strength is not None else (1.0 if task == "inpaint" else 0.8)
     key = key_for(state, inputs.width, inputs.height, body)

@@ -3,7 +3,11 @@ image-to-image without a mask, inpainting with one, and the 4xx of a bad upload.
 
 from __future__ import annotations
 
+import asyncio
 import io
+import struct
+import time
+import zlib
 from collections.abc import AsyncIterator
 
 import httpx
@@ -43,6 +47,18 @@ def noise_png(width: int, height: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A few hundred bytes whose header claims a ``width`` x ``height`` RGB image (a
+    decompression bomb's header: decoding it would take width x height x 3 bytes)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress(b"\0" * 1024)  # a start of the rows; the decoder would want far more
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
 
 
 def sdk(client) -> AsyncOpenAI:
@@ -119,7 +135,36 @@ async def test_a_bad_edit_is_a_4xx_naming_the_field(client, files, fields, statu
     assert r.json()["error"]["param"] == param, r.text
 
 
+@pytest.mark.parametrize("side", [9000, 20000])
+async def test_an_upload_claiming_too_many_pixels_is_refused_from_its_header(client, side):
+    files = {"image": ("x.png", png_claiming(side, side), "image/png")}
+    r = await client.post("/v1/images/edits", files=files, data={"prompt": "x", "size": "64x64"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_value", r.text
+    assert "the most pixels accepted are 16777216" in r.json()["error"]["message"]
+
+
 async def test_the_sdk_raises_its_own_errors_for_a_bad_edit(client):
     with pytest.raises((UnprocessableEntityError, BadRequestError)) as e:
         await sdk(client).images.edit(image=("x.png", b"nope", "image/png"), prompt="x")
     assert "image" in str(e.value)
+
+
+async def test_an_upload_is_decoded_off_the_event_loop(client, monkeypatch):
+    """Decoding and resizing an upload (tens of megapixels at most) takes a while: the server
+    goes on answering meanwhile."""
+    from sdserve import routes
+
+    real = routes.edit_inputs
+
+    def slow(*args, **kwargs):
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(routes, "edit_inputs", slow)
+    files = {"image": ("x.png", png(), "image/png")}
+    editing = asyncio.create_task(client.post("/v1/images/edits", files=files, data={"prompt": "x", **STEPS}))
+    t0 = time.perf_counter()
+    await asyncio.sleep(0.2)  # the edit reaches its decode; a blocked loop would wake us a second late
+    assert (await client.get("/healthz")).status_code == 200
+    assert time.perf_counter() - t0 < 0.7 and not editing.done()
+    assert (await editing).status_code == 200
