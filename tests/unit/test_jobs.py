@@ -5,8 +5,10 @@ in tests/integration/test_server_redis.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
@@ -86,6 +88,22 @@ async def test_cancel_of_a_queued_job_and_another_principal_sees_no_job(keys):
         assert (await client.get("/v1/jobs/job_nope", headers=ALICE)).status_code == 404
 
 
+@contextlib.asynccontextmanager
+async def receiver(handler) -> AsyncIterator[str]:
+    """A webhook receiver on loopback: its URL, ``handler`` answering POST /hook."""
+    application = web.Application()
+    application.router.add_post("/hook", handler)
+    runner = web.AppRunner(application)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # the port bound to 0
+    try:
+        yield f"http://127.0.0.1:{port}/hook"
+    finally:
+        await runner.cleanup()
+
+
 async def test_a_webhook_is_signed_and_delivered_after_a_failed_attempt(keys):
     received: list[tuple[dict, bytes]] = []
 
@@ -93,33 +111,23 @@ async def test_a_webhook_is_signed_and_delivered_after_a_failed_attempt(keys):
         received.append(({k.lower(): v for k, v in request.headers.items()}, await request.read()))
         return web.Response(status=500 if len(received) == 1 else 204)  # the first delivery fails
 
-    receiver = web.Application()
-    receiver.router.add_post("/hook", hook)
-    runner = web.AppRunner(receiver)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # the port bound to 0
-    try:
-        async with serve(app(keys, webhook_allowed_hosts="127.0.0.1")) as client:
-            webhook = {"url": f"http://127.0.0.1:{port}/hook", "secret": "s3cret"}
-            before = metric("sdserve_webhooks_total", outcome="delivered")
-            job = (await client.post("/v1/jobs", json={**BODY, "webhook": webhook}, headers=ALICE)).json()
-            await until_done(client, job["id"])
-            for _ in range(100):
-                if metric("sdserve_webhooks_total", outcome="delivered") > before:
-                    break
-                await asyncio.sleep(0.05)
-        assert len(received) == 2
-        headers, body = received[-1]
-        assert json.loads(body)["id"] == job["id"] and json.loads(body)["status"] == "succeeded"
-        assert "s3cret" not in body.decode()
-        ts = headers["x-sdserve-timestamp"]
-        assert abs(int(ts) - time.time()) < 60
-        assert headers["x-sdserve-signature"] == signature("s3cret", ts, body)
-        assert headers["x-sdserve-signature"] != signature("wrong", ts, body)
-    finally:
-        await runner.cleanup()
+    async with receiver(hook) as url, serve(app(keys, webhook_allowed_hosts="127.0.0.1")) as client:
+        webhook = {"url": url, "secret": "s3cret"}
+        before = metric("sdserve_webhooks_total", outcome="delivered")
+        job = (await client.post("/v1/jobs", json={**BODY, "webhook": webhook}, headers=ALICE)).json()
+        await until_done(client, job["id"])
+        for _ in range(100):
+            if metric("sdserve_webhooks_total", outcome="delivered") > before:
+                break
+            await asyncio.sleep(0.05)
+    assert len(received) == 2
+    headers, body = received[-1]
+    assert json.loads(body)["id"] == job["id"] and json.loads(body)["status"] == "succeeded"
+    assert "s3cret" not in body.decode()
+    ts = headers["x-sdserve-timestamp"]
+    assert abs(int(ts) - time.time()) < 60
+    assert headers["x-sdserve-signature"] == signature("s3cret", ts, body)
+    assert headers["x-sdserve-signature"] != signature("wrong", ts, body)
 
 
 async def test_a_drain_waits_for_a_finished_job_to_store_and_report_its_end(keys):
@@ -135,24 +143,13 @@ async def test_a_drain_waits_for_a_finished_job_to_store_and_report_its_end(keys
         received.append(await request.read())
         return web.Response(status=204)
 
-    receiver = web.Application()
-    receiver.router.add_post("/hook", slow_hook)
-    runner = web.AppRunner(receiver)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # the port bound to 0
-    try:
-        served = app(keys, webhook_allowed_hosts="127.0.0.1")
-        async with serve(served) as client:
-            webhook = {"url": f"http://127.0.0.1:{port}/hook"}
-            job = (await client.post("/v1/jobs", json={**BODY, "webhook": webhook}, headers=ALICE)).json()
-            await asyncio.wait_for(delivering.wait(), 10)
-            assert served.state.sd.batcher.idle  # the model's part is over
-            assert await start_drain(served.state.sd)
-            assert len(received) == 1 and json.loads(received[0])["id"] == job["id"]
-    finally:
-        await runner.cleanup()
+    served = app(keys, webhook_allowed_hosts="127.0.0.1")
+    async with receiver(slow_hook) as url, serve(served) as client:
+        job = (await client.post("/v1/jobs", json={**BODY, "webhook": {"url": url}}, headers=ALICE)).json()
+        await asyncio.wait_for(delivering.wait(), 10)
+        assert served.state.sd.batcher.idle  # the model's part is over
+        assert await start_drain(served.state.sd)
+        assert len(received) == 1 and json.loads(received[0])["id"] == job["id"]
 
 
 @pytest.mark.parametrize(
