@@ -103,10 +103,11 @@ class MemoryJobs:
         now = time.monotonic()
         self._data.pop(record.id, None)  # to the end: the dict stays in order of expiry
         self._data[record.id] = (now + self.ttl, json.dumps(asdict(record)))
-        for job_id, (expires, _) in list(self._data.items()):
-            if expires > now:
-                break  # the rest were written later
-            del self._data[job_id]
+        while True:  # expired records go, oldest write first; the one just written stops it
+            oldest = next(iter(self._data))
+            if self._data[oldest][0] > now:
+                break
+            del self._data[oldest]
 
 
 class RedisJobs:

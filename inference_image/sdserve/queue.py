@@ -147,11 +147,6 @@ class QueueBase:
             job.started = now
             metrics.QUEUE_WAIT.observe(now - job.enqueued)
             self._taken.add(job)
-            job.future.add_done_callback(functools.partial(self._ended, job))
-        metrics.INFLIGHT.set(self.inflight)
-
-    def _ended(self, job: Job, _done: asyncio.Future) -> None:
-        self._taken.discard(job)
         metrics.INFLIGHT.set(self.inflight)
 
     def submit(self, key: BatchKey, item: Item) -> Job:
@@ -165,18 +160,22 @@ class QueueBase:
         job = Job(key, item, asyncio.get_running_loop().create_future(), preemptible=self.PREEMPTIBLE)
         self._pending.append(job)
         metrics.QUEUE_DEPTH.set(len(self._pending))
-        job.future.add_done_callback(lambda _: self._forget(job))
+        job.future.add_done_callback(functools.partial(self._done, job))
         self._wakeup.set()
         return job
 
-    def _forget(self, job: Job) -> None:
-        """A queued job whose client left (or whose time ran out) gives its place back at once:
-        it no longer counts against ``queue_size``, the depth the autoscaler reads, or Retry-After.
-        Runs on the event loop (a future's done-callback), as does everything else that changes
-        the queue."""
-        if job.started is None and job in self._pending:
-            self._pending.remove(job)
-            metrics.QUEUE_DEPTH.set(len(self._pending))
+    def _done(self, job: Job, _future: asyncio.Future) -> None:
+        """A job's future is done: it leaves the queue or the jobs in flight at once. A queued
+        job whose client left (or whose time ran out) no longer counts against ``queue_size``,
+        the depth the autoscaler reads, or Retry-After. Runs on the event loop (a done-callback),
+        as does everything else that changes the queue."""
+        if job.started is None:
+            if job in self._pending:
+                self._pending.remove(job)
+                metrics.QUEUE_DEPTH.set(len(self._pending))
+        elif job in self._taken:
+            self._taken.discard(job)
+            metrics.INFLIGHT.set(self.inflight)
 
     async def drain(self, seconds: float) -> bool:
         """Refuse new work and wait until queued and running work is done, ``seconds`` at most."""
