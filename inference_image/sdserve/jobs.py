@@ -285,6 +285,10 @@ class Jobs:
                 log.warning("webhook of %s, attempt %d: %s", record.id, attempt + 1, problem)
                 await asyncio.sleep(delay * 2**attempt)
 
+    def runs(self, job_id: str) -> bool:
+        """Whether this replica runs the job (its record may be in a store the replicas share)."""
+        return job_id in self._local
+
     async def drain(self, seconds: float) -> bool:
         """Wait until this replica's jobs have ended (result stored, webhook delivered or given
         up), ``seconds`` at most: after the model's part, a job still writes its end."""

@@ -43,6 +43,9 @@ from .work import BatchKey
 router = APIRouter()
 EditBody = TypeVar("EditBody", bound=OpenAIEditRequest)
 
+#: How soon a job's event stream ended by a draining replica should reconnect (SSE ``retry``).
+RECONNECT_MS = 1000
+
 #: Routes whose end-to-end latency is the request-duration histogram.
 GENERATION_ROUTES = frozenset({"/v1/images/generations", "/v1/images/edits", "/generate"})
 
@@ -189,7 +192,9 @@ async def cancel_job(job_id: str, state: StateDep, principal: Principal) -> dict
 @router.get("/v1/jobs/{job_id}/events", responses=ERRORS, tags=["jobs"])
 async def job_events(job_id: str, request: Request, state: StateDep, principal: Principal) -> StreamingResponse:
     """Server-sent events: ``progress`` whenever the status or step changes, then ``done``
-    with the job as GET shows it."""
+    with the job as GET shows it. A draining replica ends the stream of a job another replica
+    runs with a ``retry`` hint: the client's EventSource reconnects through the Service to a
+    replica that stays, and this one's shutdown does not wait for that job."""
     await state.jobs.get(principal, job_id)  # 404 before the stream starts
 
     async def stream() -> AsyncIterator[str]:
@@ -199,6 +204,9 @@ async def job_events(job_id: str, request: Request, state: StateDep, principal: 
             view = record.public()
             if record.status in TERMINAL:
                 yield f"event: done\ndata: {json.dumps(view)}\n\n"
+                return
+            if state.draining and not state.jobs.runs(job_id):
+                yield f"retry: {RECONNECT_MS}\n\n"
                 return
             now = (view["status"], view["progress"]["step"])
             if now != last:

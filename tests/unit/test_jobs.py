@@ -262,3 +262,25 @@ async def test_jobs_kept_in_memory_expire_as_in_redis():
     assert (await store.get("job_old")) is None and (await store.get("job_new")) is None
     await store.put(JobRecord(id="job_last", owner="bob"))
     assert list(store._data) == ["job_last"]  # the expired ones are gone from memory too
+
+
+async def test_a_draining_replica_ends_the_event_stream_of_another_replicas_job(keys):
+    """With Redis, any replica streams any job's events. One that is shutting down ends the
+    stream of a job it does not run with a retry hint, so the client reconnects elsewhere and
+    the shutdown does not wait for that job; a job it runs streams on to its end."""
+    served = app(keys, seconds=1.0)
+    elsewhere = JobRecord(id="job_elsewhere", owner="alice", status="running", steps=4)
+    elsewhere.lease_until = time.time() + 3600  # its replica renews the lease
+    async with serve(served) as client:
+        state = served.state.sd
+        await state.jobs.store.put(elsewhere)
+        mine = (await client.post("/v1/jobs", json=BODY, headers=ALICE)).json()
+        theirs = asyncio.create_task(client.get("/v1/jobs/job_elsewhere/events", headers=ALICE))
+        ours = asyncio.create_task(client.get(f"/v1/jobs/{mine['id']}/events", headers=ALICE))
+        await asyncio.sleep(0.3)
+        assert not theirs.done() and not ours.done()
+        drained = asyncio.create_task(start_drain(state))
+        body = (await asyncio.wait_for(theirs, 5)).text
+        assert body.rstrip().endswith("retry: 1000") and "event: done" not in body
+        assert "event: done" in (await asyncio.wait_for(ours, 10)).text  # this replica's job ends first
+        assert await drained
