@@ -51,12 +51,14 @@ class MemoryBuckets:
         return False, max(1, math.ceil((1 - tokens) / self.rate))
 
 
-# Atomic refill-and-take; returns {allowed, tokens*1000}.
+# Atomic refill-and-take; returns {allowed, tokens*1000}. The time is Redis's own: replicas'
+# clocks may disagree, and one running ahead would see a refill the bucket never had.
 _LUA = """
 local key = KEYS[1]
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
-local now = tonumber(ARGV[3])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local b = redis.call('HMGET', key, 't', 'ts')
 local tokens = tonumber(b[1]) or burst
 local ts = tonumber(b[2]) or now
@@ -82,9 +84,7 @@ class RedisBuckets:
 
     async def take(self, key: str) -> tuple[bool, int]:
         try:
-            allowed, tokens_milli = await self._script(
-                keys=[f"sdserve:ratelimit:{key}"], args=[self.rate, self.burst, time.time()]
-            )
+            allowed, tokens_milli = await self._script(keys=[f"sdserve:ratelimit:{key}"], args=[self.rate, self.burst])
         except Exception as e:  # noqa: BLE001 - any Redis failure falls back to this replica's buckets
             log.warning("redis rate limit unavailable, limiting per replica: %s", e)
             return await self._local.take(key)

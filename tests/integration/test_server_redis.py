@@ -100,3 +100,23 @@ def test_jobs_are_answered_by_any_replica_sharing_redis_and_a_lost_replica_fails
     redis.stop()
     r = httpx.post(b.url + "/v1/jobs", json=job, timeout=30)
     assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "job_store_unavailable"
+
+
+async def test_the_shared_rate_limit_keeps_redis_time_not_each_replicas_clock(tmp_path, monkeypatch):
+    """Two replicas whose clocks disagree by a minute share one bucket: the one ahead must not
+    see a minute of refill in a bucket the other just emptied."""
+    from sdserve import ratelimit
+    from sdtesting.procs import RedisProc
+
+    redis = RedisProc(tmp_path)  # its own: the module's is stopped by the test above
+    try:
+        behind = ratelimit.RedisBuckets(redis.url, rate=0.1, burst=2)
+        ahead = ratelimit.RedisBuckets(redis.url, rate=0.1, burst=2)
+        assert [(await behind.take("skewed"))[0] for _ in range(2)] == [True, True]
+        real = ratelimit.time.time
+        monkeypatch.setattr(ratelimit.time, "time", lambda: real() + 60)  # this replica's clock runs ahead
+        allowed, wait = await ahead.take("skewed")
+        assert not allowed and wait >= 5
+        assert redis.client.exists("sdserve:ratelimit:skewed")  # decided by Redis, not a fallback
+    finally:
+        redis.stop()
