@@ -50,6 +50,8 @@ def _serve(args: argparse.Namespace) -> int:
         workers=1,
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.drain_seconds) + 5,
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         access_log=False,
     )
     DrainingServer(config).run()

@@ -132,6 +132,9 @@ class Settings(BaseSettings):
 
     # Process
     host: str = "0.0.0.0"
+    #: Proxies (addresses or CIDRs, comma-separated; "*": any) whose X-Forwarded-For names the
+    #: client: the address an anonymous request is rate-limited as. Uvicorn's forwarded_allow_ips.
+    forwarded_allow_ips: str = "127.0.0.1"
     port: int = 8000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     drain_seconds: float = Field(

@@ -1,4 +1,5 @@
-"""Result cache and shared rate limits with a real redis-server, and Redis going away."""
+"""Result cache and rate limits in a real server process: shared through a real redis-server,
+Redis going away, and clients behind a proxy."""
 
 from __future__ import annotations
 
@@ -120,3 +121,16 @@ async def test_the_shared_rate_limit_keeps_redis_time_not_each_replicas_clock(tm
         assert redis.client.exists("sdserve:ratelimit:skewed")  # decided by Redis, not a fallback
     finally:
         redis.stop()
+
+
+@pytest.mark.parametrize(("trusted", "second"), [("10.0.0.0/8", 429), ("127.0.0.0/8", 200)])
+def test_anonymous_clients_behind_a_trusted_proxy_are_limited_by_their_own_address(start_server, trusted, second):
+    """Two clients behind one proxy (this test, on loopback): when the proxy is trusted their
+    X-Forwarded-For addresses get a bucket each; when it is not, they share the proxy's."""
+    s = start_server(
+        cache_type="none", rate_limit_enabled=True, rate_limit_rps=0.01, rate_limit_burst=1, forwarded_allow_ips=trusted
+    )
+    body = {**BODY, "seed": None}
+    for client, status in (("203.0.113.7", 200), ("198.51.100.9", second)):
+        r = httpx.post(s.url + "/generate", json=body, headers={"X-Forwarded-For": client}, timeout=60)
+        assert r.status_code == status, (client, r.text)

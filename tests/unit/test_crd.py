@@ -95,6 +95,7 @@ INVALID = [
         {"bucket": "images", "accessKeyIdSecretRef": {"name": "s", "key": "id"}},
         "accessKeyIdSecretRef",
     ),
+    ("trusted proxy not an address", "spec.rateLimit.trustedProxies", ["ingress-nginx"], "trustedProxies"),
     ("s3 endpoint not a URL", "spec.outputs.s3", {"bucket": "images", "endpoint": "minio:9000"}, "endpoint"),
     (
         "bad gateway hostname",
@@ -115,6 +116,16 @@ def test_invalid_cr_rejected_by_crd_and_models_naming_the_field(name, path, valu
     with pytest.raises(SpecError) as exc:
         parse(cr)
     assert field.split(".")[-1] in str(exc.value), str(exc.value)
+
+
+@pytest.mark.parametrize("address", ["999.0.0.1", "10.0.0.0/40", "1:2:3"])
+def test_a_trusted_proxy_the_crd_pattern_lets_through_is_refused_by_the_model(address):
+    """The CRD's pattern only screens the characters; the operator names a bad address."""
+    cr = example("minimal")
+    _set(cr, "spec.rateLimit.trustedProxies", ["10.0.0.0/8", address])
+    assert not validate(crd(), cr)
+    with pytest.raises(SpecError, match=r"trustedProxies\[1\]"):
+        parse(cr)
 
 
 def test_defaults_in_crd_match_model_defaults():

@@ -72,8 +72,14 @@ def test_batch_size_changes_only_configmap_and_pod_template():
         ("server", {"warmupSizes": [{"width": 768, "height": 768}]}, "SDSERVE_WARMUP_SIZES", "768x768"),
         ("server", {"compile": True, "compileMode": "reduce-overhead"}, "SDSERVE_COMPILE_MODE", "reduce-overhead"),
         ("cache", {"maxMemory": "1.5Gi"}, "SDSERVE_CACHE_MAX_BYTES", str(3 * 2**29)),
+        (
+            "rateLimit",
+            {"trustedProxies": ["10.0.0.0/8", "fd00::/8"]},
+            "SDSERVE_FORWARDED_ALLOW_IPS",
+            "10.0.0.0/8,fd00::/8",
+        ),
     ],
-    ids=["warmupSizes", "compileMode", "cache.maxMemory"],
+    ids=["warmupSizes", "compileMode", "cache.maxMemory", "rateLimit.trustedProxies"],
 )
 def test_optional_settings_reach_the_server_and_their_absence_keeps_the_config_hash(section, fields, key, value):
     """A service without the field renders no key: the operator's upgrade does not change its

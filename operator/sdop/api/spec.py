@@ -8,7 +8,8 @@ server runs); ``tests/unit/test_crd.py`` evaluates both on the same CRs so they 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import ipaddress
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -42,6 +43,8 @@ Scheduler = Literal["default", "euler", "euler_a", "dpmpp_2m", "ddim"]
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
 DURATION = r"^[0-9]+(ms|s|m|h)$"
+#: An IPv4 or IPv6 address or network (CIDR); the exact check is ipaddress's, in the model.
+IP_OR_CIDR = r"^[0-9a-fA-F.:]+(/[0-9]{1,3})?$"
 
 
 class SecretKeyRef(ApiModel):
@@ -590,6 +593,24 @@ class RateLimitSpec(ApiModel):
     enabled: bool = Field(False, description="Enforce the limit.")
     requests_per_second: float = Field(2.0, description="Sustained requests per second per key.", gt=0, le=10000)
     burst: int = Field(10, description="Requests a key may make at once.", ge=1, le=100000)
+    trusted_proxies: list[Annotated[str, Field(pattern=IP_OR_CIDR, max_length=49)]] = Field(
+        default_factory=list,
+        description=(
+            "Addresses or CIDRs of the proxies in front of the service (the ingress controller or gateway pods): "
+            "their X-Forwarded-For names the client an anonymous request is limited as. Unset: only the pod's "
+            "own loopback is trusted, so behind a proxy every anonymous client shares the proxy's bucket."
+        ),
+        max_length=32,
+    )
+
+    @model_validator(mode="after")
+    def _networks(self) -> RateLimitSpec:
+        for i, address in enumerate(self.trusted_proxies):
+            try:
+                ipaddress.ip_network(address, strict=False)
+            except ValueError:
+                raise ValueError(f"rateLimit.trustedProxies[{i}]: {address!r} is not an IP address or CIDR") from None
+        return self
 
 
 class SafetySpec(ApiModel):
