@@ -388,8 +388,10 @@ async def metrics_endpoint() -> Response:
 
 @router.post("/admin/drain", tags=["admin"])
 async def drain(request: Request, state: StateDep) -> dict[str, Any]:
-    """Called by the preStop hook from inside the pod: stop taking work, finish what is queued."""
-    if request.client is None or request.client.host not in ("127.0.0.1", "::1"):
-        raise ApiError(403, "forbidden", "drain is only accepted from localhost")
+    """Called by the preStop hook from inside the pod: stop taking work, finish what is queued.
+    Not through a proxy: with a trusted one the client address is what X-Forwarded-For says."""
+    proxied = "x-forwarded-for" in request.headers or "forwarded" in request.headers
+    if proxied or request.client is None or request.client.host not in ("127.0.0.1", "::1"):
+        raise ApiError(403, "forbidden", "drain is only accepted from the pod itself (its preStop hook)")
     drained = await start_drain(state)
     return {"drained": drained, "queued": state.batcher.depth}

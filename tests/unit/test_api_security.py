@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+import httpx
 import jwt
 import pytest
 from openai import AsyncOpenAI, AuthenticationError
@@ -266,3 +267,24 @@ async def test_a_rotated_jwt_key_applies_without_a_restart(tmp_path, monkeypatch
         swap(key, "the-next-shared-secret-with-enough-bytes-too")
         r = await post(client, bearer)  # signed with the old key
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_token"
+
+
+async def test_the_drain_endpoint_answers_the_pods_own_prestop_hook_only():
+    """POST /admin/drain stops a replica taking work: only a caller on the pod's loopback may,
+    and not a request that came through a proxy (it carries X-Forwarded-For: with a trusted
+    proxy the client address is the header's, which a client may have written)."""
+    served = app()
+    async with serve(served) as local:
+        remote = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=served, client=("10.1.2.3", 5000)), base_url=BASE_URL
+        )
+        async with remote:
+            assert (await remote.post("/admin/drain")).status_code == 403
+        for header in ({"X-Forwarded-For": "127.0.0.1"}, {"Forwarded": "for=127.0.0.1"}):
+            r = await local.post("/admin/drain", headers=header)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", r.text
+        assert (await post(local)).status_code == 200  # still serving
+        r = await local.post("/admin/drain")
+        assert r.status_code == 200 and r.json() == {"drained": True, "queued": 0}
+        r = await post(local)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "draining"
