@@ -19,9 +19,10 @@ still joins the running batch instead of waiting for that shape's whole run.
 A request whose client leaves (or whose time runs out) is dropped at the next step,
 running, paused or queued. An out-of-memory step is split (``pipeline.step``); an image
 that does not fit alone fails its request with OutOfMemory and the budget shrinks to what
-fit. Edits are stepped like generations: they start from the noised input image at a later
-timestep, and inpainting puts the unmasked part back after each step. A request the pipeline
-cannot step (``stepped``: inpainting on a 9-channel UNet) runs whole when it is the lead.
+fit (growing back after ``REGROW_AFTER_STEPS`` steps without another). Edits are stepped
+like generations: they start from the noised input image at a later timestep, and
+inpainting puts the unmasked part back after each step. A request the pipeline cannot step
+(``stepped``: inpainting on a 9-channel UNet) runs whole when it is the lead.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ log = logging.getLogger("sdserve.stepper")
 
 #: Latent pixels of one 512x512 image (the unit of the default budget).
 LATENT_512 = 64 * 64
+#: Steps without running out of memory after which a shrunk budget grows back by one 512x512
+#: image, up to the configured one: an out-of-memory can be transient (a large decode on the
+#: decode thread at the same moment), and a budget that only shrinks would keep the lower
+#: throughput until a restart.
+REGROW_AFTER_STEPS = 500
 
 
 def latent_pixels(key: BatchKey) -> int:
@@ -60,7 +66,8 @@ class StepBatcher(QueueBase):
 
     def __init__(self, pipeline: ImagePipeline, *, max_batch_size: int, queue_size: int, budget: int = 0):
         super().__init__(pipeline, max_batch_size=max_batch_size, queue_size=queue_size)
-        self.budget = budget or max_batch_size * LATENT_512
+        self.budget = self._full_budget = budget or max_batch_size * LATENT_512
+        self._steps_since_oom = 0
         self._running: list[Running] = []
         self._decoder = self._thread("sdserve-decode")
         self._step_seconds = 0.05  # running estimate of one step boundary, for Retry-After
@@ -184,6 +191,7 @@ class StepBatcher(QueueBase):
         try:
             await loop.run_in_executor(self._worker, self.pipeline.step, states)
         except OutOfMemory:
+            self._steps_since_oom = 0
             await self._step_singly(loop, batch)
         except Exception as e:
             log.exception("a step of %d images failed", len(states))
@@ -192,6 +200,8 @@ class StepBatcher(QueueBase):
                     r.job.future.set_exception(e)
             self._running = [r for r in self._running if r not in batch]
             return
+        else:
+            self._regrow()
         finally:
             self._step_seconds = 0.8 * self._step_seconds + 0.2 * (time.perf_counter() - t0)
         for r in batch:
@@ -219,6 +229,15 @@ class StepBatcher(QueueBase):
         if fits < self.budget:
             log.warning("out of memory: step budget %d -> %d latent pixels", self.budget, fits)
             self.budget = fits
+
+    def _regrow(self) -> None:
+        self._steps_since_oom += 1
+        if self.budget < self._full_budget and self._steps_since_oom >= REGROW_AFTER_STEPS:
+            grown = min(self._full_budget, self.budget + LATENT_512)
+            log.info(
+                "%d steps without running out of memory: step budget %d -> %d", REGROW_AFTER_STEPS, self.budget, grown
+            )
+            self.budget, self._steps_since_oom = grown, 0
 
     def _decode(self, loop: asyncio.AbstractEventLoop, r: Running) -> None:
         fut = loop.run_in_executor(self._decoder, self.pipeline.finish, r.states)

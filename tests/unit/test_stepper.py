@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdserve import metrics
+from sdserve import metrics, stepper
 from sdserve.pipeline import Pipeline
 from sdserve.queue import cancel
 from sdserve.settings import Settings
@@ -316,6 +316,29 @@ async def test_a_request_that_does_not_fit_fails_alone_and_the_budget_shrinks():
     assert isinstance(results[1], OutOfMemory)
     assert [len(r.images) for r in (results[0], results[2])] == [1, 1]
     assert batcher.budget < 4 * LATENT_512
+
+
+async def test_a_budget_shrunk_by_a_passing_out_of_memory_grows_back(monkeypatch):
+    """An out-of-memory can be transient (a large decode at the same moment): after enough
+    steps without one the budget grows back, one 512x512 image at a time, to the configured
+    one, and no further."""
+    monkeypatch.setattr(stepper, "REGROW_AFTER_STEPS", 3)
+    fake = FakePipeline(oom_prompt="huge")
+    batcher = StepBatcher(fake, max_batch_size=4, queue_size=8)
+    batcher.start()
+    try:
+        jobs = [batcher.submit(key(3), Item(p, None, 1, i)) for i, p in enumerate(["a", "huge"])]
+        await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
+        shrunk = batcher.budget
+        assert shrunk < 4 * LATENT_512
+        budgets = []
+        for i in range(10):  # 10 requests of 3 steps alone: 30 steps without running out of memory
+            await asyncio.wait_for(batcher.submit(key(3), Item("ok", None, 1, i)).future, 10)
+            budgets.append(batcher.budget)
+    finally:
+        await batcher.stop()
+    assert budgets == sorted(budgets) and budgets[0] == shrunk + LATENT_512
+    assert budgets[-1] == 4 * LATENT_512  # back to the configured budget, not past it
 
 
 async def test_a_request_that_finished_in_a_split_that_fitted_is_not_stepped_again():
