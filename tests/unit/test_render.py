@@ -74,9 +74,9 @@ def test_batch_size_changes_only_configmap_and_pod_template():
         ("cache", {"maxMemory": "1.5Gi"}, "SDSERVE_CACHE_MAX_BYTES", str(3 * 2**29)),
         (
             "rateLimit",
-            {"trustedProxies": ["10.0.0.0/8", "fd00::/8"]},
+            {"trustedProxies": ["10.0.0.1/8", "fd00::/8", "192.0.2.7"]},  # host bits (uvicorn: no match), one address
             "SDSERVE_FORWARDED_ALLOW_IPS",
-            "10.0.0.0/8,fd00::/8",
+            "10.0.0.0/8,fd00::/8,192.0.2.7/32",
         ),
     ],
     ids=["warmupSizes", "compileMode", "cache.maxMemory", "rateLimit.trustedProxies"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from typing import Any
 
@@ -71,7 +72,9 @@ def settings_env(ctx: Ctx) -> dict[str, str]:
     if s.server.compile_mode is not None:  # only when set, as below
         env["SDSERVE_COMPILE_MODE"] = s.server.compile_mode
     if s.rate_limit.trusted_proxies:  # only when set, as below
-        env["SDSERVE_FORWARDED_ALLOW_IPS"] = ",".join(s.rate_limit.trusted_proxies)
+        # As networks uvicorn parses strictly: "10.0.0.1/8" would otherwise match nothing.
+        networks = (ipaddress.ip_network(a, strict=False) for a in s.rate_limit.trusted_proxies)
+        env["SDSERVE_FORWARDED_ALLOW_IPS"] = ",".join(str(n) for n in networks)
     if s.cache.max_memory is not None:  # only when set, as below
         env["SDSERVE_CACHE_MAX_BYTES"] = int(quantity.value(s.cache.max_memory) or 0)
     if s.server.warmup_sizes:  # only when set: a new key would roll every existing service on upgrade
