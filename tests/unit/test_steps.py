@@ -17,8 +17,8 @@ from sdserve.work import BatchKey, Item
 from sdtesting.fakes import FakePipeline
 
 
-def state(**settings) -> State:
-    return State.build(Settings(model="fake", **settings), FakePipeline())
+def state(pipeline: FakePipeline | None = None, **settings) -> State:
+    return State.build(Settings(model="fake", **settings), pipeline or FakePipeline())
 
 
 def gen(key: BatchKey, prompt: str = "a cat", n: int = 1, seed: int | None = 1) -> steps.Generation:
@@ -59,10 +59,7 @@ async def test_a_request_whose_client_left_frees_its_queue_place_at_once(batchin
     """A queued request whose client leaves stops counting against the queue's size and its
     depth (the autoscaler's metric) at once, not when the scheduler next reaches it: a server
     whose queue filled with requests nobody waits for any more would answer 429 to live ones."""
-    s = State.build(
-        Settings(model="fake", batching=batching, queue_size=2, max_batch_size=1, max_wait_ms=0),
-        FakePipeline(seconds_per_call=1.0),
-    )
+    s = state(FakePipeline(seconds_per_call=1.0), batching=batching, queue_size=2, max_batch_size=1, max_wait_ms=0)
     s.batcher.start()
     key = BatchKey(64, 64, 20, 7.5, "euler")
     try:
@@ -153,7 +150,7 @@ def test_the_result_cache_key_changes_with_what_shapes_the_images_served():
     pixel = {"name": "pixel", "source": "org/pixel-lora"}
 
     def key(dtype: str = "float32", **settings) -> str:
-        s = State.build(Settings(model="fake", **{"loras": [pixel], **settings}), FakePipeline())
+        s = state(**{"loras": [pixel], **settings})
         s.pipeline.dtype = dtype  # the fake's resolved dtype
         return steps.result_key(s, request, 5)
 
