@@ -82,7 +82,7 @@ def query(url: str, q: str) -> list[dict]:
 
 
 def test_prometheus_scrapes_queue_depth_and_latency_under_load(server, prometheus):
-    body = {"prompt": "load", "width": 128, "height": 128, "num_inference_steps": 6}
+    body = {"prompt": "load", "width": 64, "height": 64, "num_inference_steps": 6}
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(httpx.post, server.url + "/generate", json=body, timeout=120) for _ in range(16)]
         assert all(f.result().status_code == 200 for f in futures)

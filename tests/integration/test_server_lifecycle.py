@@ -43,7 +43,7 @@ def test_in_kubernetes_a_load_failure_is_the_termination_message_and_the_contain
 
 def test_sigterm_drains_queued_and_inflight_work_and_refuses_new(start_server):
     s = start_server(max_batch_size=1, max_wait_ms=0, queue_size=16, cache_type="none", drain_seconds=60)
-    body = {"prompt": "drain", "width": 128, "height": 128, "num_inference_steps": 10}
+    body = {"prompt": "drain", "width": 128, "height": 128, "num_inference_steps": 5}
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(httpx.post, s.url + "/generate", json=body, timeout=120) for _ in range(5)]
         time.sleep(1.0)

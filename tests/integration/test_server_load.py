@@ -10,7 +10,12 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-SLOW = {"prompt": "slow", "width": 192, "height": 192, "num_inference_steps": 10}
+# One request keeps the single worker busy for 1-2 s on a 2-core CPU: long enough for a burst
+# of requests to find it busy and the queue full.
+SLOW = {"prompt": "slow", "width": 128, "height": 128, "num_inference_steps": 5}
+# Long enough (4-5 s) that a client giving up after 0.8 s is noticed (polled every second)
+# while its request is still queued behind this one.
+SLOWER = {**SLOW, "num_inference_steps": 14}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +55,7 @@ def test_client_that_disconnects_has_its_queued_work_cancelled(small_queue):
     before = small_queue.metric("sdserve_requests_cancelled_total", reason="client_disconnected")
     images_before = small_queue.metric("sdserve_images_generated_total")
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        running = pool.submit(httpx.post, small_queue.url + "/generate", json=SLOW, timeout=120)
+        running = pool.submit(httpx.post, small_queue.url + "/generate", json=SLOWER, timeout=120)
         time.sleep(0.3)
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(small_queue.url + "/generate", json=SLOW, timeout=0.5)  # gives up while queued
