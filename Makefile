@@ -6,9 +6,10 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip
 export PYTHONUNBUFFERED := 1
 
-# The server tests that run a second time with SDSERVE_BATCHING=step.
+# The server tests that run a second time with SDSERVE_BATCHING=step (test_stepper.py builds its
+# batchers itself: it runs once).
 SERVER_TESTS := tests/unit/test_api.py tests/unit/test_api_security.py tests/unit/test_steps.py tests/unit/test_edits.py tests/unit/test_lora.py tests/unit/test_jobs.py \
-	tests/unit/test_stepper.py tests/integration/test_server_lifecycle.py tests/integration/test_server_load.py \
+	tests/integration/test_server_lifecycle.py tests/integration/test_server_load.py \
 	tests/integration/test_server_redis.py tests/integration/test_observability.py
 
 .PHONY: demo test unit integration e2e install system-deps crd bench lint format clean
@@ -59,10 +60,16 @@ format: .stamp-python
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Two pytest workers (pytest-xdist), one per core; each test file stays on one worker, so its
+# module fixtures (a test API server, an sdserve process) are shared. One torch thread per
+# process: two workers and the sdserve processes they start would otherwise oversubscribe the
+# cores, each OpenMP thread spinning while it waits for the others.
+TEST_RUN := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
 test: install lint
-	$(BIN)/python -m pytest -q
+	$(TEST_RUN)
 	# The server tests again with step-level batching (request-level is the default above).
-	SDSERVE_BATCHING=step $(BIN)/python -m pytest -q $(SERVER_TESTS)
+	SDSERVE_BATCHING=step $(TEST_RUN) $(SERVER_TESTS)
 
 unit: .stamp-python
 	$(BIN)/python -m pytest -q tests/unit
