@@ -134,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--interval", type=float, default=2)
     w.set_defaults(func=_wait_for)
     args = p.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C (uvicorn re-raises SIGINT once it has shut down): no traceback
+        return 130
 
 
 if __name__ == "__main__":

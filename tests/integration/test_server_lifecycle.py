@@ -59,7 +59,7 @@ def test_sigterm_drains_queued_and_inflight_work_and_refuses_new(start_server):
     assert s.proc.wait(timeout=30) == 0
 
 
-def test_drain_endpoint_only_from_localhost_and_preStop_command(start_server):
+def test_drain_endpoint_only_from_localhost_and_preStop_command_and_ctrl_c(start_server):
     s = start_server(cache_type="none")
     import subprocess
     import sys
@@ -69,3 +69,7 @@ def test_drain_endpoint_only_from_localhost_and_preStop_command(start_server):
     )
     assert out.returncode == 0 and '"drained":true' in out.stdout.replace(" ", "")
     assert httpx.get(s.url + "/readyz").status_code == 503
+    # Ctrl-C in a terminal: shut down, exit 128 + SIGINT, no traceback in the log.
+    s.proc.send_signal(signal.SIGINT)
+    assert s.proc.wait(timeout=30) == 130
+    assert "Application shutdown complete" in s.log() and "Traceback" not in s.log()
