@@ -67,6 +67,9 @@ def main() -> int:
     ap.add_argument("--namespaces", type=int, default=10)
     ap.add_argument("--resync-seconds", type=float, default=60)
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument(
+        "--quiet-seconds", type=float, default=15, help="settled: this long without a write to the API server"
+    )
     args = ap.parse_args()
 
     cluster = Cluster()
@@ -104,11 +107,12 @@ def main() -> int:
         )
         print(f"{done}/{args.count} reconciled in {all_reconciled_s:.1f}s ({children} children)", flush=True)
 
-        # Settle: the last services' follow-up events (Deployment created, status written) drain.
+        # Settle: the last services' follow-up events (Deployment created, status written) drain
+        # until the API server has had no write for --quiet-seconds.
         settle_deadline = time.time() + args.timeout
         while time.time() < settle_deadline:
             mark = len(cluster.api.writes)
-            time.sleep(15)
+            time.sleep(args.quiet_seconds)
             if len(cluster.api.writes) == mark:
                 break
         settled_s = time.perf_counter() - t0

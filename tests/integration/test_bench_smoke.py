@@ -30,7 +30,18 @@ def test_gpu_pipeline_bench_smoke_on_cpu(tmp_path):
 
 
 def test_operator_scale_bench_small(tmp_path):
-    out = bench(tmp_path, "bench/operator_scale.py", "--count", "6", "--namespaces", "2", "--resync-seconds", "4")
+    out = bench(
+        tmp_path,
+        "bench/operator_scale.py",
+        "--count",
+        "6",
+        "--namespaces",
+        "2",
+        "--resync-seconds",
+        "4",
+        "--quiet-seconds",
+        "3",
+    )
     result = json.loads((tmp_path / "operator_scale.json").read_text())
     assert result["reconciled"] == 6 and result["writes in no-op resync"] == 0, out
     assert result["resyncs in window"] >= 6
