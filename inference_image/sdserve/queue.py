@@ -13,6 +13,7 @@ import collections
 import concurrent.futures
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -75,6 +76,12 @@ class QueueBase:
         #: The thread that owns the model: loading, warm-up and every UNet call run on it.
         self._worker = self._thread("sdserve-gpu")
         self.draining = False
+        #: Serving calls running on the model's threads (thread id -> when the call began), for
+        #: ``problem``: a batch, a step, an admission, a decode. Loading and warm-up are not timed
+        #: (the startup probe covers them).
+        self._calls: dict[int, float] = {}
+        self._stopping = False
+        self._reported: str | None = None
 
     def _thread(self, name: str) -> concurrent.futures.ThreadPoolExecutor:
         """A one-thread executor, shut down with the queue."""
@@ -103,6 +110,39 @@ class QueueBase:
     async def _warm(self, loop: asyncio.AbstractEventLoop, key: BatchKey, item: Item) -> None:
         raise NotImplementedError
 
+    def _timed(self, fn: Callable[..., T], *args: Any) -> T:
+        """On a model thread: ``fn(*args)``, with its start kept while it runs."""
+        me = threading.get_ident()
+        self._calls[me] = time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            del self._calls[me]
+
+    def _serve(self, executor: concurrent.futures.Executor, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """A serving call on one of the model's threads (timed for ``problem``)."""
+        return asyncio.get_running_loop().run_in_executor(executor, functools.partial(self._timed, fn), *args)
+
+    def problem(self, stall_seconds: float) -> str | None:
+        """Why this server cannot serve although its event loop answers (/healthz fails, so the
+        kubelet restarts the pod): the schedule task ended, or one model call has run for longer
+        than ``stall_seconds`` (a hung GPU or driver). None while it can. Logged once per cause."""
+        problem = None
+        if self._task is not None and self._task.done() and not self._stopping:
+            error = None if self._task.cancelled() else self._task.exception()
+            problem = f"the batcher stopped: {error!r}"
+        else:
+            began = min(list(self._calls.values()), default=None)
+            if began is not None and time.monotonic() - began > stall_seconds:
+                problem = (
+                    f"a model call has run for {time.monotonic() - began:.0f} s, over SDSERVE_STALL_SECONDS "
+                    f"({stall_seconds:g} s)"
+                )
+        if problem is not None and (self._reported is None or problem.split(":")[0] != self._reported.split(":")[0]):
+            log.error("unhealthy (liveness fails): %s", problem)
+        self._reported = problem
+        return problem
+
     async def on_worker(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the model's thread (benchmarks time the pipeline where it serves)."""
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
@@ -115,13 +155,22 @@ class QueueBase:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.TASK_NAME)
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """The schedule task should run until ``stop``: say at once if it raised."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the batcher stopped", exc_info=task.exception())
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
+                pass
+            except Exception:  # noqa: BLE001 - a crash of the task was logged when it happened (_ended)
                 pass
         for executor in self._threads:
             executor.shutdown(wait=True, cancel_futures=True)
@@ -232,7 +281,6 @@ class Batcher(QueueBase):
         return sum(j.item.n for j in self._pending if j.key == key and not j.cancelled)
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not self._pending:
                 self._wakeup.clear()
@@ -251,19 +299,19 @@ class Batcher(QueueBase):
             batch = self._take()
             if not batch:
                 continue
-            await self._run(loop, batch)
+            await self._run(batch)
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[Job]) -> None:
+    async def _run(self, batch: list[Job]) -> None:
         self._began(batch)
         images = sum(j.item.n for j in batch)
         metrics.BATCH_SIZE.observe(images)
         t0 = time.perf_counter()
         try:
-            await loop.run_in_executor(self._worker, self.pipeline.run, batch[0].key, [j.item for j in batch])
+            await self._serve(self._worker, self.pipeline.run, batch[0].key, [j.item for j in batch])
         except OutOfMemory:
             # The batch was split down to single images and one still did not fit.
             # Retry one at a time so that only the request that cannot fit fails.
-            await self._run_singly(loop, batch)
+            await self._run_singly(batch)
         except Exception as e:  # the worker never dies; the batch's requests fail
             log.exception("batch of %d failed", images)
             for job in batch:
@@ -279,12 +327,12 @@ class Batcher(QueueBase):
             metrics.INFERENCE_DURATION.observe(elapsed)
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
 
-    async def _run_singly(self, loop: asyncio.AbstractEventLoop, batch: list[Job]) -> None:
+    async def _run_singly(self, batch: list[Job]) -> None:
         for job in batch:
             if job.future.done():
                 continue
             try:
-                await loop.run_in_executor(self._worker, self.pipeline.run, job.key, [job.item])
+                await self._serve(self._worker, self.pipeline.run, job.key, [job.item])
                 job.future.set_result(job.item)
                 metrics.IMAGES.inc(job.item.n)
             except Exception as e:  # noqa: BLE001 - the worker never dies; this request fails alone

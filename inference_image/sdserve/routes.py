@@ -365,9 +365,13 @@ async def models(state: StateDep, principal: Principal) -> dict[str, Any]:
     }
 
 
-@router.get("/healthz", tags=["health"])
-async def healthz() -> dict[str, str]:
-    # Liveness: the event loop answers. Never waits on the model.
+@router.get("/healthz", tags=["health"], response_model=None)
+async def healthz(state: StateDep) -> dict[str, str] | JSONResponse:
+    # Liveness: the event loop answers, the batcher runs and no model call hangs (QueueBase.problem).
+    # Never waits on the model.
+    problem = state.batcher.problem(state.settings.stall_limit)
+    if problem is not None:
+        return JSONResponse({"status": "unhealthy", "reason": problem}, status_code=503)
     return {"status": "ok"}
 
 

@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     quantization: Literal["none", "int8_weight_only", "int8_dynamic", "fp8"] = "none"
     queue_size: int = Field(64, ge=1)
     timeout_seconds: float = Field(120, gt=0)
+    #: One model call (a batch, a step, a decode) running longer than this fails /healthz, so
+    #: the kubelet restarts a pod whose GPU or driver hangs instead of leaving it alive and idle.
+    #: Unset: 600 s, or 3 x timeout_seconds when that is longer (a call past it fails every
+    #: request it serves; a slow CPU deployment with a long timeout is not restarted for slowness).
+    stall_seconds: float | None = Field(None, gt=0)
 
     # Request limits
     min_side: int = 256
@@ -170,6 +175,11 @@ class Settings(BaseSettings):
                         f"({self.min_side}..{self.max_width} x {self.min_side}..{self.max_height})"
                     )
         return self
+
+    @property
+    def stall_limit(self) -> float:
+        """``stall_seconds``, or its default."""
+        return self.stall_seconds or max(600.0, 3 * self.timeout_seconds)
 
     @property
     def warmup_list(self) -> list[tuple[int, int]]:

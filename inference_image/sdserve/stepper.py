@@ -123,13 +123,13 @@ class StepBatcher(QueueBase):
             cost, images = cost + pixels, images + job.item.n
         return out
 
-    async def _admit(self, loop: asyncio.AbstractEventLoop, lead: Job) -> None:
+    async def _admit(self, lead: Job) -> None:
         for job in self._joining(lead):
             if job.cancelled:  # its client left while an earlier one was admitted
                 continue
             self._start(job)
             try:
-                states = await loop.run_in_executor(self._worker, self.pipeline.begin, job.key, job.item)
+                states = await self._serve(self._worker, self.pipeline.begin, job.key, job.item)
             except Exception as e:
                 log.exception("admitting a request failed")
                 if not job.future.done():
@@ -143,12 +143,12 @@ class StepBatcher(QueueBase):
         metrics.QUEUE_DEPTH.set(len(self._pending))
         self._began([job])
 
-    async def _run_whole(self, loop: asyncio.AbstractEventLoop, job: Job) -> None:
+    async def _run_whole(self, job: Job) -> None:
         """A request the pipeline cannot step (inpainting on a 9-channel UNet) runs as one
         pipeline call between steps while the younger running requests wait."""
         metrics.BATCH_SIZE.observe(job.item.n)
         try:
-            await loop.run_in_executor(self._worker, self.pipeline.run, job.key, [job.item])
+            await self._serve(self._worker, self.pipeline.run, job.key, [job.item])
         except Exception as e:  # noqa: BLE001 - the request fails alone (OutOfMemory becomes a 503)
             if not job.future.done():
                 job.future.set_exception(e)
@@ -165,7 +165,6 @@ class StepBatcher(QueueBase):
             self._running = [r for r in self._running if not r.job.future.done()]
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             self._drop_gone()
             lead = self._lead()
@@ -175,24 +174,24 @@ class StepBatcher(QueueBase):
                 continue
             if lead.started is None and not self.pipeline.stepped(lead.key):
                 self._start(lead)  # a request the pipeline cannot step runs whole when it is the oldest
-                await self._run_whole(loop, lead)
+                await self._run_whole(lead)
                 continue
-            await self._admit(loop, lead)
+            await self._admit(lead)
             self._drop_gone()
             group = self._group(lead)
             if not group:
                 continue
-            await self._step(loop, group)
+            await self._step(group)
 
-    async def _step(self, loop: asyncio.AbstractEventLoop, batch: list[Running]) -> None:
+    async def _step(self, batch: list[Running]) -> None:
         states = [s for r in batch for s in r.states]
         metrics.BATCH_SIZE.observe(len(states))
         t0 = time.perf_counter()
         try:
-            await loop.run_in_executor(self._worker, self.pipeline.step, states)
+            await self._serve(self._worker, self.pipeline.step, states)
         except OutOfMemory:
             self._steps_since_oom = 0
-            await self._step_singly(loop, batch)
+            await self._step_singly(batch)
         except Exception as e:
             log.exception("a step of %d images failed", len(states))
             for r in batch:
@@ -208,9 +207,9 @@ class StepBatcher(QueueBase):
             r.job.item.progress += 1
             if r in self._running and all(self.pipeline.finished(s) for s in r.states):
                 self._running.remove(r)
-                self._decode(loop, r)
+                self._decode(r)
 
-    async def _step_singly(self, loop: asyncio.AbstractEventLoop, batch: list[Running]) -> None:
+    async def _step_singly(self, batch: list[Running]) -> None:
         """The split step still ran out of memory: step each request alone, fail the one that
         does not fit, and keep the budget at what did. The halves that fitted before the failure
         have stepped already: their states may take this step's successor now (harmless), but
@@ -220,7 +219,7 @@ class StepBatcher(QueueBase):
             if not todo:
                 continue
             try:
-                await loop.run_in_executor(self._worker, self.pipeline.step, todo)
+                await self._serve(self._worker, self.pipeline.step, todo)
             except Exception as e:  # noqa: BLE001 - this request fails alone
                 if not r.job.future.done():
                     r.job.future.set_exception(e)
@@ -239,8 +238,8 @@ class StepBatcher(QueueBase):
             )
             self.budget, self._steps_since_oom = grown, 0
 
-    def _decode(self, loop: asyncio.AbstractEventLoop, r: Running) -> None:
-        fut = loop.run_in_executor(self._decoder, self.pipeline.finish, r.states)
+    def _decode(self, r: Running) -> None:
+        fut = self._serve(self._decoder, self.pipeline.finish, r.states)
 
         def done(f: asyncio.Future[Any]) -> None:
             job = r.job

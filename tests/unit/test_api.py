@@ -33,6 +33,36 @@ async def gen(client, **body) -> httpx.Response:
     return await client.post("/generate", json={"prompt": "a cat", **SMALL, **body})
 
 
+async def test_healthz_fails_while_a_model_call_hangs_and_when_the_batcher_stops(monkeypatch, caplog):
+    """Liveness is more than an event loop that answers: a model call running past
+    SDSERVE_STALL_SECONDS (a hung GPU) or a batcher task that raised fails /healthz, so the
+    kubelet restarts the pod; once the call returns, /healthz passes again."""
+    settings = Settings(model="fake", min_side=64, stall_seconds=0.5, cache_type="none")
+    async with serve(create_app(settings, FakePipeline(seconds_per_call=2.5))) as client:
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        slow = asyncio.create_task(gen(client, num_inference_steps=1))  # one call of 2.5 s, either mode
+        await asyncio.sleep(1.2)
+        hung = await client.get("/healthz")
+        assert hung.status_code == 503 and "over SDSERVE_STALL_SECONDS (0.5 s)" in hung.json()["reason"], hung.text
+        assert (await slow).status_code == 200
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+
+    app = create_app(Settings(model="fake", min_side=64), FakePipeline())
+
+    async def broken() -> None:
+        raise RuntimeError("a bug in the schedule")
+
+    monkeypatch.setattr(app.state.sd.batcher, "_loop", broken)
+    async with serve(app) as client:
+        r = await client.get("/healthz")
+        assert r.status_code == 503, r.text
+        assert r.json()["reason"] == "the batcher stopped: RuntimeError('a bug in the schedule')"
+    assert "the batcher stopped" in caplog.text and "a bug in the schedule" in caplog.text
+    # The default limit: 600 s, or 3 request timeouts when that is longer (slow, not hung).
+    assert Settings(model="fake").stall_limit == 600
+    assert Settings(model="fake", timeout_seconds=1800).stall_limit == 5400
+
+
 async def test_health_endpoints_and_models(client):
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     r = await client.get("/readyz")
