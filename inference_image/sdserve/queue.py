@@ -81,7 +81,7 @@ class QueueBase:
         #: (the startup probe covers them).
         self._calls: dict[int, float] = {}
         self._stopping = False
-        self._reported: str | None = None
+        self._reported: object = None
 
     def _thread(self, name: str) -> concurrent.futures.ThreadPoolExecutor:
         """A one-thread executor, shut down with the queue."""
@@ -127,10 +127,11 @@ class QueueBase:
         """Why this server cannot serve although its event loop answers (/healthz fails, so the
         kubelet restarts the pod): the schedule task ended, or one model call has run for longer
         than ``stall_seconds`` (a hung GPU or driver). None while it can. Logged once per cause."""
-        problem = None
+        problem: str | None = None
+        cause: object = None  # what is logged once: the stopped task, or one stalled call by its start
         if self._task is not None and self._task.done() and not self._stopping:
             error = None if self._task.cancelled() else self._task.exception()
-            problem = f"the batcher stopped: {error!r}"
+            problem, cause = f"the batcher stopped: {error!r}", self._task
         else:
             began = min(list(self._calls.values()), default=None)
             if began is not None and time.monotonic() - began > stall_seconds:
@@ -138,9 +139,10 @@ class QueueBase:
                     f"a model call has run for {time.monotonic() - began:.0f} s, over SDSERVE_STALL_SECONDS "
                     f"({stall_seconds:g} s)"
                 )
-        if problem is not None and (self._reported is None or problem.split(":")[0] != self._reported.split(":")[0]):
+                cause = began
+        if cause is not None and cause != self._reported:
             log.error("unhealthy (liveness fails): %s", problem)
-        self._reported = problem
+        self._reported = cause
         return problem
 
     async def on_worker(self, fn: Callable[..., T], *args: Any) -> T:

@@ -38,12 +38,17 @@ async def test_healthz_fails_while_a_model_call_hangs_and_when_the_batcher_stops
     SDSERVE_STALL_SECONDS (a hung GPU) or a batcher task that raised fails /healthz, so the
     kubelet restarts the pod; once the call returns, /healthz passes again."""
     settings = Settings(model="fake", min_side=64, stall_seconds=0.5, cache_type="none")
-    async with serve(create_app(settings, FakePipeline(seconds_per_call=2.5))) as client:
+    async with serve(create_app(settings, FakePipeline(seconds_per_call=3.5))) as client:
         assert (await client.get("/healthz")).json() == {"status": "ok"}
-        slow = asyncio.create_task(gen(client, num_inference_steps=1))  # one call of 2.5 s, either mode
-        await asyncio.sleep(1.2)
-        hung = await client.get("/healthz")
-        assert hung.status_code == 503 and "over SDSERVE_STALL_SECONDS (0.5 s)" in hung.json()["reason"], hung.text
+        slow = asyncio.create_task(gen(client, num_inference_steps=1))  # one call of 3.5 s, either mode
+        reasons = []
+        for _ in range(2):
+            await asyncio.sleep(1.1)
+            hung = await client.get("/healthz")
+            assert hung.status_code == 503 and "over SDSERVE_STALL_SECONDS (0.5 s)" in hung.json()["reason"], hung.text
+            reasons.append(hung.json()["reason"])
+        assert reasons[0] != reasons[1]  # "has run for 1 s", then "2 s": one stall all the same
+        assert sum("a model call has run" in m for m in caplog.messages) == 1  # logged once per stalled call
         assert (await slow).status_code == 200
         assert (await client.get("/healthz")).json() == {"status": "ok"}
 
