@@ -73,8 +73,9 @@ class Settings(BaseSettings):
     timeout_seconds: float = Field(120, gt=0)
     #: One model call (a batch, a step, a decode) running longer than this fails /healthz, so
     #: the kubelet restarts a pod whose GPU or driver hangs instead of leaving it alive and idle.
-    #: Unset: 600 s, or 3 x timeout_seconds when that is longer (a call past it fails every
-    #: request it serves; a slow CPU deployment with a long timeout is not restarted for slowness).
+    #: Unset: 600 s (1800 s with compile: a size not warmed up compiles inside its first call), or
+    #: 3 x timeout_seconds when that is longer (a call past it fails every request it serves; a
+    #: slow CPU deployment with a long timeout is not restarted for slowness).
     stall_seconds: float | None = Field(None, gt=0)
 
     # Request limits
@@ -179,7 +180,7 @@ class Settings(BaseSettings):
     @property
     def stall_limit(self) -> float:
         """``stall_seconds``, or its default."""
-        return self.stall_seconds or max(600.0, 3 * self.timeout_seconds)
+        return self.stall_seconds or max(1800.0 if self.compile else 600.0, 3 * self.timeout_seconds)
 
     @property
     def warmup_list(self) -> list[tuple[int, int]]:

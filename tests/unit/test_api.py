@@ -63,8 +63,10 @@ async def test_healthz_fails_while_a_model_call_hangs_and_when_the_batcher_stops
         assert r.status_code == 503, r.text
         assert r.json()["reason"] == "the batcher stopped: RuntimeError('a bug in the schedule')"
     assert "the batcher stopped" in caplog.text and "a bug in the schedule" in caplog.text
-    # The default limit: 600 s, or 3 request timeouts when that is longer (slow, not hung).
+    # The default limit: 600 s (1800 s when a first call may compile), or 3 request timeouts when
+    # that is longer (slow, not hung).
     assert Settings(model="fake").stall_limit == 600
+    assert Settings(model="fake", compile=True).stall_limit == 1800
     assert Settings(model="fake", timeout_seconds=1800).stall_limit == 5400
 
 
