@@ -71,6 +71,7 @@ def test_batch_size_changes_only_configmap_and_pod_template():
     [
         ("server", {"warmupSizes": [{"width": 768, "height": 768}]}, "SDSERVE_WARMUP_SIZES", "768x768"),
         ("server", {"compile": True, "compileMode": "reduce-overhead"}, "SDSERVE_COMPILE_MODE", "reduce-overhead"),
+        ("server", {"stallSeconds": 900}, "SDSERVE_STALL_SECONDS", "900"),
         ("cache", {"maxMemory": "1.5Gi"}, "SDSERVE_CACHE_MAX_BYTES", str(3 * 2**29)),
         (
             "rateLimit",
@@ -79,7 +80,7 @@ def test_batch_size_changes_only_configmap_and_pod_template():
             "10.0.0.0/8,fd00::/8,192.0.2.7/32",
         ),
     ],
-    ids=["warmupSizes", "compileMode", "cache.maxMemory", "rateLimit.trustedProxies"],
+    ids=["warmupSizes", "compileMode", "stallSeconds", "cache.maxMemory", "rateLimit.trustedProxies"],
 )
 def test_optional_settings_reach_the_server_and_their_absence_keeps_the_config_hash(section, fields, key, value):
     """A service without the field renders no key: the operator's upgrade does not change its

@@ -855,6 +855,17 @@ class ServerSpec(ApiModel):
         ),
         max_length=8,
     )
+    stall_seconds: int | None = Field(
+        None,
+        description=(
+            "One model call (a batch, a step, a decode) running longer than this fails the liveness probe, so the "
+            "kubelet restarts a replica whose GPU or driver hangs. Unset: 600 (1800 with compile), or 3x "
+            "limits.timeoutSeconds when that is longer. Keep it above the longest batch: maxBatchSize images at "
+            "the largest size and step count."
+        ),
+        ge=30,
+        le=86400,
+    )
 
 
 class S3Spec(ApiModel):

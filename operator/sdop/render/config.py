@@ -71,6 +71,8 @@ def settings_env(ctx: Ctx) -> dict[str, str]:
     }
     if s.server.compile_mode is not None:  # only when set, as below
         env["SDSERVE_COMPILE_MODE"] = s.server.compile_mode
+    if s.server.stall_seconds is not None:  # only when set, as below
+        env["SDSERVE_STALL_SECONDS"] = s.server.stall_seconds
     if s.rate_limit.trusted_proxies:  # only when set, as below
         # As networks uvicorn parses strictly: "10.0.0.1/8" would otherwise match nothing.
         networks = (ipaddress.ip_network(a, strict=False) for a in s.rate_limit.trusted_proxies)
