@@ -377,11 +377,18 @@ async def healthz(state: StateDep) -> dict[str, str] | JSONResponse:
 
 @router.get("/readyz", tags=["health"], response_model=None)
 async def readyz(state: StateDep) -> dict[str, str] | JSONResponse:
-    if state.ready:
+    # Unready as soon as /healthz fails too: traffic leaves a hung replica before its restart.
+    problem = state.batcher.problem(state.settings.stall_limit)
+    if state.ready and problem is None:
         return {"status": "ready", "model": state.settings.model_id, "revision": state.pipeline.revision}
-    reason = "draining" if state.draining else ("model_load_failed" if state.load_error else "loading")
+    if state.draining:
+        reason = "draining"
+    elif state.load_error:
+        reason = "model_load_failed"
+    else:
+        reason = "unhealthy" if problem is not None else "loading"
     return JSONResponse(
-        {"status": "not_ready", "reason": reason, "message": state.load_error or reason}, status_code=503
+        {"status": "not_ready", "reason": reason, "message": state.load_error or problem or reason}, status_code=503
     )
 
 

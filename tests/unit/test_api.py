@@ -33,7 +33,7 @@ async def gen(client, **body) -> httpx.Response:
     return await client.post("/generate", json={"prompt": "a cat", **SMALL, **body})
 
 
-async def test_healthz_fails_while_a_model_call_hangs_and_when_the_batcher_stops(monkeypatch, caplog):
+async def test_healthz_and_readyz_fail_while_a_model_call_hangs_and_when_the_batcher_stops(monkeypatch, caplog):
     """Liveness is more than an event loop that answers: a model call running past
     SDSERVE_STALL_SECONDS (a hung GPU) or a batcher task that raised fails /healthz, so the
     kubelet restarts the pod; once the call returns, /healthz passes again."""
@@ -47,10 +47,13 @@ async def test_healthz_fails_while_a_model_call_hangs_and_when_the_batcher_stops
             hung = await client.get("/healthz")
             assert hung.status_code == 503 and "over SDSERVE_STALL_SECONDS (0.5 s)" in hung.json()["reason"], hung.text
             reasons.append(hung.json()["reason"])
+            unready = await client.get("/readyz")  # traffic leaves it before the restart
+            assert unready.status_code == 503 and unready.json()["reason"] == "unhealthy", unready.text
         assert reasons[0] != reasons[1]  # "has run for 1 s", then "2 s": one stall all the same
         assert sum("a model call has run" in m for m in caplog.messages) == 1  # logged once per stalled call
         assert (await slow).status_code == 200
         assert (await client.get("/healthz")).json() == {"status": "ok"}
+        assert (await client.get("/readyz")).status_code == 200
 
     app = create_app(Settings(model="fake", min_side=64), FakePipeline())
 
@@ -58,10 +61,13 @@ async def test_healthz_fails_while_a_model_call_hangs_and_when_the_batcher_stops
         raise RuntimeError("a bug in the schedule")
 
     monkeypatch.setattr(app.state.sd.batcher, "_loop", broken)
-    async with serve(app) as client:
+    async with serve(app, wait_ready=False) as client:
         r = await client.get("/healthz")
         assert r.status_code == 503, r.text
         assert r.json()["reason"] == "the batcher stopped: RuntimeError('a bug in the schedule')"
+        await app.state.sd.load_task  # the model loads all the same; the replica stays unready
+        ready = (await client.get("/readyz")).json()
+        assert ready["reason"] == "unhealthy" and "a bug in the schedule" in ready["message"]
     assert "the batcher stopped" in caplog.text and "a bug in the schedule" in caplog.text
     # The default limit: 600 s (1800 s when a first call may compile), or 3 request timeouts when
     # that is longer (slow, not hung).
