@@ -387,9 +387,8 @@ async def readyz(state: StateDep) -> dict[str, str] | JSONResponse:
         reason = "model_load_failed"
     else:
         reason = "unhealthy" if problem is not None else "loading"
-    return JSONResponse(
-        {"status": "not_ready", "reason": reason, "message": state.load_error or problem or reason}, status_code=503
-    )
+    message = {"model_load_failed": state.load_error, "unhealthy": problem}.get(reason) or reason
+    return JSONResponse({"status": "not_ready", "reason": reason, "message": message}, status_code=503)
 
 
 @router.get("/metrics", tags=["health"])
