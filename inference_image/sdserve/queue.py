@@ -134,11 +134,9 @@ class QueueBase:
             problem, cause = f"the batcher stopped: {error!r}", self._task
         else:
             began = min(list(self._calls.values()), default=None)
-            if began is not None and time.monotonic() - began > stall_seconds:
-                problem = (
-                    f"a model call has run for {time.monotonic() - began:.0f} s, over SDSERVE_STALL_SECONDS "
-                    f"({stall_seconds:g} s)"
-                )
+            age = 0.0 if began is None else time.monotonic() - began
+            if age > stall_seconds:
+                problem = f"a model call has run for {age:.0f} s, over SDSERVE_STALL_SECONDS ({stall_seconds:g} s)"
                 cause = began
         if cause is not None and cause != self._reported:
             log.error("unhealthy (liveness fails): %s", problem)

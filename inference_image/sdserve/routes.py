@@ -369,7 +369,7 @@ async def models(state: StateDep, principal: Principal) -> dict[str, Any]:
 async def healthz(state: StateDep) -> dict[str, str] | JSONResponse:
     # Liveness: the event loop answers, the batcher runs and no model call hangs (QueueBase.problem).
     # Never waits on the model.
-    problem = state.batcher.problem(state.settings.stall_limit)
+    problem = state.problem
     if problem is not None:
         return JSONResponse({"status": "unhealthy", "reason": problem}, status_code=503)
     return {"status": "ok"}
@@ -378,7 +378,7 @@ async def healthz(state: StateDep) -> dict[str, str] | JSONResponse:
 @router.get("/readyz", tags=["health"], response_model=None)
 async def readyz(state: StateDep) -> dict[str, str] | JSONResponse:
     # Unready as soon as /healthz fails too: traffic leaves a hung replica before its restart.
-    problem = state.batcher.problem(state.settings.stall_limit)
+    problem = state.problem
     if state.ready and problem is None:
         return {"status": "ready", "model": state.settings.model_id, "revision": state.pipeline.revision}
     if state.draining:

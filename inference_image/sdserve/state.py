@@ -62,3 +62,8 @@ class State:
     @property
     def ready(self) -> bool:
         return self.loaded and not self.draining
+
+    @property
+    def problem(self) -> str | None:
+        """Why this replica cannot serve although it answers (QueueBase.problem); None when it can."""
+        return self.batcher.problem(self.settings.stall_limit)
