@@ -131,9 +131,6 @@ class Recorder:
         self.forwards += [sum(i.n for i in items)] * key.denoising_steps
         return self.inner.run(key, items)
 
-    def stepped(self, key: BatchKey) -> bool:
-        return self.inner.stepped(key)
-
     def begin(self, key: BatchKey, item: Item) -> list[Any]:
         return self.inner.begin(key, item)
 
@@ -181,9 +178,8 @@ class SimPipeline:
 
     revision, device, dtype, load_seconds = "sim", "sim", None, 0.0
 
-    def __init__(self, cost: Cost, edits_whole: bool = False):
+    def __init__(self, cost: Cost):
         self.cost = cost
-        self.edits_whole = edits_whole  # step batching runs edits as one call (sdserve before 2026-12-01)
         self._device = threading.Lock()
 
     def _busy(self, seconds: float) -> None:
@@ -208,9 +204,6 @@ class SimPipeline:
     def _inputs(self, key: BatchKey, n: int) -> float:
         """An edit's VAE encode of its n input images, costed as decodes."""
         return self.cost.decode * n if key.task != "generate" else 0.0
-
-    def stepped(self, key: BatchKey) -> bool:
-        return key.task == "generate" or not self.edits_whole
 
     def begin(self, key: BatchKey, item: Item) -> list[SimState]:
         self._busy(self.cost.encode + self._inputs(key, item.n))
@@ -549,9 +542,6 @@ def main() -> int:
         help="share of requests with the server's default parameters (0: every request mixes its own)",
     )
     ap.add_argument("--edits", type=float, default=0.0, help="share of requests that are image-to-image edits")
-    ap.add_argument(
-        "--edits-whole", action="store_true", help="sim: step batching runs edits as one call (as before 2026-12-01)"
-    )
     ap.add_argument("--policies", default="request,step", help="which policies to run (comma-separated)")
     ap.add_argument(
         "--refine", type=int, default=0, help="bisection runs to place the load at which request breaks the SLO"
@@ -578,7 +568,7 @@ async def run_benchmark(args: argparse.Namespace, spec: dict) -> int:
     loads = [float(x) for x in args.loads.split(",")]
 
     if args.pipeline == "sim":
-        inner: Any = SimPipeline(Cost(spec), edits_whole=args.edits_whole)
+        inner: Any = SimPipeline(Cost(spec))
         label = f"SIMULATION: sleeps follow the cost curve ({spec['source']})"
     else:
         inner = real_pipeline(args.arch, args.device, args.max_batch, mix)

@@ -40,9 +40,13 @@ class ImageState:
     step_kwargs: dict[str, Any] = field(default_factory=dict)
     #: The request's Item when it asked for previews (its first image's state only).
     preview_of: Item | None = None
-    #: Inpainting: (mask at latent size, the input image's latents, the start noise). After each
-    #: step the unmasked part goes back to the input image, noised to the next timestep.
+    #: Inpainting on a 4-channel UNet: (mask at latent size, the input image's latents, the start
+    #: noise). After each step the unmasked part goes back to the input image, noised to the next
+    #: timestep.
     blend: tuple[Any, Any, Any] | None = None
+    #: Inpainting on an inpainting model's 9-channel UNet: the mask at latent size and the masked
+    #: input image's latents, [1, 5, h, w], which go into every forward beside the latents.
+    concat: Any = None
 
     @property
     def done(self) -> bool:
@@ -82,21 +86,31 @@ def begin(pipeline: Any, key: BatchKey, item: Item) -> list[ImageState]:
         else:
             pe, npe = pipeline.encode(pipe, item, 1)
             added = None
-    shape = (1, pipe.unet.config.in_channels, key.height // pipe.vae_scale_factor, key.width // pipe.vae_scale_factor)
+    shape = (
+        1,
+        pipe.vae.config.latent_channels,
+        key.height // pipe.vae_scale_factor,
+        key.width // pipe.vae_scale_factor,
+    )
     image, mask = _edit_inputs(pipeline, key, item) if key.task != "generate" else (None, None)
     states = []
     for i in range(item.n):
         generator = torch.Generator(gen_device).manual_seed(item.seed + i)
         scheduler = _fresh_scheduler(pipeline, key.scheduler)
         scheduler.set_timesteps(key.steps, device=device)
-        blend = None
+        blend = concat = None
         if image is None:
             timesteps = scheduler.timesteps
             latents = randn_tensor(shape, generator=generator, device=torch.device(device), dtype=pipe.unet.dtype)
             latents = latents * scheduler.init_noise_sigma
+        elif mask is None:
+            timesteps = _edit_timesteps(scheduler, key)
+            latents = _image_to_image_start(pipeline, image, scheduler, timesteps[:1], generator, pe.dtype)
         else:
             timesteps = _edit_timesteps(scheduler, key)
-            latents, blend = _edit_start(pipeline, key, image, mask, scheduler, timesteps[:1], generator, pe.dtype)
+            latents, blend, concat = _inpaint_start(
+                pipeline, key, image, mask, shape, scheduler, timesteps[:1], generator, pe.dtype
+            )
         accepted = set(inspect.signature(scheduler.step).parameters)
         states.append(
             ImageState(
@@ -110,6 +124,7 @@ def begin(pipeline: Any, key: BatchKey, item: Item) -> list[ImageState]:
                 step_kwargs={"generator": generator} if "generator" in accepted else {},
                 preview_of=item if item.preview and i == 0 else None,
                 blend=blend,
+                concat=concat,
             )
         )
     return states
@@ -135,41 +150,65 @@ def _edit_inputs(pipeline: Any, key: BatchKey, item: Item) -> tuple[Any, Any]:
     return image, edit.mask_processor.preprocess(item.mask_image, height=key.height, width=key.width)
 
 
-def _edit_start(
-    pipeline: Any, key: BatchKey, image: Any, mask: Any, scheduler: Any, t0: Any, generator: Any, dtype: Any
-) -> tuple[Any, tuple[Any, Any, Any] | None]:
-    """An edit's first latents (and, inpainting, what ``blend`` needs), drawing from the image's
-    generator in the order diffusers' img2img and inpaint ``prepare_latents`` do, so the image is
-    the one the pipeline call gives."""
+def _image_to_image_start(pipeline: Any, image: Any, scheduler: Any, t0: Any, generator: Any, dtype: Any) -> Any:
+    """An image-to-image request's first latents: its input image's latents noised to the first
+    timestep, drawing from the image's generator in the order diffusers' img2img
+    ``prepare_latents`` does, so the image is the one the pipeline call gives."""
     import torch
     from diffusers.utils.torch_utils import randn_tensor
 
     vae = pipeline.pipe.vae
     device = torch.device(pipeline.device)
-    pixels = image.to(device=device, dtype=dtype)
-    if mask is None:  # image-to-image: the image's latents noised to the first timestep
-        latents = _vae_encode(pipeline, pixels, generator, dtype)
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if pipeline.settings.pipeline == "sdxl" and mean is not None and std is not None:
-            mean = torch.tensor(mean).view(1, 4, 1, 1).to(device, dtype)
-            std = torch.tensor(std).view(1, 4, 1, 1).to(device, dtype)
-            latents = (latents - mean) * vae.config.scaling_factor / std
-        else:
-            latents = vae.config.scaling_factor * latents
-        noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=dtype)
-        return scheduler.add_noise(latents, noise, t0), None
-    # Inpainting with a 4-channel UNet: at strength 1 the start is pure noise, else the noised image.
-    image_latents = vae.config.scaling_factor * _vae_encode(pipeline, pixels, generator, dtype)
-    noise = randn_tensor(image_latents.shape, generator=generator, device=device, dtype=dtype)
+    latents = _vae_encode(pipeline, image.to(device=device, dtype=dtype), generator, dtype)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if pipeline.settings.pipeline == "sdxl" and mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, 4, 1, 1).to(device, dtype)
+        std = torch.tensor(std).view(1, 4, 1, 1).to(device, dtype)
+        latents = (latents - mean) * vae.config.scaling_factor / std
+    else:
+        latents = vae.config.scaling_factor * latents
+    noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=dtype)
+    return scheduler.add_noise(latents, noise, t0)
+
+
+def _inpaint_start(
+    pipeline: Any,
+    key: BatchKey,
+    image: Any,
+    mask: Any,
+    shape: tuple[int, ...],
+    scheduler: Any,
+    t0: Any,
+    generator: Any,
+    dtype: Any,
+) -> tuple[Any, tuple[Any, Any, Any] | None, Any]:
+    """An inpainting request's first latents and what its steps need: ``blend`` on a 4-channel
+    UNet, ``concat`` on an inpainting model's 9-channel one. At strength 1 the start is pure
+    noise, else the noised input image. The image's generator is drawn from in the order of
+    diffusers' inpaint ``prepare_latents`` and ``prepare_mask_latents``: the input image's
+    encode (skipped by a 9-channel UNet at strength 1, which needs no image latents), the
+    noise, then the masked image's encode (done whatever the UNet, as diffusers does, or a
+    stochastic scheduler's noise would differ)."""
+    import torch
+    from diffusers.utils.torch_utils import randn_tensor
+
+    vae = pipeline.pipe.vae
+    device = torch.device(pipeline.device)
+    nine = pipeline.tasks == ("inpaint",)
+    scale = vae.config.scaling_factor
+    image_latents = None
+    if not nine or key.strength < 1.0:
+        image_latents = scale * _vae_encode(pipeline, image.to(device=device, dtype=dtype), generator, dtype)
+    noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
     if key.strength == 1.0:
         latents = noise * scheduler.init_noise_sigma
     else:
         latents = scheduler.add_noise(image_latents, noise, t0)
-    # The masked image's latents feed only 9-channel UNets, but diffusers encodes them with the
-    # image's generator all the same; so does this, or a stochastic scheduler's noise would differ.
-    _vae_encode(pipeline, (image * (mask < 0.5)).to(device=device, dtype=dtype), generator, dtype)
-    small = torch.nn.functional.interpolate(mask, size=tuple(image_latents.shape[-2:])).to(device=device, dtype=dtype)
-    return latents, (small, image_latents, noise)
+    masked = scale * _vae_encode(pipeline, (image * (mask < 0.5)).to(device=device, dtype=dtype), generator, dtype)
+    small = torch.nn.functional.interpolate(mask, size=tuple(shape[-2:])).to(device=device, dtype=dtype)
+    if nine:
+        return latents, None, torch.cat([small, masked], dim=1)
+    return latents, (small, image_latents, noise), None
 
 
 def _vae_encode(pipeline: Any, pixels: Any, generator: Any, dtype: Any) -> Any:
@@ -238,6 +277,8 @@ def _step(pipeline: Any, states: list[ImageState], pad: int) -> None:
         times += times[:1] * extra
         lanes += lanes[:1] * extra
         x = torch.cat(scaled + scaled)  # unconditional half, then conditional half
+        if lanes[0].concat is not None:  # an inpainting model: latents, mask, masked image latents
+            x = torch.cat([x, torch.cat([s.concat for s in lanes] * 2)], dim=1)
         t = torch.stack(times * 2)
         emb = torch.cat([s.embeds[0] for s in lanes] + [s.embeds[1] for s in lanes])
         kwargs: dict[str, Any] = {}

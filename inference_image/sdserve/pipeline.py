@@ -20,7 +20,7 @@ from typing import Any
 
 from .schedulers import SCHEDULERS
 from .settings import Settings
-from .work import BatchKey, Item, ModelLoadError, OutOfMemory
+from .work import TASKS, BatchKey, Item, ModelLoadError, OutOfMemory
 
 log = logging.getLogger("sdserve.pipeline")
 
@@ -56,10 +56,11 @@ class Pipeline:
         self._active_loras: tuple[tuple[str, float], ...] = ()
         self._safety: tuple[Any, Any] | None = None
         #: Held while the VAE runs, where its dtype moves (``_vae_switches``). With step batching a
-        #: request's decode (``finish``, on the decode thread) can overlap an edit's pipeline call
-        #: (``run``, on the worker thread), and diffusers' SDXL pipelines switch the VAE between
-        #: float16 and float32 in place: an unguarded decode then meets weights of the other dtype
-        #: halfway and fails. SD 1.x pipelines leave the VAE alone, and are not held up by the lock.
+        #: request's decode (``finish``, on the decode thread) can overlap an edit's admission (its
+        #: input image's encode in ``begin``, on the worker thread), and SDXL switches the VAE
+        #: between float16 and float32 in place, as diffusers' SDXL pipelines do (``run`` holds it
+        #: too): an unguarded decode then meets weights of the other dtype halfway and fails. SD 1.x
+        #: pipelines leave the VAE alone, and are not held up by the lock.
         self._vae_lock = threading.Lock()
 
     # ---- loading ---------------------------------------------------------------------
@@ -79,6 +80,7 @@ class Pipeline:
         """Serve a diffusers pipeline already on the device: the settings' optimisations,
         schedulers and content check. ``load`` calls it; the benchmarks hand it architectures
         built from configs with random weights. The warm-up is the batcher's (``warmup_shapes``)."""
+        self._check_channels(pipe)
         self.pipe = pipe
         self._load_loras()
         self._optimise()
@@ -261,13 +263,15 @@ class Pipeline:
             return []
         default = (64, 64) if s.model == "tiny" else s.default_width_height
         sizes = list(dict.fromkeys([default, *s.warmup_list]))  # SDSERVE_WARMUP_SIZES, in order, once each
-        keys = [BatchKey(w, h, 2, s.default_guidance_scale, "default") for w, h in sizes]
+        # An inpainting model warms up inpainting (a grey image, all of it masked: QueueBase.load).
+        task = "inpaint" if self.tasks == ("inpaint",) else "generate"
+        keys = [BatchKey(w, h, 2, s.default_guidance_scale, "default", task=task) for w, h in sizes]
         if s.compile:  # keys[0] is the default size
             keys += [dataclasses.replace(keys[0], loras=((a.name, a.weight),)) for a in s.loras]
         gpu = self.device.startswith("cuda")
         counts = range(1, s.max_batch_size + 1) if gpu else [1]
         shapes = [(key, n) for key in keys for n in counts]
-        if gpu:  # the VAE encoder of an edit's input image (one image at the default size)
+        if gpu and task == "generate":  # the VAE encoder of an edit's input image (one, at the default size)
             shapes.append((dataclasses.replace(keys[0], loras=(), task="img2img", strength=1.0), 1))
         return shapes
 
@@ -391,13 +395,27 @@ class Pipeline:
             self._edit_pipes[task] = edit
         return self._edit_pipes[task]
 
-    # ---- step-level batching (sdserve.denoise) ------------------------------------------
-    def stepped(self, key: BatchKey) -> bool:
-        """Generations, image-to-image and inpainting on the model's own 4-channel UNet (a masked
-        blend after each step). A 9-channel inpainting UNet takes the mask as input and cannot
-        share a forward with the others: its requests run as one pipeline call."""
-        return key.task != "inpaint" or self.pipe.unet.config.in_channels == 4
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """What the loaded model serves. An inpainting model (``runwayml/stable-diffusion-inpainting``,
+        ``diffusers/stable-diffusion-xl-1.0-inpainting-0.1``) has a UNet that takes the mask and the
+        masked image's latents beside the latents (9 input channels): it inpaints, and nothing
+        else. Every task until the model is loaded (no request is admitted before)."""
+        if self.pipe is not None and self.pipe.unet.config.in_channels != self.pipe.vae.config.latent_channels:
+            return ("inpaint",)
+        return TASKS
 
+    def _check_channels(self, pipe: Any) -> None:
+        """A UNet whose input is neither the latents (4 channels) nor an inpainting model's (9)
+        is a load error, not a warm-up that fails."""
+        unet, latent = pipe.unet.config.in_channels, pipe.vae.config.latent_channels
+        if unet not in (latent, 2 * latent + 1):
+            raise ModelLoadError(
+                f"model {self.settings.model!r} has a UNet with {unet} input channels: sdserve serves "
+                f"text-to-image models ({latent}) and inpainting models ({2 * latent + 1})"
+            )
+
+    # ---- step-level batching (sdserve.denoise) ------------------------------------------
     def begin(self, key: BatchKey, item: Item) -> list[Any]:
         """A request's states. Its text encoding, and an edit's VAE encode of its input image,
         run here: one that runs out of memory fails the request alone with OutOfMemory (a 503,

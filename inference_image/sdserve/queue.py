@@ -68,7 +68,7 @@ class QueueBase:
         self.queue_size = queue_size
         self._pending: collections.deque[Job] = collections.deque()
         #: Jobs taken from the queue whose futures are not done: being admitted, denoised (in a
-        #: batch, stepped, or run whole) or decoded. A job leaves when its future is done.
+        #: batch or stepped) or decoded. A job leaves when its future is done.
         self._taken: set[Job] = set()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None

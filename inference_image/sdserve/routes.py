@@ -360,6 +360,8 @@ async def models(state: StateDep, principal: Principal) -> dict[str, Any]:
                 "owned_by": "sdop",
                 "revision": state.pipeline.revision,
                 "ready": state.ready,
+                # generate, img2img, inpaint; an inpainting model: inpaint alone (once loaded)
+                "tasks": list(state.pipeline.tasks),
             }
         ],
     }

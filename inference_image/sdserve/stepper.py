@@ -21,8 +21,8 @@ running, paused or queued. An out-of-memory step is split (``pipeline.step``); a
 that does not fit alone fails its request with OutOfMemory and the budget shrinks to what
 fit (growing back after ``REGROW_AFTER_STEPS`` steps without another). Edits are stepped
 like generations: they start from the noised input image at a later timestep, and
-inpainting puts the unmasked part back after each step. A request the pipeline cannot step
-(``stepped``: inpainting on a 9-channel UNet) runs whole when it is the lead.
+inpainting puts the unmasked part back after each step (on an inpainting model's UNet, the
+mask and the masked image go into every forward instead).
 """
 
 from __future__ import annotations
@@ -114,8 +114,8 @@ class StepBatcher(QueueBase):
         cost, images = self._cost(group), sum(len(r.states) for r in group)
         out: list[Job] = []
         for job in self._pending:
-            if job.cancelled or not self.pipeline.stepped(job.key) or self._shape(job) != self._shape(lead):
-                continue  # another group (or a request run whole): it goes when it is the oldest
+            if job.cancelled or self._shape(job) != self._shape(lead):
+                continue  # another group: it goes when it is the oldest
             pixels = latent_pixels(job.key) * job.item.n
             if (group or out) and (cost + pixels > self.budget or images + job.item.n > self.max_batch_size):
                 break  # arrival order within the group: nobody younger overtakes it
@@ -143,21 +143,6 @@ class StepBatcher(QueueBase):
         metrics.QUEUE_DEPTH.set(len(self._pending))
         self._began([job])
 
-    async def _run_whole(self, job: Job) -> None:
-        """A request the pipeline cannot step (inpainting on a 9-channel UNet) runs as one
-        pipeline call between steps while the younger running requests wait."""
-        metrics.BATCH_SIZE.observe(job.item.n)
-        try:
-            await self._serve(self._worker, self.pipeline.run, job.key, [job.item])
-        except Exception as e:  # noqa: BLE001 - the request fails alone (OutOfMemory becomes a 503)
-            if not job.future.done():
-                job.future.set_exception(e)
-            return
-        if not job.future.done():
-            metrics.IMAGES.inc(job.item.n)
-            metrics.INFERENCE_DURATION.observe(time.monotonic() - (job.started or job.enqueued))
-            job.future.set_result(job.item)
-
     def _drop_gone(self) -> None:
         """Requests whose client left or whose time ran out leave the batch at this step boundary."""
         gone = [r for r in self._running if r.job.future.done()]
@@ -171,10 +156,6 @@ class StepBatcher(QueueBase):
             if lead is None:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-                continue
-            if lead.started is None and not self.pipeline.stepped(lead.key):
-                self._start(lead)  # a request the pipeline cannot step runs whole when it is the oldest
-                await self._run_whole(lead)
                 continue
             await self._admit(lead)
             self._drop_gone()

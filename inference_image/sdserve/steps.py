@@ -121,10 +121,18 @@ async def rate_limit(state: State, principal: str, client_host: str | None) -> s
 
 
 def validate(state: State, gen: Generation, problems: list[tuple[str, str]]) -> None:
-    """422 naming the first field over a limit; 400 for blocked prompt content."""
+    """422 naming the first field over a limit, or for a task the model does not serve; 400 for
+    blocked prompt content."""
     if problems:
         field_, _ = problems[0]
         raise ApiError(422, "invalid_value", "; ".join(f"{f}: {m}" for f, m in problems), param=field_)
+    if gen.key.task not in state.pipeline.tasks:  # an inpainting model's UNet needs a mask
+        model = state.settings.model_id
+        if gen.key.task == "img2img":
+            message = f"{model} is an inpainting model: an edit needs a mask"
+        else:
+            message = f"{model} is an inpainting model: it serves POST /v1/images/edits with an image and a mask"
+        raise ApiError(422, "unsupported_task", message, param="mask" if gen.key.task == "img2img" else None)
     reason = state.blocklist.check(gen.prompt, gen.negative_prompt)
     if reason:
         metrics.PROMPTS_REJECTED.labels(reason).inc()

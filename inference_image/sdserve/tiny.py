@@ -78,15 +78,16 @@ def _text_encoder_config(vocab_size: int, **extra):
     )
 
 
-def _unet(**extra):
-    """The tiny UNet: two levels, cross attention on the lower one; ``extra`` says what differs."""
+def _unet(in_channels: int = 4, **extra):
+    """The tiny UNet: two levels, cross attention on the lower one; ``extra`` says what differs.
+    ``in_channels=9``: an inpainting model's (latents, mask, the masked image's latents)."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=1,
         sample_size=32,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -123,8 +124,9 @@ def _scheduler():
     )
 
 
-def build_tiny_pipeline(pipeline_cls=None):
-    """A StableDiffusionPipeline with random weights; identical on every call."""
+def build_tiny_pipeline(pipeline_cls=None, in_channels: int = 4):
+    """A StableDiffusionPipeline with random weights; identical on every call. ``in_channels=9``:
+    an inpainting model (as ``runwayml/stable-diffusion-inpainting``), for the tests."""
     import torch
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
@@ -133,7 +135,7 @@ def build_tiny_pipeline(pipeline_cls=None):
     vocab_size = len(tokenizer)
 
     torch.manual_seed(TINY_SEED)
-    unet = _unet(cross_attention_dim=TEXT_DIM)
+    unet = _unet(in_channels, cross_attention_dim=TEXT_DIM)
     vae = _vae()
     text_encoder = CLIPTextModel(_text_encoder_config(vocab_size))
     cls = pipeline_cls or StableDiffusionPipeline
@@ -155,10 +157,11 @@ def build_tiny_pipeline(pipeline_cls=None):
 TIME_EMBED_DIM = 8
 
 
-def build_tiny_xl_pipeline():
+def build_tiny_xl_pipeline(in_channels: int = 4):
     """A StableDiffusionXLPipeline with random weights; identical on every call. The UNet's
     cross attention takes both encoders' hidden states side by side (2 x TEXT_DIM), and its
-    added embedding the six size/crop numbers and the second encoder's pooled projection."""
+    added embedding the six size/crop numbers and the second encoder's pooled projection.
+    ``in_channels=9``: an inpainting model (as ``diffusers/stable-diffusion-xl-1.0-inpainting-0.1``)."""
     import torch
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -168,6 +171,7 @@ def build_tiny_xl_pipeline():
 
     torch.manual_seed(TINY_SEED)
     unet = _unet(
+        in_channels,
         cross_attention_dim=2 * TEXT_DIM,
         use_linear_projection=True,
         addition_embed_type="text_time",

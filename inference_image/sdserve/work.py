@@ -19,6 +19,10 @@ class OutOfMemory(RuntimeError):
     """The device ran out of memory for one request on its own."""
 
 
+#: What a request asks for: text to image, an edit without a mask, an edit with one.
+TASKS = ("generate", "img2img", "inpaint")
+
+
 @dataclass(frozen=True)
 class BatchKey:
     """Requests with equal keys can run in one pipeline call."""
@@ -69,6 +73,11 @@ class ImagePipeline(Protocol):
     dtype: Any
     load_seconds: float
 
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The tasks (``TASKS``) the loaded model serves; a request for another is refused (422)."""
+        ...
+
     def load(self) -> None:
         """Load the weights; raise ModelLoadError when that cannot be done."""
 
@@ -84,10 +93,6 @@ class ImagePipeline(Protocol):
 
     # Step-level batching (sdserve.stepper): one image's denoising as a state advanced one
     # step at a time; states of one latent shape share each UNet forward.
-    def stepped(self, key: BatchKey) -> bool:
-        """Whether requests of this key can be step-batched (``begin``); the others run whole."""
-        ...
-
     def begin(self, key: BatchKey, item: Item) -> list[Any]:
         """Encode the prompt once and make one state per image (its noise from its own seed)."""
         ...

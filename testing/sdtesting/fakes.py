@@ -11,7 +11,7 @@ from typing import Any
 
 from PIL import Image
 
-from sdserve.work import BatchKey, Item, ModelLoadError, OutOfMemory
+from sdserve.work import TASKS, BatchKey, Item, ModelLoadError, OutOfMemory
 
 
 class FakePipeline:
@@ -25,7 +25,7 @@ class FakePipeline:
         load_error: str | None = None,
         oom_prompt: str | None = None,
         warmup: list[tuple[BatchKey, int]] | None = None,
-        whole_tasks: tuple[str, ...] = (),
+        tasks: tuple[str, ...] = TASKS,
     ):
         self.seconds_per_call = seconds_per_call
         self.load_error = load_error
@@ -36,8 +36,8 @@ class FakePipeline:
         self.step_keys: list[list[BatchKey]] = []  # and their keys
         self.step_prompts: list[list[str]] = []  # and their prompts
         self.warmup = warmup or []
-        #: Tasks step batching runs as one call (as a 9-channel inpainting UNet's, in Pipeline).
-        self.whole_tasks = whole_tasks
+        #: What the model serves (``("inpaint",)``: as an inpainting model's, in Pipeline).
+        self.tasks = tasks
         #: (method, prompt, thread name) of every call: which thread did what.
         self.threads: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()
@@ -78,9 +78,6 @@ class FakePipeline:
         return items
 
     # ---- step batching: a state is [key, prompt, seed, steps taken] --------------------
-    def stepped(self, key: BatchKey) -> bool:
-        return key.task not in self.whole_tasks
-
     def begin(self, key: BatchKey, item: Item) -> list[Any]:
         self._on("begin", item.prompt)
         self._check(key, item)

@@ -111,10 +111,9 @@ def test_policy_model_reproduces_the_real_time_simulation_it_stands_for(tmp_path
     assert rows["request"]["p99 vs request"] == 1 and rows["lead"]["p99_s"] <= result["slo_p99_s"]
 
 
-@pytest.mark.parametrize("whole", [False, True])
-def test_scheduling_bench_mixes_in_edits_stepped_or_run_whole(tmp_path, whole):
+def test_scheduling_bench_mixes_in_edits(tmp_path):
     args = ["--pipeline", "sim", "--duration", "4", "--loads", "0.6", "--edits", "0.5", "--seed", "3"]
-    bench(tmp_path, "bench/scheduling.py", *args, *(["--edits-whole"] if whole else []), "--name", "edits")
+    bench(tmp_path, "bench/scheduling.py", *args, "--name", "edits")
     result = json.loads((tmp_path / "edits.json").read_text())
     assert result["mix"]["edits share (img2img, strength 0.5/0.75/1.0)"] == 0.5
     assert all(r["ok"] == r["requests"] > 0 for r in result["runs"]), result["runs"]

@@ -17,7 +17,10 @@ from openai import AsyncOpenAI, BadRequestError, UnprocessableEntityError
 from PIL import Image
 
 from sdserve.app import create_app
+from sdserve.pipeline import Pipeline
 from sdserve.settings import Settings
+from sdserve.tiny import build_tiny_pipeline
+from sdserve.work import ModelLoadError
 from sdtesting.asgi import BASE_URL, metric, serve
 from sdtesting.imaging import decode
 
@@ -168,3 +171,46 @@ async def test_an_upload_is_decoded_off_the_event_loop(client, monkeypatch):
     assert (await client.get("/healthz")).status_code == 200
     assert time.perf_counter() - t0 < 0.7 and not editing.done()
     assert (await editing).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def inpainter() -> Pipeline:
+    """A tiny inpainting model (as runwayml/stable-diffusion-inpainting): a 9-channel UNet."""
+    p = Pipeline(Settings(**BASE, max_batch_size=2))
+    p.use(build_tiny_pipeline(in_channels=9))
+    return p
+
+
+@pytest.mark.parametrize("batching", ["request", "step"])
+async def test_an_inpainting_model_warms_up_inpaints_and_refuses_the_other_tasks_naming_why(inpainter, batching):
+    """Its UNet needs a mask: the warm-up inpaints (a generation there would fail, and the server
+    never be ready), an edit with a mask is served, a generation or an edit without a mask is a
+    422 saying it is an inpainting model, and /v1/models lists what it serves."""
+    assert [key.task for key, _ in inpainter.warmup_shapes()] == ["inpaint"]
+    settings = Settings(**BASE, batching=batching, max_batch_size=2, max_wait_ms=50)
+    async with serve(create_app(settings, inpainter)) as c:
+        assert (await c.get("/v1/models")).json()["data"][0]["tasks"] == ["inpaint"]
+        mask = ("mask.png", png(mode="RGBA", alpha_box=(16, 16, 48, 48)), "image/png")
+        painted = await edit(c, image=("in.png", png(), "image/png"), mask=mask)
+        assert painted.shape == (64, 64, 3) and painted.std() > 0
+        refusals = [
+            (await c.post("/v1/images/generations", json={"prompt": "a bird", "size": "64x64"}), None),
+            (await c.post("/generate", json={"prompt": "a bird", "width": 64, "height": 64}), None),
+            (
+                await c.post("/v1/images/edits", files={"image": ("in.png", png(), "image/png")}, data={"prompt": "x"}),
+                "mask",
+            ),
+        ]
+        for r, param in refusals:
+            assert r.status_code == 422, r.text
+            error = r.json()["error"]
+            assert error["code"] == "unsupported_task" and "inpainting model" in error["message"], error
+            assert error["param"] == param
+
+
+def test_a_model_whose_unet_takes_other_inputs_is_a_load_error():
+    """An 8-channel UNet (InstructPix2Pix's): refused when loaded, with what sdserve serves."""
+    with pytest.raises(
+        ModelLoadError, match="UNet with 8 input channels.*text-to-image models \\(4\\) and inpainting models \\(9\\)"
+    ):
+        Pipeline(Settings(**BASE)).use(build_tiny_pipeline(in_channels=8))

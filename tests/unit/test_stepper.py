@@ -18,6 +18,7 @@ from sdserve.pipeline import Pipeline
 from sdserve.queue import cancel
 from sdserve.settings import Settings
 from sdserve.stepper import LATENT_512, StepBatcher
+from sdserve.tiny import build_tiny_pipeline
 from sdserve.work import BatchKey, Item, OutOfMemory
 from sdtesting.fakes import FakePipeline
 
@@ -192,21 +193,49 @@ async def test_requests_step_in_arrival_order_across_shapes_within_the_budget():
     assert fake.step_prompts == [["a", "b"]] * 4 + [["c", "d"]] * 4 + [["big"]] * 4 + [["d"]] * 4
 
 
-async def test_a_request_the_pipeline_cannot_step_runs_whole_when_it_is_the_oldest():
-    """(Inpainting on a 9-channel UNet.) A younger request of its size passes it into the
-    batch; once the older stepped one finishes, it runs as one call while the younger waits."""
-    fake = FakePipeline(seconds_per_call=0.04, whole_tasks=("inpaint",))
-    masked = BatchKey(64, 64, 4, 7.5, "default", task="inpaint")
-    jobs = [
-        (key(4), Item("a", None, 1, 1)),
-        (masked, Item("x", None, 1, 2, init_image=photo(), mask_image=photo(1).convert("L"))),
-        (key(8), Item("b", None, 1, 3)),
-    ]
-    done = await run_all(StepBatcher(fake, max_batch_size=8, queue_size=16), jobs)
-    assert fake.step_prompts == [["a", "b"]] * 4 + [["b"]] * 4
-    order = [(m, p) for m, p, _ in fake.threads if m in ("step", "run")]
-    assert order.index(("run", "x")) == 4  # after a's 4 steps, before b's last 4
-    assert [len(d.images) for d in done] == [1, 1, 1]
+@pytest.fixture(scope="module")
+def inpainter():
+    """A tiny inpainting model (as runwayml/stable-diffusion-inpainting): its UNet takes the mask
+    and the masked input image's latents beside the latents, 9 channels."""
+    p = Pipeline(Settings(model="tiny", min_side=64, warmup=False, max_batch_size=6))
+    p.use(build_tiny_pipeline(in_channels=9))
+    return p
+
+
+@pytest.mark.parametrize("scheduler,strength", [("default", 1.0), ("euler_a", 1.0), ("dpmpp_2m", 0.6)])
+async def test_an_inpainting_model_is_stepped_and_gives_the_image_its_pipeline_call_gives(
+    inpainter, scheduler, strength
+):
+    """The mask and the masked image's latents go into every forward; at strength 1 the start is
+    noise, drawn before the masked image's encode and without encoding the input image (the
+    generator's stream as diffusers' inpaint call draws it, or every image would differ)."""
+    assert inpainter.tasks == ("inpaint",)
+    k, requested = inpainting(8, scheduler, strength, n=2)
+    inpainter.run(k, [requested])
+    (stepped,) = await run_all(
+        StepBatcher(inpainter, max_batch_size=6, queue_size=16), [inpainting(8, scheduler, strength, n=2)]
+    )
+    assert stepped.progress == requested.progress == int(8 * strength)
+    for a, b in zip(pixels(stepped), pixels(requested), strict=True):
+        diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+        assert diff.max() <= 2 and diff.mean() < 0.01, (diff.mean(), diff.max())
+    seeds = np.abs(pixels(stepped)[0].astype(np.int16) - pixels(stepped)[1])  # seeds 42 and 43
+    assert seeds[24:40, 24:40].mean() > 1
+
+
+async def test_inpainting_requests_on_an_inpainting_model_share_forwards_and_keep_their_images(inpainter):
+    (alone,) = await run_all(
+        StepBatcher(inpainter, max_batch_size=6, queue_size=16), [inpainting(6, "euler_a", seed=5)]
+    )
+    sum0, count0 = observed(metrics.BATCH_SIZE)
+    other, in_mix = await run_all(
+        StepBatcher(inpainter, max_batch_size=6, queue_size=16),
+        [inpainting(8, "dpmpp_2m", 0.5, seed=1), inpainting(6, "euler_a", seed=5)],
+    )
+    images, steps = observed(metrics.BATCH_SIZE)
+    assert (images - sum0, steps - count0) == (4 * 2 + 2, 6)  # 4 forwards hold both, 2 the longer one
+    assert np.array_equal(pixels(in_mix)[0], pixels(alone)[0])  # bit-identical on the CPU
+    assert np.abs(pixels(other)[0].astype(np.int16) - pixels(alone)[0]).mean() > 1
 
 
 class SlowStart(FakePipeline):
@@ -218,18 +247,11 @@ class SlowStart(FakePipeline):
         return states
 
 
-@pytest.mark.parametrize("what", ["run whole", "being admitted"])
-async def test_a_drain_waits_for_a_request_taken_from_the_queue(what):
-    """A request is in flight from the moment it leaves the queue: while it is admitted
-    (between the queue and the running batch) and while it runs as one call (a request the
-    pipeline cannot step). The drain (SIGTERM) waits for it instead of calling an idle server
-    done and losing it."""
-    if what == "run whole":
-        fake = FakePipeline(seconds_per_call=0.6, whole_tasks=("inpaint",))
-        k = BatchKey(64, 64, 4, 7.5, "default", task="inpaint")
-        item = Item("x", None, 1, 2, init_image=photo(), mask_image=photo(1).convert("L"))
-    else:
-        fake, k, item = SlowStart(), key(4), Item("x", None, 1, 2)
+async def test_a_drain_waits_for_a_request_being_admitted():
+    """A request is in flight from the moment it leaves the queue, while it is admitted too
+    (between the queue and the running batch). The drain (SIGTERM) waits for it instead of
+    calling an idle server done and losing it."""
+    fake, k, item = SlowStart(), key(4), Item("x", None, 1, 2)
     batcher = StepBatcher(fake, max_batch_size=4, queue_size=4)
     batcher.start()
     try:
