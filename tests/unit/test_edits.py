@@ -214,3 +214,14 @@ def test_a_model_whose_unet_takes_other_inputs_is_a_load_error():
         ModelLoadError, match="UNet with 8 input channels.*text-to-image models \\(4\\) and inpainting models \\(9\\)"
     ):
         Pipeline(Settings(**BASE)).use(build_tiny_pipeline(in_channels=8))
+
+
+def test_an_inpainting_model_saved_by_diffusers_loads_from_its_folder(tmp_path):
+    """The path a PVC or a local copy takes: a StableDiffusionInpaintPipeline's folder."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    build_tiny_pipeline(StableDiffusionInpaintPipeline, in_channels=9).save_pretrained(tmp_path)
+    p = Pipeline(Settings(model=str(tmp_path), min_side=64, device="cpu", dtype="float32"))
+    p.load()
+    assert p.tasks == ("inpaint",)
+    assert [(key.task, key.width) for key, _ in p.warmup_shapes()] == [("inpaint", 512)]
