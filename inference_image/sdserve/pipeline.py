@@ -80,7 +80,7 @@ class Pipeline:
         """Serve a diffusers pipeline already on the device: the settings' optimisations,
         schedulers and content check. ``load`` calls it; the benchmarks hand it architectures
         built from configs with random weights. The warm-up is the batcher's (``warmup_shapes``)."""
-        self._check_channels(pipe)
+        self._check_model(pipe)
         self.pipe = pipe
         self._load_loras()
         self._optimise()
@@ -405,15 +405,26 @@ class Pipeline:
             return ("inpaint",)
         return TASKS
 
-    def _check_channels(self, pipe: Any) -> None:
-        """A UNet whose input is neither the latents (4 channels) nor an inpainting model's (9)
-        is a load error, not a warm-up that fails."""
+    def _check_model(self, pipe: Any) -> None:
+        """What sdserve cannot serve is a load error that says so, not a warm-up failing inside
+        diffusers: a UNet whose input is neither the latents (4 channels) nor an inpainting
+        model's (9), and the SDXL refiner (its UNet takes an aesthetic score among its five
+        size ids instead of the base model's six size and crop ids)."""
         unet, latent = pipe.unet.config.in_channels, pipe.vae.config.latent_channels
         if unet not in (latent, 2 * latent + 1):
             raise ModelLoadError(
                 f"model {self.settings.model!r} has a UNet with {unet} input channels: sdserve serves "
                 f"text-to-image models ({latent}) and inpainting models ({2 * latent + 1})"
             )
+        per_id = pipe.unet.config.addition_time_embed_dim
+        if self.settings.pipeline == "sdxl" and per_id:
+            pooled = pipe.text_encoder_2.config.projection_dim
+            ids = (pipe.unet.add_embedding.linear_1.in_features - pooled) // per_id
+            if ids != 6:
+                raise ModelLoadError(
+                    f"model {self.settings.model!r} takes {ids} size ids, not SDXL base's 6: an SDXL refiner "
+                    "(conditioned on an aesthetic score) is not served; serve SDXL base or an SDXL inpainting model"
+                )
 
     # ---- step-level batching (sdserve.denoise) ------------------------------------------
     def begin(self, key: BatchKey, item: Item) -> list[Any]:

@@ -18,7 +18,7 @@ from sdserve.pipeline import Pipeline
 from sdserve.settings import Settings
 from sdserve.stepper import StepBatcher
 from sdserve.tiny import build_tiny_xl_pipeline
-from sdserve.work import BatchKey, Item
+from sdserve.work import BatchKey, Item, ModelLoadError
 from sdtesting.asgi import serve
 from sdtesting.imaging import decode
 
@@ -233,3 +233,22 @@ def test_an_sdxl_image_to_image_start_during_a_decode_leaves_both_intact(monkeyp
         half.step(edit)
     (image,) = half.finish(edit)
     assert np.isfinite(np.asarray(image)).all() and np.asarray(image).std() > 0
+
+
+def test_an_sdxl_refiner_is_a_load_error_naming_it():
+    """The refiner's UNet takes five size ids (an aesthetic score among them) where SDXL base
+    takes six: refused when loaded, instead of a warm-up failing inside diffusers with "the
+    model has an incorrect config"."""
+    from sdserve import tiny
+
+    refiner = build_tiny_xl_pipeline()
+    refiner.unet = tiny._unet(
+        cross_attention_dim=2 * tiny.TEXT_DIM,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=tiny.TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=5 * tiny.TIME_EMBED_DIM + tiny.TEXT_DIM,
+    )
+    with pytest.raises(ModelLoadError, match="takes 5 size ids, not SDXL base's 6: an SDXL refiner"):
+        Pipeline(Settings(**XL)).use(refiner)
+    Pipeline(Settings(**XL)).use(build_tiny_xl_pipeline())  # the base model's six pass
