@@ -81,14 +81,35 @@ def query(url: str, q: str) -> list[dict]:
     return r["data"]["result"]
 
 
+def eventually(check, seconds: float = 20) -> None:
+    deadline = time.time() + seconds
+    while True:
+        try:
+            check()
+            return
+        except AssertionError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def test_prometheus_scrapes_queue_depth_and_latency_under_load(server, prometheus):
+    def scraped() -> None:
+        up = query(prometheus, 'up{job="sd15"}')
+        assert up and up[0]["value"][1] == "1"
+
+    eventually(scraped)  # the load below is seen only by scrapes that follow the first
     body = {"prompt": "load", "width": 64, "height": 64, "num_inference_steps": 6}
+    start = time.time()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(httpx.post, server.url + "/generate", json=body, timeout=120) for _ in range(16)]
-        assert all(f.result().status_code == 200 for f in futures)
+        # 8 clients against batches of 2 keep about 6 requests queued; for 3 s at least, so that
+        # several 1-s scrapes fall inside the load (one round of 16 can end between two).
+        while time.time() - start < 3:
+            futures = [pool.submit(httpx.post, server.url + "/generate", json=body, timeout=120) for _ in range(16)]
+            assert all(f.result().status_code == 200 for f in futures)
     time.sleep(3)  # a few more scrapes after the load
 
-    def settled():
+    def settled() -> None:
         up = query(prometheus, 'up{job="sd15"}')
         assert up and up[0]["value"][1] == "1"
         peak = query(prometheus, 'max_over_time(sdserve_queue_depth{service="sd15"}[5m])')
@@ -101,17 +122,8 @@ def test_prometheus_scrapes_queue_depth_and_latency_under_load(server, prometheu
         assert p95 and float(p95[0]["value"][1]) > 0, p95
         batch = query(prometheus, 'max_over_time(sdserve_batch_size_count{service="sd15"}[5m])')
         assert batch and float(batch[0]["value"][1]) >= 8
-        return True
 
-    deadline = time.time() + 20
-    while True:
-        try:
-            assert settled()
-            break
-        except AssertionError:
-            if time.time() > deadline:
-                raise
-            time.sleep(1)
+    eventually(settled)
     rules = httpx.get(prometheus + "/api/v1/rules").json()["data"]["groups"][0]["rules"]
     assert len(rules) == 10 and all(r["health"] == "ok" for r in rules), [
         (r["name"], r.get("lastError")) for r in rules
