@@ -168,8 +168,9 @@ class ModelSpec(ApiModel):
     id: str | None = Field(
         None,
         description=(
-            "Hugging Face model id, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5. The built-in test model is "
-            "'tiny' (an SD 1.5 or, with pipeline sdxl, an SDXL architecture, scaled down; runs on a CPU)."
+            "Hugging Face model id, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5. An inpainting model "
+            "(stable-diffusion-v1-5/stable-diffusion-inpainting) serves only edits with a mask. The built-in test "
+            "model is 'tiny' (an SD 1.5 or, with pipeline sdxl, an SDXL architecture, scaled down; runs on a CPU)."
         ),
         min_length=1,
         max_length=256,
