@@ -110,6 +110,38 @@ def test_sdxl_fp16_steps_like_its_request_and_an_edit_beside_a_decode_leaves_bot
     assert all(len(o.images) == 1 and arrays(o)[0].std() > 0 for o in others)
 
 
+def inpainting_model_steps_like_its_request(device: str, dtype: str) -> float:
+    """An inpainting model's step path (the tiny one, 9-channel UNet: seconds), in a mix with
+    another request of its own steps, scheduler, strength and two images, against diffusers'
+    inpaint call: the mean difference of the image, of 255."""
+    from PIL import Image
+
+    from sdserve.tiny import build_tiny_pipeline
+
+    p = Pipeline(Settings(model="tiny", device=device, dtype=dtype, min_side=64, warmup=False))
+    p.use(build_tiny_pipeline(in_channels=9).to(p.device, p.dtype))
+    init = Image.new("RGB", (128, 128), (200, 40, 40))
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (32, 32, 96, 96))
+    key = BatchKey(128, 128, 10, 7.5, "default", task="inpaint", strength=1.0)
+    requested = Item("a bird", None, 1, 4, init_image=init, mask_image=mask)
+    p.run(key, [requested])
+    other = BatchKey(128, 128, 6, 3.0, "euler", task="inpaint", strength=0.6)
+    jobs = [(key, Item("a bird", None, 1, 4, init_image=init, mask_image=mask))]
+    jobs.append((other, Item("a fox", None, 2, 5, init_image=init, mask_image=mask)))
+    stepped, company = asyncio.run(step_all(p, jobs, max_batch=4))
+    assert len(company.images) == 2 and all(a.std() > 0 for a in arrays(company))
+    diff = np.abs(arrays(stepped)[0] - arrays(requested)[0])
+    assert np.percentile(diff, 99) <= 8, np.percentile(diff, 99)
+    return float(diff.mean())
+
+
+def test_an_inpainting_model_in_fp16_steps_like_its_request():
+    mean = inpainting_model_steps_like_its_request("cuda", "float16")
+    print(f"\ninpainting model (9-channel UNet) fp16, step vs request: mean |diff| {mean:.4f} (of 255)")
+    assert mean <= 1.0
+
+
 def test_out_of_memory_splits_request_batches_and_fails_a_single_image_that_cannot_fit(sd15):
     key = BatchKey(1024, 1024, 4, 7.5, "default")
     torch.cuda.empty_cache()
