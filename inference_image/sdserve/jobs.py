@@ -20,6 +20,7 @@ exponential backoff.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -32,6 +33,7 @@ from typing import Any, Protocol
 
 from . import metrics, steps
 from .errors import ApiError
+from .queue import Job
 from .settings import Settings
 
 log = logging.getLogger("sdserve.jobs")
@@ -222,28 +224,43 @@ class Jobs:
             self._count()
 
     async def _execute(self, record: JobRecord, gen: steps.Generation) -> None:
+        """Run the job, its progress and lease written once a second. An outage of the store
+        (Redis restarting) does not fail it: the job runs on and writes at the next poll that
+        reaches the store. If its lease ran out meanwhile and a reader was told ``replica_lost``,
+        that answer stands: the job stops, as a cancelled one does, and writes nothing."""
         state = self.state
+        ended_elsewhere = False
         try:
-            seed = gen.seed if gen.seed is not None else secrets.randbelow(2**32)
-            job = steps.enqueue(state, gen, seed)
+            queued: list[Job] = []  # the request path's job, once it is in the queue (not on a cache hit)
 
             async def poll() -> bool:
                 """Progress and lease into the store; True once a cancel was asked for."""
-                fresh = await self.store.get(record.id)
+                nonlocal ended_elsewhere
+                (job,) = queued
+                try:
+                    fresh = await self.store.get(record.id)
+                except ApiError:  # unreachable for now (logged): the next poll tries again
+                    return False
+                if fresh is not None and fresh.status in TERMINAL:
+                    ended_elsewhere = True
+                    return True
                 record.status = "running" if job.started else "queued"
                 record.step = job.item.progress
                 record.preview = job.item.preview_png
                 record.lease_until = time.time() + state.settings.job_lease_seconds
                 record.cancel_requested = bool(fresh and fresh.cancel_requested)
-                await self.store.put(record)
                 self._count()
+                with contextlib.suppress(ApiError):
+                    await self.store.put(record)
                 return record.cancel_requested
 
-            await steps.wait(state, job, poll)
-            record.images = await steps.encode(job)
-            record.seeds = [seed + i for i in range(gen.n)]
+            result = await steps.generate(state, gen, poll, queued.append)
+            record.images, record.seeds = result.images, result.seeds
             record.status, record.step = "succeeded", gen.key.denoising_steps
         except ApiError as e:
+            if ended_elsewhere:
+                log.warning("job %s was reported lost while the job store was unreachable: stopped", record.id)
+                return
             cancelled = e.status == 499 or record.cancel_requested
             record.status = "cancelled" if cancelled else "failed"
             record.error = None if cancelled else {"code": e.code, "message": e.message}
@@ -251,12 +268,29 @@ class Jobs:
             log.exception("job %s failed", record.id)
             record.status, record.error = "failed", {"code": "generation_failed", "message": f"{type(e).__name__}: {e}"}
         metrics.JOBS.labels(record.status).inc()
-        try:
-            await self.store.put(record)
-        except Exception:
-            log.exception("could not store the end of job %s", record.id)
-        if record.webhook_url:
-            await self._deliver(record)
+        if not await self._store_end(record) and record.webhook_url:
+            await self._deliver(record)  # with the store unreachable too: the webhook still has the images
+
+    async def _store_end(self, record: JobRecord) -> bool:
+        """Write a job's end, retried through a store outage for as long as its lease would have
+        lasted (after that, readers see ``replica_lost``). True when a reader was told the job
+        was lost in the meantime: that answer stands, and nothing is written or reported."""
+        deadline = time.monotonic() + self.state.settings.job_lease_seconds
+        delay = 0.1
+        while True:
+            try:
+                fresh = await self.store.get(record.id)
+                if fresh is not None and fresh.status in TERMINAL:
+                    log.warning("job %s was reported %s before its end could be stored", record.id, fresh.status)
+                    return True
+                await self.store.put(record)
+                return False
+            except ApiError:
+                if time.monotonic() + delay > deadline:
+                    log.error("could not store the end of job %s: the job store stayed unreachable", record.id)
+                    return False
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 1.0)
 
     async def _deliver(self, record: JobRecord) -> None:
         import httpx

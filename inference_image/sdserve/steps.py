@@ -250,8 +250,14 @@ async def encode(job: Job) -> list[str]:
     return encoded
 
 
-async def generate(state: State, gen: Generation, disconnected: Callable[[], Awaitable[bool]]) -> Result:
-    """A validated request from admission to encoded images (seeded requests through the cache)."""
+async def generate(
+    state: State,
+    gen: Generation,
+    disconnected: Callable[[], Awaitable[bool]],
+    queued: Callable[[Job], None] | None = None,
+) -> Result:
+    """A validated request from admission to encoded images (seeded requests through the cache).
+    ``queued`` is told the job once it is in the queue (an async job reports its progress)."""
     admit(state)
     key = None
     if gen.seed is not None:
@@ -263,6 +269,8 @@ async def generate(state: State, gen: Generation, disconnected: Callable[[], Awa
     else:
         seed = secrets.randbelow(2**32)
     job = enqueue(state, gen, seed)
+    if queued is not None:
+        queued(job)
     await wait(state, job, disconnected)
     done = time.monotonic()
     encoded = await encode(job)

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from sdserve.app import create_app
-from sdserve.jobs import JobRecord, MemoryJobs, signature
+from sdserve.jobs import JobRecord, MemoryJobs, signature, unavailable
 from sdserve.lifecycle import start_drain
 from sdserve.settings import Settings
 from sdtesting.asgi import metric, serve
@@ -284,3 +284,82 @@ async def test_a_draining_replica_ends_the_event_stream_of_another_replicas_job(
         assert body.rstrip().endswith("retry: 1000") and "event: done" not in body
         assert "event: done" in (await asyncio.wait_for(ours, 10)).text  # this replica's job ends first
         assert await drained
+
+
+class Flaky(MemoryJobs):
+    """A job store that can go away (as Redis restarting): every call is the store's 503 while down."""
+
+    def __init__(self) -> None:
+        super().__init__(3600)
+        self.down = False
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        if self.down:
+            raise unavailable(ConnectionError("connection refused"))
+        return await super().get(job_id)
+
+    async def put(self, record: JobRecord) -> None:
+        if self.down:
+            raise unavailable(ConnectionError("connection refused"))
+        await super().put(record)
+
+
+async def test_a_job_runs_on_through_an_outage_of_its_store_and_stores_its_end_after_it(keys):
+    """The store goes away while the job runs and is still away when its images are done: the
+    polls that fail are skipped (not a failed job), and its end is written once the store is
+    back. Before, the first failed poll failed the job and its end was lost with the store."""
+    served = app(keys, seconds=1.0)
+    async with serve(served) as client:
+        store = served.state.sd.jobs.store = Flaky()
+        job = (await client.post("/v1/jobs", json=BODY, headers=ALICE)).json()
+        await asyncio.sleep(0.2)
+        store.down = True
+        await asyncio.sleep(2.0)  # the fake model's second ends meanwhile
+        assert served.state.sd.batcher.idle
+        store.down = False
+        done = await until_done(client, job["id"])
+        assert done["status"] == "succeeded" and done["result"]["data"][0]["seed"] == 3
+
+
+async def test_a_job_reported_lost_while_its_store_was_away_stays_failed(keys):
+    """Its lease ran out during the outage and another replica told a reader ``replica_lost``:
+    that answer stands. The job stops at its next poll and writes nothing over it."""
+    served = app(keys, seconds=1.5)
+    async with serve(served) as client:
+        store = served.state.sd.jobs.store = Flaky()
+        job = (await client.post("/v1/jobs", json=BODY, headers=ALICE)).json()
+        await asyncio.sleep(0.2)
+        store.down = True
+        lost = await MemoryJobs.get(store, job["id"])
+        assert lost is not None
+        lost.status, lost.error = "failed", {"code": "replica_lost", "message": "lost"}
+        await MemoryJobs.put(store, lost)  # what another replica's reader wrote
+        store.down = False
+        await asyncio.sleep(3.0)  # the job's polls and its end
+        view = (await client.get(f"/v1/jobs/{job['id']}", headers=ALICE)).json()
+        assert view["status"] == "failed" and view["error"]["code"] == "replica_lost"
+        assert not served.state.sd.jobs.runs(job["id"])
+
+
+def images(answer: dict) -> list[tuple[str, int]]:
+    return [(d["b64_json"], d["seed"]) for d in answer["data"]]
+
+
+async def test_seeded_jobs_share_the_result_cache_with_synchronous_requests(keys):
+    """A seeded job whose request was answered before (synchronously or as a job) is served
+    from the cache without running the model; a job's result fills the cache in turn."""
+    served = app(keys, cache_type="memory")
+    async with serve(served) as client:
+        sync = await client.post("/v1/images/generations", json=BODY, headers=ALICE)
+        assert sync.status_code == 200, sync.text
+        generated = metric("sdserve_images_generated_total")
+        job = (await client.post("/v1/jobs", json=BODY, headers=ALICE)).json()
+        done = await until_done(client, job["id"])
+        assert done["status"] == "succeeded" and images(done["result"]) == images(sync.json())
+        assert metric("sdserve_images_generated_total") == generated  # from the cache
+        other = {**BODY, "seed": 11}
+        first = await until_done(client, (await client.post("/v1/jobs", json=other, headers=ALICE)).json()["id"])
+        assert metric("sdserve_images_generated_total") == generated + 1
+        again = await client.post("/v1/images/generations", json=other, headers=ALICE)
+        assert images(again.json()) == images(first["result"])
+        assert metric("sdserve_images_generated_total") == generated + 1
