@@ -304,16 +304,22 @@ class Flaky(MemoryJobs):
         await super().put(record)
 
 
+async def running_when_the_store_goes(served, client) -> tuple[Flaky, dict]:
+    """A job submitted to ``served`` with a Flaky store, which goes away once the job runs."""
+    store = served.state.sd.jobs.store = Flaky()
+    job = (await client.post("/v1/jobs", json=BODY, headers=ALICE)).json()
+    await asyncio.sleep(0.2)
+    store.down = True
+    return store, job
+
+
 async def test_a_job_runs_on_through_an_outage_of_its_store_and_stores_its_end_after_it(keys):
     """The store goes away while the job runs and is still away when its images are done: the
     polls that fail are skipped (not a failed job), and its end is written once the store is
     back. Before, the first failed poll failed the job and its end was lost with the store."""
     served = app(keys, seconds=1.0)
     async with serve(served) as client:
-        store = served.state.sd.jobs.store = Flaky()
-        job = (await client.post("/v1/jobs", json=BODY, headers=ALICE)).json()
-        await asyncio.sleep(0.2)
-        store.down = True
+        store, job = await running_when_the_store_goes(served, client)
         await asyncio.sleep(2.0)  # the fake model's second ends meanwhile
         assert served.state.sd.batcher.idle
         store.down = False
@@ -326,10 +332,7 @@ async def test_a_job_reported_lost_while_its_store_was_away_stays_failed(keys):
     that answer stands. The job stops at its next poll and writes nothing over it."""
     served = app(keys, seconds=1.5)
     async with serve(served) as client:
-        store = served.state.sd.jobs.store = Flaky()
-        job = (await client.post("/v1/jobs", json=BODY, headers=ALICE)).json()
-        await asyncio.sleep(0.2)
-        store.down = True
+        store, job = await running_when_the_store_goes(served, client)
         lost = await MemoryJobs.get(store, job["id"])
         assert lost is not None
         lost.status, lost.error = "failed", {"code": "replica_lost", "message": "lost"}

@@ -87,45 +87,35 @@ async def test_sdxl_image_to_image_is_stepped_and_gives_the_request_image_alone_
     assert np.abs(pixels(flat) - pixels(requested)).mean() > 1  # the input image counts
 
 
-async def test_sdxl_inpainting_is_stepped_and_gives_the_request_image(xl):
+@pytest.mark.parametrize("channels", [4, 9])
+async def test_sdxl_inpainting_is_stepped_and_gives_the_request_image(xl, channels):
+    """4: SDXL base inpaints (its latents blended with the input image's after each step),
+    stepped beside a generation. 9: an SDXL inpainting model (as
+    diffusers/stable-diffusion-xl-1.0-inpainting-0.1), whose UNet takes the mask and the masked
+    image's latents in each forward beside SDXL's pooled embedding and size ids, stepped beside
+    another inpainting request. Either way the image is the diffusers inpaint call's."""
+    painter = xl
+    if channels == 9:
+        painter = Pipeline(Settings(**XL, max_batch_size=4))
+        painter.use(build_tiny_xl_pipeline(in_channels=9))
+        assert painter.tasks == ("inpaint",)
     init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 48))
-    for scheduler, strength in (("default", 1.0), ("euler_a", 0.75)):
-        k = key(4, scheduler=scheduler, task="inpaint", strength=strength)
-        requested = Item("a bird", None, 1, 9, init_image=init, mask_image=mask)
-        xl.run(k, [requested])
-        mix = [(key(3), Item("a fox", None, 1, 7)), (k, Item("a bird", None, 1, 9, init_image=init, mask_image=mask))]
-        _, in_mix = await stepped(xl, mix)
-        assert in_mix.progress == requested.progress == int(4 * strength)
-        diff = np.abs(pixels(in_mix) - pixels(requested))
-        assert diff.max() <= 2 and diff.mean() < 0.05, (scheduler, diff.mean(), diff.max())
-
-
-async def test_an_sdxl_inpainting_model_is_stepped_and_gives_the_request_image():
-    """An SDXL inpainting model (as diffusers/stable-diffusion-xl-1.0-inpainting-0.1): the mask
-    and the masked image's latents go into each forward beside the latents and SDXL's pooled
-    embedding and size ids; the image is the diffusers inpaint call's, and the same in a mix."""
-    painter = Pipeline(Settings(**XL, max_batch_size=4))
-    painter.use(build_tiny_xl_pipeline(in_channels=9))
-    assert painter.tasks == ("inpaint",)
-    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    mask = Image.new("L", (64, 64), 0)
-    mask.paste(255, (16, 16, 48, 48))
+    company = (key(3), Item("a fox", None, 1, 7))
+    if channels == 9:
+        company = (key(6, 3.0, "ddim", task="inpaint"), Item("a fox", None, 1, 7, init_image=init, mask_image=mask))
     for scheduler, strength in (("default", 1.0), ("euler_a", 0.75)):
         k = key(4, scheduler=scheduler, task="inpaint", strength=strength)
         requested = Item("a bird", None, 1, 9, init_image=init, mask_image=mask)
         painter.run(k, [requested])
-        other = key(6, 3.0, "ddim", task="inpaint")
-        mix = [
-            (other, Item("a fox", None, 1, 7, init_image=init, mask_image=mask)),
-            (k, Item("a bird", None, 1, 9, init_image=init, mask_image=mask)),
-        ]
-        company, in_mix = await stepped(painter, mix)
+        fox, in_mix = await stepped(
+            painter, [company, (k, Item("a bird", None, 1, 9, init_image=init, mask_image=mask))]
+        )
         assert in_mix.progress == requested.progress == int(4 * strength)
         diff = np.abs(pixels(in_mix) - pixels(requested))
         assert diff.max() <= 2 and diff.mean() < 0.05, (scheduler, diff.mean(), diff.max())
-        assert np.abs(pixels(company) - pixels(in_mix))[24:40, 24:40].mean() > 1
+        assert np.abs(pixels(fox) - pixels(in_mix))[24:40, 24:40].mean() > 1
 
 
 def test_an_sdxl_request_batch_gives_each_request_the_image_it_gets_alone(xl):
