@@ -113,7 +113,15 @@ class MemoryJobs:
 
 
 class RedisJobs:
+    """Records as Redis keys without an expiry, their expiry times in one sorted set. A Redis
+    that evicts only keys with an expiry under memory pressure (``volatile-lru``: the managed
+    Redis's policy) then evicts result-cache entries and rate-limit buckets, never an accepted
+    job; with no such key left, a write fails (a retryable 503) instead. Each write deletes
+    records past their time (``CLEANUP`` at most), whichever replica made them."""
+
     PREFIX = "sdserve:job:"
+    EXPIRY = "sdserve:jobs:expiry"
+    CLEANUP = 100
 
     def __init__(self, url: str, ttl_seconds: int):
         import redis.asyncio as aioredis
@@ -123,14 +131,30 @@ class RedisJobs:
 
     async def get(self, job_id: str) -> JobRecord | None:
         try:
-            raw = await self._redis.get(self.PREFIX + job_id)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.get(self.PREFIX + job_id)
+                pipe.zscore(self.EXPIRY, job_id)
+                raw, expires = await pipe.execute()
         except Exception as e:  # any Redis failure is the same retryable 503
             raise unavailable(e) from e
-        return JobRecord(**json.loads(raw)) if raw else None
+        if not raw or (expires is not None and expires < time.time()):
+            return None
+        return JobRecord(**json.loads(raw))
 
     async def put(self, record: JobRecord) -> None:
+        now = time.time()
         try:
-            await self._redis.set(self.PREFIX + record.id, json.dumps(asdict(record)), ex=self.ttl)
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(self.PREFIX + record.id, json.dumps(asdict(record)))
+                pipe.zadd(self.EXPIRY, {record.id: now + self.ttl})
+                await pipe.execute()
+            expired = await self._redis.zrangebyscore(self.EXPIRY, "-inf", now, start=0, num=self.CLEANUP)
+            if expired:
+                ids = [i.decode() for i in expired if isinstance(i, bytes)]  # ids, as bytes
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    pipe.delete(*(self.PREFIX + i for i in ids))
+                    pipe.zrem(self.EXPIRY, *ids)
+                    await pipe.execute()
         except Exception as e:  # any Redis failure is the same retryable 503
             raise unavailable(e) from e
 

@@ -3,6 +3,8 @@ Redis going away, and clients behind a proxy."""
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 
@@ -134,3 +136,52 @@ def test_anonymous_clients_behind_a_trusted_proxy_are_limited_by_their_own_addre
     for client, status in (("203.0.113.7", 200), ("198.51.100.9", second)):
         r = httpx.post(s.url + "/generate", json=body, headers={"X-Forwarded-For": client}, timeout=60)
         assert r.status_code == status, (client, r.text)
+
+
+def managed_redis_args() -> list[str]:
+    """The managed Redis's arguments, as the operator renders them."""
+    from sdop.render import render
+    from sdtesting.examples import example
+
+    redis = next(
+        o
+        for o in render(example("jobs-webhooks-urls"))
+        if o["kind"] == "Deployment" and "redis" in o["metadata"]["name"]
+    )
+    return redis["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+async def test_a_full_managed_redis_evicts_cached_results_never_an_accepted_job(tmp_path):
+    """The managed Redis's memory limit and eviction policy, on a real redis-server with a
+    small limit: caching far more than fits evicts cached results, and the finished job's
+    record (with its images) stays for its whole TTL. A job's expiry is kept apart (the record
+    has no Redis expiry), and a later write deletes the records past it."""
+    from sdserve.cache import RedisCache
+    from sdserve.jobs import JobRecord, RedisJobs
+    from sdtesting.procs import RedisProc
+
+    args = managed_redis_args()
+    policy = args[args.index("--maxmemory-policy") + 1]
+    redis = RedisProc(tmp_path)
+    try:
+        redis.client.config_set("maxmemory", "4mb")
+        redis.client.config_set("maxmemory-policy", policy)
+        jobs = RedisJobs(redis.url, 3600)
+        await jobs.put(JobRecord(id="job_done", owner="alice", status="succeeded", images=["i" * 300_000]))
+        cache = RedisCache(redis.url, 3600)
+        for i in range(80):  # 8 MB of results through 4 MB
+            await cache.set(f"sdserve:result:{i}", b"r" * 100_000)
+        assert len(redis.client.keys("sdserve:result:*")) < 80  # the cache was evicted
+        kept = await jobs.get("job_done")
+        assert kept is not None and kept.images == ["i" * 300_000]
+
+        brief = RedisJobs(redis.url, 1)
+        await brief.put(JobRecord(id="job_brief", owner="alice"))
+        assert await brief.get("job_brief") is not None
+        await asyncio.sleep(1.1)
+        assert await brief.get("job_brief") is None  # past its time
+        await brief.put(JobRecord(id="job_next", owner="alice"))
+        assert not redis.client.exists("sdserve:job:job_brief")  # and deleted by the next write
+        assert redis.client.zscore("sdserve:jobs:expiry", "job_brief") is None
+    finally:
+        redis.stop()

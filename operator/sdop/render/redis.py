@@ -46,7 +46,10 @@ def redis_deployment(ctx: Ctx) -> dict[str, Any] | None:
                         {
                             "name": "redis",
                             "image": redis.image,
-                            # A cache: no persistence, bounded memory, least recently used out first.
+                            # No persistence, bounded memory. Under memory pressure only keys with an
+                            # expiry go, least recently used first: cached results and rate-limit
+                            # buckets. Async jobs' records carry none (sdserve.jobs.RedisJobs keeps
+                            # their expiry apart), so an accepted job is never evicted.
                             "args": [
                                 "--save",
                                 "",
@@ -55,7 +58,7 @@ def redis_deployment(ctx: Ctx) -> dict[str, Any] | None:
                                 "--maxmemory",
                                 "768mb",
                                 "--maxmemory-policy",
-                                "allkeys-lru",
+                                "volatile-lru",
                             ],
                             "ports": [{"name": "redis", "containerPort": 6379, "protocol": "TCP"}],
                             "resources": {
