@@ -28,6 +28,7 @@ import logging
 import secrets
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -51,6 +52,9 @@ class JobRecord:
     step: int = 0
     steps: int = 0
     images: list[str] = field(default_factory=list)
+    #: response_format "url": the images' keys in object storage (``images`` stays empty), each
+    #: presigned anew whenever the job is shown, so a URL is valid for its expiry from then.
+    keys: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     error: dict[str, Any] | None = None
     webhook_url: str | None = None
@@ -62,8 +66,9 @@ class JobRecord:
     def lapsed(self, now: float) -> bool:
         return self.status not in TERMINAL and self.lease_until < now
 
-    def public(self) -> dict[str, Any]:
-        """What GET, the events and the webhook show (never the webhook's secret)."""
+    def public(self, presign: Callable[[str], str] | None = None) -> dict[str, Any]:
+        """What GET, the events and the webhook show (never the webhook's secret); ``presign``
+        turns the keys of a job answered with URLs into URLs."""
         out: dict[str, Any] = {
             "id": self.id,
             "object": "image.job",
@@ -72,10 +77,12 @@ class JobRecord:
             "progress": {"step": self.step, "steps": self.steps},
         }
         if self.status == "succeeded":
-            out["result"] = {
-                "created": int(time.time()),
-                "data": [{"b64_json": b, "seed": s} for b, s in zip(self.images, self.seeds, strict=True)],
-            }
+            if self.keys:
+                assert presign is not None, "a job answered with URLs is shown where the store is configured"
+                data = [{"url": presign(k), "seed": s} for k, s in zip(self.keys, self.seeds, strict=True)]
+            else:
+                data = [{"b64_json": b, "seed": s} for b, s in zip(self.images, self.seeds, strict=True)]
+            out["result"] = {"created": int(time.time()), "data": data}
         if self.error:
             out["error"] = self.error
         if self.preview and self.status not in TERMINAL:
@@ -203,7 +210,11 @@ class Jobs:
         for status in ("queued", "running"):
             metrics.JOBS_IN_FLIGHT.labels(status).set(sum(r.status == status for r in self._local.values()))
 
-    async def submit(self, principal: str, gen: steps.Generation, webhook: dict[str, str] | None) -> JobRecord:
+    async def submit(
+        self, principal: str, gen: steps.Generation, webhook: dict[str, str] | None, urls: bool = False
+    ) -> JobRecord:
+        """Accept a job and start it; ``urls``: its images go to object storage and it answers
+        URLs (response_format "url"), its record holding their keys instead of the images."""
         steps.admit(self.state)
         record = JobRecord(id="job_" + secrets.token_hex(12), owner=principal, steps=gen.key.denoising_steps)
         if webhook:
@@ -213,7 +224,7 @@ class Jobs:
         metrics.JOBS.labels("submitted").inc()
         self._local[record.id] = record
         self._count()
-        task = asyncio.get_running_loop().create_task(self._run(record, gen), name=f"sdserve-{record.id}")
+        task = asyncio.get_running_loop().create_task(self._run(record, gen, urls), name=f"sdserve-{record.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return record
@@ -240,14 +251,19 @@ class Jobs:
             await self.store.put(record)
         return record
 
-    async def _run(self, record: JobRecord, gen: steps.Generation) -> None:
+    def view(self, record: JobRecord) -> dict[str, Any]:
+        """A job as clients see it, a result's URLs presigned now."""
+        outputs = self.state.outputs
+        return record.public(outputs.presign if outputs is not None else None)
+
+    async def _run(self, record: JobRecord, gen: steps.Generation, urls: bool) -> None:
         try:
-            await self._execute(record, gen)
+            await self._execute(record, gen, urls)
         finally:
             self._local.pop(record.id, None)
             self._count()
 
-    async def _execute(self, record: JobRecord, gen: steps.Generation) -> None:
+    async def _execute(self, record: JobRecord, gen: steps.Generation, urls: bool) -> None:
         """Run the job, its progress and lease written once a second. An outage of the store
         (Redis restarting) does not fail it: the job runs on and writes at the next poll that
         reaches the store. If its lease ran out meanwhile and a reader was told ``replica_lost``,
@@ -279,7 +295,11 @@ class Jobs:
                 return record.cancel_requested
 
             result = await steps.generate(state, gen, poll, queued.append)
-            record.images, record.seeds = result.images, result.seeds
+            if urls:  # a store that cannot be reached fails the job (storage_unavailable)
+                record.keys = await state.outputs.store(result.images)
+            else:
+                record.images = result.images
+            record.seeds = result.seeds
             record.status, record.step = "succeeded", gen.key.denoising_steps
         except ApiError as e:
             if ended_elsewhere:
@@ -320,7 +340,7 @@ class Jobs:
         import httpx
 
         assert record.webhook_url is not None
-        body = json.dumps(record.public()).encode()
+        body = json.dumps(self.view(record)).encode()
         delay = self.state.settings.webhook_backoff_seconds
         async with httpx.AsyncClient(timeout=10, follow_redirects=False) as client:
             for attempt in range(WEBHOOK_ATTEMPTS):

@@ -44,6 +44,7 @@ class S3Outputs:
         )
 
     def _store(self, png: bytes) -> str:
+        """Upload one PNG unless stored already; its key."""
         from botocore.exceptions import ClientError
 
         key = f"{self.prefix}{hashlib.sha256(png).hexdigest()}.png"
@@ -55,19 +56,28 @@ class S3Outputs:
                 raise
             self._client.put_object(Bucket=self.bucket, Key=key, Body=png, ContentType="image/png")
             metrics.OUTPUTS.labels("uploaded").inc()
+        return key
+
+    def presign(self, key: str) -> str:
+        """A URL to GET a stored image, valid ``s3_url_expiry_seconds`` from now (computed
+        locally: no call to the store)."""
         url: str = self._client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.expiry
         )
         return url
 
-    async def urls(self, images_b64: list[str]) -> list[str]:
-        """One presigned URL per image; 503 (retryable) when the storage cannot be reached."""
+    async def store(self, images_b64: list[str]) -> list[str]:
+        """The images' keys once stored; 503 (retryable) when the storage cannot be reached."""
         try:
             return [await asyncio.to_thread(self._store, base64.b64decode(b)) for b in images_b64]
         except Exception as e:
             metrics.OUTPUTS.labels("failed").inc()
             log.warning("storing images in s3://%s failed: %s", self.bucket, e)
             raise ApiError(503, "storage_unavailable", "the image store cannot be reached; retry", retry_after=5) from e
+
+    async def urls(self, images_b64: list[str]) -> list[str]:
+        """One presigned URL per image, stored first; 503 (retryable) when the storage cannot be reached."""
+        return [self.presign(key) for key in await self.store(images_b64)]
 
 
 def make_outputs(s: Settings) -> S3Outputs | None:

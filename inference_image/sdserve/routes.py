@@ -167,26 +167,24 @@ async def submit_job(request: Request, state: StateDep, principal: LimitedPrinci
         except ValueError:
             raise ApiError(422, "invalid_json", "the body must be JSON or a multipart form") from None
         gen = openai_generation(state, body)  # a JobRequest is a generations body
-    if body.response_format != "b64_json":
-        raise ApiError(422, "unsupported_value", "a job's result is b64_json", param="response_format")
     if body.webhook is not None:
         check_webhook(state.settings, body.webhook.url)
     webhook = body.webhook.model_dump() if body.webhook else None
     gen.preview = body.preview
-    record = await state.jobs.submit(principal, gen, webhook)
-    return JSONResponse(record.public(), status_code=202, headers={"Location": f"/v1/jobs/{record.id}"})
+    record = await state.jobs.submit(principal, gen, webhook, urls=body.response_format == "url")
+    return JSONResponse(state.jobs.view(record), status_code=202, headers={"Location": f"/v1/jobs/{record.id}"})
 
 
 @router.get("/v1/jobs/{job_id}", responses=ERRORS, tags=["jobs"])
 async def get_job(job_id: str, state: StateDep, principal: Principal) -> dict[str, Any]:
-    return (await state.jobs.get(principal, job_id)).public()
+    return state.jobs.view(await state.jobs.get(principal, job_id))
 
 
 @router.delete("/v1/jobs/{job_id}", responses=ERRORS, tags=["jobs"])
 async def cancel_job(job_id: str, state: StateDep, principal: Principal) -> dict[str, Any]:
     """Cancel: a queued job at once, a running one at its next step (step batching) or when its
     batch ends (request batching; its result is dropped)."""
-    return (await state.jobs.cancel(principal, job_id)).public()
+    return state.jobs.view(await state.jobs.cancel(principal, job_id))
 
 
 @router.get("/v1/jobs/{job_id}/events", responses=ERRORS, tags=["jobs"])
@@ -201,7 +199,7 @@ async def job_events(job_id: str, request: Request, state: StateDep, principal: 
         last = None
         while not await request.is_disconnected():
             record = await state.jobs.get(principal, job_id)
-            view = record.public()
+            view = state.jobs.view(record)
             if record.status in TERMINAL:
                 yield f"event: done\ndata: {json.dumps(view)}\n\n"
                 return

@@ -3,6 +3,7 @@ through boto3 as a user's deployment runs it) and answered as presigned URLs."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
@@ -82,3 +83,42 @@ async def test_storage_going_away_is_a_retryable_503(s3, tmp_path):
     async with serve(app) as c:
         r = await c.post("/v1/images/generations", json={"prompt": "x", "size": "64x64", "response_format": "url"})
     assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "storage_unavailable"
+
+
+async def until_done(client: httpx.AsyncClient, job_id: str) -> dict:
+    for _ in range(200):
+        view = (await client.get(f"/v1/jobs/{job_id}")).json()
+        if view["status"] in ("succeeded", "failed", "cancelled"):
+            return view
+        await asyncio.sleep(0.05)
+    raise TimeoutError(job_id)
+
+
+async def test_a_job_answers_urls_presigned_each_time_it_is_read_and_keeps_no_images(s3):
+    """A job's images go to the store when it ends; its record keeps their keys, not megabytes
+    of base64 (in Redis, for a day), and every read presigns them anew: a client reading the
+    job hours later still gets URLs valid for the expiry."""
+    app = create_app(Settings(**BASE, **s3.settings(), s3_url_expiry_seconds=600), FakePipeline())
+    body = {"prompt": "a job with urls", "size": "64x64", "n": 2, "seed": 4, "response_format": "url"}
+    async with serve(app) as client:
+        job = (await client.post("/v1/jobs", json=body)).json()
+        done = await until_done(client, job["id"])
+        assert done["status"] == "succeeded", done
+        urls = [d["url"] for d in done["result"]["data"]]
+        assert [d["seed"] for d in done["result"]["data"]] == [4, 5] and "b64_json" not in done["result"]["data"][0]
+        assert all("X-Amz-Expires=600" in u for u in urls)
+        a, b = fetch_png(urls[0]), fetch_png(urls[1])
+        assert a.shape == (64, 64, 3) and (a != b).any()
+        record = await app.state.sd.jobs.store.get(job["id"])
+        assert record.images == [] and len(record.keys) == 2 and all(k.startswith("out/") for k in record.keys)
+        await asyncio.sleep(1.1)  # presigned again: another signing time, the same object
+        again = (await client.get(f"/v1/jobs/{job['id']}")).json()["result"]["data"][0]["url"]
+        assert again != urls[0] and again.split("?")[0] == urls[0].split("?")[0]
+        sync = (await client.post("/v1/images/generations", json={**body, "response_format": "b64_json"})).json()
+        assert np.array_equal(decode(sync["data"][0]["b64_json"]), a)
+
+
+async def test_a_job_asking_for_urls_without_storage_is_a_422_naming_response_format():
+    async with serve(create_app(Settings(**BASE), FakePipeline())) as c:
+        r = await c.post("/v1/jobs", json={"prompt": "x", "size": "64x64", "response_format": "url"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "response_format"
