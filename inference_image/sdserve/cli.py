@@ -78,6 +78,9 @@ def _prefetch(args: argparse.Namespace) -> int:
     path = snapshot_download(args.model, **kwargs)
     if args.safety_checker:  # the content check's own repo (SDSERVE_SAFETY_CHECKER), whole
         snapshot_download(args.safety_checker, token=kwargs["token"])
+    for lora in args.lora:  # REPO, or REPO@FILE: the weights the server loads (not the sample images)
+        repo, _, weight_name = lora.partition("@")
+        snapshot_download(repo, token=kwargs["token"], allow_patterns=[weight_name or "*.safetensors", "*.json"])
     done = json.dumps({"model": args.model, "revision": args.revision, "path": path})
     if args.marker:
         write_marker(pathlib.Path(args.marker), done)
@@ -126,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--revision", default="main")
     f.add_argument("--variant")
     f.add_argument("--safety-checker", help="a Hugging Face id of a safety checker to download too")
+    f.add_argument(
+        "--lora", action="append", default=[], help="a LoRA adapter's repo (REPO, or REPO@FILE) to download too"
+    )
     f.add_argument("--marker", help="file written when the download is complete")
     f.set_defaults(func=_prefetch)
     w = sub.add_parser("wait-for", help="wait until a file exists (the prefetch marker)")

@@ -127,7 +127,28 @@ def test_replicas_wait_for_the_prefetch_marker_and_the_job_runs_on_gpu_nodes():
     assert args[args.index("--marker") + 1] != marker  # replicas wait for the checker too
 
 
-def test_prefetch_downloads_the_model_and_the_safety_checker_before_the_marker(tmp_path, monkeypatch):
+def test_the_prefetch_job_downloads_the_lora_adapters_given_as_repos():
+    """Each replica loads them from the cache the Job filled, not from the Hub on its own; an
+    adapter given as a path is in the image or the volume already. Another adapter is another
+    marker, so the replicas wait for it too."""
+    loras = [
+        {"name": "pixel", "id": "nerijs/pixel-art-xl", "weightName": "pixel-art-xl.safetensors"},
+        {"name": "ink", "id": "someone/ink-lora"},
+        {"name": "house", "path": "/models/loras/house.safetensors"},
+    ]
+    plain = rendered(lambda s: None)
+    objs = rendered(lambda s: s["model"].update(loras=loras))
+    (job,) = [o for (k, _), o in objs.items() if k == "Job"]
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    asked = [args[i + 1] for i, a in enumerate(args) if a == "--lora"]
+    assert asked == ["nerijs/pixel-art-xl@pixel-art-xl.safetensors", "someone/ink-lora"]
+    marker = args[args.index("--marker") + 1]
+    assert (
+        server_pod(objs)["initContainers"][0]["args"][2] == marker != server_pod(plain)["initContainers"][0]["args"][2]
+    )
+
+
+def test_prefetch_downloads_the_model_the_safety_checker_and_the_adapters_before_the_marker(tmp_path, monkeypatch):
     """No network here: the Hub's download function is replaced by one that records its calls."""
     import huggingface_hub
 
@@ -143,9 +164,13 @@ def test_prefetch_downloads_the_model_and_the_safety_checker_before_the_marker(t
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
     args = ["prefetch", "--model", "a/model", "--variant", "fp16", "--marker", str(marker)]
-    assert main([*args, "--safety-checker", "c/checker"]) == 0
-    assert [repo for repo, _ in asked] == ["a/model", "c/checker"]
+    loras = ["--lora", "l/one", "--lora", "l/two@sub/two.safetensors"]
+    assert main([*args, "--safety-checker", "c/checker", *loras]) == 0
+    assert [repo for repo, _ in asked] == ["a/model", "c/checker", "l/one", "l/two"]
     assert "allow_patterns" in asked[0][1] and "allow_patterns" not in asked[1][1]  # the checker whole
+    # an adapter's weights (the named file, else its .safetensors), not the sample images of its repo
+    assert asked[2][1]["allow_patterns"] == ["*.safetensors", "*.json"]
+    assert asked[3][1]["allow_patterns"] == ["sub/two.safetensors", "*.json"]
     assert '"path": "/cache/a/model"' in marker.read_text()
 
 

@@ -153,8 +153,14 @@ class Ctx:
     def prefetch_marker(self) -> str:
         """The file the prefetch Job writes when the weights are in the cache; replicas wait for it."""
         m = self.spec.model
-        what = [m.id, m.revision, m.variant] + ([self.hub_checker] if self.hub_checker else [])
+        what = [m.id, m.revision, m.variant] + ([self.hub_checker] if self.hub_checker else []) + self.hub_loras
         return f"{HF_CACHE_MOUNT}/.sdop/prefetched-{digest(what, 12)}"
+
+    @property
+    def hub_loras(self) -> list[str]:
+        """The LoRA adapters given as Hugging Face repos, as the prefetch Job downloads them
+        (REPO, or REPO@FILE with a weightName); each replica then loads them from the cache."""
+        return [f"{a.id}@{a.weight_name}" if a.weight_name else a.id for a in self.spec.model.loras if a.id]
 
     @property
     def hub_checker(self) -> str | None:

@@ -43,6 +43,8 @@ def prefetch_job(ctx: Ctx) -> dict[str, Any] | None:
         args += ["--variant", m.variant]
     if ctx.hub_checker:
         args += ["--safety-checker", ctx.hub_checker]
+    for lora in ctx.hub_loras:
+        args += ["--lora", lora]
     pod: dict[str, Any] = {
         "restartPolicy": "OnFailure",
         "serviceAccountName": ctx.name,
