@@ -98,25 +98,42 @@ class JobStore(Protocol):
 
 class MemoryJobs:
     """This replica's jobs, each kept ``ttl_seconds`` after its last write, as Redis keeps
-    them: a record holds its images, and a store that kept every job would grow for ever."""
+    them, and ``max_bytes`` of records at most: a record holds its images, and a store that
+    kept every job for a day would grow until the pod is killed for memory (losing them all).
+    Past the bound the oldest finished records go first; a queued or running one stays."""
 
-    def __init__(self, ttl_seconds: float) -> None:
+    def __init__(self, ttl_seconds: float, max_bytes: int = 1024 * 2**20) -> None:
         self.ttl = ttl_seconds
-        self._data: dict[str, tuple[float, str]] = {}  # id -> (expiry, record), oldest write first
+        self.max_bytes = max_bytes
+        self._bytes = 0
+        #: id -> (expiry, record, finished), oldest write first.
+        self._data: dict[str, tuple[float, str, bool]] = {}
 
     async def get(self, job_id: str) -> JobRecord | None:
-        expires, raw = self._data.get(job_id, (0.0, ""))
+        expires, raw, _ = self._data.get(job_id, (0.0, "", False))
         return JobRecord(**json.loads(raw)) if raw and expires > time.monotonic() else None
 
     async def put(self, record: JobRecord) -> None:
         now = time.monotonic()
-        self._data.pop(record.id, None)  # to the end: the dict stays in order of expiry
-        self._data[record.id] = (now + self.ttl, json.dumps(asdict(record)))
+        self._drop(record.id)  # to the end: the dict stays in order of expiry
+        raw = json.dumps(asdict(record))
+        self._data[record.id] = (now + self.ttl, raw, record.status in TERMINAL)
+        self._bytes += len(raw)
         while True:  # expired records go, oldest write first; the one just written stops it
             oldest = next(iter(self._data))
             if self._data[oldest][0] > now:
                 break
-            del self._data[oldest]
+            self._drop(oldest)
+        if self._bytes > self.max_bytes:  # then the oldest finished ones, while over the bound
+            for job_id in [i for i, (_, _, finished) in self._data.items() if finished and i != record.id]:
+                self._drop(job_id)
+                if self._bytes <= self.max_bytes:
+                    break
+
+    def _drop(self, job_id: str) -> None:
+        gone = self._data.pop(job_id, None)
+        if gone is not None:
+            self._bytes -= len(gone[1])
 
 
 class RedisJobs:
@@ -174,7 +191,7 @@ def unavailable(e: Exception) -> ApiError:
 def make_store(s: Settings) -> JobStore:
     if s.cache_type == "redis" and s.redis_url:
         return RedisJobs(s.redis_url, s.job_ttl_seconds)
-    return MemoryJobs(s.job_ttl_seconds)
+    return MemoryJobs(s.job_ttl_seconds, s.job_memory_bytes)
 
 
 def check_webhook(s: Settings, url: str) -> None:

@@ -104,6 +104,9 @@ class Settings(BaseSettings):
 
     # Async jobs (sdserve.jobs): records in Redis when the cache is Redis, in memory otherwise.
     job_ttl_seconds: int = Field(86400, ge=60)
+    #: Without Redis: the most bytes of job records (finished ones hold their images) a replica
+    #: keeps in memory; past it the oldest finished records go first, as if expired.
+    job_memory_bytes: int = Field(1024 * 2**20, ge=1)
     #: A running job's record is renewed this often (x3); a record not renewed in time reads as failed.
     job_lease_seconds: float = Field(15, gt=0)
     #: Hosts job webhooks may call, comma-separated ("*.example.com" for subdomains); empty: none.

@@ -264,6 +264,23 @@ async def test_jobs_kept_in_memory_expire_as_in_redis():
     assert list(store._data) == ["job_last"]  # the expired ones are gone from memory too
 
 
+async def test_jobs_kept_in_memory_are_bounded_in_bytes_oldest_finished_first():
+    """Finished records hold their images: past SDSERVE_JOB_MEMORY_BYTES the oldest finished
+    ones go (as if expired), never a queued or running job, so a busy day of jobs does not grow
+    the replica until it is killed for memory."""
+    store = MemoryJobs(ttl_seconds=3600, max_bytes=5 * 10_000)
+    running = JobRecord(id="job_running", owner="alice", status="running")
+    await store.put(running)
+    for i in range(8):  # 8 finished jobs of about 10 kB each through a 50 kB bound
+        await store.put(JobRecord(id=f"job_{i}", owner="alice", status="succeeded", images=["x" * 10_000]))
+    kept = [i for i in range(8) if await store.get(f"job_{i}") is not None]
+    assert kept == [4, 5, 6, 7]  # the newest that fit beside the running one
+    assert await store.get("job_running") is not None
+    assert store._bytes == sum(len(raw) for _, raw, _ in store._data.values()) <= store.max_bytes
+    await store.put(running)  # its progress, written again: still counted once
+    assert store._bytes == sum(len(raw) for _, raw, _ in store._data.values())
+
+
 async def test_a_draining_replica_ends_the_event_stream_of_another_replicas_job(keys):
     """With Redis, any replica streams any job's events. One that is shutting down ends the
     stream of a job it does not run with a retry hint, so the client reconnects elsewhere and
