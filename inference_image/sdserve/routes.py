@@ -190,15 +190,25 @@ async def cancel_job(job_id: str, state: StateDep, principal: Principal) -> dict
 @router.get("/v1/jobs/{job_id}/events", responses=ERRORS, tags=["jobs"])
 async def job_events(job_id: str, request: Request, state: StateDep, principal: Principal) -> StreamingResponse:
     """Server-sent events: ``progress`` whenever the status or step changes, then ``done``
-    with the job as GET shows it. A draining replica ends the stream of a job another replica
-    runs with a ``retry`` hint: the client's EventSource reconnects through the Service to a
-    replica that stays, and this one's shutdown does not wait for that job."""
+    with the job as GET shows it (``error`` if the record is gone meanwhile). An outage of the
+    job store keeps the stream open: it asks again every second. A draining replica ends the
+    stream of a job another replica runs with a ``retry`` hint: the client's EventSource
+    reconnects through the Service to a replica that stays, and this one's shutdown does not
+    wait for that job."""
     await state.jobs.get(principal, job_id)  # 404 before the stream starts
 
     async def stream() -> AsyncIterator[str]:
         last = None
         while not await request.is_disconnected():
-            record = await state.jobs.get(principal, job_id)
+            try:
+                record = await state.jobs.get(principal, job_id)
+            except ApiError as e:
+                if e.status >= 500:  # the job store is unreachable for now (logged): ask again
+                    await asyncio.sleep(1.0)
+                    continue
+                error = {"code": e.code, "message": e.message}  # gone meanwhile (past its TTL)
+                yield f"event: error\ndata: {json.dumps({'error': error})}\n\n"
+                return
             view = state.jobs.view(record)
             if record.status in TERMINAL:
                 yield f"event: done\ndata: {json.dumps(view)}\n\n"

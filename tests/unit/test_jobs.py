@@ -383,3 +383,41 @@ async def test_seeded_jobs_share_the_result_cache_with_synchronous_requests(keys
         again = await client.post("/v1/images/generations", json=other, headers=ALICE)
         assert images(again.json()) == images(first["result"])
         assert metric("sdserve_images_generated_total") == generated + 1
+
+
+async def test_the_event_stream_stays_open_through_an_outage_of_the_job_store(keys):
+    """It asked the store every 0.25 s and died with the first 503 (a broken stream, which an
+    EventSource then retries against a store still away). Now it asks again every second
+    and ends with ``done`` once the store is back."""
+    served = app(keys, seconds=1.0)
+    async with serve(served) as client:
+        store = served.state.sd.jobs.store = Flaky()
+        job = (await client.post("/v1/jobs", json=BODY, headers=ALICE)).json()
+        events = asyncio.create_task(client.get(f"/v1/jobs/{job['id']}/events", headers=ALICE))
+        await asyncio.sleep(0.3)
+        store.down = True
+        await asyncio.sleep(2.0)
+        assert not events.done()
+        store.down = False
+        body = (await asyncio.wait_for(events, 10)).text
+        assert "event: progress" in body and "event: done" in body and '"succeeded"' in body
+
+
+async def test_the_event_stream_ends_with_an_error_event_when_the_job_is_gone():
+    class Forgetful(MemoryJobs):
+        def __init__(self) -> None:
+            super().__init__(3600)
+            self.forgotten: set[str] = set()
+
+        async def get(self, job_id: str) -> JobRecord | None:
+            return None if job_id in self.forgotten else await super().get(job_id)
+
+    served = app(None, seconds=1.0)
+    async with serve(served) as client:
+        store = served.state.sd.jobs.store = Forgetful()
+        job = (await client.post("/v1/jobs", json=BODY)).json()
+        events = asyncio.create_task(client.get(f"/v1/jobs/{job['id']}/events"))
+        await asyncio.sleep(0.3)
+        store.forgotten.add(job["id"])  # past its TTL, say
+        last = (await asyncio.wait_for(events, 10)).text.strip().split("\n\n")[-1]
+        assert last.startswith("event: error") and '"job_not_found"' in last
