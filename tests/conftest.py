@@ -41,6 +41,8 @@ def start_server(tmp_path_factory):
         return s
 
     yield start
+    for s in started:  # all shut down side by side, then each is waited for
+        s.interrupt()
     for s in started:
         s.stop()
 

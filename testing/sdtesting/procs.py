@@ -46,6 +46,7 @@ class ServerProc:
         )
         self.log_path = tmp_path / f"sdserve-{self.port}.log"
         self._log = open(self.log_path, "w")
+        self._interrupted = False
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sdserve", "serve"], env=env, stdout=self._log, stderr=subprocess.STDOUT
         )
@@ -77,9 +78,16 @@ class ServerProc:
     def metric(self, name: str, **labels: str) -> float:
         return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
 
+    def interrupt(self) -> None:
+        """Ask it to shut down (Ctrl-C) without waiting: several servers stop side by side.
+        Once: a second Ctrl-C would make uvicorn quit at once instead of draining."""
+        if self.proc.poll() is None and not self._interrupted:
+            self._interrupted = True
+            self.proc.send_signal(signal.SIGINT)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.interrupt()
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
