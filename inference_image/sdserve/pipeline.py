@@ -417,7 +417,7 @@ class Pipeline:
                 f"text-to-image models ({latent}) and inpainting models ({2 * latent + 1})"
             )
         per_id = pipe.unet.config.addition_time_embed_dim
-        if self.settings.pipeline == "sdxl" and per_id:
+        if self.settings.pipeline == "sdxl" and per_id and getattr(pipe, "text_encoder_2", None) is not None:
             pooled = pipe.text_encoder_2.config.projection_dim
             ids = (pipe.unet.add_embedding.linear_1.in_features - pooled) // per_id
             if ids != 6:
