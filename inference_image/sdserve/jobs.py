@@ -77,9 +77,9 @@ class JobRecord:
             "progress": {"step": self.step, "steps": self.steps},
         }
         if self.status == "succeeded":
-            if self.keys:
-                assert presign is not None, "a job answered with URLs is shown where the store is configured"
-                data = [{"url": presign(k), "seed": s} for k, s in zip(self.keys, self.seeds, strict=True)]
+            if self.keys:  # no URL where the store is no longer configured (the CR dropped it)
+                urls = [presign(k) if presign else None for k in self.keys]
+                data = [{"url": u, "seed": s} for u, s in zip(urls, self.seeds, strict=True)]
             else:
                 data = [{"b64_json": b, "seed": s} for b, s in zip(self.images, self.seeds, strict=True)]
             out["result"] = {"created": int(time.time()), "data": data}
