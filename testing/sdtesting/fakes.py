@@ -16,6 +16,7 @@ from sdserve.work import TASKS, BatchKey, Item, ModelLoadError, OutOfMemory
 
 class FakePipeline:
     revision = "fake-v1"
+    tasks = TASKS  # every task (an inpainting model's, in Pipeline, serves only "inpaint")
     device = "cpu"
     dtype = "float32"
 
@@ -25,7 +26,6 @@ class FakePipeline:
         load_error: str | None = None,
         oom_prompt: str | None = None,
         warmup: list[tuple[BatchKey, int]] | None = None,
-        tasks: tuple[str, ...] = TASKS,
     ):
         self.seconds_per_call = seconds_per_call
         self.load_error = load_error
@@ -36,8 +36,6 @@ class FakePipeline:
         self.step_keys: list[list[BatchKey]] = []  # and their keys
         self.step_prompts: list[list[str]] = []  # and their prompts
         self.warmup = warmup or []
-        #: What the model serves (``("inpaint",)``: as an inpainting model's, in Pipeline).
-        self.tasks = tasks
         #: (method, prompt, thread name) of every call: which thread did what.
         self.threads: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()
