@@ -261,7 +261,7 @@ class Pipeline:
         s = self.settings
         if not s.warmup:
             return []
-        default = (64, 64) if s.model == "tiny" else s.default_width_height
+        default = s.default_width_height(self.native_size)
         sizes = list(dict.fromkeys([default, *s.warmup_list]))  # SDSERVE_WARMUP_SIZES, in order, once each
         # An inpainting model warms up inpainting (a grey image, all of it masked: QueueBase.load).
         task = "inpaint" if self.tasks == ("inpaint",) else "generate"
@@ -404,6 +404,18 @@ class Pipeline:
         if self.pipe is not None and self.pipe.unet.config.in_channels != self.pipe.vae.config.latent_channels:
             return ("inpaint",)
         return TASKS
+
+    @property
+    def native_size(self) -> tuple[int, int] | None:
+        """The size the loaded model was trained at: its UNet's sample size in latent pixels
+        times the VAE's scale (512x512 for SD 1.x and SD 2.x base, 768x768 for SD 2.x 768-v,
+        1024x1024 for SDXL, 64x64 for the tiny model); None until loaded."""
+        if self.pipe is None:
+            return None
+        sample = self.pipe.unet.config.sample_size
+        h, w = (sample, sample) if isinstance(sample, int) else sample
+        scale = self.pipe.vae_scale_factor
+        return w * scale, h * scale
 
     def _check_model(self, pipe: Any) -> None:
         """What sdserve cannot serve is a load error that says so, not a warm-up failing inside

@@ -121,7 +121,7 @@ def openai_generation(state: State, body: OpenAIImageRequest) -> steps.Generatio
     """A validated generation from an OpenAI Images API body (also the body of a job)."""
     s = state.settings
     check_openai(state, body)
-    size = parse_size(body.size) if body.size not in (None, "auto") else s.default_width_height
+    size = parse_size(body.size) if body.size not in (None, "auto") else state.default_size
     if size is None:
         raise ApiError(422, "invalid_value", f"size must be WIDTHxHEIGHT, got {body.size!r}", param="size")
     key = key_for(state, size[0], size[1], body)
@@ -323,7 +323,7 @@ async def generate(
     body: GenerateRequest, request: Request, state: StateDep, principal: LimitedPrincipal
 ) -> GenerateResponse:
     t0 = time.perf_counter()
-    default_w, default_h = state.settings.default_width_height
+    default_w, default_h = state.default_size
     width, height = body.width or default_w, body.height or default_h
     key = key_for(state, width, height, body)
     gen = steps.Generation(key, body.prompt, body.negative_prompt, body.num_images, body.seed)
@@ -370,6 +370,7 @@ async def models(state: StateDep, principal: Principal) -> dict[str, Any]:
                 "ready": state.ready,
                 # generate, img2img, inpaint; an inpainting model: inpaint alone (once loaded)
                 "tasks": list(state.pipeline.tasks),
+                "default_size": "{}x{}".format(*state.default_size),
             }
         ],
     }

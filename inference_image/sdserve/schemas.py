@@ -36,7 +36,8 @@ class OpenAIImageRequest(Extensions):
         None,
         description=(
             "WIDTHxHEIGHT in pixels, each a multiple of 8; unset or auto: the server's default size "
-            "(the model's native size: 1024x1024 for SDXL, 512x512 otherwise)."
+            "(the model's native size, e.g. 512x512 for SD 1.5, 768x768 for SD 2.1, 1024x1024 for SDXL: "
+            "/v1/models lists it as default_size)."
         ),
     )
     response_format: Literal["b64_json", "url"] = Field(

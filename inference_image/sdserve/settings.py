@@ -89,8 +89,8 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(16 * 2**20, ge=1024)
     default_steps: int = 25
     default_guidance_scale: float = 7.5
-    #: The size of a request that names none (and of the warm-up): "auto" is the model's native
-    #: size, 1024x1024 for SDXL and 512x512 otherwise, brought within the request limits.
+    #: The size of a request that names none (and of the warm-up): "auto" is the loaded model's
+    #: native size (``default_width_height``), brought within the request limits.
     default_size: str = Field("auto", pattern=r"^(auto|[1-9][0-9]*x[1-9][0-9]*)$")
 
     # Result cache
@@ -167,7 +167,7 @@ class Settings(BaseSettings):
             raise ValueError("SDSERVE_CACHE_TYPE=redis needs SDSERVE_REDIS_URL")
         if self.jwt_issuer and not (self.jwt_jwks_url or self.jwt_key_file):
             raise ValueError("SDSERVE_JWT_ISSUER needs SDSERVE_JWT_JWKS_URL or SDSERVE_JWT_KEY_FILE")
-        for name, sizes in (("DEFAULT_SIZE", [self.default_width_height]), ("WARMUP_SIZES", self.warmup_list)):
+        for name, sizes in (("DEFAULT_SIZE", [self.default_width_height()]), ("WARMUP_SIZES", self.warmup_list)):
             for w, h in sizes:
                 if (
                     not (self.min_side <= w <= self.max_width and self.min_side <= h <= self.max_height)
@@ -189,13 +189,15 @@ class Settings(BaseSettings):
     def warmup_list(self) -> list[tuple[int, int]]:
         return [size for z in self.warmup_sizes.split(",") if (size := parse_size(z))]
 
-    @property
-    def default_width_height(self) -> tuple[int, int]:
+    def default_width_height(self, native: tuple[int, int] | None = None) -> tuple[int, int]:
+        """SDSERVE_DEFAULT_SIZE; for "auto", ``native`` (the loaded model's size: its UNet's
+        sample size in pixels, 768x768 for an SD 2.x 768-v model) or, before the model is
+        loaded, its family's (1024x1024 for SDXL, 512x512 otherwise), within the request limits."""
         size = parse_size(self.default_size)  # None for "auto"
         if size:
             return size
-        side = 1024 if self.pipeline == "sdxl" else 512
-        return max(self.min_side, min(side, self.max_width)), max(self.min_side, min(side, self.max_height))
+        w, h = native or ((1024, 1024) if self.pipeline == "sdxl" else (512, 512))
+        return max(self.min_side, min(w, self.max_width)), max(self.min_side, min(h, self.max_height))
 
     @property
     def max_body_bytes(self) -> int:

@@ -56,6 +56,11 @@ class State:
         )
 
     @property
+    def default_size(self) -> tuple[int, int]:
+        """(width, height) of a request that names no size (SDSERVE_DEFAULT_SIZE, "auto": the model's)."""
+        return self.settings.default_width_height(self.pipeline.native_size)
+
+    @property
     def draining(self) -> bool:
         return self.batcher.draining
 

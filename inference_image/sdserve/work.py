@@ -78,6 +78,12 @@ class ImagePipeline(Protocol):
         """The tasks (``TASKS``) the loaded model serves; a request for another is refused (422)."""
         ...
 
+    @property
+    def native_size(self) -> tuple[int, int] | None:
+        """The loaded model's native (width, height), which a request naming no size gets; None
+        when unknown (then the family's default: ``Settings.default_width_height``)."""
+        ...
+
     def load(self) -> None:
         """Load the weights; raise ModelLoadError when that cannot be done."""
 

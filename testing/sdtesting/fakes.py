@@ -17,6 +17,7 @@ from sdserve.work import TASKS, BatchKey, Item, ModelLoadError, OutOfMemory
 class FakePipeline:
     revision = "fake-v1"
     tasks = TASKS  # every task (an inpainting model's, in Pipeline, serves only "inpaint")
+    native_size = None  # the family's default size
     device = "cpu"
     dtype = "float32"
 

@@ -250,5 +250,8 @@ async def test_a_request_without_a_size_gets_the_models_native_size(pipeline, de
 def test_a_default_size_outside_the_request_limits_is_refused_at_start():
     with pytest.raises(ValueError, match="SDSERVE_DEFAULT_SIZE 2048x2048"):
         Settings(default_size="2048x2048")
-    assert Settings(pipeline="sdxl", max_width=768).default_width_height == (768, 1024)
-    assert Settings(min_side=768).default_width_height == (768, 768)  # auto stays within the limits
+    assert Settings(pipeline="sdxl", max_width=768).default_width_height() == (768, 1024)
+    assert Settings(min_side=768).default_width_height() == (768, 768)  # auto stays within the limits
+    assert Settings().default_width_height((768, 768)) == (768, 768)  # the loaded model's (SD 2.x 768-v)
+    assert Settings(max_height=640).default_width_height((768, 768)) == (768, 640)
+    assert Settings(default_size="640x512").default_width_height((768, 768)) == (640, 512)

@@ -224,4 +224,4 @@ def test_an_inpainting_model_saved_by_diffusers_loads_from_its_folder(tmp_path):
     p = Pipeline(Settings(model=str(tmp_path), min_side=64, device="cpu", dtype="float32"))
     p.load()
     assert p.tasks == ("inpaint",)
-    assert [(key.task, key.width) for key, _ in p.warmup_shapes()] == [("inpaint", 512)]
+    assert [(key.task, key.width) for key, _ in p.warmup_shapes()] == [("inpaint", 64)]  # its native size

@@ -87,7 +87,8 @@ def test_warm_up_covers_every_batch_size_on_a_gpu_and_one_image_on_a_cpu():
     assert [n for _, n in shapes] == [1, 2, 3, 4, 1]
     assert {(k.width, k.height, k.steps) for k, _ in shapes} == {(512, 512, 2)}
     assert [k.task for k, _ in shapes] == ["generate"] * 4 + ["img2img"]  # and the VAE encoder
-    cpu = Pipeline(Settings(model="tiny", device="cpu", max_batch_size=4))
+    cpu = Pipeline(Settings(model="tiny", device="cpu", max_batch_size=4, min_side=64))
+    cpu.load()  # the warm-up is at the loaded model's native size
     assert [(k.width, n) for k, n in cpu.warmup_shapes()] == [(64, 1)]
     assert Pipeline(Settings(model="tiny", warmup=False)).warmup_shapes() == []
     sdxl = Pipeline(Settings(model="/m", pipeline="sdxl", device="cuda", max_batch_size=2, warmup_sizes="768x768"))
@@ -133,3 +134,30 @@ def test_adapters_apply_through_a_compiled_unet_warmed_up_for_each(tmp_path):
     assert np.abs(with_pixel - plain).mean() > 1  # the adapter is on
     for lora, image in (((), plain), (pixel, with_pixel)):
         assert np.abs(image - pixels(eager, lora)).max() <= 2, lora  # compiled kernels round differently
+
+
+async def test_a_request_naming_no_size_gets_the_loaded_models_native_size(tmp_path):
+    """An SD 2.x 768-v model's UNet says sample_size 96 (768 pixels): a request naming no size,
+    and the warm-up, run at its size, not SD 1.5's 512x512 (which such a model draws badly).
+    Here a tiny model saved with sample_size 48 (96x96 pixels at its VAE scale of 2)."""
+    from sdserve.app import create_app
+    from sdserve.tiny import build_tiny_pipeline
+    from sdtesting.asgi import serve
+    from sdtesting.imaging import decode
+
+    pipe = build_tiny_pipeline()
+    pipe.unet.register_to_config(sample_size=48)
+    pipe.save_pretrained(tmp_path / "model")
+    p = Pipeline(Settings(model=str(tmp_path / "model"), min_side=64))
+    assert p.native_size is None
+    settings = Settings(model=str(tmp_path / "model"), min_side=64, cache_type="none")
+    async with serve(create_app(settings, p)) as client:
+        assert p.native_size == (96, 96)
+        assert [(k.width, k.height) for k, _ in p.warmup_shapes()] == [(96, 96)]
+        models = (await client.get("/v1/models")).json()["data"][0]
+        assert models["default_size"] == "96x96"
+        r = await client.post("/v1/images/generations", json={"prompt": "a", "num_inference_steps": 2})
+        assert r.status_code == 200, r.text
+        assert decode(r.json()["data"][0]["b64_json"]).shape == (96, 96, 3)
+        r = await client.post("/generate", json={"prompt": "a", "num_inference_steps": 2})
+        assert decode(r.json()["image"]).shape == (96, 96, 3)
