@@ -28,7 +28,7 @@ import logging
 import secrets
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -293,7 +293,6 @@ class Jobs:
             async def poll() -> bool:
                 """Progress and lease into the store; True once a cancel was asked for."""
                 nonlocal ended_elsewhere
-                (job,) = queued
                 try:
                     fresh = await self.store.get(record.id)
                 except ApiError:  # unreachable for now (logged): the next poll tries again
@@ -301,9 +300,11 @@ class Jobs:
                 if fresh is not None and fresh.status in TERMINAL:
                     ended_elsewhere = True
                     return True
-                record.status = "running" if job.started else "queued"
-                record.step = job.item.progress
-                record.preview = job.item.preview_png
+                if queued:  # not after a cache hit, whose result came without a queue
+                    job = queued[0]
+                    record.status = "running" if job.started else "queued"
+                    record.step = job.item.progress
+                    record.preview = job.item.preview_png
                 record.lease_until = time.time() + state.settings.job_lease_seconds
                 record.cancel_requested = bool(fresh and fresh.cancel_requested)
                 self._count()
@@ -312,8 +313,8 @@ class Jobs:
                 return record.cancel_requested
 
             result = await steps.generate(state, gen, poll, queued.append)
-            if urls:  # a store that cannot be reached fails the job (storage_unavailable)
-                record.keys = await state.outputs.store(result.images)
+            if urls:
+                record.keys = await self._upload(result.images, poll)
             else:
                 record.images = result.images
             record.seeds = result.seeds
@@ -331,6 +332,34 @@ class Jobs:
         metrics.JOBS.labels(record.status).inc()
         if not await self._store_end(record) and record.webhook_url:
             await self._deliver(record)  # with the store unreachable too: the webhook still has the images
+
+    async def _upload(self, images: list[str], poll: Callable[[], Awaitable[bool]]) -> list[str]:
+        """A URL job's images stored, their keys. An image store that cannot be reached is
+        retried for ``job_storage_retry_seconds``, the job's lease renewed meanwhile (a reader
+        sees it running); then the job fails with storage_unavailable."""
+        deadline = time.monotonic() + self.state.settings.job_storage_retry_seconds
+        delay = 0.5
+        while True:
+            try:
+                return list(await self._renewed(self.state.outputs.store(images), poll))
+            except ApiError as e:
+                if e.status == 499 or time.monotonic() + delay > deadline:
+                    raise
+            await self._renewed(asyncio.sleep(delay), poll)
+            delay = min(2 * delay, 5.0)
+
+    @staticmethod
+    async def _renewed(aw: Awaitable[Any], poll: Callable[[], Awaitable[bool]]) -> Any:
+        """``aw``'s result, the job's progress and lease written every second meanwhile (as
+        while it is generated); a cancel asked for meanwhile ends the job (499)."""
+        task = asyncio.ensure_future(aw)
+        try:
+            while not (await asyncio.wait({task}, timeout=1.0))[0]:
+                if await poll():
+                    raise ApiError(499, "cancelled", "the job was cancelled while its images were being stored")
+            return task.result()
+        finally:
+            task.cancel()
 
     async def _store_end(self, record: JobRecord) -> bool:
         """Write a job's end, retried through a store outage for as long as its lease would have

@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     s3_access_key_id: str | None = Field(None, description="From a Secret; the default AWS chain when unset.")
     s3_secret_access_key: str | None = None
     s3_url_expiry_seconds: int = Field(3600, ge=1, le=604800)
+    #: A URL job whose images cannot be stored at its end retries this long (its lease renewed)
+    #: before it fails with storage_unavailable: a store restarting does not lose a finished job.
+    job_storage_retry_seconds: float = Field(60, ge=0)
 
     # Auth
     api_keys_file: str | None = None

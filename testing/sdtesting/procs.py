@@ -228,8 +228,8 @@ class S3Proc:
 
     ACCESS_KEY, SECRET_KEY = "test-access-key", "test-secret-key"
 
-    def __init__(self, tmp_path, bucket: str = "images"):
-        self.port = free_port()
+    def __init__(self, tmp_path, bucket: str = "images", port: int | None = None):
+        self.port = port or free_port()  # a port: a store coming back where one went away
         self.url = f"http://127.0.0.1:{self.port}"
         self.bucket = bucket
         self._log = open(tmp_path / f"moto-{self.port}.log", "w")

@@ -122,3 +122,30 @@ async def test_a_job_asking_for_urls_without_storage_is_a_422_naming_response_fo
     async with serve(create_app(Settings(**BASE), FakePipeline())) as c:
         r = await c.post("/v1/jobs", json={"prompt": "x", "size": "64x64", "response_format": "url"})
     assert r.status_code == 422 and r.json()["error"]["param"] == "response_format"
+
+
+async def test_a_url_job_waits_out_a_store_restart_and_fails_only_past_its_retry_time(tmp_path):
+    """An image store restarting when a job ends (MinIO rolling, a network blip) does not lose
+    the finished images: the upload is retried while the job reads as running, then succeeds.
+    A store that stays away fails the job with storage_unavailable once the retry time is over."""
+    flaky = S3Proc(tmp_path, bucket="flaky")
+    settings = Settings(**BASE, **flaky.settings(), job_storage_retry_seconds=30, job_lease_seconds=1)
+    flaky.stop()
+    async with serve(create_app(settings, FakePipeline())) as client:
+        body = {"prompt": "a store restart", "size": "64x64", "seed": 3, "response_format": "url"}
+        job = (await client.post("/v1/jobs", json=body)).json()
+        await asyncio.sleep(3)  # the images were made at once; the lease (1 s) was renewed since
+        view = (await client.get(f"/v1/jobs/{job['id']}")).json()
+        assert view["status"] == "running", view
+        back = S3Proc(tmp_path, bucket="flaky", port=flaky.port)
+        try:
+            done = await until_done(client, job["id"])
+            assert done["status"] == "succeeded", done
+            assert fetch_png(done["result"]["data"][0]["url"]).shape == (64, 64, 3)
+        finally:
+            back.stop()
+    gone = Settings(**BASE, **flaky.settings(), job_storage_retry_seconds=1)
+    async with serve(create_app(gone, FakePipeline())) as client:
+        job = (await client.post("/v1/jobs", json={**body, "seed": 4})).json()
+        done = await until_done(client, job["id"])
+        assert done["status"] == "failed" and done["error"]["code"] == "storage_unavailable", done
