@@ -3,7 +3,8 @@
 Each image is an ``ImageState``: its latents, its own scheduler instance (schedulers keep
 per-run state), its own noise generator, its prompt embeddings and its guidance scale. One
 UNet forward serves any mix of states with the same latent shape: classifier-free guidance
-is applied per state, each state is stepped by its own scheduler. Text encoding happens once
+is applied per state (none at a scale of 1 or less, as in diffusers; a step without a guided
+state skips the unconditional half), each state is stepped by its own scheduler. Text encoding happens once
 per request (``begin``), VAE decoding once per finished request (``finish``, which the step
 scheduler runs on a second thread, off the denoising loop).
 
@@ -261,6 +262,13 @@ def _in_halves(pipeline: Any, states: list[ImageState], call: Any, what: str) ->
     return _in_halves(pipeline, states[:mid], call, what) + _in_halves(pipeline, states[mid:], call, what)
 
 
+def guided(key: BatchKey) -> bool:
+    """Classifier-free guidance as diffusers applies it: only at a scale above 1. At or below
+    it (SDXL Turbo and SD Turbo run at 0) the prompt's prediction is used alone, and the
+    negative prompt has no effect."""
+    return key.guidance_scale > 1
+
+
 def _step(pipeline: Any, states: list[ImageState], pad: int) -> None:
     import torch
 
@@ -270,29 +278,36 @@ def _step(pipeline: Any, states: list[ImageState], pad: int) -> None:
         ts = [s.timesteps[s.i] for s in states]
         scaled = [s.scheduler.scale_model_input(s.latents, t) for s, t in zip(states, ts, strict=True)]
         times = [torch.as_tensor(v, device=scaled[0].device).float() for v in ts]
+        # Without a guided state in the step, the unconditional half is not computed at all.
+        # Padded, the forward has 2 x pad rows either way: a row's result is the same in any company.
+        halves = 2 if any(guided(s.key) for s in states) else 1
         lanes = list(states)
-        extra = max(0, pad - len(states))
+        extra = max(0, pad * 2 // halves - len(states))
         # Padding rows copy the first image's inputs; their outputs are dropped.
         scaled += scaled[:1] * extra
         times += times[:1] * extra
         lanes += lanes[:1] * extra
-        x = torch.cat(scaled + scaled)  # unconditional half, then conditional half
+        x = torch.cat(scaled * halves)  # the unconditional half (when guided), then the conditional one
         if lanes[0].concat is not None:  # an inpainting model: latents, mask, masked image latents
-            x = torch.cat([x, torch.cat([s.concat for s in lanes] * 2)], dim=1)
-        t = torch.stack(times * 2)
-        emb = torch.cat([s.embeds[0] for s in lanes] + [s.embeds[1] for s in lanes])
+            x = torch.cat([x, torch.cat([s.concat for s in lanes] * halves)], dim=1)
+        t = torch.stack(times * halves)
+        uncond_rows = lanes if halves == 2 else []
+        emb = torch.cat([s.embeds[0] for s in uncond_rows] + [s.embeds[1] for s in lanes])
         kwargs: dict[str, Any] = {}
         added = [s.added for s in lanes if s.added is not None]
         if added:  # SDXL: pooled text embeddings and size/crop ids, per image
+            uncond_added = added if halves == 2 else []
             kwargs["added_cond_kwargs"] = {
-                "text_embeds": torch.cat([a[0] for a in added] + [a[1] for a in added]),
-                "time_ids": torch.cat([a[2] for a in added] + [a[3] for a in added]),
+                "text_embeds": torch.cat([a[0] for a in uncond_added] + [a[1] for a in added]),
+                "time_ids": torch.cat([a[2] for a in uncond_added] + [a[3] for a in added]),
             }
         noise = pipe.unet(x, t, encoder_hidden_states=emb, return_dict=False, **kwargs)[0]
-        b = len(lanes)
+        cond_at = len(lanes) if halves == 2 else 0
         for k, s in enumerate(states):
-            uncond, cond = noise[k : k + 1], noise[b + k : b + k + 1]
-            pred = uncond + s.key.guidance_scale * (cond - uncond)  # classifier-free guidance, per request
+            pred = cond = noise[cond_at + k : cond_at + k + 1]
+            if guided(s.key):  # classifier-free guidance, per request
+                uncond = noise[k : k + 1]
+                pred = uncond + s.key.guidance_scale * (cond - uncond)
             s.latents = s.scheduler.step(pred, ts[k], s.latents, **s.step_kwargs, return_dict=False)[0]
             if s.blend is not None:
                 _blend(s, *s.blend)

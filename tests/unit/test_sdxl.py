@@ -55,18 +55,23 @@ def test_the_tiny_model_is_an_sdxl_pipeline_when_asked(xl):
     assert xl.pipe.unet.config.addition_embed_type == "text_time"  # pooled text + size ids
 
 
-async def test_sdxl_step_batching_gives_the_request_image_alone_or_in_any_mix(xl):
+@pytest.mark.parametrize("guidance", [7.5, 0.0])
+async def test_sdxl_step_batching_gives_the_request_image_alone_or_in_any_mix(xl, guidance):
+    """Guidance 0 is how SDXL Turbo runs: no classifier-free guidance, the prompt's prediction alone."""
     fox = Item("a red fox", "blurry", 1, 42)
-    xl.run(key(), [fox])
-    (alone,) = await stepped(xl, [(key(), Item("a red fox", "blurry", 1, 42))])
+    xl.run(key(guidance=guidance), [fox])
+    (alone,) = await stepped(xl, [(key(guidance=guidance), Item("a red fox", "blurry", 1, 42))])
     diff = np.abs(pixels(alone) - pixels(fox))
     assert diff.max() <= 2 and diff.mean() < 0.05, (diff.mean(), diff.max())
-    mix = [(key(3, 2.0, "euler"), Item("a bird", None, 2, 7)), (key(), Item("a red fox", "blurry", 1, 42))]
+    mix = [
+        (key(3, 2.0, "euler"), Item("a bird", None, 2, 7)),
+        (key(guidance=guidance), Item("a red fox", "blurry", 1, 42)),
+    ]
     company, in_mix = await stepped(xl, mix)
     assert np.array_equal(pixels(in_mix), pixels(alone))  # bit-identical on the CPU (padded forward)
     assert np.abs(pixels(company) - pixels(alone)).mean() > 1  # the company was another image
     other = Item("a red fox", "blurry", 1, 43)
-    xl.run(key(), [other])
+    xl.run(key(guidance=guidance), [other])
     assert np.abs(pixels(other) - pixels(fox)).mean() > 1  # the tolerance is far below a seed's difference
 
 

@@ -75,12 +75,22 @@ async def test_a_request_gives_the_same_image_alone_or_in_any_mix(tiny):
     assert not np.array_equal(pixels(done[0])[0], pixels(alone)[0])
 
 
-@pytest.mark.parametrize("scheduler,negative", [("default", None), ("euler_a", "ugly"), ("dpmpp_2m", None)])
-async def test_step_batching_gives_the_image_request_batching_gives(tiny, scheduler, negative):
+@pytest.mark.parametrize(
+    "scheduler,negative,guidance",
+    [
+        ("default", None, 7.5),
+        ("euler_a", "ugly", 7.5),
+        ("dpmpp_2m", None, 7.5),
+        ("default", None, 0.0),
+        ("euler", None, 1.0),
+    ],
+)
+async def test_step_batching_gives_the_image_request_batching_gives(tiny, scheduler, negative, guidance):
     """Switching SDSERVE_BATCHING keeps every seed's image: the step path (denoise.begin/step/
     finish) does what the diffusers pipeline call does. Not bit-identical: the forward is padded
-    to max_batch_size rows here, one image there."""
-    k = key(8, 7.5, scheduler)
+    to max_batch_size rows here, one image there. A guidance scale at or below 1 (SDXL Turbo,
+    SD Turbo: 0) is no guidance in diffusers: the prompt's prediction alone, not the empty one's."""
+    k = key(8, guidance, scheduler)
     requested = Item("a red fox", negative, 1, 42)
     tiny.run(k, [requested])
     (stepped,) = await run_all(
@@ -91,6 +101,39 @@ async def test_step_batching_gives_the_image_request_batching_gives(tiny, schedu
     other = Item("a red fox", negative, 1, 43)
     tiny.run(k, [other])
     assert np.abs(pixels(other)[0].astype(np.int16) - pixels(requested)[0].astype(np.int16)).mean() > 1
+
+
+async def test_an_unguided_request_skips_the_unconditional_half_and_is_the_same_in_any_company(tiny):
+    """A guidance scale at or below 1 (SD Turbo's 0) needs no unconditional prediction: a step
+    of such requests alone runs the UNet on half the rows (unpadded, as on a GPU), its negative
+    prompt changes nothing, and beside a guided request (whose step computes both halves) it
+    gives the same image."""
+    turbo = key(4, 0.0, "euler")
+    rows: list[int] = []
+    hook = tiny.pipe.unet.register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0]))
+    try:
+        unpadded = Pipeline(Settings(model="tiny", min_side=64, warmup=False, max_batch_size=6, step_pad="off"))
+        unpadded.use(tiny.pipe)
+        await run_all(StepBatcher(unpadded, max_batch_size=6, queue_size=16), [(turbo, Item("a fox", None, 2, 1))])
+        assert rows == [2] * 4  # two images, four steps, no unconditional rows
+        rows.clear()
+        await run_all(
+            StepBatcher(unpadded, max_batch_size=6, queue_size=16),
+            [(turbo, Item("a fox", None, 2, 1)), (key(4, 7.5, "euler"), Item("a cat", None, 1, 2))],
+        )
+        assert max(rows) == 6  # with a guided request: both halves of three images
+    finally:
+        hook.remove()
+    (alone,) = await run_all(StepBatcher(tiny, max_batch_size=6, queue_size=16), [(turbo, Item("a fox", None, 1, 5))])
+    (negative,) = await run_all(
+        StepBatcher(tiny, max_batch_size=6, queue_size=16), [(turbo, Item("a fox", "ugly", 1, 5))]
+    )
+    _, mixed = await run_all(
+        StepBatcher(tiny, max_batch_size=6, queue_size=16),
+        [(key(4, 7.5, "euler"), Item("a cat", "blurry", 1, 2)), (turbo, Item("a fox", None, 1, 5))],
+    )
+    assert np.array_equal(pixels(alone)[0], pixels(negative)[0])
+    assert np.array_equal(pixels(alone)[0], pixels(mixed)[0])
 
 
 def photo(seed: int = 0) -> Image.Image:
