@@ -370,7 +370,12 @@ async def models(state: StateDep, principal: Principal) -> dict[str, Any]:
                 "ready": state.ready,
                 # generate, img2img, inpaint; an inpainting model: inpaint alone (once loaded)
                 "tasks": list(state.pipeline.tasks),
-                "default_size": "{}x{}".format(*state.default_size),
+                # what a request gets for what it does not name
+                "defaults": {
+                    "size": "{}x{}".format(*state.default_size),
+                    "steps": state.settings.steps_default,
+                    "guidance_scale": state.settings.default_guidance_scale,
+                },
             }
         ],
     }

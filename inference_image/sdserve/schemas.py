@@ -37,7 +37,7 @@ class OpenAIImageRequest(Extensions):
         description=(
             "WIDTHxHEIGHT in pixels, each a multiple of 8; unset or auto: the server's default size "
             "(the model's native size, e.g. 512x512 for SD 1.5, 768x768 for SD 2.1, 1024x1024 for SDXL: "
-            "/v1/models lists it as default_size)."
+            "/v1/models lists it in defaults)."
         ),
     )
     response_format: Literal["b64_json", "url"] = Field(

@@ -87,8 +87,10 @@ class Settings(BaseSettings):
     max_prompt_length: int = 1000
     #: Edits: the largest uploaded image or mask, in bytes.
     max_upload_bytes: int = Field(16 * 2**20, ge=1024)
-    default_steps: int = 25
-    default_guidance_scale: float = 7.5
+    #: Steps of a request that names none; unset: 25, or max_steps when lower.
+    default_steps: int | None = Field(None, ge=1)
+    #: 1 or less is no classifier-free guidance (SDXL Turbo and SD Turbo run at 0).
+    default_guidance_scale: float = Field(7.5, ge=0, le=50)
     #: The size of a request that names none (and of the warm-up): "auto" is the loaded model's
     #: native size (``default_width_height``), brought within the request limits.
     default_size: str = Field("auto", pattern=r"^(auto|[1-9][0-9]*x[1-9][0-9]*)$")
@@ -170,6 +172,10 @@ class Settings(BaseSettings):
             raise ValueError("SDSERVE_CACHE_TYPE=redis needs SDSERVE_REDIS_URL")
         if self.jwt_issuer and not (self.jwt_jwks_url or self.jwt_key_file):
             raise ValueError("SDSERVE_JWT_ISSUER needs SDSERVE_JWT_JWKS_URL or SDSERVE_JWT_KEY_FILE")
+        if self.default_steps is not None and self.default_steps > self.max_steps:
+            raise ValueError(
+                f"SDSERVE_DEFAULT_STEPS {self.default_steps} must be <= SDSERVE_MAX_STEPS {self.max_steps}"
+            )
         for name, sizes in (("DEFAULT_SIZE", [self.default_width_height()]), ("WARMUP_SIZES", self.warmup_list)):
             for w, h in sizes:
                 if (
@@ -187,6 +193,11 @@ class Settings(BaseSettings):
     def stall_limit(self) -> float:
         """``stall_seconds``, or its default."""
         return self.stall_seconds or max(1800.0 if self.compile else 600.0, 3 * self.timeout_seconds)
+
+    @property
+    def steps_default(self) -> int:
+        """The steps of a request that names none."""
+        return self.default_steps or min(25, self.max_steps)
 
     @property
     def warmup_list(self) -> list[tuple[int, int]]:

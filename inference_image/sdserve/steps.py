@@ -71,7 +71,7 @@ def batch_key(
     return BatchKey(
         width,
         height,
-        steps or s.default_steps,
+        steps or s.steps_default,
         float(s.default_guidance_scale if guidance is None else guidance),
         s.scheduler if scheduler == "default" else scheduler,
         loras=loras,

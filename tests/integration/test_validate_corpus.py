@@ -42,6 +42,17 @@ def _set(path: str, value) -> Callable[[dict], None]:
     return edit
 
 
+def _small_gpu_default_size(cr: dict) -> None:
+    """An RTX 3080 with the default limits: the CRD's maxWidth (1024) lets a 1024x1024 default
+    size through, the preset's largest side (768) does not; nothing else is wrong."""
+    spec = cr["spec"]
+    spec["gpu"] = {"type": "rtx3080-10gb"}
+    spec["limits"] = {k: v for k, v in spec["limits"].items() if k not in ("maxWidth", "maxHeight")}
+    spec["batching"] = {}
+    spec["defaults"] = {"size": {"width": 1024, "height": 1024}}
+    assert load(copy.deepcopy(cr) | {"spec": {**spec, "defaults": {}}}) is not None  # valid without the size
+
+
 #: (case, edit of the base example, where the rejection shows: "api" the API server refuses
 #: the CR, "status" the operator refuses it in status, None: valid, accepted everywhere)
 EDITS: list[tuple[str, Callable[[dict], None], str | None]] = [
@@ -81,7 +92,14 @@ EDITS: list[tuple[str, Callable[[dict], None], str | None]] = [
         _set("spec.scheduling.nodeSelector", {"nvidia.com/gpu.product": "x"}),
         "status",
     ),
+    ("defaults.steps over limits.maxSteps", _set("spec.defaults", {"steps": 60}), "api"),
+    ("defaults.size over the preset's side", _small_gpu_default_size, "status"),
     # Accepted edits: the corpus must also show that valid spellings pass everywhere.
+    (
+        "turbo defaults",
+        _set("spec.defaults", {"steps": 2, "guidanceScale": 0, "size": {"width": 512, "height": 512}}),
+        None,
+    ),
     ("longest name", _set("metadata.name", "s" + "d" * 62), None),
     (
         "GKE accelerator selector",

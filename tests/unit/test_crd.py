@@ -89,6 +89,9 @@ INVALID = [
     ("unknown compile mode", "spec.server", {"compile": True, "compileMode": "fastest"}, "compileMode"),
     ("warm-up size over the limits", "spec.server.warmupSizes", [{"width": 2048, "height": 512}], "warmupSizes"),
     ("warm-up size not a multiple of 8", "spec.server.warmupSizes", [{"width": 700, "height": 512}], "width"),
+    ("default size over the limits", "spec.defaults.size", {"width": 2048, "height": 512}, "defaults.size"),
+    ("default steps over the limit", "spec.defaults", {"steps": 80}, "defaults.steps"),
+    ("negative default guidance", "spec.defaults.guidanceScale", -1, "guidanceScale"),
     (
         "s3 access key without its secret",
         "spec.outputs.s3",

@@ -79,8 +79,20 @@ def test_batch_size_changes_only_configmap_and_pod_template():
             "SDSERVE_FORWARDED_ALLOW_IPS",
             "10.0.0.0/8,fd00::/8,192.0.2.7/32",
         ),
+        ("defaults", {"size": {"width": 640, "height": 512}}, "SDSERVE_DEFAULT_SIZE", "640x512"),
+        ("defaults", {"steps": 4}, "SDSERVE_DEFAULT_STEPS", "4"),
+        ("defaults", {"guidanceScale": 0}, "SDSERVE_DEFAULT_GUIDANCE_SCALE", "0.0"),
     ],
-    ids=["warmupSizes", "compileMode", "stallSeconds", "cache.maxMemory", "rateLimit.trustedProxies"],
+    ids=[
+        "warmupSizes",
+        "compileMode",
+        "stallSeconds",
+        "cache.maxMemory",
+        "rateLimit.trustedProxies",
+        "defaults.size",
+        "defaults.steps",
+        "defaults.guidanceScale",
+    ],
 )
 def test_optional_settings_reach_the_server_and_their_absence_keeps_the_config_hash(section, fields, key, value):
     """A service without the field renders no key: the operator's upgrade does not change its
@@ -245,6 +257,13 @@ def test_preset_conflict_is_a_spec_error_naming_the_field():
     with pytest.raises(SpecError) as e:
         render(cr)
     assert e.value.fields == ["spec.batching.maxBatchSize"]
+    cr = example("minimal")  # the sizes pass the default limits (1024), not the preset's largest side (768)
+    cr["spec"]["server"] = {"warmupSizes": [{"width": 512, "height": 512}, {"width": 1024, "height": 1024}]}
+    cr["spec"]["gpu"] = {"type": "rtx3080-10gb"}
+    cr["spec"]["defaults"] = {"size": {"width": 1024, "height": 768}}
+    with pytest.raises(SpecError) as e:
+        render(cr)
+    assert "spec.server.warmupSizes[1]" in e.value.fields and "spec.defaults.size" in e.value.fields
 
 
 def test_the_content_check_needs_a_checker_where_the_model_ships_none():

@@ -29,6 +29,11 @@ def test_batch_key_fills_the_server_defaults_and_resolves_the_default_scheduler(
     s = state(default_steps=7, default_guidance_scale=3.0, scheduler="ddim")
     assert steps.batch_key(s, 64, 64, None, None, "default") == BatchKey(64, 64, 7, 3.0, "ddim")
     assert steps.batch_key(s, 64, 64, 2, 0.0, "euler") == BatchKey(64, 64, 2, 0.0, "euler")
+    # unset: 25 steps, or the most a request may take when that is fewer (a turbo model's 4)
+    assert steps.batch_key(state(), 64, 64, None, None, "euler").steps == 25
+    assert steps.batch_key(state(max_steps=4), 64, 64, None, None, "euler").steps == 4
+    with pytest.raises(ValueError, match="SDSERVE_DEFAULT_STEPS 30 must be <= SDSERVE_MAX_STEPS 20"):
+        Settings(default_steps=30, max_steps=20)
 
 
 def test_validate_names_the_first_field_and_refuses_blocked_words(tmp_path):

@@ -64,6 +64,13 @@ def problems(spec: StableDiffusionServiceSpec) -> list[tuple[str, str]]:
         value = getattr(spec.limits, attr)
         if attr in spec.limits.model_fields_set and value > p.max_side:
             out.append((f"spec.limits.{name}", f"{value} exceeds the largest side {gpu_type} fits ({p.max_side})"))
+    # Sizes the server starts with must be within the sides it is given (capped by the preset).
+    width, height = max_sides(spec)
+    sized = [(f"spec.server.warmupSizes[{i}]", z) for i, z in enumerate(spec.server.warmup_sizes)]
+    sized += [("spec.defaults.size", spec.defaults.size)] if spec.defaults.size else []
+    for field, z in sized:
+        if z.width > width or z.height > height:
+            out.append((field, f"{z.width}x{z.height} exceeds the largest size {gpu_type} fits ({width}x{height})"))
     if spec.server.quantization == "fp8" and spec.gpu.count > 0 and p.compute_capability < (8, 9):
         cc = ".".join(map(str, p.compute_capability))
         out.append(

@@ -824,6 +824,33 @@ class ImageSize(ApiModel):
     height: int = Field(description="Height in pixels (a multiple of 8).", ge=64, le=4096, multiple_of=8)
 
 
+class RequestDefaultsSpec(ApiModel):
+    """What a request gets for what it does not name; unset: the server's defaults."""
+
+    size: ImageSize | None = Field(
+        None,
+        description=(
+            "Image size; unset: the model's native size (512x512 for SD 1.5, 768x768 for SD 2.x 768-v, 1024x1024 "
+            "for SDXL), within limits.minSide, limits.maxWidth and limits.maxHeight. Also the warm-up's size."
+        ),
+    )
+    steps: int | None = Field(
+        None,
+        description="Denoising steps; unset: 25, or limits.maxSteps when lower. SDXL Turbo and SD Turbo: 1 to 4.",
+        ge=1,
+        le=500,
+    )
+    guidance_scale: float | None = Field(
+        None,
+        description=(
+            "Classifier-free guidance scale; unset: 7.5. 1 or less is no guidance (the prompt's prediction alone, "
+            "the negative prompt ignored): SDXL Turbo and SD Turbo run at 0."
+        ),
+        ge=0,
+        le=50,
+    )
+
+
 class ServerSpec(ApiModel):
     """Inference server tuning."""
 
@@ -970,6 +997,18 @@ class StableDiffusionServiceSpec(ApiModel):
                 "server.warmupSizes must be within limits.minSide, limits.maxWidth and limits.maxHeight",
                 ".server.warmupSizes",
             ),
+            (
+                "!has(self.defaults.size) || (self.defaults.size.width >= self.limits.minSide && "
+                "self.defaults.size.width <= self.limits.maxWidth && self.defaults.size.height >= self.limits.minSide "
+                "&& self.defaults.size.height <= self.limits.maxHeight)",
+                "defaults.size must be within limits.minSide, limits.maxWidth and limits.maxHeight",
+                ".defaults.size",
+            ),
+            (
+                "!has(self.defaults.steps) || self.defaults.steps <= self.limits.maxSteps",
+                "defaults.steps must be <= limits.maxSteps",
+                ".defaults.steps",
+            ),
         )
     }
 
@@ -982,6 +1021,9 @@ class StableDiffusionServiceSpec(ApiModel):
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Autoscaling on queue depth.")
     batching: BatchingSpec = Field(default_factory=BatchingSpec, description="Dynamic batching.")
     limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Request limits.")
+    defaults: RequestDefaultsSpec = Field(
+        default_factory=RequestDefaultsSpec, description="What a request gets for what it does not name."
+    )
     cache: CacheSpec = Field(default_factory=CacheSpec, description="Result cache.")
     auth: AuthSpec = Field(default_factory=AuthSpec, description="Authentication.")
     rate_limit: RateLimitSpec = Field(default_factory=RateLimitSpec, description="Per-key rate limit.")
@@ -1024,4 +1066,14 @@ class StableDiffusionServiceSpec(ApiModel):
                     f"server.warmupSizes {size.width}x{size.height} must be within limits.minSide, "
                     "limits.maxWidth and limits.maxHeight"
                 )
+        d = self.defaults
+        if d.size and not (
+            lim.min_side <= d.size.width <= lim.max_width and lim.min_side <= d.size.height <= lim.max_height
+        ):
+            raise ValueError(
+                f"defaults.size {d.size.width}x{d.size.height} must be within limits.minSide, limits.maxWidth and "
+                "limits.maxHeight"
+            )
+        if d.steps is not None and d.steps > lim.max_steps:
+            raise ValueError(f"defaults.steps {d.steps} must be <= limits.maxSteps ({lim.max_steps})")
         return self

@@ -79,6 +79,13 @@ def settings_env(ctx: Ctx) -> dict[str, str]:
         env["SDSERVE_FORWARDED_ALLOW_IPS"] = ",".join(str(n) for n in networks)
     if s.cache.max_memory is not None:  # only when set, as below
         env["SDSERVE_CACHE_MAX_BYTES"] = int(quantity.value(s.cache.max_memory) or 0)
+    d = s.defaults  # each only when set, as below
+    if d.size is not None:
+        env["SDSERVE_DEFAULT_SIZE"] = f"{d.size.width}x{d.size.height}"
+    if d.steps is not None:
+        env["SDSERVE_DEFAULT_STEPS"] = d.steps
+    if d.guidance_scale is not None:
+        env["SDSERVE_DEFAULT_GUIDANCE_SCALE"] = d.guidance_scale
     if s.server.warmup_sizes:  # only when set: a new key would roll every existing service on upgrade
         env["SDSERVE_WARMUP_SIZES"] = ",".join(f"{z.width}x{z.height}" for z in s.server.warmup_sizes)
     if s.model.loras:
