@@ -48,6 +48,13 @@ class ImageState:
     #: Inpainting on an inpainting model's 9-channel UNet: the mask at latent size and the masked
     #: input image's latents, [1, 5, h, w], which go into every forward beside the latents.
     concat: Any = None
+    #: Classifier-free guidance: a scale above 1 on a UNet without a guidance embedding (diffusers'
+    #: rule). At or below 1 (SDXL Turbo and SD Turbo run at 0) the prompt's prediction is used
+    #: alone and the negative prompt has no effect.
+    guided: bool = True
+    #: A guidance-distilled UNet (LCM: ``time_cond_proj_dim``) takes the scale as an embedding
+    #: instead, [1, dim], in every forward; it is never guided.
+    timestep_cond: Any = None
 
     @property
     def done(self) -> bool:
@@ -94,6 +101,11 @@ def begin(pipeline: Any, key: BatchKey, item: Item) -> list[ImageState]:
         key.width // pipe.vae_scale_factor,
     )
     image, mask = _edit_inputs(pipeline, key, item) if key.task != "generate" else (None, None)
+    cond_dim = pipe.unet.config.time_cond_proj_dim
+    timestep_cond = None
+    if cond_dim is not None:  # as diffusers' pipelines: the embedding of the scale - 1
+        w = torch.tensor([key.guidance_scale - 1.0])
+        timestep_cond = pipe.get_guidance_scale_embedding(w, embedding_dim=cond_dim).to(device=device, dtype=pe.dtype)
     states = []
     for i in range(item.n):
         generator = torch.Generator(gen_device).manual_seed(item.seed + i)
@@ -126,6 +138,8 @@ def begin(pipeline: Any, key: BatchKey, item: Item) -> list[ImageState]:
                 preview_of=item if item.preview and i == 0 else None,
                 blend=blend,
                 concat=concat,
+                guided=key.guidance_scale > 1 and cond_dim is None,
+                timestep_cond=timestep_cond,
             )
         )
     return states
@@ -262,13 +276,6 @@ def _in_halves(pipeline: Any, states: list[ImageState], call: Any, what: str) ->
     return _in_halves(pipeline, states[:mid], call, what) + _in_halves(pipeline, states[mid:], call, what)
 
 
-def guided(key: BatchKey) -> bool:
-    """Classifier-free guidance as diffusers applies it: only at a scale above 1. At or below
-    it (SDXL Turbo and SD Turbo run at 0) the prompt's prediction is used alone, and the
-    negative prompt has no effect."""
-    return key.guidance_scale > 1
-
-
 def _step(pipeline: Any, states: list[ImageState], pad: int) -> None:
     import torch
 
@@ -280,7 +287,7 @@ def _step(pipeline: Any, states: list[ImageState], pad: int) -> None:
         times = [torch.as_tensor(v, device=scaled[0].device).float() for v in ts]
         # Without a guided state in the step, the unconditional half is not computed at all.
         # Padded, the forward has 2 x pad rows either way: a row's result is the same in any company.
-        halves = 2 if any(guided(s.key) for s in states) else 1
+        halves = 2 if any(s.guided for s in states) else 1
         lanes = list(states)
         extra = max(0, pad * 2 // halves - len(states))
         # Padding rows copy the first image's inputs; their outputs are dropped.
@@ -301,11 +308,13 @@ def _step(pipeline: Any, states: list[ImageState], pad: int) -> None:
                 "text_embeds": torch.cat([a[0] for a in uncond_added] + [a[1] for a in added]),
                 "time_ids": torch.cat([a[2] for a in uncond_added] + [a[3] for a in added]),
             }
+        if lanes[0].timestep_cond is not None:  # a guidance-distilled UNet (LCM)
+            kwargs["timestep_cond"] = torch.cat([s.timestep_cond for s in uncond_rows + lanes])
         noise = pipe.unet(x, t, encoder_hidden_states=emb, return_dict=False, **kwargs)[0]
         cond_at = len(lanes) if halves == 2 else 0
         for k, s in enumerate(states):
             pred = cond = noise[cond_at + k : cond_at + k + 1]
-            if guided(s.key):  # classifier-free guidance, per request
+            if s.guided:  # classifier-free guidance, per request
                 uncond = noise[k : k + 1]
                 pred = uncond + s.key.guidance_scale * (cond - uncond)
             s.latents = s.scheduler.step(pred, ts[k], s.latents, **s.step_kwargs, return_dict=False)[0]

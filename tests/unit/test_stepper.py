@@ -136,6 +136,31 @@ async def test_an_unguided_request_skips_the_unconditional_half_and_is_the_same_
     assert np.array_equal(pixels(alone)[0], pixels(mixed)[0])
 
 
+async def test_a_guidance_distilled_unet_gets_its_scale_as_an_embedding_not_as_guidance():
+    """An LCM-distilled model (``SimianLuo/LCM_Dreamshaper_v7``: ``time_cond_proj_dim``) takes the
+    guidance scale as an embedding in each forward and runs no classifier-free guidance: step
+    batching gives the image diffusers' call gives, the scale changes it, the negative prompt not."""
+    from sdserve.tiny import TEXT_DIM, _unet
+
+    lcm = Pipeline(Settings(model="tiny", min_side=64, warmup=False, max_batch_size=6))
+    pipe = build_tiny_pipeline()
+    pipe.unet = _unet(cross_attention_dim=TEXT_DIM, time_cond_proj_dim=32)
+    lcm.use(pipe)
+    images = {}
+    for guidance, negative in ((8.0, None), (8.0, "ugly"), (2.0, None)):
+        requested = Item("a red fox", negative, 1, 42)
+        lcm.run(key(4, guidance, "euler"), [requested])
+        (stepped,) = await run_all(
+            StepBatcher(lcm, max_batch_size=6, queue_size=16),
+            [(key(4, guidance, "euler"), Item("a red fox", negative, 1, 42))],
+        )
+        diff = np.abs(pixels(stepped)[0].astype(np.int16) - pixels(requested)[0].astype(np.int16))
+        assert diff.max() <= 2 and diff.mean() < 0.01, (guidance, negative, diff.mean(), diff.max())
+        images[guidance, negative] = pixels(stepped)[0]
+    assert np.array_equal(images[8.0, None], images[8.0, "ugly"])
+    assert not np.array_equal(images[8.0, None], images[2.0, None])
+
+
 def photo(seed: int = 0) -> Image.Image:
     """Seed 0: noise; another seed: one flat colour."""
     if seed:
