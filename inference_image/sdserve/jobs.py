@@ -29,10 +29,11 @@ import secrets
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 from . import metrics, steps
+from .encode import ImageFormat
 from .errors import ApiError
 from .queue import Job
 from .settings import Settings
@@ -62,6 +63,14 @@ class JobRecord:
     lease_until: float = 0.0
     cancel_requested: bool = False
     preview: str | None = None  # a low-resolution PNG (base64) while it runs, when asked for
+    output_format: str = "png"  # of its images (the request's output_format)
+
+    @classmethod
+    def parse(cls, raw: str | bytes) -> JobRecord:
+        """A stored record. Fields this version does not know are left out: during a rolling
+        update, replicas of two versions share one Redis and read each other's records."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in json.loads(raw).items() if k in known})
 
     def lapsed(self, now: float) -> bool:
         return self.status not in TERMINAL and self.lease_until < now
@@ -82,7 +91,7 @@ class JobRecord:
                 data = [{"url": u, "seed": s} for u, s in zip(urls, self.seeds, strict=True)]
             else:
                 data = [{"b64_json": b, "seed": s} for b, s in zip(self.images, self.seeds, strict=True)]
-            out["result"] = {"created": int(time.time()), "data": data}
+            out["result"] = {"created": int(time.time()), "data": data, "output_format": self.output_format}
         if self.error:
             out["error"] = self.error
         if self.preview and self.status not in TERMINAL:
@@ -111,7 +120,7 @@ class MemoryJobs:
 
     async def get(self, job_id: str) -> JobRecord | None:
         expires, raw, _ = self._data.get(job_id, (0.0, "", False))
-        return JobRecord(**json.loads(raw)) if raw and expires > time.monotonic() else None
+        return JobRecord.parse(raw) if raw and expires > time.monotonic() else None
 
     async def put(self, record: JobRecord) -> None:
         now = time.monotonic()
@@ -163,7 +172,7 @@ class RedisJobs:
             raise unavailable(e) from e
         if not raw or (expires is not None and expires < time.time()):
             return None
-        return JobRecord(**json.loads(raw))
+        return JobRecord.parse(raw)
 
     async def put(self, record: JobRecord) -> None:
         now = time.time()
@@ -233,7 +242,12 @@ class Jobs:
         """Accept a job and start it; ``urls``: its images go to object storage and it answers
         URLs (response_format "url"), its record holding their keys instead of the images."""
         steps.admit(self.state)
-        record = JobRecord(id="job_" + secrets.token_hex(12), owner=principal, steps=gen.key.denoising_steps)
+        record = JobRecord(
+            id="job_" + secrets.token_hex(12),
+            owner=principal,
+            steps=gen.key.denoising_steps,
+            output_format=gen.output.kind,
+        )
         if webhook:
             record.webhook_url, record.webhook_secret = webhook["url"], webhook.get("secret") or ""
         record.lease_until = time.time() + self.state.settings.job_lease_seconds
@@ -314,7 +328,7 @@ class Jobs:
 
             result = await steps.generate(state, gen, poll, queued.append)
             if urls:
-                record.keys = await self._upload(result.images, poll)
+                record.keys = await self._upload(result.images, gen.output, poll)
             else:
                 record.images = result.images
             record.seeds = result.seeds
@@ -333,20 +347,25 @@ class Jobs:
         if not await self._store_end(record) and record.webhook_url:
             await self._deliver(record)  # with the store unreachable too: the webhook still has the images
 
-    async def _upload(self, images: list[str], poll: Callable[[], Awaitable[bool]]) -> list[str]:
+    async def _upload(self, images: list[str], fmt: ImageFormat, poll: Callable[[], Awaitable[bool]]) -> list[str]:
         """A URL job's images stored, their keys. An image store that cannot be reached is
-        retried for ``job_storage_retry_seconds``, the job's lease renewed meanwhile (a reader
-        sees it running); then the job fails with storage_unavailable."""
-        deadline = time.monotonic() + self.state.settings.job_storage_retry_seconds
-        delay = 0.5
-        while True:
-            try:
-                return list(await self._renewed(self.state.outputs.store(images), poll))
-            except ApiError as e:
-                if e.status == 499 or time.monotonic() + delay > deadline:
-                    raise
-            await self._renewed(asyncio.sleep(delay), poll)
-            delay = min(2 * delay, 5.0)
+        retried for ``job_storage_retry_seconds``, the job's lease renewed every second all the
+        while (a reader sees it running); then the job fails with storage_unavailable."""
+
+        async def retried() -> list[str]:
+            deadline = time.monotonic() + self.state.settings.job_storage_retry_seconds
+            delay = 0.5
+            while True:
+                try:
+                    return list(await self.state.outputs.store(images, fmt))
+                except ApiError:
+                    if time.monotonic() + delay > deadline:
+                        raise
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 5.0)
+
+        keys: list[str] = await self._renewed(retried(), poll)
+        return keys
 
     @staticmethod
     async def _renewed(aw: Awaitable[Any], poll: Callable[[], Awaitable[bool]]) -> Any:

@@ -1,7 +1,7 @@
 """``response_format: "url"``: images stored in S3-compatible object storage and answered as
 presigned URLs instead of megabytes of base64.
 
-Keys are content-addressed (``{prefix}{sha256 of the PNG}.png``): the same image is stored
+Keys are content-addressed (``{prefix}{sha256 of the file}.png``, ``.jpeg``, ``.webp``): the same image is stored
 once, so a cached result, or a seeded request repeated, does not upload again. boto3 is
 synchronous: every call runs in a thread, off the event loop.
 """
@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 from . import metrics
+from .encode import PNG, ImageFormat
 from .errors import ApiError
 from .settings import Settings
 
@@ -43,18 +44,18 @@ class S3Outputs:
             ),
         )
 
-    def _store(self, png: bytes) -> str:
-        """Upload one PNG unless stored already; its key."""
+    def _store(self, data: bytes, fmt: ImageFormat) -> str:
+        """Upload one image file unless stored already; its key."""
         from botocore.exceptions import ClientError
 
-        key = f"{self.prefix}{hashlib.sha256(png).hexdigest()}.png"
+        key = f"{self.prefix}{hashlib.sha256(data).hexdigest()}.{fmt.kind}"
         try:
             self._client.head_object(Bucket=self.bucket, Key=key)
             metrics.OUTPUTS.labels("reused").inc()
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
                 raise
-            self._client.put_object(Bucket=self.bucket, Key=key, Body=png, ContentType="image/png")
+            self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=fmt.mime)
             metrics.OUTPUTS.labels("uploaded").inc()
         return key
 
@@ -66,18 +67,18 @@ class S3Outputs:
         )
         return url
 
-    async def store(self, images_b64: list[str]) -> list[str]:
+    async def store(self, images_b64: list[str], fmt: ImageFormat = PNG) -> list[str]:
         """The images' keys once stored; 503 (retryable) when the storage cannot be reached."""
         try:
-            return [await asyncio.to_thread(self._store, base64.b64decode(b)) for b in images_b64]
+            return [await asyncio.to_thread(self._store, base64.b64decode(b), fmt) for b in images_b64]
         except Exception as e:
             metrics.OUTPUTS.labels("failed").inc()
             log.warning("storing images in s3://%s failed: %s", self.bucket, e)
             raise ApiError(503, "storage_unavailable", "the image store cannot be reached; retry", retry_after=5) from e
 
-    async def urls(self, images_b64: list[str]) -> list[str]:
+    async def urls(self, images_b64: list[str], fmt: ImageFormat = PNG) -> list[str]:
         """One presigned URL per image, stored first; 503 (retryable) when the storage cannot be reached."""
-        return [self.presign(key) for key in await self.store(images_b64)]
+        return [self.presign(key) for key in await self.store(images_b64, fmt)]
 
 
 def make_outputs(s: Settings) -> S3Outputs | None:

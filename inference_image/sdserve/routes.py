@@ -107,14 +107,16 @@ def key_for(state: State, width: int, height: int, body: Extensions) -> BatchKey
     )
 
 
-async def openai_images(state: State, r: steps.Result, response_format: str) -> OpenAIImageResponse:
-    """The answer of the Images API: base64 PNGs, or presigned URLs of stored ones."""
+async def openai_images(
+    state: State, r: steps.Result, gen: steps.Generation, response_format: str
+) -> OpenAIImageResponse:
+    """The answer of the Images API: base64 images, or presigned URLs of stored ones."""
     if response_format == "url":
-        urls = await state.outputs.urls(r.images)
+        urls = await state.outputs.urls(r.images, gen.output)
         data = [OpenAIImage(url=u, seed=seed) for u, seed in zip(urls, r.seeds, strict=True)]
     else:
         data = [OpenAIImage(b64_json=b, seed=seed) for b, seed in zip(r.images, r.seeds, strict=True)]
-    return OpenAIImageResponse(created=int(time.time()), data=data)
+    return OpenAIImageResponse(created=int(time.time()), data=data, output_format=gen.output.kind)
 
 
 def openai_generation(state: State, body: OpenAIImageRequest) -> steps.Generation:
@@ -125,7 +127,7 @@ def openai_generation(state: State, body: OpenAIImageRequest) -> steps.Generatio
     if size is None:
         raise ApiError(422, "invalid_value", f"size must be WIDTHxHEIGHT, got {body.size!r}", param="size")
     key = key_for(state, size[0], size[1], body)
-    gen = steps.Generation(key, body.prompt, body.negative_prompt, body.n, body.seed)
+    gen = steps.Generation(key, body.prompt, body.negative_prompt, body.n, body.seed, output=body.image_format())
     problems = limit_problems(
         s,
         prompt=body.prompt,
@@ -148,7 +150,7 @@ async def images_generations(
 ) -> OpenAIImageResponse:
     gen = openai_generation(state, body)
     r = await steps.generate(state, gen, request.is_disconnected)
-    return await openai_images(state, r, body.response_format)
+    return await openai_images(state, r, gen, body.response_format)
 
 
 @router.post("/v1/jobs", status_code=202, responses=ERRORS, tags=["jobs"])
@@ -253,7 +255,7 @@ async def images_edits(request: Request, state: StateDep, principal: LimitedPrin
     """Image-to-image without a mask, inpainting with one; multipart as the OpenAI SDK sends it."""
     gen, body = await edit_generation(state, request, OpenAIEditRequest)
     r = await steps.generate(state, gen, request.is_disconnected)
-    return await openai_images(state, r, body.response_format)
+    return await openai_images(state, r, gen, body.response_format)
 
 
 async def edit_generation(state: State, request: Request, model: type[EditBody]) -> tuple[steps.Generation, EditBody]:
@@ -297,7 +299,15 @@ async def edit_generation(state: State, request: Request, model: type[EditBody])
     key = key_for(state, inputs.width, inputs.height, body)
     key = replace(key, task=task, strength=strength)
     gen = steps.Generation(
-        key, body.prompt, body.negative_prompt, body.n, body.seed, inputs.image, inputs.mask, inputs.digest
+        key,
+        body.prompt,
+        body.negative_prompt,
+        body.n,
+        body.seed,
+        inputs.image,
+        inputs.mask,
+        inputs.digest,
+        output=body.image_format(),
     )
     side_field = "size" if size else "image"
     problems = limit_problems(

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .encode import PNG, ImageFormat, OutputFormat
+from .errors import ApiError
 from .schedulers import SchedulerName
 
 
@@ -24,7 +26,32 @@ class Extensions(BaseModel):
     loras: dict[str, float] | None = Field(None, description="LoRA adapters of the server by name, with weights.")
 
 
-class OpenAIImageRequest(Extensions):
+class OutputOptions(BaseModel):
+    """How the Images API encodes its images."""
+
+    output_format: OutputFormat = Field("png", description="png (lossless), jpeg or webp (smaller).")
+    output_compression: int | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="jpeg and webp: quality 0-100, higher is better and larger; unset: 90 (OpenAI's default is 100).",
+    )
+
+    def image_format(self) -> ImageFormat:
+        """422 naming output_compression for a PNG, which is lossless."""
+        if self.output_compression is not None and self.output_format == "png":
+            raise ApiError(
+                422,
+                "invalid_value",
+                "output_compression applies to jpeg and webp; png is lossless",
+                param="output_compression",
+            )
+        if self.output_format == "png":
+            return PNG
+        return ImageFormat(self.output_format, 90 if self.output_compression is None else self.output_compression)
+
+
+class OpenAIImageRequest(Extensions, OutputOptions):
     """POST /v1/images/generations, as in the OpenAI Images API."""
 
     model_config = ConfigDict(extra="forbid")
@@ -62,7 +89,7 @@ class JobRequest(OpenAIImageRequest):
     preview: bool = Field(False, description="Low-resolution previews in GET and the events while it runs.")
 
 
-class OpenAIEditRequest(Extensions):
+class OpenAIEditRequest(Extensions, OutputOptions):
     """POST /v1/images/edits (multipart), as in the OpenAI Images API: the form's fields other
     than ``image`` and ``mask``."""
 
@@ -92,6 +119,7 @@ class OpenAIImage(BaseModel):
 class OpenAIImageResponse(BaseModel):
     created: int
     data: list[OpenAIImage]
+    output_format: OutputFormat = "png"
 
 
 class GenerateRequest(Extensions):

@@ -19,7 +19,7 @@ from typing import Any
 from . import metrics
 from .auth import AuthError
 from .cache import cache_key
-from .encode import png_b64
+from .encode import PNG, ImageFormat, encode_b64
 from .errors import ApiError
 from .queue import Draining, Job, QueueFull, cancel
 from .state import State
@@ -43,6 +43,8 @@ class Generation:
     inputs_digest: str | None = None
     #: Async jobs: low-resolution previews while denoising.
     preview: bool = False
+    #: How the images are encoded (the Images API's output_format and output_compression).
+    output: ImageFormat = PNG
 
 
 @dataclass
@@ -160,10 +162,12 @@ def result_key(state: State, gen: Generation, seed: int) -> str:
     content check that is now on. (torch.compile and channels_last change only rounding.)"""
     s = state.settings
     sources = {a.name: [a.source, a.weight_name] for a in s.loras}
+    encoding = {"output": part} if (part := gen.output.cache_part()) else {}
     return cache_key(
         s.model_id,
         state.pipeline.revision,
         {
+            **encoding,
             "serving": {
                 "dtype": str(state.pipeline.dtype),
                 "quantization": s.quantization,
@@ -239,13 +243,13 @@ async def wait(state: State, job: Job, disconnected: Callable[[], Awaitable[bool
         raise ApiError(500, "generation_failed", f"{type(exc).__name__}: {exc}")
 
 
-async def encode(job: Job) -> list[str]:
-    """PNG + base64 off the event loop; 400 when the content check withheld an image."""
+async def encode(job: Job, fmt: ImageFormat = PNG) -> list[str]:
+    """PNG (or JPEG, WebP) + base64 off the event loop; 400 when the content check withheld an image."""
     images = job.item.images
     if any(im is None for im in images):
         raise ApiError(400, "nsfw_content", "the generated image was withheld by the content check")
     t0 = time.perf_counter()
-    encoded = await asyncio.to_thread(png_b64, images)
+    encoded = await asyncio.to_thread(encode_b64, images, fmt)
     metrics.ENCODE_DURATION.observe(time.perf_counter() - t0)
     return encoded
 
@@ -273,7 +277,7 @@ async def generate(
         queued(job)
     await wait(state, job, disconnected)
     done = time.monotonic()
-    encoded = await encode(job)
+    encoded = await encode(job, gen.output)
     if key is not None:
         await state.cache.set(key, json.dumps(encoded).encode())
     started = job.started or done

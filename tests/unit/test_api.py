@@ -6,11 +6,15 @@ Real processes are kept where only a process proves it (tests/integration/test_s
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 from collections.abc import AsyncIterator
 
 import httpx
+import numpy as np
 import pytest
 from openai import AsyncOpenAI
+from PIL import Image
 
 from sdserve.app import create_app
 from sdserve.settings import Settings
@@ -103,6 +107,30 @@ async def test_openai_sdk_is_a_client_unchanged(client):
     assert (a != b).any(), "image 2 uses seed+1 and must differ"
 
 
+def luma(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("L")).astype(np.int16)
+
+
+async def test_images_come_as_jpeg_or_webp_when_asked_at_the_quality_asked(client):
+    """output_format and output_compression of the Images API (the SDK passes them as they are):
+    the bytes are that format, a lower quality is smaller, and a seeded PNG already cached is
+    not served for a JPEG request (the format is part of the cache key)."""
+    sdk = AsyncOpenAI(base_url=BASE_URL + "/v1", api_key="unused", http_client=client)
+    common = {"prompt": "a red fox", "size": "64x64", "extra_body": {"seed": 12, "num_inference_steps": 2}}
+    png = await sdk.images.generate(**common)
+    assert base64.b64decode(png.data[0].b64_json)[:8] == b"\x89PNG\r\n\x1a\n" and png.output_format == "png"
+    jpeg = await sdk.images.generate(**common, output_format="jpeg")
+    assert base64.b64decode(jpeg.data[0].b64_json)[:3] == b"\xff\xd8\xff" and jpeg.output_format == "jpeg"
+    small = await sdk.images.generate(**common, output_format="jpeg", output_compression=10)
+    assert len(small.data[0].b64_json) < len(jpeg.data[0].b64_json)
+    # the same image: its brightness within a few levels (the tiny model's noisy colours lose more
+    # to JPEG's halved colour resolution); another seed's is ten times as far
+    assert np.abs(luma(jpeg.data[0].b64_json) - luma(png.data[0].b64_json)).mean() < 5
+    webp = await sdk.images.generate(**common, output_format="webp", output_compression=80)
+    raw = base64.b64decode(webp.data[0].b64_json)
+    assert raw[:4] == b"RIFF" and raw[8:12] == b"WEBP" and webp.output_format == "webp"
+
+
 async def test_generate_shape(client):
     r = await gen(client, num_images=2, seed=5, width=96, height=64)
     assert r.status_code == 200, r.text
@@ -155,6 +183,9 @@ async def test_missing_prompt_is_422(client):
         ({"response_format": "url"}, 422, "response_format"),
         ({"model": "dall-e-3"}, 404, "model"),
         ({"n": 0}, 422, "n"),
+        ({"output_format": "gif"}, 422, "output_format"),
+        ({"output_compression": 50}, 422, "output_compression"),  # png is lossless
+        ({"output_format": "jpeg", "output_compression": 101}, 422, "output_compression"),
     ],
 )
 async def test_bad_openai_request(client, body, status, param):

@@ -4,6 +4,7 @@ image-to-image without a mask, inpainting with one, and the 4xx of a bad upload.
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import struct
 import time
@@ -110,6 +111,11 @@ async def test_inpainting_with_a_mask_through_the_openai_sdk(client):
         image=image, prompt="x", n=2, size="64x64", extra_body={"seed": 1, **STEPS}, response_format="b64_json"
     )
     assert [d.seed for d in two.data] == [1, 2]
+    webp = await sdk(client).images.edit(
+        image=image, prompt="x", size="64x64", output_format="webp", extra_body={"seed": 1, **STEPS}
+    )
+    raw = base64.b64decode(webp.data[0].b64_json)
+    assert webp.output_format == "webp" and raw[:4] == b"RIFF" and raw[8:12] == b"WEBP"
 
 
 async def test_edits_are_counted_like_generations(client):

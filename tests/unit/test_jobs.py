@@ -421,3 +421,11 @@ async def test_the_event_stream_ends_with_an_error_event_when_the_job_is_gone():
         store.forgotten.add(job["id"])  # past its TTL, say
         last = (await asyncio.wait_for(events, 10)).text.strip().split("\n\n")[-1]
         assert last.startswith("event: error") and '"job_not_found"' in last
+
+
+def test_a_record_written_by_another_version_reads_without_the_fields_this_one_lacks():
+    """During a rolling update, replicas of two versions share one Redis: a record with a field
+    this version does not know (a newer one's) is read, not a 500."""
+    stored = json.dumps({"id": "job_1", "owner": "k", "status": "succeeded", "seeds": [3], "added_later": [1]})
+    record = JobRecord.parse(stored)
+    assert (record.id, record.status, record.seeds, record.output_format) == ("job_1", "succeeded", [3], "png")

@@ -4,6 +4,7 @@ through boto3 as a user's deployment runs it) and answered as presigned URLs."""
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator
 
 import httpx
@@ -34,10 +35,13 @@ async def client(s3) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-def fetch_png(url: str) -> np.ndarray:
-    import base64
+def fetch(url: str) -> httpx.Response:
+    """A presigned URL read as a user's browser would (moto's server is a real HTTP server)."""
+    return httpx.get(url, timeout=10)
 
-    r = httpx.get(url, timeout=10)
+
+def fetch_png(url: str) -> np.ndarray:
+    r = fetch(url)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     return decode(base64.b64encode(r.content).decode())
 
@@ -68,6 +72,25 @@ async def test_the_same_image_is_stored_once(client, s3):
     assert metric("sdserve_url_outputs_total", outcome="reused") >= 1
     assert first.split("?")[0] == second.split("?")[0] and first.split("?")[0].split("/")[-1].endswith(".png")
     assert all(k.startswith("out/") for k in s3.keys())
+
+
+async def test_a_jpeg_or_webp_is_stored_as_such_for_a_url_and_kept_so_by_a_job(client, s3):
+    """The stored object's key and Content-Type follow output_format, and so does a job's result
+    (its record says which format its images are), for a URL job and a base64 one."""
+    body = {"prompt": "formats", "size": "64x64", "seed": 8, "response_format": "url", "output_format": "jpeg"}
+    r = (await client.post("/v1/images/generations", json=body)).json()
+    assert r["output_format"] == "jpeg"
+    got = fetch(r["data"][0]["url"])
+    assert got.status_code == 200 and got.headers["content-type"] == "image/jpeg" and got.content[:3] == b"\xff\xd8\xff"
+    assert any(k.endswith(".jpeg") for k in s3.keys())
+    for response_format in ("url", "b64_json"):
+        job = {**body, "output_format": "webp", "response_format": response_format, "seed": 9}
+        accepted = (await client.post("/v1/jobs", json=job)).json()
+        done = await until_done(client, accepted["id"])
+        assert done["status"] == "succeeded" and done["result"]["output_format"] == "webp", done
+        image = done["result"]["data"][0]
+        raw = fetch(image["url"]).content if "url" in image else base64.b64decode(image["b64_json"])
+        assert raw[:4] == b"RIFF" and raw[8:12] == b"WEBP"
 
 
 async def test_url_output_without_storage_is_a_422_naming_response_format():
@@ -129,18 +152,19 @@ async def test_a_url_job_waits_out_a_store_restart_and_fails_only_past_its_retry
     the finished images: the upload is retried while the job reads as running, then succeeds.
     A store that stays away fails the job with storage_unavailable once the retry time is over."""
     flaky = S3Proc(tmp_path, bucket="flaky")
-    settings = Settings(**BASE, **flaky.settings(), job_storage_retry_seconds=30, job_lease_seconds=1)
+    settings = Settings(**BASE, **flaky.settings(), job_storage_retry_seconds=30, job_lease_seconds=2)
     flaky.stop()
     async with serve(create_app(settings, FakePipeline())) as client:
         body = {"prompt": "a store restart", "size": "64x64", "seed": 3, "response_format": "url"}
         job = (await client.post("/v1/jobs", json=body)).json()
-        await asyncio.sleep(3)  # the images were made at once; the lease (1 s) was renewed since
+        await asyncio.sleep(4)  # the images were made at once; the lease (2 s) was renewed since
         view = (await client.get(f"/v1/jobs/{job['id']}")).json()
-        assert view["status"] == "running", view
-        back = S3Proc(tmp_path, bucket="flaky", port=flaky.port)
+        assert view["status"] == "running", view.get("error")
+        # started off the event loop, which runs the job (and renews its lease) meanwhile
+        back = await asyncio.to_thread(S3Proc, tmp_path, bucket="flaky", port=flaky.port)
         try:
             done = await until_done(client, job["id"])
-            assert done["status"] == "succeeded", done
+            assert done["status"] == "succeeded", done.get("error")
             assert fetch_png(done["result"]["data"][0]["url"]).shape == (64, 64, 3)
         finally:
             back.stop()
