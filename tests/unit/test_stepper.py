@@ -83,6 +83,8 @@ async def test_a_request_gives_the_same_image_alone_or_in_any_mix(tiny):
         ("dpmpp_2m", None, 7.5),
         ("default", None, 0.0),
         ("euler", None, 1.0),
+        ("dpmpp_2m_karras", None, 7.5),
+        ("lcm", None, 1.5),
     ],
 )
 async def test_step_batching_gives_the_image_request_batching_gives(tiny, scheduler, negative, guidance):
@@ -173,7 +175,10 @@ def edit(steps=8, scheduler="default", strength=0.6, seed=42, n=1, init=0) -> tu
     return k, Item("a red fox", None, n, seed, init_image=photo(init))
 
 
-@pytest.mark.parametrize("scheduler,strength", [("default", 0.6), ("euler", 0.8), ("ddim", 0.5), ("dpmpp_2m", 1.0)])
+@pytest.mark.parametrize(
+    "scheduler,strength",
+    [("default", 0.6), ("euler", 0.8), ("ddim", 0.5), ("dpmpp_2m", 1.0), ("dpmpp_2m_karras", 0.5), ("lcm", 0.75)],
+)
 async def test_image_to_image_is_stepped_and_gives_the_image_request_batching_gives(tiny, scheduler, strength):
     """An image-to-image request starts from its input image's latents, noised to the timestep
     ``strength`` of the way into the schedule, and takes only the steps after it: the step path

@@ -38,7 +38,7 @@ def _default_jwt_algorithms() -> list[JwtAlgorithm]:
 
 #: Noise schedulers the inference server offers; "default" keeps the model's own.
 #: sdserve has the same list (``sdserve.schedulers``); tests/unit/test_config_contract.py ties the two.
-Scheduler = Literal["default", "euler", "euler_a", "dpmpp_2m", "ddim"]
+Scheduler = Literal["default", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "lcm"]
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
