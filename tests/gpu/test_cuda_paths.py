@@ -80,6 +80,26 @@ def test_step_batching_on_cuda_matches_the_request_alone_within_tolerance(sd15):
     assert diff.mean() <= 1.0 and np.percentile(diff, 99) <= 8
 
 
+def test_an_unguided_request_on_cuda_steps_like_its_request_alone_and_beside_a_guided_one(sd15):
+    """Guidance 0 (SDXL Turbo, SD Turbo): the prompt's prediction alone, the unconditional half
+    skipped when no request in the step is guided; in fp16 within the stated tolerance of
+    diffusers' call, and of itself beside a guided request (which computes both halves)."""
+    key = BatchKey(512, 512, 4, 0.0, "euler")
+    requested = Item("a red fox", "blurry", 1, 5)
+    sd15.run(key, [requested])
+    (alone,) = asyncio.run(step_all(sd15, [(key, Item("a red fox", "blurry", 1, 5))]))
+    _, mixed = asyncio.run(
+        step_all(
+            sd15,
+            [(BatchKey(512, 512, 6, 7.5, "euler"), Item("a castle", None, 1, 1)), (key, Item("a red fox", None, 1, 5))],
+        )
+    )
+    for name, other in (("diffusers' call", requested), ("beside a guided request", mixed)):
+        diff = np.abs(arrays(alone)[0] - arrays(other)[0])
+        print(f"\nunguided step batching vs {name}: mean |diff| {diff.mean():.4f}, max {diff.max()} (of 255)")
+        assert diff.mean() <= 1.0 and np.percentile(diff, 99) <= 8
+
+
 def test_sdxl_fp16_steps_like_its_request_and_an_edit_beside_a_decode_leaves_both_intact():
     """The SDXL step path in fp16 on CUDA (the tiny SDXL: seconds): its image against diffusers'
     call, and edits beside decodes: image-to-image and inpainting starts switch the VAE's dtype
