@@ -47,7 +47,9 @@ async def validation_error(request: Request, e: Exception) -> JSONResponse:
     message = "; ".join(f"{'.'.join(str(p) for p in err['loc'] if p != 'body')}: {err['msg']}" for err in errors)
     body = {
         "error": {"message": message, "type": "invalid_request_error", "code": "invalid_value", "param": param},
-        "detail": json.loads(json.dumps(errors, default=str)),
+        # NaN or Infinity in the body (Python's JSON parser takes them) is echoed as a string:
+        # a response body must be valid JSON.
+        "detail": json.loads(json.dumps(errors, default=str), parse_constant=str),
     }
     return JSONResponse(body, status_code=422)
 

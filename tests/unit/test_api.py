@@ -194,6 +194,21 @@ async def test_bad_openai_request(client, body, status, param):
     assert r.json()["error"]["param"] == param
 
 
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        ('{"prompt": "p", "size": "64x64", "guidance_scale": NaN}', "guidance_scale"),
+        ('{"prompt": "p", "size": "64x64", "guidance_scale": -Infinity}', "guidance_scale"),
+        ('{"prompt": "p", "size": "64x64", "output_format": "jpeg", "output_compression": NaN}', "output_compression"),
+    ],
+)
+async def test_nan_or_infinity_in_a_body_is_a_422_naming_the_field_not_a_500(client, raw, param):
+    """Python's JSON parser takes NaN and Infinity; the 422 echoing them must still be JSON."""
+    for route in ("/v1/images/generations", "/v1/jobs"):
+        r = await client.post(route, content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["error"]["param"] == param, r.text
+
+
 async def test_seeded_request_is_cached_and_unseeded_is_not(client):
     hits = metric("sdserve_cache_hits_total")
     first = await gen(client, seed=99, prompt="cache me")
