@@ -59,8 +59,10 @@ def open_image(upload: Upload, max_bytes: int) -> Any:
     except Image.DecompressionBombError:  # PIL's own bound, past ours: refused at the header
         raise too_many("is larger than PIL will decode") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
+        # PIL's "cannot identify image file <_io.BytesIO object at 0x...>" says nothing more
+        why = "" if isinstance(e, UnidentifiedImageError) else f" ({e})"
         raise ApiError(
-            422, "invalid_image", f"{upload.field} is not a PNG, JPEG or WebP image ({e})", param=upload.field
+            422, "invalid_image", f"{upload.field} is not a PNG, JPEG or WebP image{why}", param=upload.field
         ) from None
     return im
 

@@ -142,6 +142,7 @@ async def test_a_bad_edit_is_a_4xx_naming_the_field(client, files, fields, statu
     r = await client.post("/v1/images/edits", files=files, data={"prompt": "x", **fields})
     assert r.status_code == status, r.text
     assert r.json()["error"]["param"] == param, r.text
+    assert "object at 0x" not in r.json()["error"]["message"]  # no Python repr in what a client reads
 
 
 @pytest.mark.parametrize("side", [9000, 20000])
