@@ -64,6 +64,7 @@ class JobRecord:
     cancel_requested: bool = False
     preview: str | None = None  # a low-resolution PNG (base64) while it runs, when asked for
     output_format: str = "png"  # of its images (the request's output_format)
+    revised_prompt: str | None = None  # what the model read of a prompt too long to read whole
 
     @classmethod
     def parse(cls, raw: str | bytes) -> JobRecord:
@@ -91,6 +92,8 @@ class JobRecord:
                 data = [{"url": u, "seed": s} for u, s in zip(urls, self.seeds, strict=True)]
             else:
                 data = [{"b64_json": b, "seed": s} for b, s in zip(self.images, self.seeds, strict=True)]
+            if self.revised_prompt is not None:
+                data = [{**d, "revised_prompt": self.revised_prompt} for d in data]
             out["result"] = {"created": int(time.time()), "data": data, "output_format": self.output_format}
         if self.error:
             out["error"] = self.error
@@ -247,6 +250,7 @@ class Jobs:
             owner=principal,
             steps=gen.key.denoising_steps,
             output_format=gen.output.kind,
+            revised_prompt=await steps.prompt_read(self.state, gen),
         )
         if webhook:
             record.webhook_url, record.webhook_secret = webhook["url"], webhook.get("secret") or ""

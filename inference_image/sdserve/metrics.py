@@ -66,6 +66,11 @@ RATE_LIMITED = Counter("sdserve_rate_limited", "Requests refused by the per-key 
 PROMPTS_REJECTED = Counter(
     "sdserve_prompts_rejected", "Prompts refused by the blocklist.", ["reason"], registry=REGISTRY
 )
+PROMPTS_TRUNCATED = Counter(
+    "sdserve_prompts_truncated",
+    "Prompts longer than the text encoder reads (CLIP: 75 tokens); the answer's revised_prompt is what it read.",
+    registry=REGISTRY,
+)
 REJECTED = Counter("sdserve_requests_rejected", "Requests refused before the queue.", ["reason"], registry=REGISTRY)
 CANCELLED = Counter(
     "sdserve_requests_cancelled",

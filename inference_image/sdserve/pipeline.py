@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import pathlib
+import re
 import threading
 import time
 from typing import Any
@@ -416,6 +417,30 @@ class Pipeline:
         h, w = (sample, sample) if isinstance(sample, int) else sample
         scale = self.pipe.vae_scale_factor
         return w * scale, h * scale
+
+    def prompt_used(self, prompt: str) -> str | None:
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        if tokenizer is None:
+            return None
+        limit = tokenizer.model_max_length - 2  # the start and end tokens
+
+        def fits(text: str) -> bool:
+            return len(tokenizer(text, truncation=False, add_special_tokens=False).input_ids) <= limit
+
+        if fits(prompt):
+            return None
+        cuts = [m.start() for m in re.finditer(r"\s+", prompt)]  # between words
+        lo, hi = 0, len(cuts)  # the longest fitting start ends at cuts[lo - 1] (none: lo == 0)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(prompt[: cuts[mid - 1]]):
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo:
+            return prompt[: cuts[lo - 1]].rstrip()
+        ids = tokenizer(prompt, truncation=False, add_special_tokens=False).input_ids  # one long word
+        return str(tokenizer.decode(ids[:limit]))
 
     def _check_model(self, pipe: Any) -> None:
         """What sdserve cannot serve is a load error that says so, not a warm-up failing inside

@@ -110,12 +110,17 @@ def key_for(state: State, width: int, height: int, body: Extensions) -> BatchKey
 async def openai_images(
     state: State, r: steps.Result, gen: steps.Generation, response_format: str
 ) -> OpenAIImageResponse:
-    """The answer of the Images API: base64 images, or presigned URLs of stored ones."""
+    """The answer of the Images API: base64 images, or presigned URLs of stored ones; each
+    with ``revised_prompt`` when the model read only part of the prompt."""
+    revised = await steps.prompt_read(state, gen)
     if response_format == "url":
         urls = await state.outputs.urls(r.images, gen.output)
-        data = [OpenAIImage(url=u, seed=seed) for u, seed in zip(urls, r.seeds, strict=True)]
+        data = [OpenAIImage(url=u, seed=seed, revised_prompt=revised) for u, seed in zip(urls, r.seeds, strict=True)]
     else:
-        data = [OpenAIImage(b64_json=b, seed=seed) for b, seed in zip(r.images, r.seeds, strict=True)]
+        data = [
+            OpenAIImage(b64_json=b, seed=seed, revised_prompt=revised)
+            for b, seed in zip(r.images, r.seeds, strict=True)
+        ]
     return OpenAIImageResponse(created=int(time.time()), data=data, output_format=gen.output.kind)
 
 

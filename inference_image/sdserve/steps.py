@@ -141,6 +141,15 @@ def validate(state: State, gen: Generation, problems: list[tuple[str, str]]) -> 
         raise ApiError(400, reason, "the prompt contains blocked content", param="prompt")
 
 
+async def prompt_read(state: State, gen: Generation) -> str | None:
+    """What the text encoder reads of the prompt when it cannot read all of it (the Images
+    API's revised_prompt), counted; None when it reads it whole. Off the event loop."""
+    used = await asyncio.to_thread(state.pipeline.prompt_used, gen.prompt)
+    if used is not None:
+        metrics.PROMPTS_TRUNCATED.inc()
+    return used
+
+
 def draining_error() -> ApiError:
     metrics.REJECTED.labels("draining").inc()
     return ApiError(503, "draining", "this replica is shutting down; retry", retry_after=1)

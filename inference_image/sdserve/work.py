@@ -84,6 +84,11 @@ class ImagePipeline(Protocol):
         when unknown (then the family's default: ``Settings.default_width_height``)."""
         ...
 
+    def prompt_used(self, prompt: str) -> str | None:
+        """When the text encoder cannot read the whole prompt (CLIP reads 75 tokens), the
+        longest start of it, cut between words, that it reads; None when it reads all of it."""
+        ...
+
     def load(self) -> None:
         """Load the weights; raise ModelLoadError when that cannot be done."""
 

@@ -41,6 +41,9 @@ class FakePipeline:
         self.threads: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()
 
+    def prompt_used(self, prompt: str) -> str | None:
+        return None  # no text encoder: every prompt is read whole
+
     def _on(self, method: str, prompt: str) -> None:
         with self._lock:
             self.threads.append((method, prompt, threading.current_thread().name))

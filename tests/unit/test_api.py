@@ -209,6 +209,34 @@ async def test_nan_or_infinity_in_a_body_is_a_422_naming_the_field_not_a_500(cli
         assert r.status_code == 422 and r.json()["error"]["param"] == param, r.text
 
 
+async def test_a_prompt_longer_than_clip_reads_is_answered_with_the_part_it_read(client, tiny):
+    """CLIP reads 75 tokens and diffusers drops the rest with only a log line. The answer's
+    revised_prompt (the Images API's field for the prompt used) is the longest start of the
+    prompt, cut between words, that the text encoder read; a prompt read whole has none."""
+
+    def tokens(text: str) -> int:
+        return len(tiny.pipe.tokenizer(text, add_special_tokens=False).input_ids)
+
+    long = " ".join(f"Fox{i}, in the Snow;" for i in range(40))
+    truncated = metric("sdserve_prompts_truncated_total")
+    body = {"prompt": long, "size": "64x64", "num_inference_steps": 2}
+    answer = (await client.post("/v1/images/generations", json=body)).json()
+    job = (await client.post("/v1/jobs", json=body)).json()
+    for _ in range(200):
+        job = (await client.get(f"/v1/jobs/{job['id']}")).json()
+        if job["status"] == "succeeded":
+            break
+        await asyncio.sleep(0.05)
+    for read in (answer["data"][0]["revised_prompt"], job["result"]["data"][0]["revised_prompt"]):
+        next_word_end = long.index(" ", len(read) + 1)
+        assert long.startswith(read) and tokens(read) <= 75 < tokens(long[:next_word_end]), read
+    assert metric("sdserve_prompts_truncated_total") == truncated + 2
+    short = (await client.post("/v1/images/generations", json={"prompt": "a fox", "size": "64x64"})).json()
+    assert short["data"][0]["revised_prompt"] is None
+    one_word = tiny.prompt_used("y" * 400)  # nowhere to cut between words: the tokens it read
+    assert one_word and set(one_word) == {"y"} and tokens(one_word) <= 75
+
+
 async def test_seeded_request_is_cached_and_unseeded_is_not(client):
     hits = metric("sdserve_cache_hits_total")
     first = await gen(client, seed=99, prompt="cache me")
