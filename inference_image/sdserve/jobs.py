@@ -245,6 +245,16 @@ class Jobs:
         """Accept a job and start it; ``urls``: its images go to object storage and it answers
         URLs (response_format "url"), its record holding their keys instead of the images."""
         steps.admit(self.state)
+        limit = self.state.settings.job_queue_size
+        if len(self._local) >= limit:
+            metrics.REJECTED.labels("jobs_full").inc()
+            raise ApiError(
+                429,
+                "too_many_jobs",
+                f"this replica holds {limit} unfinished jobs; retry later",
+                retry_after=max(1, self.state.batcher.retry_after()),
+                type_="rate_limit_error",
+            )
         record = JobRecord(
             id="job_" + secrets.token_hex(12),
             owner=principal,

@@ -47,7 +47,9 @@ ENCODE_DURATION = Histogram(
 BATCH_SIZE = Histogram(
     "sdserve_batch_size", "Images per pipeline call.", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=REGISTRY
 )
-QUEUE_DEPTH = Gauge("sdserve_queue_depth", "Requests waiting for a batch.", registry=REGISTRY)
+QUEUE_DEPTH = Gauge(
+    "sdserve_queue_depth", "Requests waiting for a batch, and async jobs waiting to queue.", registry=REGISTRY
+)
 INFLIGHT = Gauge(
     "sdserve_inflight_requests",
     "Requests taken from the queue and not finished: being admitted, generated or decoded.",

@@ -82,6 +82,9 @@ class QueueBase:
         self._calls: dict[int, float] = {}
         self._stopping = False
         self._reported: object = None
+        #: Async jobs waiting for room before they enter the queue (``sdserve.steps.enqueue_when_room``):
+        #: not in the queue, but demand the autoscaler must see.
+        self.waiting = 0
 
     def _thread(self, name: str) -> concurrent.futures.ThreadPoolExecutor:
         """A one-thread executor, shut down with the queue."""
@@ -179,6 +182,11 @@ class QueueBase:
     def depth(self) -> int:
         return len(self._pending)
 
+    def depth_changed(self) -> None:
+        """sdserve_queue_depth, which the autoscaler reads: queued requests and the async jobs
+        waiting for room to queue."""
+        metrics.QUEUE_DEPTH.set(len(self._pending) + self.waiting)
+
     @property
     def inflight(self) -> int:
         """Requests taken from the queue and not finished (sdserve_inflight_requests)."""
@@ -208,7 +216,7 @@ class QueueBase:
             raise QueueFull(self.retry_after())
         job = Job(key, item, asyncio.get_running_loop().create_future(), preemptible=self.PREEMPTIBLE)
         self._pending.append(job)
-        metrics.QUEUE_DEPTH.set(len(self._pending))
+        self.depth_changed()
         job.future.add_done_callback(functools.partial(self._done, job))
         self._wakeup.set()
         return job
@@ -221,7 +229,7 @@ class QueueBase:
         if job.started is None:
             if job in self._pending:
                 self._pending.remove(job)
-                metrics.QUEUE_DEPTH.set(len(self._pending))
+                self.depth_changed()
         elif job in self._taken:
             self._taken.discard(job)
             metrics.INFLIGHT.set(self.inflight)
@@ -253,7 +261,7 @@ class Batcher(QueueBase):
     def _drop_cancelled(self) -> None:
         if any(j.cancelled for j in self._pending):
             self._pending = collections.deque(j for j in self._pending if not j.cancelled)
-            metrics.QUEUE_DEPTH.set(len(self._pending))
+            self.depth_changed()
 
     def _take(self) -> list[Job]:
         """The oldest job and every compatible queued job that fits, oldest first."""
@@ -271,7 +279,7 @@ class Batcher(QueueBase):
             else:
                 keep.append(job)
         self._pending = keep
-        metrics.QUEUE_DEPTH.set(len(self._pending))
+        self.depth_changed()
         return batch
 
     def _compatible_images(self) -> int:

@@ -106,6 +106,9 @@ class Settings(BaseSettings):
 
     # Async jobs (sdserve.jobs): records in Redis when the cache is Redis, in memory otherwise.
     job_ttl_seconds: int = Field(86400, ge=60)
+    #: Most async jobs a replica holds unfinished (waiting for room, queued, running); past it
+    #: POST /v1/jobs answers 429. Jobs wait for room in the request queue instead of failing.
+    job_queue_size: int = Field(1000, ge=1)
     #: Without Redis: the most bytes of job records (finished ones hold their images) a replica
     #: keeps in memory; past it the oldest finished records go first, as if expired.
     job_memory_bytes: int = Field(1024 * 2**20, ge=1)

@@ -41,6 +41,8 @@ class State:
     jobs: Any = None
     #: URL outputs (sdserve.outputs.S3Outputs) when an S3 bucket is configured.
     outputs: Any = None
+    #: Async jobs waiting for room in the queue take turns through it (sdserve.steps.enqueue_when_room).
+    job_gate: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @classmethod
     def build(cls, settings: Settings, pipeline: ImagePipeline) -> State:

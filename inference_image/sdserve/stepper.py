@@ -140,7 +140,7 @@ class StepBatcher(QueueBase):
     def _start(self, job: Job) -> None:
         """Take a job out of the queue: in flight from here until its future is done."""
         self._pending.remove(job)
-        metrics.QUEUE_DEPTH.set(len(self._pending))
+        self.depth_changed()
         self._began([job])
 
     def _drop_gone(self) -> None:

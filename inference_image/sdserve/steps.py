@@ -26,6 +26,8 @@ from .state import State
 from .work import BatchKey, Item, OutOfMemory
 
 DISCONNECT_POLL_SECONDS = 1.0
+#: How often the async job whose turn it is looks for room in the queue.
+JOB_ROOM_POLL_SECONDS = 0.1
 
 
 @dataclass
@@ -230,6 +232,46 @@ def enqueue(state: State, gen: Generation, seed: int) -> Job:
         raise draining_error() from None
 
 
+async def enqueue_when_room(
+    state: State, gen: Generation, seed: int, disconnected: Callable[[], Awaitable[bool]]
+) -> Job:
+    """An async job (sdserve.jobs) waits for room instead of failing with a 429: it queues once
+    fewer than half of ``queue_size`` requests are queued, so interactive requests keep the
+    other half, and jobs queue one at a time in the order they came (the state's job gate).
+    Waiting, it counts in sdserve_queue_depth (the autoscaler sees the demand); ``disconnected``
+    (the job's poll: lease renewed, a cancel noticed) runs every second."""
+    batcher = state.batcher
+    room = max(1, state.settings.queue_size // 2)
+    batcher.waiting += 1
+    batcher.depth_changed()
+    turn = asyncio.ensure_future(state.job_gate.acquire())
+    checked = time.monotonic()
+    try:
+        while True:
+            if turn.done() and batcher.depth < room:
+                if await disconnected():  # a cancel asked for since the last look: never queued
+                    raise ApiError(499, "client_closed_request", "cancelled while waiting for room in the queue")
+                if batcher.depth < room:  # still, after that look at the job store
+                    return enqueue(state, gen, seed)
+            if batcher.draining:
+                raise draining_error()
+            if turn.done():  # this job's turn: look for room again shortly
+                await asyncio.sleep(JOB_ROOM_POLL_SECONDS)
+            else:  # another job's turn: wait for this one's
+                await asyncio.wait({turn}, timeout=DISCONNECT_POLL_SECONDS)
+            if time.monotonic() - checked >= DISCONNECT_POLL_SECONDS:
+                checked = time.monotonic()
+                if await disconnected():
+                    raise ApiError(499, "client_closed_request", "cancelled while waiting for room in the queue")
+    finally:
+        batcher.waiting -= 1
+        batcher.depth_changed()
+        if turn.done() and not turn.cancelled():
+            state.job_gate.release()
+        else:
+            turn.cancel()
+
+
 async def wait(state: State, job: Job, disconnected: Callable[[], Awaitable[bool]]) -> None:
     """Until the job is done; its client leaving or the timeout cancels it if it has not started."""
     deadline = time.monotonic() + state.settings.timeout_seconds
@@ -270,7 +312,8 @@ async def generate(
     queued: Callable[[Job], None] | None = None,
 ) -> Result:
     """A validated request from admission to encoded images (seeded requests through the cache).
-    ``queued`` is told the job once it is in the queue (an async job reports its progress)."""
+    ``queued`` (an async job, which reports its progress) is told the job once it is in the
+    queue; such a request waits for room instead of a 429 (``enqueue_when_room``)."""
     admit(state)
     key = None
     if gen.seed is not None:
@@ -281,7 +324,7 @@ async def generate(
             return hit
     else:
         seed = secrets.randbelow(2**32)
-    job = enqueue(state, gen, seed)
+    job = enqueue(state, gen, seed) if queued is None else await enqueue_when_room(state, gen, seed, disconnected)
     if queued is not None:
         queued(job)
     await wait(state, job, disconnected)

@@ -429,3 +429,42 @@ def test_a_record_written_by_another_version_reads_without_the_fields_this_one_l
     stored = json.dumps({"id": "job_1", "owner": "k", "status": "succeeded", "seeds": [3], "added_later": [1]})
     record = JobRecord.parse(stored)
     assert (record.id, record.status, record.seeds, record.output_format) == ("job_1", "succeeded", [3], "png")
+
+
+async def test_a_burst_of_jobs_waits_for_room_in_order_and_leaves_half_the_queue_to_requests(keys):
+    """Jobs past the queue's room were accepted (202) and then failed with queue_full. Now they
+    wait, counted in the queue depth the autoscaler reads, and queue one at a time in the order
+    they came while fewer than half of queue_size requests are queued; an interactive request
+    still finds room meanwhile; a job cancelled while it waits never reaches the model; past
+    job_queue_size unfinished jobs, POST /v1/jobs is a 429."""
+    fake = FakePipeline(seconds_per_call=0.15)
+    settings = Settings(
+        model="fake",
+        min_side=64,
+        api_keys_file=keys,
+        queue_size=4,
+        max_batch_size=1,
+        job_queue_size=8,
+        cache_type="none",
+    )
+    async with serve(create_app(settings, fake)) as client:
+        ids = []
+        for i in range(8):
+            r = await client.post("/v1/jobs", json={**BODY, "prompt": f"job {i}"}, headers=ALICE)
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["id"])
+        full = await client.post("/v1/jobs", json={**BODY, "prompt": "job 8"}, headers=ALICE)
+        assert (
+            full.status_code == 429 and full.json()["error"]["code"] == "too_many_jobs" and full.headers["retry-after"]
+        )
+        await asyncio.sleep(0.05)
+        assert metric("sdserve_queue_depth") >= 6  # two queued, the rest waiting for room: all demand
+        cancelled = (await client.delete(f"/v1/jobs/{ids[7]}", headers=ALICE)).json()
+        interactive = await client.post("/v1/images/generations", json={**BODY, "prompt": "now"}, headers=ALICE)
+        assert interactive.status_code == 200, interactive.text  # the other half of the queue was its
+        done = [await until_done(client, job_id) for job_id in ids]
+        assert [d["status"] for d in done] == ["succeeded"] * 7 + ["cancelled"]
+    assert cancelled["status"] in ("queued", "cancelled")
+    ran = [prompt for method, prompt, _ in fake.threads if method in ("run", "begin")]  # a batch, or a start
+    assert [p for p in ran if p.startswith("job")] == [f"job {i}" for i in range(7)], ran  # in order; job 7 never ran
+    assert ran.index("now") < ran.index("job 6")  # the request did not wait behind every job
