@@ -18,7 +18,7 @@ from starlette.routing import Route
 from . import errors, metrics
 from .jobs import Jobs, make_store
 from .lifecycle import load_model
-from .middleware import BodyLimit, MetricsMiddleware
+from .middleware import BodyLimit, MetricsMiddleware, RequestLog
 from .outputs import make_outputs
 from .routes import GENERATION_ROUTES, router
 from .settings import Settings
@@ -62,7 +62,8 @@ def create_app(settings: Settings | None = None, pipeline: ImagePipeline | None 
     # The router's own routes: FastAPI may keep an included router as one opaque entry.
     paths = {r.path for r in (*app.routes, *router.routes) if isinstance(r, (APIRoute, Route))}
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, routes=paths, timed=GENERATION_ROUTES)  # the outer: it counts 413s
+    app.add_middleware(MetricsMiddleware, routes=paths, timed=GENERATION_ROUTES)  # outside BodyLimit: counts 413s
+    app.add_middleware(RequestLog)  # the outermost: every answer has an id and a log line
     return app
 
 

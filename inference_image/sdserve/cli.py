@@ -19,11 +19,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .app import create_app
     from .lifecycle import start_drain
+    from .middleware import RequestIdFilter
     from .settings import Settings
 
     overrides = {k: v for k, v in {"model": args.model, "port": args.port, "host": args.host}.items() if v is not None}
     settings = Settings(**overrides)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+    )
+    for handler in logging.getLogger().handlers:  # every record, uvicorn's and libraries' too
+        handler.addFilter(RequestIdFilter())
     app = create_app(settings)
 
     class DrainingServer(uvicorn.Server):

@@ -1,16 +1,78 @@
-"""The ASGI layers around the routes: ``MetricsMiddleware`` counts every response by route and
-status and times generation routes end to end; ``BodyLimit`` refuses a request body over the
-limit (413) before it is read."""
+"""The ASGI layers around the routes: ``RequestLog`` gives each request an id and logs it once
+it is answered; ``MetricsMiddleware`` counts every response by route and status and times
+generation routes end to end; ``BodyLimit`` refuses a request body over the limit (413) before
+it is read."""
 
 from __future__ import annotations
 
+import contextvars
+import logging
+import re
 import time
+import uuid
 from collections.abc import Collection
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import metrics
 from .errors import ApiError, error_response
+
+#: The id of the request being handled, in every log line of its handling (``RequestIdFilter``);
+#: tasks started meanwhile (an async job) keep it.
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("sdserve_request_id", default="-")
+#: An id a client or proxy sends is kept when it is a plain token (it goes into logs and headers).
+_GIVEN_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+#: Probes and scrapes, every few seconds each: not in the access log.
+QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+access_log = logging.getLogger("sdserve.access")
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts ``request_id`` on every record (``-`` outside a request), for the log format."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        return True
+
+
+class RequestLog:
+    """Each request gets an id, the client's or proxy's ``X-Request-ID`` when it is a plain
+    token, else a new one; it is answered in ``X-Request-ID`` and carried by the log lines of
+    the request's handling. Every request but probes and scrapes is logged once, when its
+    answer has been sent: method, path, status, seconds and id (logger ``sdserve.access``)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _GIVEN_ID.match(given) else uuid.uuid4().hex
+        token = REQUEST_ID.set(request_id)
+        status = {"code": 500}
+        t0 = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if scope["path"] not in QUIET_PATHS:
+                access_log.info(
+                    "%s %s %d %.3fs",
+                    scope["method"],
+                    scope["path"],
+                    status["code"],
+                    time.perf_counter() - t0,
+                    extra={"request_id": request_id},
+                )
+            REQUEST_ID.reset(token)
 
 
 class MetricsMiddleware:

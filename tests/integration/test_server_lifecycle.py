@@ -22,9 +22,15 @@ def test_model_load_failure_is_logged_exported_and_unready(start_server, tmp_pat
     r = httpx.get(s.url + "/readyz")
     assert r.status_code == 503 and r.json()["reason"] == "model_load_failed"
     assert "no-such-model" in r.json()["message"]
-    g = httpx.post(s.url + "/generate", json={"prompt": "x", "width": 64, "height": 64})
+    g = httpx.post(
+        s.url + "/generate", json={"prompt": "x", "width": 64, "height": 64}, headers={"x-request-id": "trace-7f3a"}
+    )
     assert g.status_code == 503 and g.json()["error"]["code"] == "model_not_ready" and "Retry-After" in g.headers
     assert "MODEL LOAD FAILED" in s.log()
+    # the access log line, with the id the caller (or its proxy) gave, echoed in the answer
+    assert g.headers["x-request-id"] == "trace-7f3a"
+    assert "sdserve.access [trace-7f3a]: POST /generate 503" in s.log()
+    assert "GET /readyz" not in s.log()  # probes are not logged
 
 
 def test_in_kubernetes_a_load_failure_is_the_termination_message_and_the_container_exits(start_server, tmp_path):

@@ -131,6 +131,29 @@ async def test_images_come_as_jpeg_or_webp_when_asked_at_the_quality_asked(clien
     assert raw[:4] == b"RIFF" and raw[8:12] == b"WEBP" and webp.output_format == "webp"
 
 
+async def test_every_answer_carries_a_request_id_and_is_logged_once(client, caplog):
+    """X-Request-ID: the caller's (an ingress's) when it is a plain token, else a new one;
+    every request but probes and scrapes gets one access log line, carrying the id."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="sdserve.access"):
+        given = await client.post(
+            "/v1/images/generations", json={"prompt": "a", "size": "60x64"}, headers={"x-request-id": "abc-123"}
+        )
+        odd = await client.get("/v1/models", headers={"x-request-id": "no spaces\tor tabs"})
+        none = await client.get("/v1/models")
+        await client.get("/healthz")
+    assert given.status_code == 422 and given.headers["x-request-id"] == "abc-123"
+    assert len(odd.headers["x-request-id"]) == 32 and odd.headers["x-request-id"] != none.headers["x-request-id"]
+    lines = [(r.getMessage(), r.request_id) for r in caplog.records if r.name == "sdserve.access"]
+    assert [m.split(" ")[:3] for m, _ in lines] == [
+        ["POST", "/v1/images/generations", "422"],
+        ["GET", "/v1/models", "200"],
+        ["GET", "/v1/models", "200"],
+    ]
+    assert lines[0][1] == "abc-123" and lines[2][1] == none.headers["x-request-id"]
+
+
 async def test_generate_shape(client):
     r = await gen(client, num_images=2, seed=5, width=96, height=64)
     assert r.status_code == 200, r.text
