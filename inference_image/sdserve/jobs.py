@@ -107,6 +107,11 @@ class JobStore(Protocol):
 
     async def put(self, record: JobRecord) -> None: ...
 
+    async def claim(self, name: str, value: str) -> str | None:
+        """Set ``name`` to ``value`` for the jobs' TTL unless it is set: None when this call set
+        it, else the value already there (an Idempotency-Key's job)."""
+        ...
+
 
 class MemoryJobs:
     """This replica's jobs, each kept ``ttl_seconds`` after its last write, as Redis keeps
@@ -120,6 +125,18 @@ class MemoryJobs:
         self._bytes = 0
         #: id -> (expiry, record, finished), oldest write first.
         self._data: dict[str, tuple[float, str, bool]] = {}
+        #: Idempotency keys: name -> (expiry, value), oldest first.
+        self._claims: dict[str, tuple[float, str]] = {}
+
+    async def claim(self, name: str, value: str) -> str | None:
+        now = time.monotonic()
+        while self._claims and next(iter(self._claims.values()))[0] <= now:
+            self._claims.pop(next(iter(self._claims)))
+        held = self._claims.get(name)
+        if held is not None:
+            return held[1]
+        self._claims[name] = (now + self.ttl, value)
+        return None
 
     async def get(self, job_id: str) -> JobRecord | None:
         expires, raw, _ = self._data.get(job_id, (0.0, "", False))
@@ -157,6 +174,7 @@ class RedisJobs:
 
     PREFIX = "sdserve:job:"
     EXPIRY = "sdserve:jobs:expiry"
+    CLAIM = "sdserve:jobkey:"
     CLEANUP = 100
 
     def __init__(self, url: str, ttl_seconds: int):
@@ -193,6 +211,18 @@ class RedisJobs:
                     await pipe.execute()
         except Exception as e:  # any Redis failure is the same retryable 503
             raise unavailable(e) from e
+
+    async def claim(self, name: str, value: str) -> str | None:
+        """SET NX with the jobs' TTL: atomic across replicas. Unlike a record, a claim has a Redis
+        expiry: under memory pressure it may be evicted before its day (a retry then makes a
+        second job), never a record."""
+        try:
+            if await self._redis.set(self.CLAIM + name, value, nx=True, ex=self.ttl):
+                return None
+            held = await self._redis.get(self.CLAIM + name)
+        except Exception as e:  # any Redis failure is the same retryable 503
+            raise unavailable(e) from e
+        return held.decode() if isinstance(held, bytes) else held
 
 
 def unavailable(e: Exception) -> ApiError:
@@ -240,11 +270,26 @@ class Jobs:
             metrics.JOBS_IN_FLIGHT.labels(status).set(sum(r.status == status for r in self._local.values()))
 
     async def submit(
-        self, principal: str, gen: steps.Generation, webhook: dict[str, str] | None, urls: bool = False
-    ) -> JobRecord:
+        self,
+        principal: str,
+        gen: steps.Generation,
+        webhook: dict[str, str] | None,
+        urls: bool = False,
+        idempotency: tuple[str, str] | None = None,
+    ) -> tuple[JobRecord, bool]:
         """Accept a job and start it; ``urls``: its images go to object storage and it answers
-        URLs (response_format "url"), its record holding their keys instead of the images."""
+        URLs (response_format "url"), its record holding their keys instead of the images.
+        ``idempotency``: (the request's Idempotency-Key, a fingerprint of what it asks for); a
+        key seen before (from this principal, within the jobs' TTL) answers its first job, and
+        True, instead of starting another; with another request behind it, a 422."""
         steps.admit(self.state)
+        job_id = "job_" + secrets.token_hex(12)
+        if idempotency is not None:
+            key, fingerprint = idempotency
+            name = hashlib.sha256(f"{principal}\0{key}".encode()).hexdigest()
+            held = await self.store.claim(name, f"{job_id} {fingerprint}")
+            if held is not None:
+                return await self._replay(principal, key, fingerprint, held), True
         limit = self.state.settings.job_queue_size
         if len(self._local) >= limit:
             metrics.REJECTED.labels("jobs_full").inc()
@@ -256,7 +301,7 @@ class Jobs:
                 type_="rate_limit_error",
             )
         record = JobRecord(
-            id="job_" + secrets.token_hex(12),
+            id=job_id,
             owner=principal,
             steps=gen.key.denoising_steps,
             output_format=gen.output.kind,
@@ -272,7 +317,28 @@ class Jobs:
         task = asyncio.get_running_loop().create_task(self._run(record, gen, urls), name=f"sdserve-{record.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return record
+        return record, False
+
+    async def _replay(self, principal: str, key: str, fingerprint: str, held: str) -> JobRecord:
+        """The job an Idempotency-Key was first used for. Its record may be a moment from being
+        written (the first request is still in ``submit``): looked for for a second or two."""
+        job_id, _, first = held.partition(" ")
+        if first != fingerprint:
+            raise ApiError(
+                422,
+                "idempotency_key_reused",
+                f"Idempotency-Key {key!r} was used for another request (job {job_id}); use a new key",
+                param="Idempotency-Key",
+            )
+        tries = 0
+        while True:
+            try:
+                return await self.get(principal, job_id)
+            except ApiError as e:
+                tries += 1
+                if e.status != 404 or tries >= 20:
+                    raise
+            await asyncio.sleep(0.1)
 
     async def get(self, principal: str, job_id: str) -> JobRecord:
         """The caller's job (404 for another principal's, as for one that does not exist)."""

@@ -4,7 +4,9 @@ state) and lets ``steps`` do the work; dependencies are typed with ``Annotated``
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -42,6 +44,9 @@ from .work import BatchKey
 
 router = APIRouter()
 EditBody = TypeVar("EditBody", bound=OpenAIEditRequest)
+
+#: An Idempotency-Key header (the IETF draft's: a string; here printable ASCII, 255 at most).
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 #: How soon a job's event stream ended by a draining replica should reconnect (SSE ``retry``).
 RECONNECT_MS = 1000
@@ -178,8 +183,22 @@ async def submit_job(request: Request, state: StateDep, principal: LimitedPrinci
         check_webhook(state.settings, body.webhook.url)
     webhook = body.webhook.model_dump() if body.webhook else None
     gen.preview = body.preview
-    record = await state.jobs.submit(principal, gen, webhook, urls=body.response_format == "url")
-    return JSONResponse(state.jobs.view(record), status_code=202, headers={"Location": f"/v1/jobs/{record.id}"})
+    urls = body.response_format == "url"
+    idempotency = None
+    if key := request.headers.get("idempotency-key"):
+        if not IDEMPOTENCY_KEY.match(key):
+            raise ApiError(
+                422,
+                "invalid_value",
+                "Idempotency-Key must be 1-255 printable ASCII characters",
+                param="Idempotency-Key",
+            )
+        seed = gen.seed if gen.seed is not None else -1  # an unseeded retry is the same request too
+        asked = [steps.result_key(state, gen, seed), urls, webhook and webhook["url"], gen.preview]
+        idempotency = (key, hashlib.sha256(json.dumps(asked).encode()).hexdigest())
+    record, replayed = await state.jobs.submit(principal, gen, webhook, urls=urls, idempotency=idempotency)
+    headers = {"Location": f"/v1/jobs/{record.id}"} | ({"Idempotent-Replayed": "true"} if replayed else {})
+    return JSONResponse(state.jobs.view(record), status_code=202, headers=headers)
 
 
 @router.get("/v1/jobs/{job_id}", responses=ERRORS, tags=["jobs"])

@@ -88,6 +88,13 @@ def test_jobs_are_answered_by_any_replica_sharing_redis_and_a_lost_replica_fails
     done = until(b, first["id"], {"succeeded", "failed"})
     assert done["status"] == "succeeded" and done["result"]["data"][0]["seed"] == 5
 
+    # An Idempotency-Key retried against the other replica answers the first job (one Redis claim).
+    keyed = {**job, "seed": 6}
+    once = httpx.post(a.url + "/v1/jobs", json=keyed, headers={"idempotency-key": "order-42"}, timeout=10)
+    again = httpx.post(b.url + "/v1/jobs", json=keyed, headers={"idempotency-key": "order-42"}, timeout=10)
+    assert once.status_code == again.status_code == 202 and again.json()["id"] == once.json()["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+
     # A cancel sent to B reaches the queued job on A.
     slow = {**job, "size": "512x512", "num_inference_steps": 50}
     busy = [httpx.post(a.url + "/v1/jobs", json={**slow, "seed": i}, timeout=10).json() for i in range(4)]

@@ -468,3 +468,30 @@ async def test_a_burst_of_jobs_waits_for_room_in_order_and_leaves_half_the_queue
     ran = [prompt for method, prompt, _ in fake.threads if method in ("run", "begin")]  # a batch, or a start
     assert [p for p in ran if p.startswith("job")] == [f"job {i}" for i in range(7)], ran  # in order; job 7 never ran
     assert ran.index("now") < ran.index("job 6")  # the request did not wait behind every job
+
+
+async def test_an_idempotency_key_makes_a_retried_submission_answer_its_first_job(keys):
+    """A client that retries POST /v1/jobs (its connection dropped after the 202) with the same
+    Idempotency-Key gets the job it made, not a second one, even when both arrive at once; the
+    key with another request behind it is a 422; another principal's same key is its own."""
+    fake = FakePipeline(seconds_per_call=0.05)
+    settings = Settings(model="fake", min_side=64, api_keys_file=keys, cache_type="none")
+    async with serve(create_app(settings, fake)) as client:
+        key = {"idempotency-key": "render-9f2"}
+        a, b = await asyncio.gather(
+            client.post("/v1/jobs", json=BODY, headers={**ALICE, **key}),
+            client.post("/v1/jobs", json=BODY, headers={**ALICE, **key}),
+        )
+        assert a.status_code == b.status_code == 202 and a.json()["id"] == b.json()["id"]
+        assert {a.headers.get("idempotent-replayed"), b.headers.get("idempotent-replayed")} == {None, "true"}
+        await until_done(client, a.json()["id"])
+        later = await client.post("/v1/jobs", json=BODY, headers={**ALICE, **key})
+        assert later.json()["id"] == a.json()["id"] and later.json()["status"] == "succeeded"
+        other = await client.post("/v1/jobs", json={**BODY, "prompt": "another"}, headers={**ALICE, **key})
+        assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_reused"
+        bobs = await client.post("/v1/jobs", json=BODY, headers={**BOB, **key})
+        assert bobs.status_code == 202 and bobs.json()["id"] != a.json()["id"]
+        await until_done(client, bobs.json()["id"], headers=BOB)
+        bad = await client.post("/v1/jobs", json=BODY, headers={**ALICE, "idempotency-key": "x" * 300})
+        assert bad.status_code == 422 and bad.json()["error"]["param"] == "Idempotency-Key"
+    assert len(fake.calls) == 2  # Alice's one job and Bob's: the model ran for no retry
