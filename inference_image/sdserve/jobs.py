@@ -112,6 +112,10 @@ class JobStore(Protocol):
         it, else the value already there (an Idempotency-Key's job)."""
         ...
 
+    async def release(self, name: str) -> None:
+        """Forget a claim whose job was not made."""
+        ...
+
 
 class MemoryJobs:
     """This replica's jobs, each kept ``ttl_seconds`` after its last write, as Redis keeps
@@ -137,6 +141,9 @@ class MemoryJobs:
             return held[1]
         self._claims[name] = (now + self.ttl, value)
         return None
+
+    async def release(self, name: str) -> None:
+        self._claims.pop(name, None)
 
     async def get(self, job_id: str) -> JobRecord | None:
         expires, raw, _ = self._data.get(job_id, (0.0, "", False))
@@ -224,6 +231,12 @@ class RedisJobs:
             raise unavailable(e) from e
         return held.decode() if isinstance(held, bytes) else held
 
+    async def release(self, name: str) -> None:
+        try:
+            await self._redis.delete(self.CLAIM + name)
+        except Exception as e:  # any Redis failure is the same retryable 503
+            raise unavailable(e) from e
+
 
 def unavailable(e: Exception) -> ApiError:
     log.warning("job store (redis) unavailable: %s", e)
@@ -284,12 +297,32 @@ class Jobs:
         True, instead of starting another; with another request behind it, a 422."""
         steps.admit(self.state)
         job_id = "job_" + secrets.token_hex(12)
+        claimed = None
         if idempotency is not None:
             key, fingerprint = idempotency
-            name = hashlib.sha256(f"{principal}\0{key}".encode()).hexdigest()
-            held = await self.store.claim(name, f"{job_id} {fingerprint}")
+            claimed = hashlib.sha256(f"{principal}\0{key}".encode()).hexdigest()
+            held = await self.store.claim(claimed, f"{job_id} {fingerprint}")
             if held is not None:
                 return await self._replay(principal, key, fingerprint, held), True
+        try:
+            record = await self._accept(job_id, principal, gen, webhook)
+        except BaseException:  # refused or not stored: the key stays free for a retry
+            if claimed is not None:
+                with contextlib.suppress(Exception):
+                    await self.store.release(claimed)
+            raise
+        metrics.JOBS.labels("submitted").inc()
+        self._local[record.id] = record
+        self._count()
+        task = asyncio.get_running_loop().create_task(self._run(record, gen, urls), name=f"sdserve-{record.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return record, False
+
+    async def _accept(
+        self, job_id: str, principal: str, gen: steps.Generation, webhook: dict[str, str] | None
+    ) -> JobRecord:
+        """The new job's record, stored; 429 past ``job_queue_size`` unfinished jobs."""
         limit = self.state.settings.job_queue_size
         if len(self._local) >= limit:
             metrics.REJECTED.labels("jobs_full").inc()
@@ -311,13 +344,7 @@ class Jobs:
             record.webhook_url, record.webhook_secret = webhook["url"], webhook.get("secret") or ""
         record.lease_until = time.time() + self.state.settings.job_lease_seconds
         await self.store.put(record)
-        metrics.JOBS.labels("submitted").inc()
-        self._local[record.id] = record
-        self._count()
-        task = asyncio.get_running_loop().create_task(self._run(record, gen, urls), name=f"sdserve-{record.id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return record, False
+        return record
 
     async def _replay(self, principal: str, key: str, fingerprint: str, held: str) -> JobRecord:
         """The job an Idempotency-Key was first used for. Its record may be a moment from being

@@ -495,3 +495,18 @@ async def test_an_idempotency_key_makes_a_retried_submission_answer_its_first_jo
         bad = await client.post("/v1/jobs", json=BODY, headers={**ALICE, "idempotency-key": "x" * 300})
         assert bad.status_code == 422 and bad.json()["error"]["param"] == "Idempotency-Key"
     assert len(fake.calls) == 2  # Alice's one job and Bob's: the model ran for no retry
+
+
+async def test_an_idempotency_key_refused_with_a_429_stays_free_for_the_retry(keys):
+    """A keyed submission refused (too many jobs) made no job: its retry must make one, not
+    wait for a job that never was and answer 404."""
+    settings = Settings(model="fake", min_side=64, api_keys_file=keys, cache_type="none", job_queue_size=1)
+    async with serve(create_app(settings, FakePipeline(seconds_per_call=0.3))) as client:
+        first = (await client.post("/v1/jobs", json=BODY, headers=ALICE)).json()
+        key = {**ALICE, "idempotency-key": "k-1"}
+        refused = await client.post("/v1/jobs", json={**BODY, "seed": 8}, headers=key)
+        assert refused.status_code == 429
+        await until_done(client, first["id"])
+        retried = await client.post("/v1/jobs", json={**BODY, "seed": 8}, headers=key)
+        assert retried.status_code == 202 and "idempotent-replayed" not in retried.headers
+        assert (await until_done(client, retried.json()["id"]))["status"] == "succeeded"
