@@ -137,11 +137,12 @@ def openai_generation(state: State, body: OpenAIImageRequest) -> steps.Generatio
     if size is None:
         raise ApiError(422, "invalid_value", f"size must be WIDTHxHEIGHT, got {body.size!r}", param="size")
     key = key_for(state, size[0], size[1], body)
-    gen = steps.Generation(key, body.prompt, body.negative_prompt, body.n, body.seed, output=body.image_format())
+    negative = steps.negative_prompt(state, body.negative_prompt)
+    gen = steps.Generation(key, body.prompt, negative, body.n, body.seed, output=body.image_format())
     problems = limit_problems(
         s,
         prompt=body.prompt,
-        negative=body.negative_prompt,
+        negative=negative,
         width=size[0],
         height=size[1],
         n=body.n,
@@ -322,10 +323,11 @@ async def edit_generation(state: State, request: Request, model: type[EditBody])
     strength = body.strength if body.strength is not None else (1.0 if task == "inpaint" else 0.8)
     key = key_for(state, inputs.width, inputs.height, body)
     key = replace(key, task=task, strength=strength)
+    negative = steps.negative_prompt(state, body.negative_prompt)
     gen = steps.Generation(
         key,
         body.prompt,
-        body.negative_prompt,
+        negative,
         body.n,
         body.seed,
         inputs.image,
@@ -337,7 +339,7 @@ async def edit_generation(state: State, request: Request, model: type[EditBody])
     problems = limit_problems(
         s,
         prompt=body.prompt,
-        negative=body.negative_prompt,
+        negative=negative,
         width=inputs.width,
         height=inputs.height,
         n=body.n,
@@ -360,11 +362,12 @@ async def generate(
     default_w, default_h = state.default_size
     width, height = body.width or default_w, body.height or default_h
     key = key_for(state, width, height, body)
-    gen = steps.Generation(key, body.prompt, body.negative_prompt, body.num_images, body.seed)
+    negative = steps.negative_prompt(state, body.negative_prompt)
+    gen = steps.Generation(key, body.prompt, negative, body.num_images, body.seed)
     problems = limit_problems(
         state.settings,
         prompt=body.prompt,
-        negative=body.negative_prompt,
+        negative=negative,
         width=width,
         height=height,
         n=body.num_images,
@@ -409,6 +412,7 @@ async def models(state: StateDep, principal: Principal) -> dict[str, Any]:
                     "size": "{}x{}".format(*state.default_size),
                     "steps": state.settings.steps_default,
                     "guidance_scale": state.settings.default_guidance_scale,
+                    "negative_prompt": state.settings.default_negative_prompt,
                 },
             }
         ],

@@ -15,7 +15,9 @@ from .schedulers import SchedulerName
 class Extensions(BaseModel):
     """Stable Diffusion parameters beyond the OpenAI Images API."""
 
-    negative_prompt: str | None = Field(None, description="What the image should not show.")
+    negative_prompt: str | None = Field(
+        None, description='What the image should not show; unset: the server\'s default, "" for none.'
+    )
     num_inference_steps: int | None = Field(None, ge=1, description="Denoising steps (server default when unset).")
     guidance_scale: float | None = Field(None, ge=0, le=50, description="Classifier-free guidance scale.")
     seed: int | None = Field(

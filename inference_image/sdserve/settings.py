@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     default_steps: int | None = Field(None, ge=1)
     #: 1 or less is no classifier-free guidance (SDXL Turbo and SD Turbo run at 0).
     default_guidance_scale: float = Field(7.5, ge=0, le=50)
+    #: The negative prompt of a request that names none ("" in a request: none).
+    default_negative_prompt: str | None = None
     #: The size of a request that names none (and of the warm-up): "auto" is the loaded model's
     #: native size (``default_width_height``), brought within the request limits.
     default_size: str = Field("auto", pattern=r"^(auto|[1-9][0-9]*x[1-9][0-9]*)$")

@@ -82,6 +82,12 @@ def batch_key(
     )
 
 
+def negative_prompt(state: State, given: str | None) -> str | None:
+    """A request's negative prompt: its own ("" for none), else the server's default
+    (SDSERVE_DEFAULT_NEGATIVE_PROMPT, CR spec.defaults.negativePrompt)."""
+    return given if given is not None else state.settings.default_negative_prompt
+
+
 def lora_set(state: State, lora: str | None, loras: dict[str, float] | None) -> tuple[tuple[str, float], ...]:
     """The adapters a request names (``lora``: one at its default weight; ``loras``: name ->
     weight), sorted by name; 422 naming the field for an adapter the server does not have."""

@@ -260,6 +260,26 @@ async def test_a_prompt_longer_than_clip_reads_is_answered_with_the_part_it_read
     assert one_word and set(one_word) == {"y"} and tokens(one_word) <= 75
 
 
+async def test_a_request_without_a_negative_prompt_gets_the_servers_default(tiny):
+    """SDSERVE_DEFAULT_NEGATIVE_PROMPT (spec.defaults.negativePrompt): a request naming none is
+    drawn as if it named the default; "" names none."""
+    body = {"prompt": "a fox", "size": "64x64", "seed": 4, "num_inference_steps": 3}
+    images = {}
+    for default in (None, "blurry, text"):
+        settings = Settings(**BASE, cache_type="none", default_negative_prompt=default)
+        async with serve(create_app(settings, tiny)) as c:
+            for name, extra in (
+                ("unset", {}),
+                ("given", {"negative_prompt": "blurry, text"}),
+                ("none", {"negative_prompt": ""}),
+            ):
+                r = await c.post("/v1/images/generations", json={**body, **extra})
+                images[default, name] = decode(r.json()["data"][0]["b64_json"])
+    assert np.array_equal(images["blurry, text", "unset"], images[None, "given"])
+    assert np.array_equal(images["blurry, text", "none"], images[None, "unset"])
+    assert not np.array_equal(images[None, "unset"], images[None, "given"])
+
+
 async def test_seeded_request_is_cached_and_unseeded_is_not(client):
     hits = metric("sdserve_cache_hits_total")
     first = await gen(client, seed=99, prompt="cache me")

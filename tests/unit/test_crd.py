@@ -92,6 +92,7 @@ INVALID = [
     ("default size over the limits", "spec.defaults.size", {"width": 2048, "height": 512}, "defaults.size"),
     ("default steps over the limit", "spec.defaults", {"steps": 80}, "defaults.steps"),
     ("negative default guidance", "spec.defaults.guidanceScale", -1, "guidanceScale"),
+    ("default negative prompt over the limit", "spec.defaults", {"negativePrompt": "x" * 1001}, "negativePrompt"),
     (
         "s3 access key without its secret",
         "spec.outputs.s3",

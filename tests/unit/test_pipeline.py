@@ -155,7 +155,7 @@ async def test_a_request_naming_no_size_gets_the_loaded_models_native_size(tmp_p
         assert p.native_size == (96, 96)
         assert [(k.width, k.height) for k, _ in p.warmup_shapes()] == [(96, 96)]
         models = (await client.get("/v1/models")).json()["data"][0]
-        assert models["defaults"] == {"size": "96x96", "steps": 25, "guidance_scale": 7.5}
+        assert models["defaults"] == {"size": "96x96", "steps": 25, "guidance_scale": 7.5, "negative_prompt": None}
         r = await client.post("/v1/images/generations", json={"prompt": "a", "num_inference_steps": 2})
         assert r.status_code == 200, r.text
         assert decode(r.json()["data"][0]["b64_json"]).shape == (96, 96, 3)

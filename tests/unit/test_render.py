@@ -82,6 +82,7 @@ def test_batch_size_changes_only_configmap_and_pod_template():
         ("defaults", {"size": {"width": 640, "height": 512}}, "SDSERVE_DEFAULT_SIZE", "640x512"),
         ("defaults", {"steps": 4}, "SDSERVE_DEFAULT_STEPS", "4"),
         ("defaults", {"guidanceScale": 0}, "SDSERVE_DEFAULT_GUIDANCE_SCALE", "0.0"),
+        ("defaults", {"negativePrompt": "blurry, text"}, "SDSERVE_DEFAULT_NEGATIVE_PROMPT", "blurry, text"),
     ],
     ids=[
         "warmupSizes",
@@ -92,6 +93,7 @@ def test_batch_size_changes_only_configmap_and_pod_template():
         "defaults.size",
         "defaults.steps",
         "defaults.guidanceScale",
+        "defaults.negativePrompt",
     ],
 )
 def test_optional_settings_reach_the_server_and_their_absence_keeps_the_config_hash(section, fields, key, value):

@@ -32,6 +32,8 @@ def test_batch_key_fills_the_server_defaults_and_resolves_the_default_scheduler(
     # unset: 25 steps, or the most a request may take when that is fewer (a turbo model's 4)
     assert steps.batch_key(state(), 64, 64, None, None, "euler").steps == 25
     assert steps.batch_key(state(max_steps=4), 64, 64, None, None, "euler").steps == 4
+    with_default = state(default_negative_prompt="blurry")
+    assert [steps.negative_prompt(with_default, n) for n in (None, "", "ugly")] == ["blurry", "", "ugly"]
     with pytest.raises(ValueError, match="SDSERVE_DEFAULT_STEPS 30 must be <= SDSERVE_MAX_STEPS 20"):
         Settings(default_steps=30, max_steps=20)
 

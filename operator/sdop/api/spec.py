@@ -849,6 +849,14 @@ class RequestDefaultsSpec(ApiModel):
         ge=0,
         le=50,
     )
+    negative_prompt: str | None = Field(
+        None,
+        description=(
+            'Negative prompt of a request that names none (a request\'s "" is none), e.g. "blurry, low quality". '
+            "Within limits.maxPromptLength."
+        ),
+        max_length=100000,
+    )
 
 
 class ServerSpec(ApiModel):
@@ -1009,6 +1017,12 @@ class StableDiffusionServiceSpec(ApiModel):
                 "defaults.steps must be <= limits.maxSteps",
                 ".defaults.steps",
             ),
+            (
+                "!has(self.defaults.negativePrompt) || "
+                "size(self.defaults.negativePrompt) <= self.limits.maxPromptLength",
+                "defaults.negativePrompt must be at most limits.maxPromptLength characters",
+                ".defaults.negativePrompt",
+            ),
         )
     }
 
@@ -1076,4 +1090,8 @@ class StableDiffusionServiceSpec(ApiModel):
             )
         if d.steps is not None and d.steps > lim.max_steps:
             raise ValueError(f"defaults.steps {d.steps} must be <= limits.maxSteps ({lim.max_steps})")
+        if d.negative_prompt is not None and len(d.negative_prompt) > lim.max_prompt_length:
+            raise ValueError(
+                f"defaults.negativePrompt must be at most limits.maxPromptLength ({lim.max_prompt_length})"
+            )
         return self

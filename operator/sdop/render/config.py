@@ -86,6 +86,8 @@ def settings_env(ctx: Ctx) -> dict[str, str]:
         env["SDSERVE_DEFAULT_STEPS"] = d.steps
     if d.guidance_scale is not None:
         env["SDSERVE_DEFAULT_GUIDANCE_SCALE"] = d.guidance_scale
+    if d.negative_prompt is not None:
+        env["SDSERVE_DEFAULT_NEGATIVE_PROMPT"] = d.negative_prompt
     if s.server.warmup_sizes:  # only when set: a new key would roll every existing service on upgrade
         env["SDSERVE_WARMUP_SIZES"] = ",".join(f"{z.width}x{z.height}" for z in s.server.warmup_sizes)
     if s.model.loras:
