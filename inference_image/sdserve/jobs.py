@@ -296,6 +296,7 @@ class Jobs:
         key seen before (from this principal, within the jobs' TTL) answers its first job, and
         True, instead of starting another; with another request behind it, a 422."""
         steps.admit(self.state)
+        gen.principal = principal
         job_id = "job_" + secrets.token_hex(12)
         claimed = None
         if idempotency is not None:

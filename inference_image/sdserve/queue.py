@@ -53,6 +53,47 @@ class Job:
         return self.future.done()
 
 
+class JobGate:
+    """Turns among async jobs waiting for room in the queue (``sdserve.steps.enqueue_when_room``):
+    one holds the turn at a time; it passes round robin over the principals that have a job
+    waiting, in arrival order within each, so one tenant's thousand jobs do not hold another's
+    single job back until they are all queued."""
+
+    def __init__(self) -> None:
+        #: principal -> its waiting jobs' futures; the dict's order is the round's.
+        self._waiting: dict[str, collections.deque[asyncio.Future[None]]] = {}
+        self._held = False
+
+    def turn(self, principal: str) -> asyncio.Future[None]:
+        """A future done when it is this job's turn; ``leave`` it in any case."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self._held:
+            self._held = True
+            future.set_result(None)
+        else:
+            self._waiting.setdefault(principal, collections.deque()).append(future)
+        return future
+
+    def leave(self, future: asyncio.Future[None]) -> None:
+        """Done waiting: a turn held passes on; one not given yet is withdrawn."""
+        if future.done() and not future.cancelled():
+            self._pass()
+        else:
+            future.cancel()  # skipped when the turn comes to it
+
+    def _pass(self) -> None:
+        while self._waiting:
+            principal = next(iter(self._waiting))
+            queue = self._waiting.pop(principal)
+            future = queue.popleft()
+            if queue:
+                self._waiting[principal] = queue  # to the end of the round
+            if not future.cancelled():
+                future.set_result(None)
+                return
+        self._held = False
+
+
 class QueueBase:
     """What both batching policies share: the bounded queue of jobs, submission with 429 when
     full and 503 while draining, the jobs taken from it and not finished (in flight), the

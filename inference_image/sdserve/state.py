@@ -9,7 +9,7 @@ from typing import Any
 
 from .auth import Authenticator
 from .cache import Cache, make_cache
-from .queue import Batcher
+from .queue import Batcher, JobGate
 from .ratelimit import Limiter, make_limiter
 from .safety import Blocklist, WatchedBlocklist, blocklist_from
 from .settings import Settings
@@ -42,7 +42,7 @@ class State:
     #: URL outputs (sdserve.outputs.S3Outputs) when an S3 bucket is configured.
     outputs: Any = None
     #: Async jobs waiting for room in the queue take turns through it (sdserve.steps.enqueue_when_room).
-    job_gate: asyncio.Lock = field(default_factory=asyncio.Lock)
+    job_gate: JobGate = field(default_factory=JobGate)
 
     @classmethod
     def build(cls, settings: Settings, pipeline: ImagePipeline) -> State:

@@ -47,6 +47,8 @@ class Generation:
     preview: bool = False
     #: How the images are encoded (the Images API's output_format and output_compression).
     output: ImageFormat = PNG
+    #: Who asked (async jobs take turns by principal: sdserve.queue.JobGate).
+    principal: str = "anonymous"
 
 
 @dataclass
@@ -243,14 +245,15 @@ async def enqueue_when_room(
 ) -> Job:
     """An async job (sdserve.jobs) waits for room instead of failing with a 429: it queues once
     fewer than half of ``queue_size`` requests are queued, so interactive requests keep the
-    other half, and jobs queue one at a time in the order they came (the state's job gate).
+    other half, and jobs queue one at a time, taking turns by principal and in the order they
+    came within one (``JobGate``).
     Waiting, it counts in sdserve_queue_depth (the autoscaler sees the demand); ``disconnected``
     (the job's poll: lease renewed, a cancel noticed) runs every second."""
     batcher = state.batcher
     room = max(1, state.settings.queue_size // 2)
     batcher.waiting += 1
     batcher.depth_changed()
-    turn = asyncio.ensure_future(state.job_gate.acquire())
+    turn = state.job_gate.turn(gen.principal)
     checked = time.monotonic()
     try:
         while True:
@@ -272,10 +275,7 @@ async def enqueue_when_room(
     finally:
         batcher.waiting -= 1
         batcher.depth_changed()
-        if turn.done() and not turn.cancelled():
-            state.job_gate.release()
-        else:
-            turn.cancel()
+        state.job_gate.leave(turn)
 
 
 async def wait(state: State, job: Job, disconnected: Callable[[], Awaitable[bool]]) -> None:

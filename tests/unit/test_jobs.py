@@ -510,3 +510,27 @@ async def test_an_idempotency_key_refused_with_a_429_stays_free_for_the_retry(ke
         retried = await client.post("/v1/jobs", json={**BODY, "seed": 8}, headers=key)
         assert retried.status_code == 202 and "idempotent-replayed" not in retried.headers
         assert (await until_done(client, retried.json()["id"]))["status"] == "succeeded"
+
+
+async def test_waiting_jobs_take_turns_by_principal(keys):
+    """Jobs waiting for room queue round robin over their principals (arrival order within
+    one): Bob's two jobs, sent after Alice's six, do not wait for all of hers."""
+    fake = FakePipeline(seconds_per_call=0.1)
+    settings = Settings(
+        model="fake", min_side=64, api_keys_file=keys, queue_size=2, max_batch_size=1, cache_type="none"
+    )
+    async with serve(create_app(settings, fake)) as client:
+        alice = [
+            (await client.post("/v1/jobs", json={**BODY, "prompt": f"alice {i}"}, headers=ALICE)).json()
+            for i in range(6)
+        ]
+        bob = [
+            (await client.post("/v1/jobs", json={**BODY, "prompt": f"bob {i}"}, headers=BOB)).json() for i in range(2)
+        ]
+        for job in alice:
+            assert (await until_done(client, job["id"]))["status"] == "succeeded"
+        for job in bob:
+            assert (await until_done(client, job["id"], headers=BOB))["status"] == "succeeded"
+    ran = [prompt for method, prompt, _ in fake.threads if method in ("run", "begin")]
+    assert [p for p in ran if p.startswith("alice")] == [f"alice {i}" for i in range(6)]  # her order kept
+    assert ran.index("bob 0") < ran.index("alice 4") and ran.index("bob 1") < ran.index("alice 5"), ran
