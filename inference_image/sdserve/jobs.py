@@ -116,6 +116,10 @@ class JobStore(Protocol):
         """Forget a claim whose job was not made."""
         ...
 
+    async def owned(self, owner: str, before: float, limit: int) -> list[JobRecord]:
+        """``owner``'s records created before ``before``, newest first, ``limit`` at most."""
+        ...
+
 
 class MemoryJobs:
     """This replica's jobs, each kept ``ttl_seconds`` after its last write, as Redis keeps
@@ -127,10 +131,12 @@ class MemoryJobs:
         self.ttl = ttl_seconds
         self.max_bytes = max_bytes
         self._bytes = 0
-        #: id -> (expiry, record, finished), oldest write first.
-        self._data: dict[str, tuple[float, str, bool]] = {}
+        #: id -> (expiry, record, finished, owner), oldest write first.
+        self._data: dict[str, tuple[float, str, bool, str]] = {}
         #: Idempotency keys: name -> (expiry, value), oldest first.
         self._claims: dict[str, tuple[float, str]] = {}
+        #: owner -> {id: created}, for listing.
+        self._by_owner: dict[str, dict[str, float]] = {}
 
     async def claim(self, name: str, value: str) -> str | None:
         now = time.monotonic()
@@ -146,14 +152,15 @@ class MemoryJobs:
         self._claims.pop(name, None)
 
     async def get(self, job_id: str) -> JobRecord | None:
-        expires, raw, _ = self._data.get(job_id, (0.0, "", False))
+        expires, raw, _, _ = self._data.get(job_id, (0.0, "", False, ""))
         return JobRecord.parse(raw) if raw and expires > time.monotonic() else None
 
     async def put(self, record: JobRecord) -> None:
         now = time.monotonic()
         self._drop(record.id)  # to the end: the dict stays in order of expiry
         raw = json.dumps(asdict(record))
-        self._data[record.id] = (now + self.ttl, raw, record.status in TERMINAL)
+        self._data[record.id] = (now + self.ttl, raw, record.status in TERMINAL, record.owner)
+        self._by_owner.setdefault(record.owner, {})[record.id] = record.created
         self._bytes += len(raw)
         while True:  # expired records go, oldest write first; the one just written stops it
             oldest = next(iter(self._data))
@@ -161,7 +168,7 @@ class MemoryJobs:
                 break
             self._drop(oldest)
         if self._bytes > self.max_bytes:  # then the oldest finished ones, while over the bound
-            for job_id in [i for i, (_, _, finished) in self._data.items() if finished and i != record.id]:
+            for job_id in [i for i, (_, _, finished, _) in self._data.items() if finished and i != record.id]:
                 self._drop(job_id)
                 if self._bytes <= self.max_bytes:
                     break
@@ -170,6 +177,20 @@ class MemoryJobs:
         gone = self._data.pop(job_id, None)
         if gone is not None:
             self._bytes -= len(gone[1])
+            owner = gone[3]
+            self._by_owner.get(owner, {}).pop(job_id, None)
+            if not self._by_owner.get(owner, True):
+                del self._by_owner[owner]
+
+    async def owned(self, owner: str, before: float, limit: int) -> list[JobRecord]:
+        ids = sorted(self._by_owner.get(owner, {}).items(), key=lambda item: item[1], reverse=True)
+        out = []
+        for job_id, created in ids:
+            if created < before and (record := await self.get(job_id)) is not None:
+                out.append(record)
+                if len(out) == limit:
+                    break
+        return out
 
 
 class RedisJobs:
@@ -182,6 +203,9 @@ class RedisJobs:
     PREFIX = "sdserve:job:"
     EXPIRY = "sdserve:jobs:expiry"
     CLAIM = "sdserve:jobkey:"
+    #: One sorted set per owner (its name hashed): job ids by creation time, for listing. An id
+    #: whose record has gone is dropped from it when a listing meets it.
+    OWNER = "sdserve:jobs:owner:"
     CLEANUP = 100
 
     def __init__(self, url: str, ttl_seconds: int):
@@ -208,6 +232,7 @@ class RedisJobs:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.set(self.PREFIX + record.id, json.dumps(asdict(record)))
                 pipe.zadd(self.EXPIRY, {record.id: now + self.ttl})
+                pipe.zadd(self._owner_key(record.owner), {record.id: record.created}, nx=True)
                 await pipe.execute()
             expired = await self._redis.zrangebyscore(self.EXPIRY, "-inf", now, start=0, num=self.CLEANUP)
             if expired:
@@ -218,6 +243,36 @@ class RedisJobs:
                     await pipe.execute()
         except Exception as e:  # any Redis failure is the same retryable 503
             raise unavailable(e) from e
+
+    def _owner_key(self, owner: str) -> str:
+        return self.OWNER + hashlib.sha256(owner.encode()).hexdigest()
+
+    async def owned(self, owner: str, before: float, limit: int) -> list[JobRecord]:
+        key = self._owner_key(owner)
+        out: list[JobRecord] = []
+        try:
+            while len(out) < limit:
+                rows: Any = await self._redis.zrevrangebyscore(
+                    key, f"({before}", "-inf", start=0, num=limit, withscores=True
+                )
+                if not rows:
+                    break
+                gone = []
+                for raw_id, created in rows:
+                    job_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+                    record = await self.get(job_id)
+                    if record is None:
+                        gone.append(job_id)
+                    elif len(out) < limit:
+                        out.append(record)
+                    before = float(created)
+                if gone:
+                    await self._redis.zrem(key, *gone)
+        except ApiError:
+            raise
+        except Exception as e:  # any Redis failure is the same retryable 503
+            raise unavailable(e) from e
+        return out
 
     async def claim(self, name: str, value: str) -> str | None:
         """SET NX with the jobs' TTL: atomic across replicas. Unlike a record, a claim has a Redis
@@ -373,6 +428,10 @@ class Jobs:
         record = await self.store.get(job_id)
         if record is None or not hmac.compare_digest(record.owner, principal):
             raise ApiError(404, "job_not_found", f"no job {job_id!r}", param="id")
+        return await self._settled(record)
+
+    async def _settled(self, record: JobRecord) -> JobRecord:
+        """A record whose lease lapsed is the failed job it is (``replica_lost``), written so."""
         if record.lapsed(time.time()):
             record.status = "failed"
             record.error = {
@@ -382,6 +441,23 @@ class Jobs:
             await self.store.put(record)
             metrics.JOBS.labels("failed").inc()
         return record
+
+    async def page(self, principal: str, limit: int, after: str | None) -> dict[str, Any]:
+        """The caller's jobs, newest first, ``limit`` a page, the next page ``after`` the last
+        id of this one. Without results (images): each is one GET away."""
+        before = float("inf")
+        if after is not None:
+            before = (await self.get(principal, after)).created
+        records = await self.store.owned(principal, before, limit + 1)
+        page = [await self._settled(r) for r in records[:limit]]
+        views = [{k: v for k, v in r.public().items() if k not in ("result", "preview")} for r in page]
+        return {
+            "object": "list",
+            "data": views,
+            "first_id": views[0]["id"] if views else None,
+            "last_id": views[-1]["id"] if views else None,
+            "has_more": len(records) > limit,
+        }
 
     async def cancel(self, principal: str, job_id: str) -> JobRecord:
         record = await self.get(principal, job_id)

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -200,6 +200,18 @@ async def submit_job(request: Request, state: StateDep, principal: LimitedPrinci
     record, replayed = await state.jobs.submit(principal, gen, webhook, urls=urls, idempotency=idempotency)
     headers = {"Location": f"/v1/jobs/{record.id}"} | ({"Idempotent-Replayed": "true"} if replayed else {})
     return JSONResponse(state.jobs.view(record), status_code=202, headers=headers)
+
+
+@router.get("/v1/jobs", responses=ERRORS, tags=["jobs"])
+async def list_jobs(
+    state: StateDep,
+    principal: Principal,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: str | None = None,
+) -> dict[str, Any]:
+    """The caller's jobs, newest first (``after``: the last id of the page before); each without
+    its images: ``GET /v1/jobs/{id}`` has them."""
+    return await state.jobs.page(principal, limit, after)
 
 
 @router.get("/v1/jobs/{job_id}", responses=ERRORS, tags=["jobs"])

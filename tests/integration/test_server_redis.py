@@ -66,6 +66,8 @@ def test_jobs_are_answered_by_any_replica_sharing_redis_and_a_lost_replica_fails
 ):
     import time
 
+    import redis as redis_client
+
     from sdtesting.procs import RedisProc
 
     redis = RedisProc(tmp_path)  # its own: the module's Redis is stopped by the first test
@@ -94,6 +96,12 @@ def test_jobs_are_answered_by_any_replica_sharing_redis_and_a_lost_replica_fails
     again = httpx.post(b.url + "/v1/jobs", json=keyed, headers={"idempotency-key": "order-42"}, timeout=10)
     assert once.status_code == again.status_code == 202 and again.json()["id"] == once.json()["id"]
     assert again.headers["idempotent-replayed"] == "true"
+
+    # B lists the jobs A took (newest first); a record gone from Redis drops out of the list.
+    listed = [j["id"] for j in httpx.get(b.url + "/v1/jobs", timeout=10).json()["data"]]
+    assert listed[:2] == [once.json()["id"], first["id"]]
+    redis_client.Redis.from_url(redis.url).delete("sdserve:job:" + first["id"])
+    assert first["id"] not in [j["id"] for j in httpx.get(a.url + "/v1/jobs", timeout=10).json()["data"]]
 
     # A cancel sent to B reaches the queued job on A.
     slow = {**job, "size": "512x512", "num_inference_steps": 50}

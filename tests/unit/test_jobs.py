@@ -276,9 +276,9 @@ async def test_jobs_kept_in_memory_are_bounded_in_bytes_oldest_finished_first():
     kept = [i for i in range(8) if await store.get(f"job_{i}") is not None]
     assert kept == [4, 5, 6, 7]  # the newest that fit beside the running one
     assert await store.get("job_running") is not None
-    assert store._bytes == sum(len(raw) for _, raw, _ in store._data.values()) <= store.max_bytes
+    assert store._bytes == sum(len(raw) for _, raw, _, _ in store._data.values()) <= store.max_bytes
     await store.put(running)  # its progress, written again: still counted once
-    assert store._bytes == sum(len(raw) for _, raw, _ in store._data.values())
+    assert store._bytes == sum(len(raw) for _, raw, _, _ in store._data.values())
 
 
 async def test_a_draining_replica_ends_the_event_stream_of_another_replicas_job(keys):
@@ -534,3 +534,21 @@ async def test_waiting_jobs_take_turns_by_principal(keys):
     ran = [prompt for method, prompt, _ in fake.threads if method in ("run", "begin")]
     assert [p for p in ran if p.startswith("alice")] == [f"alice {i}" for i in range(6)]  # her order kept
     assert ran.index("bob 0") < ran.index("alice 4") and ran.index("bob 1") < ran.index("alice 5"), ran
+
+
+async def test_the_caller_lists_its_own_jobs_newest_first_a_page_at_a_time(keys):
+    """GET /v1/jobs: a client that lost its job ids finds them again; pages follow ``after``;
+    no other principal's job appears, and no images (one GET away)."""
+    async with serve(app(keys)) as client:
+        mine = [(await client.post("/v1/jobs", json={**BODY, "seed": i}, headers=ALICE)).json()["id"] for i in range(5)]
+        theirs = (await client.post("/v1/jobs", json=BODY, headers=BOB)).json()["id"]
+        for job_id in mine:
+            await until_done(client, job_id)
+        first = (await client.get("/v1/jobs", params={"limit": 3}, headers=ALICE)).json()
+        assert [j["id"] for j in first["data"]] == mine[::-1][:3] and first["has_more"] is True
+        assert all(j["status"] == "succeeded" and "result" not in j for j in first["data"])
+        rest = (await client.get("/v1/jobs", params={"limit": 3, "after": first["last_id"]}, headers=ALICE)).json()
+        assert [j["id"] for j in rest["data"]] == mine[::-1][3:] and rest["has_more"] is False
+        assert [j["id"] for j in (await client.get("/v1/jobs", headers=BOB)).json()["data"]] == [theirs]
+        assert (await client.get("/v1/jobs", params={"after": theirs}, headers=ALICE)).status_code == 404
+        assert (await client.get("/v1/jobs", params={"limit": 500}, headers=ALICE)).json()["error"]["param"] == "limit"
