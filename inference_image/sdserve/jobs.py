@@ -204,7 +204,9 @@ class RedisJobs:
     EXPIRY = "sdserve:jobs:expiry"
     CLAIM = "sdserve:jobkey:"
     #: One sorted set per owner (its name hashed): job ids by creation time, for listing. An id
-    #: whose record has gone is dropped from it when a listing meets it.
+    #: whose record has gone is dropped from it when a listing meets it, or two TTLs after it
+    #: was made; the set expires two TTLs after the owner's last write (it may be evicted under
+    #: memory pressure before then: a listing then misses jobs, their records stay).
     OWNER = "sdserve:jobs:owner:"
     CLEANUP = 100
 
@@ -232,7 +234,13 @@ class RedisJobs:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.set(self.PREFIX + record.id, json.dumps(asdict(record)))
                 pipe.zadd(self.EXPIRY, {record.id: now + self.ttl})
-                pipe.zadd(self._owner_key(record.owner), {record.id: record.created}, nx=True)
+                # The owner's index: ids made over two TTLs ago are past (a record lives a TTL
+                # after its last write, and a job does not run for a day), and an owner idle that
+                # long has no record left: the index goes too.
+                owner = self._owner_key(record.owner)
+                pipe.zadd(owner, {record.id: record.created}, nx=True)
+                pipe.zremrangebyscore(owner, "-inf", now - 2 * self.ttl)
+                pipe.expire(owner, 2 * self.ttl)
                 await pipe.execute()
             expired = await self._redis.zrangebyscore(self.EXPIRY, "-inf", now, start=0, num=self.CLEANUP)
             if expired:
