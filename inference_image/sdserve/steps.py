@@ -257,21 +257,19 @@ async def enqueue_when_room(
     checked = time.monotonic()
     try:
         while True:
-            if turn.done() and batcher.depth < room:
-                if await disconnected():  # a cancel asked for since the last look: never queued
+            room_now = turn.done() and batcher.depth < room
+            if room_now or time.monotonic() - checked >= DISCONNECT_POLL_SECONDS:
+                checked = time.monotonic()
+                if await disconnected():  # a cancel since the last look: it never reaches the queue
                     raise ApiError(499, "client_closed_request", "cancelled while waiting for room in the queue")
-                if batcher.depth < room:  # still, after that look at the job store
-                    return enqueue(state, gen, seed)
+            if room_now and batcher.depth < room:  # still, after that look at the job store
+                return enqueue(state, gen, seed)
             if batcher.draining:
                 raise draining_error()
             if turn.done():  # this job's turn: look for room again shortly
                 await asyncio.sleep(JOB_ROOM_POLL_SECONDS)
             else:  # another job's turn: wait for this one's
                 await asyncio.wait({turn}, timeout=DISCONNECT_POLL_SECONDS)
-            if time.monotonic() - checked >= DISCONNECT_POLL_SECONDS:
-                checked = time.monotonic()
-                if await disconnected():
-                    raise ApiError(499, "client_closed_request", "cancelled while waiting for room in the queue")
     finally:
         batcher.waiting -= 1
         batcher.depth_changed()
