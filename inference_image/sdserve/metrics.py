@@ -47,6 +47,11 @@ ENCODE_DURATION = Histogram(
 BATCH_SIZE = Histogram(
     "sdserve_batch_size", "Images per pipeline call.", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=REGISTRY
 )
+MODEL_CALL_AGE = Gauge(
+    "sdserve_model_call_age_seconds",
+    "How long the oldest model call running now (a batch, a step, an admission, a decode) has run; 0 when none.",
+    registry=REGISTRY,
+)
 QUEUE_DEPTH = Gauge(
     "sdserve_queue_depth", "Requests waiting for a batch, and async jobs waiting to queue.", registry=REGISTRY
 )

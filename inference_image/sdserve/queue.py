@@ -167,6 +167,13 @@ class QueueBase:
         """A serving call on one of the model's threads (timed for ``problem``)."""
         return asyncio.get_running_loop().run_in_executor(executor, functools.partial(self._timed, fn), *args)
 
+    def call_age(self, began: float | None = None) -> float:
+        """Seconds the oldest model call running now has run (``began``: its start, when known);
+        0 when none runs (sdserve_model_call_age_seconds)."""
+        if began is None:
+            began = min(list(self._calls.values()), default=None)
+        return 0.0 if began is None else time.monotonic() - began
+
     def problem(self, stall_seconds: float) -> str | None:
         """Why this server cannot serve although its event loop answers (/healthz fails, so the
         kubelet restarts the pod): the schedule task ended, or one model call has run for longer
@@ -178,7 +185,7 @@ class QueueBase:
             problem, cause = f"the batcher stopped: {error!r}", self._task
         else:
             began = min(list(self._calls.values()), default=None)
-            age = 0.0 if began is None else time.monotonic() - began
+            age = self.call_age(began)
             if age > stall_seconds:
                 problem = f"a model call has run for {age:.0f} s, over SDSERVE_STALL_SECONDS ({stall_seconds:g} s)"
                 cause = began
@@ -199,6 +206,7 @@ class QueueBase:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.TASK_NAME)
+        metrics.MODEL_CALL_AGE.set_function(self.call_age)  # read at each scrape
         self._task.add_done_callback(self._ended)
 
     def _ended(self, task: asyncio.Task[None]) -> None:

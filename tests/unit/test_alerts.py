@@ -44,7 +44,7 @@ def test_promtool_check_rules_accepts_rendered_rules(promtool, tmp_path, path):
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rule_spec(load_yaml(path)), width=400))
     r = subprocess.run([promtool, "check", "rules", str(tmp_path / "rules.yaml")], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS: 10 rules found" in r.stdout
+    assert "SUCCESS: 11 rules found" in r.stdout
 
 
 def test_promtool_unit_tests_each_alert_fires_and_stays_silent(promtool, tmp_path):
@@ -69,7 +69,7 @@ def test_every_alert_has_severity_summary_description_and_a_runbook_section():
         if line.startswith("## ")
     }
     rules = rule_spec(example("sd15-production"))["groups"][0]["rules"]
-    assert len(rules) == 10
+    assert len(rules) == 11
     for rule in rules:
         assert rule["labels"]["severity"] in ("warning", "critical")
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]

@@ -53,11 +53,13 @@ async def test_healthz_and_readyz_fail_while_a_model_call_hangs_and_when_the_bat
             reasons.append(hung.json()["reason"])
             unready = await client.get("/readyz")  # traffic leaves it before the restart
             assert unready.status_code == 503 and unready.json()["reason"] == "unhealthy", unready.text
+            assert metric("sdserve_model_call_age_seconds") > 1.0  # what an alert sees before the restart
         assert reasons[0] != reasons[1]  # "has run for 1 s", then "2 s": one stall all the same
         assert sum("a model call has run" in m for m in caplog.messages) == 1  # logged once per stalled call
         assert (await slow).status_code == 200
         assert (await client.get("/healthz")).json() == {"status": "ok"}
         assert (await client.get("/readyz")).status_code == 200
+        assert metric("sdserve_model_call_age_seconds") == 0
 
     app = create_app(Settings(model="fake", min_side=64), FakePipeline())
 

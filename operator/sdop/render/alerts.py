@@ -33,6 +33,7 @@ def rule_groups(ctx: Ctx) -> list[dict[str, Any]]:
     by_rev = "namespace, service, revision"
     target = ctx.spec.autoscaling.target_queue_depth
     max_replicas = ctx.spec.replicas.max
+    timeout = ctx.spec.limits.timeout_seconds
     svc = f"{ctx.namespace}/{ctx.name}"
     rules = [
         _alert(
@@ -69,6 +70,16 @@ def rule_groups(ctx: Ctx) -> list[dict[str, Any]]:
             "critical",
             f"A replica of {svc} cannot be scraped",
             "Prometheus cannot scrape {{ $labels.pod }}: the server is down or hung.",
+        ),
+        _alert(
+            "SDModelCallSlow",
+            f"max by ({by}, pod) (sdserve_model_call_age_seconds{{{sel}}}) > {timeout}",
+            "1m",
+            "warning",
+            f"A model call of {svc} has run longer than a request may wait",
+            "One batch, step or decode on pod {{ $labels.pod }} has run for {{ $value | humanizeDuration }}"
+            f" (limits.timeoutSeconds {timeout}): requests time out behind it; at server.stallSeconds the pod"
+            " is restarted.",
         ),
         _alert(
             "SDQueueBacklog",

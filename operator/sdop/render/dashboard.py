@@ -59,6 +59,7 @@ PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
                 f"histogram_quantile(0.95, sum by (le) (rate(sdserve_inference_duration_seconds_bucket{{{SEL}}}[5m])))",
                 "batch inference p95",
             ),
+            (f"max(sdserve_model_call_age_seconds{{{SEL}}})", "oldest model call now"),
         ],
         "s",
     ),
