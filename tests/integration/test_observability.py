@@ -125,6 +125,6 @@ def test_prometheus_scrapes_queue_depth_and_latency_under_load(server, prometheu
 
     eventually(settled)
     rules = httpx.get(prometheus + "/api/v1/rules").json()["data"]["groups"][0]["rules"]
-    assert len(rules) == 10 and all(r["health"] == "ok" for r in rules), [
+    assert len(rules) == 11 and all(r["health"] == "ok" for r in rules), [
         (r["name"], r.get("lastError")) for r in rules
     ]
