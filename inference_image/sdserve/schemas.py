@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .encode import PNG, ImageFormat, OutputFormat
+from .encode import ImageFormat, OutputFormat
 from .errors import ApiError
 from .schedulers import SchedulerName
 
@@ -48,9 +48,9 @@ class OutputOptions(BaseModel):
                 "output_compression applies to jpeg and webp; png is lossless",
                 param="output_compression",
             )
-        if self.output_format == "png":
-            return PNG
-        return ImageFormat(self.output_format, 90 if self.output_compression is None else self.output_compression)
+        if self.output_compression is None:  # PNG, or the format's default quality
+            return ImageFormat(self.output_format)
+        return ImageFormat(self.output_format, self.output_compression)
 
 
 class OpenAIImageRequest(Extensions, OutputOptions):
