@@ -27,8 +27,12 @@ def test_model_load_failure_is_logged_exported_and_unready(start_server, tmp_pat
     )
     assert g.status_code == 503 and g.json()["error"]["code"] == "model_not_ready" and "Retry-After" in g.headers
     assert "MODEL LOAD FAILED" in s.log()
-    # the access log line, with the id the caller (or its proxy) gave, echoed in the answer
+    # the access log line, with the id the caller (or its proxy) gave, echoed in the answer;
+    # written once the answer has gone out, so a moment after the client has it
     assert g.headers["x-request-id"] == "trace-7f3a"
+    deadline = time.time() + 10
+    while "sdserve.access [trace-7f3a]: POST /generate 503" not in s.log() and time.time() < deadline:
+        time.sleep(0.1)
     assert "sdserve.access [trace-7f3a]: POST /generate 503" in s.log()
     assert "GET /readyz" not in s.log()  # probes are not logged
 
