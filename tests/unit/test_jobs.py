@@ -437,7 +437,7 @@ async def test_a_burst_of_jobs_waits_for_room_in_order_and_leaves_half_the_queue
     they came while fewer than half of queue_size requests are queued; an interactive request
     still finds room meanwhile; a job cancelled while it waits never reaches the model; past
     job_queue_size unfinished jobs, POST /v1/jobs is a 429."""
-    fake = FakePipeline(seconds_per_call=0.15)
+    fake = FakePipeline(seconds_per_call=0.3)  # slow enough that none ends while the burst is sent
     settings = Settings(
         model="fake",
         min_side=64,
@@ -515,7 +515,7 @@ async def test_an_idempotency_key_refused_with_a_429_stays_free_for_the_retry(ke
 async def test_waiting_jobs_take_turns_by_principal(keys):
     """Jobs waiting for room queue round robin over their principals (arrival order within
     one): Bob's two jobs, sent after Alice's six, do not wait for all of hers."""
-    fake = FakePipeline(seconds_per_call=0.1)
+    fake = FakePipeline(seconds_per_call=0.3)  # none of hers ends before his arrive
     settings = Settings(
         model="fake", min_side=64, api_keys_file=keys, queue_size=2, max_batch_size=1, cache_type="none"
     )
