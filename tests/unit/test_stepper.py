@@ -199,29 +199,35 @@ async def test_image_to_image_is_stepped_and_gives_the_image_request_batching_gi
     assert np.abs(pixels(other_input)[0].astype(np.int16) - pixels(stepped)[0]).mean() > 1  # the input image counts
 
 
-def inpainting(steps=8, scheduler="default", strength=1.0, seed=42, n=1) -> tuple[BatchKey, Item]:
+def inpainting(steps=8, scheduler="default", strength=1.0, seed=42, n=1, guidance=7.5) -> tuple[BatchKey, Item]:
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 48))  # white: repaint
-    k = BatchKey(64, 64, steps, 7.5, scheduler, task="inpaint", strength=strength)
+    k = BatchKey(64, 64, steps, guidance, scheduler, task="inpaint", strength=strength)
     return k, Item("a red fox", None, n, seed, init_image=photo(), mask_image=mask)
 
 
 @pytest.mark.parametrize("model", ["tiny", "inpainter"])
-@pytest.mark.parametrize("scheduler,strength", [("default", 1.0), ("euler_a", 1.0), ("ddim", 0.75), ("dpmpp_2m", 0.5)])
-async def test_inpainting_is_stepped_and_gives_the_image_request_batching_gives(request, model, scheduler, strength):
+@pytest.mark.parametrize(
+    "scheduler,strength,guidance",
+    [("default", 1.0, 7.5), ("euler_a", 1.0, 7.5), ("ddim", 0.75, 7.5), ("dpmpp_2m", 0.5, 7.5), ("euler", 0.75, 0.0)],
+)
+async def test_inpainting_is_stepped_and_gives_the_image_request_batching_gives(
+    request, model, scheduler, strength, guidance
+):
     """tiny: the model's own (4-channel) UNet, where after each step the unmasked part goes back
     to the input image noised to the next timestep (so the part outside the mask does not
     depend on the seed). inpainter: an inpainting model, whose 9-channel UNet takes the mask and
     the masked image's latents in every forward; at strength 1 it starts from noise without
     encoding the input image. Either way the step path gives the diffusers inpaint call's
     images, with a stochastic scheduler too (euler_a): the generator's stream is drawn as
-    diffusers draws it."""
+    diffusers draws it. Guidance 0: no unconditional rows, the mask's channels still in each forward."""
     pipeline = request.getfixturevalue(model)
     assert pipeline.tasks == (("inpaint",) if model == "inpainter" else TASKS)
-    k, requested = inpainting(8, scheduler, strength, n=2)
+    k, requested = inpainting(8, scheduler, strength, n=2, guidance=guidance)
     pipeline.run(k, [requested])
     (stepped,) = await run_all(
-        StepBatcher(pipeline, max_batch_size=6, queue_size=16), [inpainting(8, scheduler, strength, n=2)]
+        StepBatcher(pipeline, max_batch_size=6, queue_size=16),
+        [inpainting(8, scheduler, strength, n=2, guidance=guidance)],
     )
     assert stepped.progress == requested.progress == int(8 * strength)
     for a, b in zip(pixels(stepped), pixels(requested), strict=True):
