@@ -1074,20 +1074,15 @@ class StableDiffusionServiceSpec(ApiModel):
         if self.server.compile_mode is not None and not self.server.compile:
             raise ValueError("server.compileMode needs server.compile: true")
         lim = self.limits
-        for size in self.server.warmup_sizes:
+        d = self.defaults
+        sizes = [("server.warmupSizes", z) for z in self.server.warmup_sizes]
+        sizes += [("defaults.size", d.size)] if d.size else []
+        for field, size in sizes:
             if not (lim.min_side <= size.width <= lim.max_width and lim.min_side <= size.height <= lim.max_height):
                 raise ValueError(
-                    f"server.warmupSizes {size.width}x{size.height} must be within limits.minSide, "
+                    f"{field} {size.width}x{size.height} must be within limits.minSide, "
                     "limits.maxWidth and limits.maxHeight"
                 )
-        d = self.defaults
-        if d.size and not (
-            lim.min_side <= d.size.width <= lim.max_width and lim.min_side <= d.size.height <= lim.max_height
-        ):
-            raise ValueError(
-                f"defaults.size {d.size.width}x{d.size.height} must be within limits.minSide, limits.maxWidth and "
-                "limits.maxHeight"
-            )
         if d.steps is not None and d.steps > lim.max_steps:
             raise ValueError(f"defaults.steps {d.steps} must be <= limits.maxSteps ({lim.max_steps})")
         if d.negative_prompt is not None and len(d.negative_prompt) > lim.max_prompt_length:
