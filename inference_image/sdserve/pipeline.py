@@ -257,7 +257,12 @@ class Pipeline:
         image-to-image edit at the default size, for the VAE encoder's kernels. With
         torch.compile, also each LoRA adapter alone at its default weight at the default size:
         every adapter set compiles the UNet once more, which would otherwise stall the first
-        request naming it. The batcher
+        request naming it. On a GPU the UNet also meets every row count a request can give it
+        (``_rows``): a guided image is two rows (unconditional and conditional), an unguided
+        one (guidance <= 1, a turbo model's default) one row, so beside the default guidance's
+        counts the warm-up runs the other kind's counts that the default's do not reach (a
+        server defaulting to 7.5 with batches of 8 tunes 1, 3, 5 and 7 rows too; at 0, 10, 12, 14 and
+        16). The batcher
         runs them on its own threads (``sdserve.queue.QueueBase.load``)."""
         s = self.settings
         if not s.warmup:
@@ -272,9 +277,25 @@ class Pipeline:
         gpu = self.device.startswith("cuda")
         counts = range(1, s.max_batch_size + 1) if gpu else [1]
         shapes = [(key, n) for key in keys for n in counts]
+        if gpu:  # the row counts of the other guidance, those the default's leave out
+            for key in keys:
+                other = dataclasses.replace(key, guidance_scale=7.5 if key.guidance_scale <= 1 else 1.0)
+                warmed = {self._rows(key, n) for n in counts}
+                for n in counts:
+                    if self._rows(other, n) not in warmed:
+                        shapes.append((other, n))
+                        warmed.add(self._rows(other, n))
         if gpu and task == "generate":  # the VAE encoder of an edit's input image (one, at the default size)
             shapes.append((dataclasses.replace(keys[0], loras=(), task="img2img", strength=1.0), 1))
         return shapes
+
+    def _rows(self, key: BatchKey, n: int) -> int:
+        """The UNet's batch for ``n`` images of ``key``: two rows an image under classifier-free
+        guidance (a scale over 1, on a UNet that does not take the scale as an embedding, as
+        diffusers decides), one otherwise. Step batching adds an unconditional row for every
+        image of a step that has a guided one, so its counts are these too."""
+        distilled = self.pipe is not None and self.pipe.unet.config.time_cond_proj_dim is not None
+        return 2 * n if key.guidance_scale > 1 and not distilled else n
 
     # ---- generation ------------------------------------------------------------------
     def run(self, key: BatchKey, items: list[Item]) -> list[Item]:

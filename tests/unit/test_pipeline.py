@@ -84,9 +84,16 @@ def test_warm_up_covers_every_batch_size_on_a_gpu_and_one_image_on_a_cpu():
     before ready; a CPU runs one image (its kernels are not tuned per shape)."""
     gpu = Pipeline(Settings(model="/models/sd15", device="cuda", max_batch_size=4))  # not loaded
     shapes = gpu.warmup_shapes()
-    assert [n for _, n in shapes] == [1, 2, 3, 4, 1]
+    assert [n for _, n in shapes] == [1, 2, 3, 4, 1, 3, 1]
     assert {(k.width, k.height, k.steps) for k, _ in shapes} == {(512, 512, 2)}
-    assert [k.task for k, _ in shapes] == ["generate"] * 4 + ["img2img"]  # and the VAE encoder
+    assert [k.task for k, _ in shapes] == ["generate"] * 6 + ["img2img"]  # and the VAE encoder
+    # Every UNet batch a request can make: guided images two rows each, unguided ones one.
+    every = set(range(1, 5)) | {2 * n for n in range(1, 5)}
+    assert {gpu._rows(k, n) for k, n in shapes if k.task == "generate"} == every
+    assert [(k.guidance_scale, n) for k, n in shapes[4:6]] == [(1.0, 1), (1.0, 3)]  # 2 and 4 rows: guided 1 and 2
+    turbo = Pipeline(Settings(model="/m", device="cuda", max_batch_size=4, default_guidance_scale=0, warmup_sizes=""))
+    shapes = [(k.guidance_scale, n) for k, n in turbo.warmup_shapes() if k.task == "generate"]
+    assert shapes == [(0, 1), (0, 2), (0, 3), (0, 4), (7.5, 3), (7.5, 4)]  # and 6 and 8 rows
     cpu = Pipeline(Settings(model="tiny", device="cpu", max_batch_size=4, min_side=64))
     cpu.load()  # the warm-up is at the loaded model's native size
     assert [(k.width, n) for k, n in cpu.warmup_shapes()] == [(64, 1)]
@@ -97,6 +104,8 @@ def test_warm_up_covers_every_batch_size_on_a_gpu_and_one_image_on_a_cpu():
         (1024, 1024, 2),
         (768, 768, 1),
         (768, 768, 2),
+        (1024, 1024, 1),  # one unguided image, at each size
+        (768, 768, 1),
         (1024, 1024, 1),  # the edit
     ]
     with pytest.raises(ValueError, match="SDSERVE_WARMUP_SIZES 2048x512"):

@@ -161,6 +161,7 @@ async def test_a_guidance_distilled_unet_gets_its_scale_as_an_embedding_not_as_g
         images[guidance, negative] = pixels(stepped)[0]
     assert np.array_equal(images[8.0, None], images[8.0, "ugly"])
     assert not np.array_equal(images[8.0, None], images[2.0, None])
+    assert lcm._rows(key(4, 8.0, "euler"), 3) == 3  # one UNet row an image: what its warm-up counts
 
 
 def photo(seed: int = 0) -> Image.Image:
