@@ -40,6 +40,7 @@ def create_app(settings: Settings | None = None, pipeline: ImagePipeline | None 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.batcher.start()
+        state.jobs.start()
         metrics.READY.set(0)
         metrics.MODEL_LOADED.set(0)
         state.load_task = asyncio.create_task(load_model(state))

@@ -10,6 +10,14 @@ it runs: a record whose lease ran out (the replica died or restarted) reads as `
 so no job is left running forever or silently lost. A job belongs to the principal that made
 it: another principal gets 404.
 
+A replica that shuts down (a rolling update, a scale-down) finishes what it has queued and
+running; with Redis it hands the jobs still waiting for room to the other replicas: their
+requests go to the store (``offer``), and any ready replica with room takes them up, oldest
+first (``take``), under the same id, so clients polling, streaming or waiting for a webhook
+see the job go on. One that no replica takes up within SDSERVE_JOB_HANDOFF_SECONDS reads as
+failed (``replica_lost``); without Redis there is no other replica, and it fails with
+``draining`` at once.
+
 Webhooks go only to hosts in SDSERVE_WEBHOOK_ALLOWED_HOSTS (an open webhook lets anyone make
 the server call inside the cluster). The body is the job as GET shows it; the headers carry
 ``X-Sdserve-Timestamp`` and ``X-Sdserve-Signature: sha256=HMAC(secret, "{timestamp}.{body}")``
@@ -35,13 +43,16 @@ from typing import Any, Protocol
 from . import metrics, steps
 from .encode import ImageFormat
 from .errors import ApiError
-from .queue import Job
+from .queue import Draining, Job
 from .settings import Settings
+from .work import BatchKey
 
 log = logging.getLogger("sdserve.jobs")
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 WEBHOOK_ATTEMPTS = 4
+#: How often a replica looks for jobs handed off by replicas shutting down.
+ADOPT_POLL_SECONDS = 1.0
 
 
 @dataclass
@@ -65,6 +76,7 @@ class JobRecord:
     preview: str | None = None  # a low-resolution PNG (base64) while it runs, when asked for
     output_format: str = "png"  # of its images (the request's output_format)
     revised_prompt: str | None = None  # what the model read of a prompt too long to read whole
+    offered: float = 0.0  # when a replica shutting down handed it off; 0 once one took it up
 
     @classmethod
     def parse(cls, raw: str | bytes) -> JobRecord:
@@ -120,6 +132,18 @@ class JobStore(Protocol):
         """``owner``'s records created before ``before``, newest first, ``limit`` at most."""
         ...
 
+    #: Whether other replicas use this store too (Redis): only then is a job handed off.
+    shared: bool
+
+    async def offer(self, job_id: str, spec: str, created: float) -> None:
+        """Hand a job (``spec``: its request) to whichever replica takes it next."""
+        ...
+
+    async def take(self) -> tuple[str, str] | None:
+        """The oldest job offered (by ``created``): its id and spec, gone from the offers, so
+        that no other replica takes it too; None when none is offered."""
+        ...
+
 
 class MemoryJobs:
     """This replica's jobs, each kept ``ttl_seconds`` after its last write, as Redis keeps
@@ -127,9 +151,13 @@ class MemoryJobs:
     kept every job for a day would grow until the pod is killed for memory (losing them all).
     Past the bound the oldest finished records go first; a queued or running one stays."""
 
-    def __init__(self, ttl_seconds: float, max_bytes: int = 1024 * 2**20) -> None:
+    def __init__(self, ttl_seconds: float, max_bytes: int = 1024 * 2**20, shared: bool = False) -> None:
+        """``shared``: apps in one process share it as replicas share Redis (tests)."""
         self.ttl = ttl_seconds
         self.max_bytes = max_bytes
+        self.shared = shared
+        #: Jobs offered: id -> (created, spec).
+        self._offered: dict[str, tuple[float, str]] = {}
         self._bytes = 0
         #: id -> (expiry, record, finished, owner), oldest write first.
         self._data: dict[str, tuple[float, str, bool, str]] = {}
@@ -150,6 +178,15 @@ class MemoryJobs:
 
     async def release(self, name: str) -> None:
         self._claims.pop(name, None)
+
+    async def offer(self, job_id: str, spec: str, created: float) -> None:
+        self._offered[job_id] = (created, spec)
+
+    async def take(self) -> tuple[str, str] | None:
+        if not self._offered:
+            return None
+        job_id = min(self._offered, key=lambda i: self._offered[i][0])
+        return job_id, self._offered.pop(job_id)[1]
 
     async def get(self, job_id: str) -> JobRecord | None:
         expires, raw, _, _ = self._data.get(job_id, (0.0, "", False, ""))
@@ -208,7 +245,20 @@ class RedisJobs:
     #: was made; the set expires two TTLs after the owner's last write (it may be evicted under
     #: memory pressure before then: a listing then misses jobs, their records stay).
     OWNER = "sdserve:jobs:owner:"
+    #: Jobs handed off (``offer``): ids by creation time, and each one's request. Like records,
+    #: without a Redis expiry (never evicted); a spec goes when its job is taken, or with its record.
+    OFFERED = "sdserve:jobs:offered"
+    SPEC = "sdserve:jobspec:"
     CLEANUP = 100
+    shared = True
+    #: ``take``: pop the oldest offer and its spec in one step (a script runs atomically).
+    TAKE = """
+local popped = redis.call('ZPOPMIN', KEYS[1])
+if #popped == 0 then return false end
+local spec = redis.call('GET', ARGV[1] .. popped[1])
+redis.call('DEL', ARGV[1] .. popped[1])
+return {popped[1], spec or ''}
+"""
 
     def __init__(self, url: str, ttl_seconds: int):
         import redis.asyncio as aioredis
@@ -246,8 +296,9 @@ class RedisJobs:
             if expired:
                 ids = [i.decode() for i in expired if isinstance(i, bytes)]  # ids, as bytes
                 async with self._redis.pipeline(transaction=True) as pipe:
-                    pipe.delete(*(self.PREFIX + i for i in ids))
+                    pipe.delete(*(self.PREFIX + i for i in ids), *(self.SPEC + i for i in ids))
                     pipe.zrem(self.EXPIRY, *ids)
+                    pipe.zrem(self.OFFERED, *ids)
                     await pipe.execute()
         except Exception as e:  # any Redis failure is the same retryable 503
             raise unavailable(e) from e
@@ -300,6 +351,25 @@ class RedisJobs:
         except Exception as e:  # any Redis failure is the same retryable 503
             raise unavailable(e) from e
 
+    async def offer(self, job_id: str, spec: str, created: float) -> None:
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(self.SPEC + job_id, spec)
+                pipe.zadd(self.OFFERED, {job_id: created})
+                await pipe.execute()
+        except Exception as e:  # any Redis failure is the same retryable 503
+            raise unavailable(e) from e
+
+    async def take(self) -> tuple[str, str] | None:
+        try:
+            taken: Any = await self._redis.eval(self.TAKE, 1, self.OFFERED, self.SPEC)
+        except Exception as e:  # any Redis failure is the same retryable 503
+            raise unavailable(e) from e
+        if not taken:
+            return None
+        job_id, spec = (v.decode() if isinstance(v, bytes) else str(v) for v in taken)
+        return job_id, spec
+
 
 def unavailable(e: Exception) -> ApiError:
     log.warning("job store (redis) unavailable: %s", e)
@@ -332,14 +402,93 @@ def signature(secret: str, timestamp: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
 
 
+SPEC_VERSION = 1
+
+
+def spec_of(gen: steps.Generation, urls: bool) -> str:
+    """A job's request, for the replica that takes it up (``generation_of``): the validated
+    generation, with an edit's input image and mask as PNG (lossless: the same pixels)."""
+    import base64
+    import io
+
+    def png(image: Any) -> str | None:
+        if image is None:
+            return None
+        out = io.BytesIO()
+        image.save(out, format="PNG")
+        return base64.b64encode(out.getvalue()).decode()
+
+    return json.dumps(
+        {
+            "v": SPEC_VERSION,
+            "key": asdict(gen.key),
+            "prompt": gen.prompt,
+            "negative_prompt": gen.negative_prompt,
+            "n": gen.n,
+            "seed": gen.seed,
+            "init_image": png(gen.init_image),
+            "mask_image": png(gen.mask_image),
+            "inputs_digest": gen.inputs_digest,
+            "preview": gen.preview,
+            "output": asdict(gen.output),
+            "principal": gen.principal,
+            "urls": urls,
+        }
+    )
+
+
+def generation_of(spec: str) -> tuple[steps.Generation, bool]:
+    """``spec_of``'s generation and ``urls``, again; ValueError for a spec this version cannot read."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    try:
+        d = json.loads(spec)
+        if d.get("v") != SPEC_VERSION:
+            raise ValueError(f"spec version {d.get('v')!r}, not {SPEC_VERSION}")
+        key = {**d["key"], "loras": tuple((name, weight) for name, weight in d["key"]["loras"])}
+
+        def image(b64: str | None) -> Any:
+            if b64 is None:
+                return None
+            with Image.open(io.BytesIO(base64.b64decode(b64))) as im:
+                im.load()
+                return im
+
+        gen = steps.Generation(
+            key=BatchKey(**key),
+            prompt=d["prompt"],
+            negative_prompt=d["negative_prompt"],
+            n=d["n"],
+            seed=d["seed"],
+            init_image=image(d["init_image"]),
+            mask_image=image(d["mask_image"]),
+            inputs_digest=d["inputs_digest"],
+            preview=d["preview"],
+            output=ImageFormat(**d["output"]),
+            principal=d["principal"],
+        )
+        return gen, bool(d["urls"])
+    except (KeyError, TypeError, ValueError, OSError) as e:
+        raise ValueError(f"cannot read the job's request: {type(e).__name__}: {e}") from e
+
+
 class Jobs:
-    """Runs this replica's jobs and answers for every job in the store."""
+    """Runs this replica's jobs, takes up those other replicas hand off, and answers for every
+    job in the store."""
 
     def __init__(self, state: Any, store: JobStore):
         self.state = state
         self.store = store
         self._tasks: set[asyncio.Task[None]] = set()
         self._local: dict[str, JobRecord] = {}  # the jobs this replica runs, for the in-flight gauge
+        self._adopter: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Look for jobs other replicas hand off (with a shared store) from now on."""
+        self._adopter = asyncio.get_running_loop().create_task(self._adopt(), name="sdserve-job-adopter")
 
     def _count(self) -> None:
         for status in ("queued", "running"):
@@ -376,12 +525,15 @@ class Jobs:
                     await self.store.release(claimed)
             raise
         metrics.JOBS.labels("submitted").inc()
+        self._launch(record, gen, urls)
+        return record, False
+
+    def _launch(self, record: JobRecord, gen: steps.Generation, urls: bool) -> None:
         self._local[record.id] = record
         self._count()
         task = asyncio.get_running_loop().create_task(self._run(record, gen, urls), name=f"sdserve-{record.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return record, False
 
     async def _accept(
         self, job_id: str, principal: str, gen: steps.Generation, webhook: dict[str, str] | None
@@ -442,10 +594,13 @@ class Jobs:
         """A record whose lease lapsed is the failed job it is (``replica_lost``), written so."""
         if record.lapsed(time.time()):
             record.status = "failed"
-            record.error = {
-                "code": "replica_lost",
-                "message": "the replica running this job stopped before it finished; submit it again",
-            }
+            message = "the replica running this job stopped before it finished; submit it again"
+            if record.offered:
+                message = (
+                    f"no replica took this job up within {self.state.settings.job_handoff_seconds:g} s of its "
+                    "replica shutting down; submit it again"
+                )
+            record.error = {"code": "replica_lost", "message": message}
             await self.store.put(record)
             metrics.JOBS.labels("failed").inc()
         return record
@@ -469,8 +624,14 @@ class Jobs:
 
     async def cancel(self, principal: str, job_id: str) -> JobRecord:
         record = await self.get(principal, job_id)
-        if record.status not in TERMINAL:
-            record.cancel_requested = True  # the replica running it reads this within a second
+        if record.status in TERMINAL:
+            return record
+        record.cancel_requested = True  # the replica running it reads this within a second
+        if record.offered:  # handed off, no replica holds it: cancelled here (``_take_up`` skips it)
+            record.status = "cancelled"
+            metrics.JOBS.labels("cancelled").inc()
+            await self._end_elsewhere(record)
+        else:
             await self.store.put(record)
         return record
 
@@ -525,6 +686,11 @@ class Jobs:
                 record.images = result.images
             record.seeds = result.seeds
             record.status, record.step = "succeeded", gen.key.denoising_steps
+        except Draining:  # this replica began shutting down before the job reached its queue
+            if await self._hand_off(record, gen, urls):
+                return
+            e = steps.draining_error()
+            record.status, record.error = "failed", {"code": e.code, "message": e.message}
         except ApiError as e:
             if ended_elsewhere:
                 log.warning("job %s was reported lost while the job store was unreachable: stopped", record.id)
@@ -620,6 +786,84 @@ class Jobs:
                 log.warning("webhook of %s, attempt %d: %s", record.id, attempt + 1, problem)
                 await asyncio.sleep(delay * 2**attempt)
 
+    async def _hand_off(self, record: JobRecord, gen: steps.Generation, urls: bool) -> bool:
+        """Offer a job this replica will not run to the replicas sharing its store: the record,
+        still queued, is kept for ``job_handoff_seconds``. False without a shared store, or
+        when the store cannot be reached (the job then fails)."""
+        if not self.store.shared:
+            return False
+        record.offered = time.time()
+        record.lease_until = record.offered + self.state.settings.job_handoff_seconds
+        record.status, record.step, record.preview = "queued", 0, None
+        try:
+            fresh = await self.store.get(record.id)
+            if fresh is not None and fresh.status in TERMINAL:
+                return True  # reported lost or cancelled meanwhile: that answer stands
+            record.cancel_requested = bool(fresh and fresh.cancel_requested)
+            await self.store.put(record)
+            await self.store.offer(record.id, spec_of(gen, urls), record.created)
+        except ApiError:
+            return False
+        metrics.JOBS.labels("handed_off").inc()
+        log.info("job %s handed off: this replica is shutting down before it could queue it", record.id)
+        return True
+
+    async def _adopt(self) -> None:
+        """Every second: take up jobs handed off by replicas shutting down, oldest first, while
+        this one is ready and has room to queue them soon (fewer than half its queue waiting,
+        as ``steps.enqueue_when_room`` lets in) and below ``job_queue_size`` jobs."""
+        while True:
+            await asyncio.sleep(ADOPT_POLL_SECONDS)
+            try:
+                while self.store.shared and self._room_to_adopt():
+                    taken = await self.store.take()
+                    if taken is None:
+                        break
+                    await self._take_up(*taken)
+            except ApiError:
+                pass  # the store unreachable (logged): the next look tries again
+            except Exception:
+                log.exception("taking up handed-off jobs failed")
+
+    def _room_to_adopt(self) -> bool:
+        s, batcher = self.state.settings, self.state.batcher
+        return self.state.ready and len(self._local) < s.job_queue_size and batcher.waiting < max(1, s.queue_size // 2)
+
+    async def _take_up(self, job_id: str, spec: str) -> None:
+        record = await self.store.get(job_id)
+        if record is None or record.status in TERMINAL:
+            return  # cancelled (or gone) while it waited for a replica
+        if record.lapsed(time.time()):  # offered for longer than job_handoff_seconds: lost
+            await self._settled(record)
+            self._report(record)
+            return
+        try:
+            gen, urls = generation_of(spec)
+        except ValueError as e:  # a replica of another version offered it (a rolling update)
+            record.status, record.error = "failed", {"code": "replica_lost", "message": str(e)}
+            metrics.JOBS.labels("failed").inc()
+            await self._end_elsewhere(record)
+            return
+        record.offered = 0.0
+        record.lease_until = time.time() + self.state.settings.job_lease_seconds
+        await self.store.put(record)
+        metrics.JOBS.labels("adopted").inc()
+        log.info("took up job %s, handed off by a replica shutting down", job_id)
+        self._launch(record, gen, urls)
+
+    async def _end_elsewhere(self, record: JobRecord) -> None:
+        """Store and report the end of a job this replica does not run (a cancel of a job no
+        replica holds), as the replica running it would."""
+        if not await self._store_end(record):
+            self._report(record)
+
+    def _report(self, record: JobRecord) -> None:
+        """Its webhook, if it has one, called in the background (a drain waits for it)."""
+        if record.webhook_url:
+            task = asyncio.get_running_loop().create_task(self._deliver(record))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
     def runs(self, job_id: str) -> bool:
         """Whether this replica runs the job (its record may be in a store the replicas share)."""
         return job_id in self._local
@@ -632,6 +876,8 @@ class Jobs:
         return not self._tasks
 
     async def stop(self) -> None:
+        if self._adopter is not None:
+            self._adopter.cancel()
         for t in list(self._tasks):
             t.cancel()
         if self._tasks:

@@ -94,7 +94,11 @@ JOBS_IN_FLIGHT = Gauge(
     registry=REGISTRY,
 )
 JOBS = Counter(
-    "sdserve_jobs", "Async jobs by event: submitted, then succeeded, failed or cancelled.", ["event"], registry=REGISTRY
+    "sdserve_jobs",
+    "Async jobs by event: submitted, then succeeded, failed or cancelled; handed_off by a replica "
+    "shutting down, adopted by the one that takes it up.",
+    ["event"],
+    registry=REGISTRY,
 )
 WEBHOOKS = Counter(
     "sdserve_webhooks", "Job webhook deliveries by outcome: delivered, retried, failed.", ["outcome"], registry=REGISTRY

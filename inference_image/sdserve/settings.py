@@ -116,6 +116,10 @@ class Settings(BaseSettings):
     job_memory_bytes: int = Field(1024 * 2**20, ge=1)
     #: A running job's record is renewed this often (x3); a record not renewed in time reads as failed.
     job_lease_seconds: float = Field(15, gt=0)
+    #: With Redis, a replica shutting down hands the jobs it has not queued yet to the others
+    #: (sdserve.jobs): one no replica takes up within this long reads as failed (replica_lost).
+    #: It covers a rolling update's new pod loading the model.
+    job_handoff_seconds: float = Field(600, gt=0)
     #: Hosts job webhooks may call, comma-separated ("*.example.com" for subdomains); empty: none.
     webhook_allowed_hosts: str = ""
     webhook_backoff_seconds: float = Field(1.0, gt=0)

@@ -248,7 +248,9 @@ async def enqueue_when_room(
     other half, and jobs queue one at a time, taking turns by principal and in the order they
     came within one (``JobGate``).
     Waiting, it counts in sdserve_queue_depth (the autoscaler sees the demand); ``disconnected``
-    (the job's poll: lease renewed, a cancel noticed) runs every second."""
+    (the job's poll: lease renewed, a cancel noticed) runs every second. A drain that begins
+    before it queues raises ``Draining``: the job has not started, and another replica may
+    take it up (``sdserve.jobs.Jobs``)."""
     batcher = state.batcher
     room = max(1, state.settings.queue_size // 2)
     batcher.waiting += 1
@@ -262,10 +264,10 @@ async def enqueue_when_room(
                 checked = time.monotonic()
                 if await disconnected():  # a cancel since the last look: it never reaches the queue
                     raise ApiError(499, "client_closed_request", "cancelled while waiting for room in the queue")
+            if batcher.draining:
+                raise Draining
             if room_now and batcher.depth < room:  # still, after that look at the job store
                 return enqueue(state, gen, seed)
-            if batcher.draining:
-                raise draining_error()
             if turn.done():  # this job's turn: look for room again shortly
                 await asyncio.sleep(JOB_ROOM_POLL_SECONDS)
             else:  # another job's turn: wait for this one's

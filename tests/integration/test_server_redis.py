@@ -120,6 +120,42 @@ def test_jobs_are_answered_by_any_replica_sharing_redis_and_a_lost_replica_fails
     assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "job_store_unavailable"
 
 
+def test_a_replica_stopped_with_a_backlog_hands_its_waiting_jobs_to_another_through_redis(
+    start_server, tmp_path, request
+):
+    """A SIGTERM (a rolling update) on a replica with jobs waiting for room: it runs what it
+    queued and exits 0; the jobs it had not queued go through Redis to the other replica,
+    which runs them under their ids with their seeds. Before, they failed with ``draining``."""
+    import signal
+    import time
+
+    from sdtesting.procs import RedisProc
+
+    redis = RedisProc(tmp_path)
+    request.addfinalizer(redis.stop)
+    shared = {"cache_type": "redis", "redis_url": redis.url, "max_batch_size": 1, "queue_size": 2}
+    a, b = start_server(**shared, drain_seconds=120), start_server(**shared)
+    slow = {"prompt": "backlog", "size": "128x128", "num_inference_steps": 15}  # about 2.5 s each
+    ids = [httpx.post(a.url + "/v1/jobs", json={**slow, "seed": 20 + i}, timeout=10).json()["id"] for i in range(4)]
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{a.url}/v1/jobs/{ids[0]}", timeout=10).json()["status"] == "queued":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    a.proc.send_signal(signal.SIGTERM)  # job 0 runs, job 1 is queued, jobs 2 and 3 wait
+    assert a.proc.wait(timeout=120) == 0
+    done = []
+    for job_id in ids:
+        deadline = time.monotonic() + 120
+        while (view := httpx.get(f"{b.url}/v1/jobs/{job_id}", timeout=10).json())["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline, view
+            time.sleep(0.1)
+        done.append(view)
+    assert [d["status"] for d in done] == ["succeeded"] * 4, done
+    assert [d["result"]["data"][0]["seed"] for d in done] == [20, 21, 22, 23]
+    assert a.log().count("handed off") == 2 and b.log().count("took up job") == 2
+    assert b.metric("sdserve_jobs_total", event="adopted") == 2
+
+
 async def test_the_shared_rate_limit_keeps_redis_time_not_each_replicas_clock(tmp_path, monkeypatch):
     """Two replicas whose clocks disagree by a minute share one bucket: the one ahead must not
     see a minute of refill in a bucket the other just emptied."""

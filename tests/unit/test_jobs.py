@@ -552,3 +552,82 @@ async def test_the_caller_lists_its_own_jobs_newest_first_a_page_at_a_time(keys)
         assert [j["id"] for j in (await client.get("/v1/jobs", headers=BOB)).json()["data"]] == [theirs]
         assert (await client.get("/v1/jobs", params={"after": theirs}, headers=ALICE)).status_code == 404
         assert (await client.get("/v1/jobs", params={"limit": 500}, headers=ALICE)).json()["error"]["param"] == "limit"
+
+
+def drain_settings(keys: str) -> Settings:
+    """Room in the queue for one job (half of 2), one image a batch: a burst of jobs waits."""
+    return Settings(model="fake", min_side=64, api_keys_file=keys, queue_size=2, max_batch_size=1, cache_type="none")
+
+
+async def test_a_replica_shutting_down_hands_the_jobs_it_has_not_queued_to_another(keys):
+    """A rolling update drains a replica with a backlog of jobs waiting for room. With a store
+    the replicas share (Redis; here one in-process store for two apps), the draining one runs
+    what it queued and hands the rest off: they stay queued under their ids, the next replica
+    takes them up oldest first and runs them with their own seeds; one cancelled while no
+    replica holds it is cancelled at once and never runs."""
+    shared = MemoryJobs(3600, shared=True)
+    leaving, taking = FakePipeline(seconds_per_call=0.3), FakePipeline(seconds_per_call=0.05)
+    a, b = create_app(drain_settings(keys), leaving), create_app(drain_settings(keys), taking)
+    a.state.sd.jobs.store = b.state.sd.jobs.store = shared
+    handed, adopted = metric("sdserve_jobs_total", event="handed_off"), metric("sdserve_jobs_total", event="adopted")
+    async with serve(a) as ca:
+        ids = []
+        for i in range(5):
+            r = await ca.post("/v1/jobs", json={**BODY, "prompt": f"job {i}", "seed": 10 + i}, headers=ALICE)
+            ids.append(r.json()["id"])
+        await asyncio.sleep(0.1)  # job 0 runs, job 1 is queued, jobs 2-4 wait for room
+        assert await start_drain(a.state.sd)
+        views = [(await ca.get(f"/v1/jobs/{i}", headers=ALICE)).json() for i in ids]
+        assert [v["status"] for v in views] == ["succeeded"] * 2 + ["queued"] * 3, views
+        assert metric("sdserve_jobs_total", event="handed_off") - handed == 3
+        cancelled = (await ca.delete(f"/v1/jobs/{ids[4]}", headers=ALICE)).json()
+        assert cancelled["status"] == "cancelled"
+    async with serve(b) as cb:
+        done = [await until_done(cb, i) for i in ids]
+    assert [d["status"] for d in done] == ["succeeded"] * 4 + ["cancelled"]
+    assert [d["result"]["data"][0]["seed"] for d in done[:4]] == [10, 11, 12, 13]
+    assert metric("sdserve_jobs_total", event="adopted") - adopted == 2
+    ran = [prompt for method, prompt, _ in taking.threads if method in ("run", "begin")]
+    assert ran == ["job 2", "job 3"], ran  # oldest first; the cancelled one never ran
+    assert not any(p in ("job 2", "job 3", "job 4") for _, p, _ in leaving.threads)
+
+
+async def test_without_a_shared_store_a_drain_fails_the_jobs_it_has_not_queued(keys):
+    """One replica's own store: no other replica could take a job up, so a job still waiting
+    for room when the replica shuts down fails at once, saying why."""
+    served = create_app(drain_settings(keys), FakePipeline(seconds_per_call=0.3))
+    async with serve(served) as client:
+        ids = [(await client.post("/v1/jobs", json=BODY, headers=ALICE)).json()["id"] for _ in range(3)]
+        await asyncio.sleep(0.1)
+        assert await start_drain(served.state.sd)
+        views = [(await client.get(f"/v1/jobs/{i}", headers=ALICE)).json() for i in ids]
+    assert [v["status"] for v in views] == ["succeeded", "succeeded", "failed"]
+    assert views[2]["error"]["code"] == "draining"
+
+
+def test_a_handed_off_edit_keeps_its_input_image_and_mask_to_the_pixel():
+    """What a replica taking a job up reads is the request the first one validated: the key,
+    the prompts, the seed, the output format and an edit's images, unchanged."""
+    import numpy as np
+    from PIL import Image
+
+    from sdserve.encode import ImageFormat
+    from sdserve.jobs import generation_of, spec_of
+    from sdserve.steps import Generation
+    from sdserve.work import BatchKey
+
+    rng = np.random.default_rng(3)
+    photo = Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    mask = Image.fromarray((rng.random((64, 96)) > 0.5).astype(np.uint8) * 255, mode="L")
+    key = BatchKey(96, 64, 20, 6.0, "euler", task="inpaint", strength=0.9, loras=(("pixel", 0.8),))
+    gen = Generation(key, "a fox", "blurry", 2, 77, photo, mask, "abc", True, ImageFormat("webp", 70), "alice")
+    again, urls = generation_of(spec_of(gen, True))
+    assert urls is True and again.key == key and hash(again.key) == hash(key)
+    assert (again.prompt, again.negative_prompt, again.n, again.seed) == ("a fox", "blurry", 2, 77)
+    assert (again.inputs_digest, again.preview, again.output, again.principal) == ("abc", True, gen.output, "alice")
+    assert np.array_equal(np.asarray(again.init_image), np.asarray(photo))
+    assert again.mask_image.mode == "L" and np.array_equal(np.asarray(again.mask_image), np.asarray(mask))
+    plain, _ = generation_of(spec_of(Generation(key, "a fox", None, 1, None), False))
+    assert plain.init_image is None and plain.seed is None
+    with pytest.raises(ValueError, match="spec version 2"):
+        generation_of(json.dumps({"v": 2}))
