@@ -16,7 +16,11 @@ requests go to the store (``offer``), and any ready replica with room takes them
 first (``take``), under the same id, so clients polling, streaming or waiting for a webhook
 see the job go on. One that no replica takes up within SDSERVE_JOB_HANDOFF_SECONDS reads as
 failed (``replica_lost``); without Redis there is no other replica, and it fails with
-``draining`` at once.
+``draining`` at once. A replica that dies instead (killed, its node lost) hands nothing off:
+with Redis every replica looks for jobs whose lease lapsed (``lapsed``) every few seconds; one
+that never started is offered again (its request was stored with it), up to
+``MAX_ATTEMPTS`` replicas in all, and one that was running fails with ``replica_lost``, its
+webhook called, so a client waiting only for the webhook hears of it too.
 
 Webhooks go only to hosts in SDSERVE_WEBHOOK_ALLOWED_HOSTS (an open webhook lets anyone make
 the server call inside the cluster). The body is the job as GET shows it; the headers carry
@@ -34,6 +38,7 @@ import hmac
 import json
 import logging
 import secrets
+import socket
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -53,6 +58,10 @@ TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 WEBHOOK_ATTEMPTS = 4
 #: How often a replica looks for jobs handed off by replicas shutting down.
 ADOPT_POLL_SECONDS = 1.0
+#: How often it looks for jobs whose replica died (their lease lapsed).
+REAP_SECONDS = 5.0
+#: Replicas a job that never starts may be given to (one dying under it each time) before it fails.
+MAX_ATTEMPTS = 3
 
 
 @dataclass
@@ -77,6 +86,8 @@ class JobRecord:
     output_format: str = "png"  # of its images (the request's output_format)
     revised_prompt: str | None = None  # what the model read of a prompt too long to read whole
     offered: float = 0.0  # when a replica shutting down handed it off; 0 once one took it up
+    runner: str = ""  # the replica that runs it (``Jobs.me``); none while offered
+    attempts: int = 0  # the replicas that took it, the first included
 
     @classmethod
     def parse(cls, raw: str | bytes) -> JobRecord:
@@ -135,13 +146,28 @@ class JobStore(Protocol):
     #: Whether other replicas use this store too (Redis): only then is a job handed off.
     shared: bool
 
-    async def offer(self, job_id: str, spec: str, created: float) -> None:
-        """Hand a job (``spec``: its request) to whichever replica takes it next."""
+    async def put_spec(self, job_id: str, spec: str) -> None:
+        """Keep a job's request until it ends (a ``put`` of its end drops it), for the replica
+        that takes it up if its own goes."""
+        ...
+
+    async def offer(self, job_id: str, created: float) -> None:
+        """Hand a job to whichever replica takes it next."""
         ...
 
     async def take(self) -> tuple[str, str] | None:
-        """The oldest job offered (by ``created``): its id and spec, gone from the offers, so
-        that no other replica takes it too; None when none is offered."""
+        """The oldest job offered (by ``created``): its id and stored request ("" when there
+        is none), gone from the offers so that no other replica takes it too; None when none
+        is offered."""
+        ...
+
+    async def lapsed(self, now: float, limit: int) -> list[str]:
+        """Ids of unfinished jobs whose lease ended before ``now`` (``limit`` at most)."""
+        ...
+
+    async def reap(self, record: JobRecord) -> bool:
+        """Whether this caller is the one to settle ``record``'s lapse (once per lapse, across
+        replicas): its readers and every replica's look may meet it at once."""
         ...
 
 
@@ -156,8 +182,10 @@ class MemoryJobs:
         self.ttl = ttl_seconds
         self.max_bytes = max_bytes
         self.shared = shared
-        #: Jobs offered: id -> (created, spec).
-        self._offered: dict[str, tuple[float, str]] = {}
+        #: Jobs offered: id -> created; requests kept: id -> spec; lapses settled: (id, lease).
+        self._offered: dict[str, float] = {}
+        self._specs: dict[str, str] = {}
+        self._reaped: set[tuple[str, float]] = set()
         self._bytes = 0
         #: id -> (expiry, record, finished, owner), oldest write first.
         self._data: dict[str, tuple[float, str, bool, str]] = {}
@@ -179,14 +207,34 @@ class MemoryJobs:
     async def release(self, name: str) -> None:
         self._claims.pop(name, None)
 
-    async def offer(self, job_id: str, spec: str, created: float) -> None:
-        self._offered[job_id] = (created, spec)
+    async def put_spec(self, job_id: str, spec: str) -> None:
+        self._specs[job_id] = spec
+
+    async def offer(self, job_id: str, created: float) -> None:
+        self._offered[job_id] = created
 
     async def take(self) -> tuple[str, str] | None:
         if not self._offered:
             return None
-        job_id = min(self._offered, key=lambda i: self._offered[i][0])
-        return job_id, self._offered.pop(job_id)[1]
+        job_id = min(self._offered, key=self._offered.__getitem__)
+        del self._offered[job_id]
+        return job_id, self._specs.get(job_id, "")
+
+    async def lapsed(self, now: float, limit: int) -> list[str]:
+        out = []
+        for job_id, (_, raw, finished, _) in list(self._data.items()):
+            if not finished and JobRecord.parse(raw).lapsed(now):
+                out.append(job_id)
+                if len(out) == limit:
+                    break
+        return out
+
+    async def reap(self, record: JobRecord) -> bool:
+        mark = (record.id, record.lease_until)
+        if mark in self._reaped:
+            return False
+        self._reaped.add(mark)
+        return True
 
     async def get(self, job_id: str) -> JobRecord | None:
         expires, raw, _, _ = self._data.get(job_id, (0.0, "", False, ""))
@@ -194,9 +242,11 @@ class MemoryJobs:
 
     async def put(self, record: JobRecord) -> None:
         now = time.monotonic()
-        self._drop(record.id)  # to the end: the dict stays in order of expiry
+        self._drop(record.id, rewritten=True)  # to the end: the dict stays in order of expiry
         raw = json.dumps(asdict(record))
         self._data[record.id] = (now + self.ttl, raw, record.status in TERMINAL, record.owner)
+        if record.status in TERMINAL:
+            self._specs.pop(record.id, None)
         self._by_owner.setdefault(record.owner, {})[record.id] = record.created
         self._bytes += len(raw)
         while True:  # expired records go, oldest write first; the one just written stops it
@@ -210,7 +260,9 @@ class MemoryJobs:
                 if self._bytes <= self.max_bytes:
                     break
 
-    def _drop(self, job_id: str) -> None:
+    def _drop(self, job_id: str, rewritten: bool = False) -> None:
+        if not rewritten:
+            self._specs.pop(job_id, None)
         gone = self._data.pop(job_id, None)
         if gone is not None:
             self._bytes -= len(gone[1])
@@ -245,18 +297,21 @@ class RedisJobs:
     #: was made; the set expires two TTLs after the owner's last write (it may be evicted under
     #: memory pressure before then: a listing then misses jobs, their records stay).
     OWNER = "sdserve:jobs:owner:"
-    #: Jobs handed off (``offer``): ids by creation time, and each one's request. Like records,
-    #: without a Redis expiry (never evicted); a spec goes when its job is taken, or with its record.
+    #: Jobs handed off (``offer``), by creation time; each unfinished job's request, with the
+    #: jobs' TTL as its Redis expiry (evicted under memory pressure, a job can no longer be
+    #: handed off, and still runs); unfinished jobs by lease end, for ``lapsed``; a lapse
+    #: settled (``reap``), briefly.
     OFFERED = "sdserve:jobs:offered"
     SPEC = "sdserve:jobspec:"
+    LEASES = "sdserve:jobs:leases"
+    REAP = "sdserve:jobs:reap:"
     CLEANUP = 100
     shared = True
-    #: ``take``: pop the oldest offer and its spec in one step (a script runs atomically).
+    #: ``take``: pop the oldest offer and read its request in one step (a script runs atomically).
     TAKE = """
 local popped = redis.call('ZPOPMIN', KEYS[1])
 if #popped == 0 then return false end
 local spec = redis.call('GET', ARGV[1] .. popped[1])
-redis.call('DEL', ARGV[1] .. popped[1])
 return {popped[1], spec or ''}
 """
 
@@ -284,6 +339,11 @@ return {popped[1], spec or ''}
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.set(self.PREFIX + record.id, json.dumps(asdict(record)))
                 pipe.zadd(self.EXPIRY, {record.id: now + self.ttl})
+                if record.status in TERMINAL:
+                    pipe.zrem(self.LEASES, record.id)
+                    pipe.delete(self.SPEC + record.id)
+                else:
+                    pipe.zadd(self.LEASES, {record.id: record.lease_until})
                 # The owner's index: ids made over two TTLs ago are past (a record lives a TTL
                 # after its last write, and a job does not run for a day), and an owner idle that
                 # long has no record left: the index goes too.
@@ -299,6 +359,7 @@ return {popped[1], spec or ''}
                     pipe.delete(*(self.PREFIX + i for i in ids), *(self.SPEC + i for i in ids))
                     pipe.zrem(self.EXPIRY, *ids)
                     pipe.zrem(self.OFFERED, *ids)
+                    pipe.zrem(self.LEASES, *ids)
                     await pipe.execute()
         except Exception as e:  # any Redis failure is the same retryable 503
             raise unavailable(e) from e
@@ -351,12 +412,15 @@ return {popped[1], spec or ''}
         except Exception as e:  # any Redis failure is the same retryable 503
             raise unavailable(e) from e
 
-    async def offer(self, job_id: str, spec: str, created: float) -> None:
+    async def put_spec(self, job_id: str, spec: str) -> None:
         try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.set(self.SPEC + job_id, spec)
-                pipe.zadd(self.OFFERED, {job_id: created})
-                await pipe.execute()
+            await self._redis.set(self.SPEC + job_id, spec, ex=self.ttl)
+        except Exception as e:  # any Redis failure is the same retryable 503
+            raise unavailable(e) from e
+
+    async def offer(self, job_id: str, created: float) -> None:
+        try:
+            await self._redis.zadd(self.OFFERED, {job_id: created})
         except Exception as e:  # any Redis failure is the same retryable 503
             raise unavailable(e) from e
 
@@ -369,6 +433,20 @@ return {popped[1], spec or ''}
             return None
         job_id, spec = (v.decode() if isinstance(v, bytes) else str(v) for v in taken)
         return job_id, spec
+
+    async def lapsed(self, now: float, limit: int) -> list[str]:
+        try:
+            ids: Any = await self._redis.zrangebyscore(self.LEASES, "-inf", f"({now}", start=0, num=limit)
+        except Exception as e:  # any Redis failure is the same retryable 503
+            raise unavailable(e) from e
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
+    async def reap(self, record: JobRecord) -> bool:
+        """SET NX of the record's id and lease end: one caller per lapse, whichever replica."""
+        try:
+            return bool(await self._redis.set(f"{self.REAP}{record.id}:{record.lease_until}", 1, nx=True, ex=3600))
+        except Exception as e:  # any Redis failure is the same retryable 503
+            raise unavailable(e) from e
 
 
 def unavailable(e: Exception) -> ApiError:
@@ -485,6 +563,9 @@ class Jobs:
         self._tasks: set[asyncio.Task[None]] = set()
         self._local: dict[str, JobRecord] = {}  # the jobs this replica runs, for the in-flight gauge
         self._adopter: asyncio.Task[None] | None = None
+        #: This replica, in the records of the jobs it runs: a record that names another (or
+        #: none, once offered) was given to another replica while this one could not renew it.
+        self.me = f"{socket.gethostname()}-{secrets.token_hex(4)}"
 
     def start(self) -> None:
         """Look for jobs other replicas hand off (with a shared store) from now on."""
@@ -518,7 +599,7 @@ class Jobs:
             if held is not None:
                 return await self._replay(principal, key, fingerprint, held), True
         try:
-            record = await self._accept(job_id, principal, gen, webhook)
+            record = await self._accept(job_id, principal, gen, webhook, urls)
         except BaseException:  # refused or not stored: the key stays free for a retry
             if claimed is not None:
                 with contextlib.suppress(Exception):
@@ -536,7 +617,7 @@ class Jobs:
         task.add_done_callback(self._tasks.discard)
 
     async def _accept(
-        self, job_id: str, principal: str, gen: steps.Generation, webhook: dict[str, str] | None
+        self, job_id: str, principal: str, gen: steps.Generation, webhook: dict[str, str] | None, urls: bool
     ) -> JobRecord:
         """The new job's record, stored; 429 past ``job_queue_size`` unfinished jobs."""
         limit = self.state.settings.job_queue_size
@@ -555,10 +636,14 @@ class Jobs:
             steps=gen.key.denoising_steps,
             output_format=gen.output.kind,
             revised_prompt=await steps.prompt_read(self.state, gen),
+            runner=self.me,
+            attempts=1,
         )
         if webhook:
             record.webhook_url, record.webhook_secret = webhook["url"], webhook.get("secret") or ""
         record.lease_until = time.time() + self.state.settings.job_lease_seconds
+        if self.store.shared:  # another replica can run it if this one dies before it starts
+            await self.store.put_spec(job_id, spec_of(gen, urls))
         await self.store.put(record)
         return record
 
@@ -591,8 +676,25 @@ class Jobs:
         return await self._settled(record)
 
     async def _settled(self, record: JobRecord) -> JobRecord:
-        """A record whose lease lapsed is the failed job it is (``replica_lost``), written so."""
-        if record.lapsed(time.time()):
+        """A record whose lease lapsed (its replica died, or one that shut down handed it off
+        and none took it up) is settled by the first to read it: a job that never started, on
+        a shared store, is offered to the replicas again (``MAX_ATTEMPTS`` replicas in all);
+        any other is the failed job it is (``replica_lost``), written so and its webhook called."""
+        now = time.time()
+        if record.lapsed(now) and await self.store.reap(record):
+            if (
+                self.store.shared
+                and record.status == "queued"
+                and not record.offered
+                and record.attempts < MAX_ATTEMPTS
+            ):
+                record.runner, record.offered = "", now
+                record.lease_until = now + self.state.settings.job_handoff_seconds
+                await self.store.put(record)
+                await self.store.offer(record.id, record.created)
+                metrics.JOBS.labels("handed_off").inc()
+                log.warning("job %s offered again: its replica stopped renewing it before it started", record.id)
+                return record
             record.status = "failed"
             message = "the replica running this job stopped before it finished; submit it again"
             if record.offered:
@@ -603,6 +705,7 @@ class Jobs:
             record.error = {"code": "replica_lost", "message": message}
             await self.store.put(record)
             metrics.JOBS.labels("failed").inc()
+            self._report(record)
         return record
 
     async def page(self, principal: str, limit: int, after: str | None) -> dict[str, Any]:
@@ -664,7 +767,7 @@ class Jobs:
                     fresh = await self.store.get(record.id)
                 except ApiError:  # unreachable for now (logged): the next poll tries again
                     return False
-                if fresh is not None and fresh.status in TERMINAL:
+                if fresh is not None and self._elsewhere(fresh):
                     ended_elsewhere = True
                     return True
                 if queued:  # not after a cache hit, whose result came without a queue
@@ -693,7 +796,10 @@ class Jobs:
             record.status, record.error = "failed", {"code": e.code, "message": e.message}
         except ApiError as e:
             if ended_elsewhere:
-                log.warning("job %s was reported lost while the job store was unreachable: stopped", record.id)
+                log.warning(
+                    "job %s was reported lost or given to another replica while this one could not renew it: stopped",
+                    record.id,
+                )
                 return
             cancelled = e.status == 499 or record.cancel_requested
             record.status = "cancelled" if cancelled else "failed"
@@ -704,6 +810,12 @@ class Jobs:
         metrics.JOBS.labels(record.status).inc()
         if not await self._store_end(record) and record.webhook_url:
             await self._deliver(record)  # with the store unreachable too: the webhook still has the images
+
+    def _elsewhere(self, fresh: JobRecord) -> bool:
+        """Whether the stored record of a job this replica runs says it is not this replica's
+        to finish: ended (reported lost, or cancelled while no replica held it), or given to
+        another replica while this one could not renew its lease."""
+        return fresh.status in TERMINAL or bool(fresh.offered) or fresh.runner not in ("", self.me)
 
     async def _upload(self, images: list[str], fmt: ImageFormat, poll: Callable[[], Awaitable[bool]]) -> list[str]:
         """A URL job's images stored, their keys. An image store that cannot be reached is
@@ -747,7 +859,7 @@ class Jobs:
         while True:
             try:
                 fresh = await self.store.get(record.id)
-                if fresh is not None and fresh.status in TERMINAL:
+                if fresh is not None and self._elsewhere(fresh):
                     log.warning("job %s was reported %s before its end could be stored", record.id, fresh.status)
                     return True
                 await self.store.put(record)
@@ -792,16 +904,17 @@ class Jobs:
         when the store cannot be reached (the job then fails)."""
         if not self.store.shared:
             return False
-        record.offered = time.time()
+        record.offered, record.runner = time.time(), ""
         record.lease_until = record.offered + self.state.settings.job_handoff_seconds
         record.status, record.step, record.preview = "queued", 0, None
         try:
             fresh = await self.store.get(record.id)
-            if fresh is not None and fresh.status in TERMINAL:
-                return True  # reported lost or cancelled meanwhile: that answer stands
+            if fresh is not None and self._elsewhere(fresh):
+                return True  # reported lost, cancelled or given to another meanwhile: that stands
             record.cancel_requested = bool(fresh and fresh.cancel_requested)
+            await self.store.put_spec(record.id, spec_of(gen, urls))  # kept since its start; again, in case
             await self.store.put(record)
-            await self.store.offer(record.id, spec_of(gen, urls), record.created)
+            await self.store.offer(record.id, record.created)
         except ApiError:
             return False
         metrics.JOBS.labels("handed_off").inc()
@@ -811,10 +924,17 @@ class Jobs:
     async def _adopt(self) -> None:
         """Every second: take up jobs handed off by replicas shutting down, oldest first, while
         this one is ready and has room to queue them soon (fewer than half its queue waiting,
-        as ``steps.enqueue_when_room`` lets in) and below ``job_queue_size`` jobs."""
+        as ``steps.enqueue_when_room`` lets in) and below ``job_queue_size`` jobs. Every
+        ``REAP_SECONDS``: settle jobs whose lease lapsed (``_settled``), their replica dead."""
+        reaped = time.monotonic()
         while True:
             await asyncio.sleep(ADOPT_POLL_SECONDS)
             try:
+                if self.store.shared and time.monotonic() - reaped >= REAP_SECONDS:
+                    reaped = time.monotonic()
+                    for job_id in await self.store.lapsed(time.time(), 100):
+                        if (record := await self.store.get(job_id)) is not None:
+                            await self._settled(record)
                 while self.store.shared and self._room_to_adopt():
                     taken = await self.store.take()
                     if taken is None:
@@ -835,16 +955,17 @@ class Jobs:
             return  # cancelled (or gone) while it waited for a replica
         if record.lapsed(time.time()):  # offered for longer than job_handoff_seconds: lost
             await self._settled(record)
-            self._report(record)
             return
         try:
+            if not spec:
+                raise ValueError("its request is no longer stored (evicted from Redis under memory pressure)")
             gen, urls = generation_of(spec)
-        except ValueError as e:  # a replica of another version offered it (a rolling update)
-            record.status, record.error = "failed", {"code": "replica_lost", "message": str(e)}
+        except ValueError as e:  # not kept, or kept by a replica of another version (a rolling update)
+            record.status, record.error = "failed", {"code": "replica_lost", "message": f"{e}; submit it again"}
             metrics.JOBS.labels("failed").inc()
             await self._end_elsewhere(record)
             return
-        record.offered = 0.0
+        record.offered, record.runner, record.attempts = 0.0, self.me, record.attempts + 1
         record.lease_until = time.time() + self.state.settings.job_lease_seconds
         await self.store.put(record)
         metrics.JOBS.labels("adopted").inc()
@@ -852,10 +973,10 @@ class Jobs:
         self._launch(record, gen, urls)
 
     async def _end_elsewhere(self, record: JobRecord) -> None:
-        """Store and report the end of a job this replica does not run (a cancel of a job no
-        replica holds), as the replica running it would."""
-        if not await self._store_end(record):
-            self._report(record)
+        """Store and report the end of a job no replica holds (cancelled or failed while
+        offered), as the replica running it would."""
+        await self.store.put(record)
+        self._report(record)
 
     def _report(self, record: JobRecord) -> None:
         """Its webhook, if it has one, called in the background (a drain waits for it)."""

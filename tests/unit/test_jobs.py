@@ -584,7 +584,7 @@ async def test_a_replica_shutting_down_hands_the_jobs_it_has_not_queued_to_anoth
         assert cancelled["status"] == "cancelled"
     async with serve(b) as cb:
         done = [await until_done(cb, i) for i in ids]
-    assert [d["status"] for d in done] == ["succeeded"] * 4 + ["cancelled"]
+    assert [d["status"] for d in done] == ["succeeded"] * 4 + ["cancelled"], [d.get("error") for d in done]
     assert [d["result"]["data"][0]["seed"] for d in done[:4]] == [10, 11, 12, 13]
     assert metric("sdserve_jobs_total", event="adopted") - adopted == 2
     ran = [prompt for method, prompt, _ in taking.threads if method in ("run", "begin")]
@@ -631,3 +631,54 @@ def test_a_handed_off_edit_keeps_its_input_image_and_mask_to_the_pixel():
     assert plain.init_image is None and plain.seed is None
     with pytest.raises(ValueError, match="spec version 2"):
         generation_of(json.dumps({"v": 2}))
+
+
+async def test_the_jobs_of_a_replica_that_died_run_elsewhere_unless_started_and_webhooks_say_so(keys):
+    """A replica killed with jobs (no drain, nothing handed off): once their leases lapse, a
+    replica sharing the store finds them by itself (nobody polls them: the client waits for
+    its webhook). The one that was running fails with replica_lost and its webhook is called;
+    those that never started run on the other replica, with their seeds. A job that has
+    already been given to MAX_ATTEMPTS replicas is not given again: it fails."""
+    from sdserve.jobs import MAX_ATTEMPTS
+
+    shared = MemoryJobs(3600, shared=True)
+    calls: list[dict] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        calls.append(json.loads(await request.read()))
+        return web.Response()
+
+    def settings() -> Settings:
+        s = drain_settings(keys)
+        return s.model_copy(update={"job_lease_seconds": 2.0, "webhook_allowed_hosts": "127.0.0.1"})
+
+    dying, other = FakePipeline(seconds_per_call=3.0), FakePipeline(seconds_per_call=0.05)  # job 0 runs 3 s
+    a, b = create_app(settings(), dying), create_app(settings(), other)
+    a.state.sd.jobs.store = b.state.sd.jobs.store = shared
+    async with receiver(hook) as url:
+        async with serve(a) as ca:
+            ids = []
+            for i in range(3):
+                job = {**BODY, "prompt": f"job {i}", "seed": 30 + i, "webhook": {"url": url}}
+                ids.append((await ca.post("/v1/jobs", json=job, headers=ALICE)).json()["id"])
+            deadline = time.monotonic() + 10
+            while (await ca.get(f"/v1/jobs/{ids[0]}", headers=ALICE)).json()["status"] != "running":
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        # A is gone without a drain: its tasks ended, its records stay as they were.
+        assert [(await shared.get(i)).status for i in ids] == ["running", "queued", "queued"]
+        spent = JobRecord(id="job_spent", owner="alice", attempts=MAX_ATTEMPTS, lease_until=time.time() - 1)
+        spent.webhook_url, spent.webhook_secret = url, ""
+        await shared.put(spent)
+        async with serve(b):
+            deadline = time.monotonic() + 30
+            while len(calls) < 4:
+                assert time.monotonic() < deadline, calls
+                await asyncio.sleep(0.1)
+    ends = {c["id"]: c for c in calls}
+    assert ends[ids[0]]["status"] == "failed" and ends[ids[0]]["error"]["code"] == "replica_lost"
+    assert [ends[i]["status"] for i in ids[1:]] == ["succeeded", "succeeded"]
+    assert [ends[i]["result"]["data"][0]["seed"] for i in ids[1:]] == [31, 32]
+    assert ends["job_spent"]["status"] == "failed" and ends["job_spent"]["error"]["code"] == "replica_lost"
+    ran = [prompt for method, prompt, _ in other.threads if method in ("run", "begin")]
+    assert ran == ["job 1", "job 2"], ran
