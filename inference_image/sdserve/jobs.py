@@ -782,7 +782,7 @@ class Jobs:
                     await self.store.put(record)
                 return record.cancel_requested
 
-            result = await steps.generate(state, gen, poll, queued.append)
+            result = await steps.generate(state, gen, poll, queued.append, patient=True)
             if urls:
                 record.keys = await self._upload(result.images, gen.output, poll)
             else:

@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile as StarletteUpload
 
-from . import metrics, steps
+from . import metrics, steps, stream
 from .edits import Upload, edit_inputs
 from .errors import ApiError
 from .jobs import TERMINAL, check_webhook
@@ -32,6 +32,7 @@ from .schemas import (
     JobEditRequest,
     JobRequest,
     OpenAIEditRequest,
+    OpenAIGenerationsRequest,
     OpenAIImage,
     OpenAIImageRequest,
     OpenAIImageResponse,
@@ -157,9 +158,21 @@ def openai_generation(state: State, body: OpenAIImageRequest) -> steps.Generatio
 
 @router.post("/v1/images/generations", response_model=OpenAIImageResponse, responses=ERRORS, tags=["images"])
 async def images_generations(
-    body: OpenAIImageRequest, request: Request, state: StateDep, principal: LimitedPrincipal
-) -> OpenAIImageResponse:
+    body: OpenAIGenerationsRequest, request: Request, state: StateDep, principal: LimitedPrincipal
+) -> Any:
+    """The OpenAI Images API; ``stream: true`` answers server-sent events (``sdserve.stream``)."""
     gen = openai_generation(state, body)
+    if body.stream:
+        if body.response_format == "url":
+            raise ApiError(
+                422,
+                "invalid_value",
+                "a streamed generation sends its images in its events: response_format must be b64_json",
+                param="response_format",
+            )
+        return await stream.respond(state, gen, body.partial_images)
+    if body.partial_images:
+        raise ApiError(422, "invalid_value", "partial_images needs stream: true", param="partial_images")
     r = await steps.generate(state, gen, request.is_disconnected)
     return await openai_images(state, r, gen, body.response_format)
 

@@ -77,6 +77,27 @@ class OpenAIImageRequest(Extensions, OutputOptions):
     user: str | None = Field(None, description="Accepted for compatibility; ignored.")
 
 
+class OpenAIGenerationsRequest(OpenAIImageRequest):
+    """POST /v1/images/generations: the Images API body, and its streaming options."""
+
+    stream: bool = Field(
+        False,
+        description=(
+            "Server-sent events instead of one JSON answer: image_generation.partial_image while the "
+            "first image is denoised, then image_generation.completed for each image."
+        ),
+    )
+    partial_images: int = Field(
+        0,
+        ge=0,
+        le=3,
+        description=(
+            "With stream: how many previews of the first image to send while it is denoised (low "
+            "resolution, from its latents; fewer when the request has too few steps)."
+        ),
+    )
+
+
 class Webhook(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -316,10 +316,12 @@ async def generate(
     gen: Generation,
     disconnected: Callable[[], Awaitable[bool]],
     queued: Callable[[Job], None] | None = None,
+    patient: bool = False,
 ) -> Result:
     """A validated request from admission to encoded images (seeded requests through the cache).
-    ``queued`` (an async job, which reports its progress) is told the job once it is in the
-    queue; such a request waits for room instead of a 429 (``enqueue_when_room``)."""
+    ``queued`` (an async job or a streamed request, which report progress) is told the job
+    once it is in the queue; a ``patient`` one (an async job) waits for room instead of a 429
+    (``enqueue_when_room``)."""
     admit(state)
     key = None
     if gen.seed is not None:
@@ -330,7 +332,7 @@ async def generate(
             return hit
     else:
         seed = secrets.randbelow(2**32)
-    job = enqueue(state, gen, seed) if queued is None else await enqueue_when_room(state, gen, seed, disconnected)
+    job = await enqueue_when_room(state, gen, seed, disconnected) if patient else enqueue(state, gen, seed)
     if queued is not None:
         queued(job)
     await wait(state, job, disconnected)
