@@ -32,6 +32,7 @@ from .schemas import (
     JobEditRequest,
     JobRequest,
     OpenAIEditRequest,
+    OpenAIEditsRequest,
     OpenAIGenerationsRequest,
     OpenAIImage,
     OpenAIImageRequest,
@@ -161,7 +162,13 @@ async def images_generations(
     body: OpenAIGenerationsRequest, request: Request, state: StateDep, principal: LimitedPrincipal
 ) -> Any:
     """The OpenAI Images API; ``stream: true`` answers server-sent events (``sdserve.stream``)."""
-    gen = openai_generation(state, body)
+    return await answer(state, request, openai_generation(state, body), body)
+
+
+async def answer(
+    state: State, request: Request, gen: steps.Generation, body: OpenAIGenerationsRequest | OpenAIEditsRequest
+) -> Any:
+    """A generation or an edit answered: one JSON body, or a stream of events."""
     if body.stream:
         if body.response_format == "url":
             raise ApiError(
@@ -293,7 +300,7 @@ async def job_events(job_id: str, request: Request, state: StateDep, principal: 
                         "properties": {
                             "image": {"type": "string", "format": "binary"},
                             "mask": {"type": "string", "format": "binary"},
-                            **OpenAIEditRequest.model_json_schema()["properties"],
+                            **OpenAIEditsRequest.model_json_schema()["properties"],
                         },
                     }
                 }
@@ -301,11 +308,11 @@ async def job_events(job_id: str, request: Request, state: StateDep, principal: 
         }
     },
 )
-async def images_edits(request: Request, state: StateDep, principal: LimitedPrincipal) -> OpenAIImageResponse:
-    """Image-to-image without a mask, inpainting with one; multipart as the OpenAI SDK sends it."""
-    gen, body = await edit_generation(state, request, OpenAIEditRequest)
-    r = await steps.generate(state, gen, request.is_disconnected)
-    return await openai_images(state, r, gen, body.response_format)
+async def images_edits(request: Request, state: StateDep, principal: LimitedPrincipal) -> Any:
+    """Image-to-image without a mask, inpainting with one; multipart as the OpenAI SDK sends it;
+    ``stream: true`` answers server-sent events (``sdserve.stream``)."""
+    gen, body = await edit_generation(state, request, OpenAIEditsRequest)
+    return await answer(state, request, gen, body)
 
 
 async def edit_generation(state: State, request: Request, model: type[EditBody]) -> tuple[steps.Generation, EditBody]:

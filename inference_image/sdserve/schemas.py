@@ -77,8 +77,8 @@ class OpenAIImageRequest(Extensions, OutputOptions):
     user: str | None = Field(None, description="Accepted for compatibility; ignored.")
 
 
-class OpenAIGenerationsRequest(OpenAIImageRequest):
-    """POST /v1/images/generations: the Images API body, and its streaming options."""
+class StreamOptions(BaseModel):
+    """Streaming, as the OpenAI Images API has it (sdserve.stream)."""
 
     stream: bool = Field(
         False,
@@ -96,6 +96,10 @@ class OpenAIGenerationsRequest(OpenAIImageRequest):
             "resolution, from its latents; fewer when the request has too few steps)."
         ),
     )
+
+
+class OpenAIGenerationsRequest(OpenAIImageRequest, StreamOptions):
+    """POST /v1/images/generations: the Images API body, and its streaming options."""
 
 
 class Webhook(BaseModel):
@@ -227,6 +231,10 @@ def limit_problems(
     if steps > s.max_steps:
         out.append(("num_inference_steps", f"{steps} steps requested; the limit is {s.max_steps}"))
     return out
+
+
+class OpenAIEditsRequest(OpenAIEditRequest, StreamOptions):
+    """POST /v1/images/edits: the form's fields other than the images, and streaming."""
 
 
 class JobEditRequest(OpenAIEditRequest):

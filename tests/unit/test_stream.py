@@ -70,6 +70,33 @@ async def test_a_streamed_generation_through_the_openai_sdk_sends_partial_images
         assert np.array_equal(decode(e.b64_json), decode(d["b64_json"]))
 
 
+async def test_an_edit_streams_too(client):
+    """``client.images.edit(stream=True)``: the multipart form's ``stream`` and
+    ``partial_images``; the completed image is the plain edit's."""
+    photo = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(photo, format="PNG")
+    sdk = AsyncOpenAI(base_url=BASE_URL + "/v1", api_key="unused", http_client=client)
+    asked = {"num_inference_steps": 40, "seed": 4}
+    events = [
+        e
+        async for e in await sdk.images.edit(
+            image=("photo.png", photo.getvalue(), "image/png"),
+            prompt="a blue bird",
+            stream=True,
+            partial_images=1,
+            extra_body=asked,
+        )
+    ]
+    assert [e.type for e in events] == ["image_generation.partial_image", "image_generation.completed"]
+    plain = await client.post(
+        "/v1/images/edits",
+        files={"image": ("photo.png", photo.getvalue(), "image/png")},
+        data={"prompt": "a blue bird", **{k: str(v) for k, v in asked.items()}},
+    )
+    assert plain.status_code == 200, plain.text
+    assert np.array_equal(decode(events[-1].b64_json), decode(plain.json()["data"][0]["b64_json"]))
+
+
 async def test_what_a_plain_request_is_refused_with_a_stream_is_refused_with_before_it_starts():
     """A refusal is the HTTP error a plain request gets, not a 200 stream: a full queue is a 429
     with Retry-After; options that do not go together are 422s naming the field."""
