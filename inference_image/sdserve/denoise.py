@@ -321,10 +321,8 @@ def _step(pipeline: Any, states: list[ImageState], pad: int) -> None:
             if s.blend is not None:
                 _blend(s, *s.blend)
             s.i += 1
-            if s.preview_of is not None:
-                from .preview import latent_preview
-
-                s.preview_of.preview_png = latent_preview(s.latents, pipeline.settings.pipeline)
+            if s.preview_of is not None:  # rendered when read (Item.preview_png)
+                s.preview_of.latest = (s.latents.detach().clone(), pipeline.settings.pipeline)
 
 
 def _blend(s: ImageState, mask: Any, image_latents: Any, noise: Any) -> None:

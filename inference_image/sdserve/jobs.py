@@ -774,7 +774,8 @@ class Jobs:
                     job = queued[0]
                     record.status = "running" if job.started else "queued"
                     record.step = job.item.progress
-                    record.preview = job.item.preview_png
+                    if job.item.preview:
+                        record.preview = await asyncio.to_thread(job.item.preview_png)
                 record.lease_until = time.time() + state.settings.job_lease_seconds
                 record.cancel_requested = bool(fresh and fresh.cancel_requested)
                 self._count()

@@ -346,10 +346,8 @@ class Pipeline:
             first = 0  # the index of each item's first image in the batch
             for item in items:
                 item.progress = i + 1
-                if item.preview:
-                    from .preview import latent_preview
-
-                    item.preview_png = latent_preview(callback_kwargs["latents"][first], self.settings.pipeline)
+                if item.preview:  # rendered when read (Item.preview_png)
+                    item.latest = (callback_kwargs["latents"][first].detach().clone(), self.settings.pipeline)
                 first += item.n
             return callback_kwargs
 

@@ -73,8 +73,9 @@ async def respond(state: State, gen: steps.Generation, partial_images: int) -> S
                 due = marks(gen.key.denoising_steps, partial_images)
                 sent = 0
                 while due and not task.done():
-                    preview, progress = job.item.preview_png, job.item.progress
-                    if preview is not None and progress >= due[0]:
+                    progress = job.item.progress
+                    preview = await asyncio.to_thread(job.item.preview_png) if progress >= due[0] else None
+                    if preview is not None:
                         while due and progress >= due[0]:  # marks passed since the last look: one image
                             due.pop(0)
                         yield event(

@@ -59,10 +59,22 @@ class Item:
     mask_image: Any = None
     #: Denoising steps taken so far (async jobs show it as progress).
     progress: int = 0
-    #: Async jobs that asked for previews: a low-resolution PNG (base64) of the first image
-    #: as it is denoised (sdserve.preview), refreshed every step.
+    #: Async jobs and streams that asked for previews of the first image as it is denoised:
+    #: its latents after the latest step (a copy) and the model family, kept by the model's
+    #: thread at each step and rendered (``preview_png``) only when someone reads them. A
+    #: render on the model's thread at each step would copy a GPU tensor to the host, a sync
+    #: that stalls the next step's kernel launches for every request in the batch.
     preview: bool = False
-    preview_png: str | None = None
+    latest: tuple[Any, str] | None = None
+
+    def preview_png(self) -> str | None:
+        """The latest preview, a low-resolution base64 PNG (sdserve.preview); None before the
+        first step. It waits for the GPU: call it off the event loop and the model's thread."""
+        if self.latest is None:
+            return None
+        from .preview import latent_preview
+
+        return latent_preview(*self.latest)
 
 
 class ImagePipeline(Protocol):

@@ -179,3 +179,26 @@ async def test_a_client_that_leaves_mid_stream_cancels_its_request(tiny):
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.3)
             assert not batcher._running and batcher.inflight == 0  # it left the batch: nothing runs
+
+
+async def test_previews_are_rendered_when_read_never_on_the_model_thread(client, monkeypatch):
+    """A preview rendered at each step on the model's thread would copy the latents to the host
+    (on a GPU, a sync that stalls the next step for the whole batch): the model's thread keeps
+    a copy of the latents, and a reader renders them, only as often as it reads."""
+    import threading
+
+    import sdserve.preview
+
+    threads: list[str] = []
+    render = sdserve.preview.latent_preview
+
+    def spied(latents, family):
+        threads.append(threading.current_thread().name)
+        return render(latents, family)
+
+    monkeypatch.setattr(sdserve.preview, "latent_preview", spied)
+    body = {"prompt": "a kite", "size": "64x64", "num_inference_steps": 40, "stream": True, "partial_images": 3}
+    r = await client.post("/v1/images/generations", json=body)
+    assert r.status_code == 200 and r.text.count("event: image_generation.partial_image") >= 1
+    assert threads and not any(t.startswith("sdserve-gpu") for t in threads), threads
+    assert len(threads) <= 3  # once per partial image sent, not once per step (40)
