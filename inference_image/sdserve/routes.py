@@ -61,6 +61,20 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 422, 429, 503, 504)
 }
 
+#: The generation routes' answers: the JSON body, or with ``stream: true`` the events.
+STREAMED: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    200: {
+        "content": {
+            "text/event-stream": {
+                "schema": {"type": "string"},
+                "example": 'event: image_generation.completed\ndata: {"type": "image_generation.completed", ...}\n\n',
+            }
+        },
+        "description": "JSON, or with stream: true server-sent events (see the API docs' Streaming).",
+    },
+}
+
 
 def get_state(request: Request) -> State:
     state: State = request.app.state.sd
@@ -157,7 +171,7 @@ def openai_generation(state: State, body: OpenAIImageRequest) -> steps.Generatio
     return gen
 
 
-@router.post("/v1/images/generations", response_model=OpenAIImageResponse, responses=ERRORS, tags=["images"])
+@router.post("/v1/images/generations", response_model=OpenAIImageResponse, responses=STREAMED, tags=["images"])
 async def images_generations(
     body: OpenAIGenerationsRequest, request: Request, state: StateDep, principal: LimitedPrincipal
 ) -> Any:
@@ -288,7 +302,7 @@ async def job_events(job_id: str, request: Request, state: StateDep, principal: 
 @router.post(
     "/v1/images/edits",
     response_model=OpenAIImageResponse,
-    responses=ERRORS,
+    responses=STREAMED,
     tags=["images"],
     openapi_extra={
         "requestBody": {

@@ -68,6 +68,9 @@ async def test_a_streamed_generation_through_the_openai_sdk_sends_partial_images
     assert plain.status_code == 200, plain.text
     for e, d in zip(completed, plain.json()["data"], strict=True):
         assert np.array_equal(decode(e.b64_json), decode(d["b64_json"]))
+    spec = (await client.get("/openapi.json")).json()["paths"]
+    for route in ("/v1/images/generations", "/v1/images/edits"):  # both answers documented
+        assert set(spec[route]["post"]["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
 
 
 async def test_an_edit_streams_too(client):
