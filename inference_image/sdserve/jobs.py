@@ -292,6 +292,18 @@ class RedisJobs:
     PREFIX = "sdserve:job:"
     EXPIRY = "sdserve:jobs:expiry"
     CLAIM = "sdserve:jobkey:"
+    #: Idempotency claims, like records, have no Redis expiry (under memory pressure an evicted
+    #: claim would let a retry make a second job): their expiry times are kept here, and each
+    #: claim deletes those past it (``CLEANUP`` at most).
+    CLAIMS = "sdserve:jobkeys:expiry"
+    #: ``claim``: SET NX and its expiry, or the value held, in one step.
+    CLAIM_SCRIPT = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+  return false
+end
+return redis.call('GET', KEYS[1])
+"""
     #: One sorted set per owner (its name hashed): job ids by creation time, for listing. An id
     #: whose record has gone is dropped from it when a listing meets it, or two TTLs after it
     #: was made; the set expires two TTLs after the owner's last write (it may be evicted under
@@ -395,20 +407,32 @@ return {popped[1], spec or ''}
         return out
 
     async def claim(self, name: str, value: str) -> str | None:
-        """SET NX with the jobs' TTL: atomic across replicas. Unlike a record, a claim has a Redis
-        expiry: under memory pressure it may be evicted before its day (a retry then makes a
-        second job), never a record."""
+        """SET NX, its expiry (the jobs' TTL) kept in ``CLAIMS``: atomic across replicas, and
+        never evicted. Claims past their time go first (this one, if it is)."""
+        now = time.time()
         try:
-            if await self._redis.set(self.CLAIM + name, value, nx=True, ex=self.ttl):
-                return None
-            held = await self._redis.get(self.CLAIM + name)
+            past: Any = await self._redis.zrangebyscore(self.CLAIMS, "-inf", now, start=0, num=self.CLEANUP)
+            if past:
+                names = [p.decode() if isinstance(p, bytes) else str(p) for p in past]
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    pipe.delete(*(self.CLAIM + n for n in names))
+                    pipe.zrem(self.CLAIMS, *names)
+                    await pipe.execute()
+            held: Any = await self._redis.eval(
+                self.CLAIM_SCRIPT, 2, self.CLAIM + name, self.CLAIMS, value, now + self.ttl, name
+            )
         except Exception as e:  # any Redis failure is the same retryable 503
             raise unavailable(e) from e
-        return held.decode() if isinstance(held, bytes) else held
+        if not held:
+            return None
+        return held.decode() if isinstance(held, bytes) else str(held)
 
     async def release(self, name: str) -> None:
         try:
-            await self._redis.delete(self.CLAIM + name)
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self.CLAIM + name)
+                pipe.zrem(self.CLAIMS, name)
+                await pipe.execute()
         except Exception as e:  # any Redis failure is the same retryable 503
             raise unavailable(e) from e
 

@@ -212,7 +212,8 @@ async def test_a_full_managed_redis_evicts_cached_results_never_an_accepted_job(
     """The managed Redis's memory limit and eviction policy, on a real redis-server with a
     small limit: caching far more than fits evicts cached results, and the finished job's
     record (with its images) stays for its whole TTL. A job's expiry is kept apart (the record
-    has no Redis expiry), and a later write deletes the records past it."""
+    has no Redis expiry), and a later write deletes the records past it; so with an
+    Idempotency-Key's claim."""
     from sdserve.cache import RedisCache
     from sdserve.jobs import JobRecord, RedisJobs
     from sdtesting.procs import RedisProc
@@ -225,12 +226,14 @@ async def test_a_full_managed_redis_evicts_cached_results_never_an_accepted_job(
         redis.client.config_set("maxmemory-policy", policy)
         jobs = RedisJobs(redis.url, 3600)
         await jobs.put(JobRecord(id="job_done", owner="alice", status="succeeded", images=["i" * 300_000]))
+        assert await jobs.claim("key-1", "job_done fp") is None
         cache = RedisCache(redis.url, 3600)
         for i in range(80):  # 8 MB of results through 4 MB
             await cache.set(f"sdserve:result:{i}", b"r" * 100_000)
         assert len(redis.client.keys("sdserve:result:*")) < 80  # the cache was evicted
         kept = await jobs.get("job_done")
         assert kept is not None and kept.images == ["i" * 300_000]
+        assert await jobs.claim("key-1", "job_other fp") == "job_done fp"  # the Idempotency-Key too
 
         brief = RedisJobs(redis.url, 1)
         await brief.put(JobRecord(id="job_brief", owner="alice"))
@@ -240,5 +243,14 @@ async def test_a_full_managed_redis_evicts_cached_results_never_an_accepted_job(
         await brief.put(JobRecord(id="job_next", owner="alice"))
         assert not redis.client.exists("sdserve:job:job_brief")  # and deleted by the next write
         assert redis.client.zscore("sdserve:jobs:expiry", "job_brief") is None
+        assert await brief.claim("key-2", "job_brief fp") is None
+        assert await brief.claim("key-2", "job_again fp") == "job_brief fp"
+        await asyncio.sleep(1.1)
+        assert await brief.claim("key-2", "job_again fp") is None  # past its time: free again
+        await brief.release("key-2")
+        assert (
+            not redis.client.exists("sdserve:jobkey:key-2")
+            and redis.client.zscore("sdserve:jobkeys:expiry", "key-2") is None
+        )
     finally:
         redis.stop()
