@@ -466,9 +466,11 @@ return {popped[1], spec or ''}
         return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
     async def reap(self, record: JobRecord) -> bool:
-        """SET NX of the record's id and lease end: one caller per lapse, whichever replica."""
+        """SET NX of the record's id and lease end: one caller per lapse, whichever replica. A
+        minute is enough: settled, the record has another lease end or has ended; a settling
+        that failed (Redis went away) is taken up again after it."""
         try:
-            return bool(await self._redis.set(f"{self.REAP}{record.id}:{record.lease_until}", 1, nx=True, ex=3600))
+            return bool(await self._redis.set(f"{self.REAP}{record.id}:{record.lease_until}", 1, nx=True, ex=60))
         except Exception as e:  # any Redis failure is the same retryable 503
             raise unavailable(e) from e
 
