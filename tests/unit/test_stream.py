@@ -63,7 +63,7 @@ async def test_a_streamed_generation_through_the_openai_sdk_sends_partial_images
             latent = 64 // tiny.pipe.vae_scale_factor  # 8 for SD; the tiny model's VAE scales by 2
             assert preview.size == (latent, latent) and e.output_format == "png" and e.size == "64x64"
     completed = [e for e in events if e.type == "image_generation.completed"]
-    assert [(e.index, e.seed) for e in completed] == [(0, 11), (1, 12)]  # type: ignore[attr-defined]
+    assert [(e.index, e.seed) for e in completed] == [(0, 11), (1, 12)]  # type: ignore[attr-defined]  # sdop's fields
     plain = await client.post("/v1/images/generations", json={"prompt": "a red fox", "size": "64x64", "n": 2, **asked})
     assert plain.status_code == 200, plain.text
     for e, d in zip(completed, plain.json()["data"], strict=True):
