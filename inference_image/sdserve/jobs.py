@@ -155,6 +155,10 @@ class JobStore(Protocol):
         """Hand a job to whichever replica takes it next."""
         ...
 
+    async def offered(self) -> int:
+        """How many jobs are offered and not taken yet."""
+        ...
+
     async def take(self) -> tuple[str, str] | None:
         """The oldest job offered (by ``created``): its id and stored request ("" when there
         is none), gone from the offers so that no other replica takes it too; None when none
@@ -213,6 +217,9 @@ class MemoryJobs:
     async def offer(self, job_id: str, created: float) -> None:
         self._offered[job_id] = created
 
+    async def offered(self) -> int:
+        return len(self._offered)
+
     async def take(self) -> tuple[str, str] | None:
         if not self._offered:
             return None
@@ -245,8 +252,9 @@ class MemoryJobs:
         self._drop(record.id, rewritten=True)  # to the end: the dict stays in order of expiry
         raw = json.dumps(asdict(record))
         self._data[record.id] = (now + self.ttl, raw, record.status in TERMINAL, record.owner)
-        if record.status in TERMINAL:
+        if record.status in TERMINAL:  # nothing left to run or hand off
             self._specs.pop(record.id, None)
+            self._offered.pop(record.id, None)
         self._by_owner.setdefault(record.owner, {})[record.id] = record.created
         self._bytes += len(raw)
         while True:  # expired records go, oldest write first; the one just written stops it
@@ -351,8 +359,9 @@ return {popped[1], spec or ''}
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.set(self.PREFIX + record.id, json.dumps(asdict(record)))
                 pipe.zadd(self.EXPIRY, {record.id: now + self.ttl})
-                if record.status in TERMINAL:
+                if record.status in TERMINAL:  # nothing left to run or hand off
                     pipe.zrem(self.LEASES, record.id)
+                    pipe.zrem(self.OFFERED, record.id)
                     pipe.delete(self.SPEC + record.id)
                 else:
                     pipe.zadd(self.LEASES, {record.id: record.lease_until})
@@ -445,6 +454,12 @@ return {popped[1], spec or ''}
     async def offer(self, job_id: str, created: float) -> None:
         try:
             await self._redis.zadd(self.OFFERED, {job_id: created})
+        except Exception as e:  # any Redis failure is the same retryable 503
+            raise unavailable(e) from e
+
+    async def offered(self) -> int:
+        try:
+            return int(await self._redis.zcard(self.OFFERED))
         except Exception as e:  # any Redis failure is the same retryable 503
             raise unavailable(e) from e
 
@@ -902,6 +917,12 @@ class Jobs:
         import httpx
 
         assert record.webhook_url is not None
+        try:  # as allowed now: another replica took the job, or the allowed hosts changed since
+            check_webhook(self.state.settings, record.webhook_url)
+        except ApiError as e:
+            metrics.WEBHOOKS.labels("failed").inc()
+            log.warning("webhook of %s not called: %s", record.id, e.message)
+            return
         body = json.dumps(self.view(record)).encode()
         delay = self.state.settings.webhook_backoff_seconds
         async with httpx.AsyncClient(timeout=10, follow_redirects=False) as client:
@@ -967,6 +988,8 @@ class Jobs:
                     if taken is None:
                         break
                     await self._take_up(*taken)
+                if self.store.shared:
+                    metrics.JOBS_OFFERED.set(await self.store.offered())
             except ApiError:
                 pass  # the store unreachable (logged): the next look tries again
             except Exception:

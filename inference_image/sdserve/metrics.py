@@ -93,6 +93,12 @@ JOBS_IN_FLIGHT = Gauge(
     ["status"],
     registry=REGISTRY,
 )
+JOBS_OFFERED = Gauge(
+    "sdserve_jobs_offered",
+    "Async jobs handed off (their replica shut down or died) that no replica has taken up yet, "
+    "in the store the replicas share: every replica reports the same count (read it with max).",
+    registry=REGISTRY,
+)
 JOBS = Counter(
     "sdserve_jobs",
     "Async jobs by event: submitted, then succeeded, failed or cancelled; handed_off by a replica "

@@ -582,11 +582,16 @@ async def test_a_replica_shutting_down_hands_the_jobs_it_has_not_queued_to_anoth
         assert metric("sdserve_jobs_total", event="handed_off") - handed == 3
         cancelled = (await ca.delete(f"/v1/jobs/{ids[4]}", headers=ALICE)).json()
         assert cancelled["status"] == "cancelled"
+        deadline = time.monotonic() + 5
+        while metric("sdserve_jobs_offered") != 2:  # every replica reports the store's count
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
     async with serve(b) as cb:
         done = [await until_done(cb, i) for i in ids]
     assert [d["status"] for d in done] == ["succeeded"] * 4 + ["cancelled"], [d.get("error") for d in done]
     assert [d["result"]["data"][0]["seed"] for d in done[:4]] == [10, 11, 12, 13]
     assert metric("sdserve_jobs_total", event="adopted") - adopted == 2
+    assert metric("sdserve_jobs_offered") == 0
     ran = [prompt for method, prompt, _ in taking.threads if method in ("run", "begin")]
     assert ran == ["job 2", "job 3"], ran  # oldest first; the cancelled one never ran
     assert not any(p in ("job 2", "job 3", "job 4") for _, p, _ in leaving.threads)
@@ -682,3 +687,25 @@ async def test_the_jobs_of_a_replica_that_died_run_elsewhere_unless_started_and_
     assert ends["job_spent"]["status"] == "failed" and ends["job_spent"]["error"]["code"] == "replica_lost"
     ran = [prompt for method, prompt, _ in other.threads if method in ("run", "begin")]
     assert ran == ["job 1", "job 2"], ran
+
+
+async def test_a_webhook_goes_only_to_a_host_allowed_when_it_is_called(keys):
+    """A job taken up by another replica, or whose end comes after the allowed hosts changed,
+    calls its webhook only if its host is allowed then: the check at submission is not enough."""
+    calls: list[bytes] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        calls.append(await request.read())
+        return web.Response()
+
+    async with receiver(hook) as url:
+        served = app(keys, webhook_allowed_hosts="hooks.example.com")  # not 127.0.0.1 (any more)
+        async with serve(served):
+            record = JobRecord(id="job_moved", owner="alice", status="succeeded", webhook_url=url)
+            failed = metric("sdserve_webhooks_total", outcome="failed")
+            await served.state.sd.jobs._deliver(record)
+            assert metric("sdserve_webhooks_total", outcome="failed") - failed == 1
+        allowed = app(keys, webhook_allowed_hosts="127.0.0.1")
+        async with serve(allowed):
+            await allowed.state.sd.jobs._deliver(record)
+    assert len(calls) == 1  # only the replica that allows the host called it

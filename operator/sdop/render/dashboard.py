@@ -136,6 +136,7 @@ PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
         [
             (f"sum by (event) (rate(sdserve_jobs_total{{{SEL}}}[5m]))", "jobs {{event}}"),
             (f"sum by (status) (sdserve_jobs_in_flight{{{SEL}}})", "jobs {{status}} now"),
+            (f"max(sdserve_jobs_offered{{{SEL}}})", "jobs waiting for a replica to take them up"),
             (f"sum by (outcome) (rate(sdserve_webhooks_total{{{SEL}}}[5m]))", "webhooks {{outcome}}"),
         ],
         "ops",
