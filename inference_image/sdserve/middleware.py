@@ -36,6 +36,18 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+#: Where a streamed answer (sdserve.stream) records how it ended, after its 200 went out.
+OUTCOME = "sdserve_outcome"
+
+
+def outcome(scope: Scope, sent: int) -> int:
+    """The status a request is counted and logged with: the one sent, or for a stream that
+    failed or lost its client after its 200, the status a plain request would have had (so
+    error-ratio alerts see a streamed failure)."""
+    code = scope.get("state", {}).get(OUTCOME)
+    return int(code) if code is not None else sent
+
+
 class RequestLog:
     """Each request gets an id, the client's or proxy's ``X-Request-ID`` when it is a plain
     token, else a new one; it is answered in ``X-Request-ID`` and carried by the log lines of
@@ -68,7 +80,7 @@ class RequestLog:
                     "%s %s %d %.3fs",
                     scope["method"],
                     scope["path"],
-                    status["code"],
+                    outcome(scope, status["code"]),
                     time.perf_counter() - t0,
                     extra={"request_id": request_id},
                 )
@@ -97,7 +109,8 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            metrics.HTTP_REQUESTS.labels(route, scope["method"], str(status["code"])).inc()
+            code = outcome(scope, status["code"])
+            metrics.HTTP_REQUESTS.labels(route, scope["method"], str(code)).inc()
             if route in self.timed:
                 metrics.REQUEST_DURATION.labels(route).observe(time.perf_counter() - t0)
 

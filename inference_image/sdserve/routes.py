@@ -191,7 +191,7 @@ async def answer(
                 "a streamed generation sends its images in its events: response_format must be b64_json",
                 param="response_format",
             )
-        return await stream.respond(state, gen, body.partial_images)
+        return await stream.respond(state, request, gen, body.partial_images)
     if body.partial_images:
         raise ApiError(422, "invalid_value", "partial_images needs stream: true", param="partial_images")
     r = await steps.generate(state, gen, request.is_disconnected)

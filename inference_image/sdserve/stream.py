@@ -22,10 +22,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from . import steps
 from .errors import ApiError
+from .middleware import OUTCOME
 from .queue import Job, cancel
 from .state import State
 
@@ -46,8 +48,9 @@ def event(name: str, data: dict[str, Any]) -> str:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n"
 
 
-async def respond(state: State, gen: steps.Generation, partial_images: int) -> StreamingResponse:
-    """Admit the request, then stream it."""
+async def respond(state: State, request: Request, gen: steps.Generation, partial_images: int) -> StreamingResponse:
+    """Admit the request, then stream it. How it ends goes in the request's state (``OUTCOME``):
+    the metrics and the access log count a failed stream as the error it is, not its 200."""
     loop = asyncio.get_running_loop()
     queued: asyncio.Future[Job] = loop.create_future()
     gone = False
@@ -94,11 +97,13 @@ async def respond(state: State, gen: steps.Generation, partial_images: int) -> S
             try:
                 result = await task
             except ApiError as e:
+                setattr(request.state, OUTCOME, e.status)
                 error = {"code": e.code, "message": e.message, "type": e.type, "param": e.param}
                 yield event("error", {"type": "error", "error": error})
                 return
             except Exception as e:  # not an ApiError: a bug, told as a plain request's 500 would be
                 log.exception("a streamed generation failed")
+                setattr(request.state, OUTCOME, 500)
                 message = f"{type(e).__name__}: {e}"
                 error = {"code": "generation_failed", "message": message, "type": "server_error", "param": None}
                 yield event("error", {"type": "error", "error": error})
@@ -118,6 +123,7 @@ async def respond(state: State, gen: steps.Generation, partial_images: int) -> S
                 yield event("image_generation.completed", completed)
         finally:
             if not task.done():  # the client went away: its request goes too
+                setattr(request.state, OUTCOME, 499)
                 gone = True
                 if job is not None:
                     cancel(job, "client_disconnected")

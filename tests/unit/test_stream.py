@@ -205,3 +205,24 @@ async def test_previews_are_rendered_when_read_never_on_the_model_thread(client,
     assert r.status_code == 200 and r.text.count("event: image_generation.partial_image") >= 1
     assert threads and not any(t.startswith("sdserve-gpu") for t in threads), threads
     assert len(threads) <= 3  # once per partial image sent, not once per step (40)
+
+
+async def test_a_stream_that_fails_after_its_200_is_counted_as_the_error_it_is(caplog):
+    """The 200 went out before the model ran out of memory: the client gets an ``error``
+    event, and the request metric and the access log count it as the 503 a plain request
+    would have been, so the error-ratio alert sees streamed failures too."""
+    import logging
+
+    settings = Settings(model="fake", min_side=64, max_wait_ms=0, cache_type="none")
+    labels = {"route": "/v1/images/generations", "method": "POST"}
+    async with serve(create_app(settings, FakePipeline(oom_prompt="too big"))) as client:
+        before = metric("sdserve_http_requests_total", **labels, status="503")
+        ok_before = metric("sdserve_http_requests_total", **labels, status="200")
+        with caplog.at_level(logging.INFO, logger="sdserve.access"):
+            r = await client.post("/v1/images/generations", json={"prompt": "too big", "size": "64x64", "stream": True})
+        assert r.status_code == 200 and "event: error" in r.text
+        error = json.loads(r.text.split("data: ", 1)[1])["error"]
+        assert error["code"] == "out_of_memory" and error["type"] == "server_error"
+        assert metric("sdserve_http_requests_total", **labels, status="503") - before == 1
+        assert metric("sdserve_http_requests_total", **labels, status="200") == ok_before
+        assert any("POST /v1/images/generations 503" in m for m in caplog.messages), caplog.messages
