@@ -124,6 +124,12 @@ def test_prometheus_scrapes_queue_depth_and_latency_under_load(server, prometheu
         assert batch and float(batch[0]["value"][1]) >= 8
 
     eventually(settled)
+    # The KEDA trigger's query, as rendered, evaluates to one number for the service.
+    cr = example("sd15-production")
+    cr["spec"]["autoscaling"]["provider"] = "keda"
+    scaled = next(o for o in render(cr) if o["kind"] == "ScaledObject")
+    demand = query(prometheus, scaled["spec"]["triggers"][0]["metadata"]["query"])
+    assert len(demand) == 1 and float(demand[0]["value"][1]) >= 0, demand
     rules = httpx.get(prometheus + "/api/v1/rules").json()["data"]["groups"][0]["rules"]
     assert len(rules) == 11 and all(r["health"] == "ok" for r in rules), [
         (r["name"], r.get("lastError")) for r in rules

@@ -11,6 +11,7 @@ from .workload import COMPONENT
 
 QUEUE_METRIC = "sdserve_queue_depth"
 INFLIGHT_METRIC = "sdserve_inflight_requests"
+OFFERED_METRIC = "sdserve_jobs_offered"
 
 
 def _behavior(ctx: Ctx) -> dict[str, Any]:
@@ -59,8 +60,13 @@ def hpa(ctx: Ctx) -> dict[str, Any] | None:
 
 def keda_query(ctx: Ctx) -> str:
     sel = f'namespace="{ctx.namespace}",service="{ctx.name}"'
-    # Waiting plus running work: a busy replica with an empty queue is not idle.
-    return f"sum({QUEUE_METRIC}{{{sel}}}) + sum({INFLIGHT_METRIC}{{{sel}}})"
+    # Waiting plus running work: a busy replica with an empty queue is not idle. Plus the jobs
+    # handed off by replicas that went and not taken up yet (every replica reports the same
+    # count: max; an image without the metric, during an upgrade, adds 0, not an empty result).
+    return (
+        f"sum({QUEUE_METRIC}{{{sel}}}) + sum({INFLIGHT_METRIC}{{{sel}}})"
+        f" + (max({OFFERED_METRIC}{{{sel}}}) or vector(0))"
+    )
 
 
 def scaled_object(ctx: Ctx) -> dict[str, Any] | None:
