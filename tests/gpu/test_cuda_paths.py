@@ -100,6 +100,44 @@ def test_an_unguided_request_on_cuda_steps_like_its_request_alone_and_beside_a_g
         assert diff.mean() <= 1.0 and np.percentile(diff, 99) <= 8
 
 
+def test_previews_read_off_the_model_thread_while_it_steps_leave_the_image_alone(sd15):
+    """A job's or a stream's previews on CUDA: the model's thread keeps a device copy of the
+    first image's latents each step, and a reader thread renders it (a host copy) while the
+    steps go on. The previews are the latent size; the image is the one a request without
+    previews gets, within the fp16 tolerance."""
+    import base64
+    import io
+    import threading
+
+    from PIL import Image
+
+    key = BatchKey(512, 512, 20, 7.5, "default")
+    (plain,) = asyncio.run(step_all(sd15, [(key, Item("a lighthouse", None, 1, 9))]))
+    watched = Item("a lighthouse", None, 1, 9, preview=True)
+    seen: list[str] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            if (png := watched.preview_png()) is not None:
+                seen.append(png)
+            done.wait(0.01)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        (previewed,) = asyncio.run(step_all(sd15, [(key, watched)]))
+    finally:
+        done.set()
+        reader.join()
+    assert len(set(seen)) >= 2  # the preview followed the steps
+    with Image.open(io.BytesIO(base64.b64decode(seen[-1]))) as last:
+        assert last.size == (64, 64)
+    diff = np.abs(arrays(plain)[0] - arrays(previewed)[0])
+    print(f"\nwith previews read while stepping: mean |diff| {diff.mean():.4f}, max {diff.max()} (of 255)")
+    assert diff.mean() <= 0.2 and np.percentile(diff, 99) <= 4
+
+
 def test_sdxl_fp16_steps_like_its_request_and_an_edit_beside_a_decode_leaves_both_intact():
     """The SDXL step path in fp16 on CUDA (the tiny SDXL: seconds): its image against diffusers'
     call, and edits beside decodes: image-to-image and inpainting starts switch the VAE's dtype
