@@ -85,7 +85,7 @@ class JobRecord:
     preview: str | None = None  # a low-resolution PNG (base64) while it runs, when asked for
     output_format: str = "png"  # of its images (the request's output_format)
     revised_prompt: str | None = None  # what the model read of a prompt too long to read whole
-    offered: float = 0.0  # when a replica shutting down handed it off; 0 once one took it up
+    offered: float = 0.0  # when it was handed off (its replica shut down or died); 0 once one took it up
     runner: str = ""  # the replica that runs it (``Jobs.me``); none while offered
     attempts: int = 0  # the replicas that took it, the first included
 
@@ -249,7 +249,7 @@ class MemoryJobs:
 
     async def put(self, record: JobRecord) -> None:
         now = time.monotonic()
-        self._drop(record.id, rewritten=True)  # to the end: the dict stays in order of expiry
+        self._drop(record.id)  # to the end: the dict stays in order of expiry
         raw = json.dumps(asdict(record))
         self._data[record.id] = (now + self.ttl, raw, record.status in TERMINAL, record.owner)
         if record.status in TERMINAL:  # nothing left to run or hand off
@@ -268,9 +268,7 @@ class MemoryJobs:
                 if self._bytes <= self.max_bytes:
                     break
 
-    def _drop(self, job_id: str, rewritten: bool = False) -> None:
-        if not rewritten:
-            self._specs.pop(job_id, None)
+    def _drop(self, job_id: str) -> None:
         gone = self._data.pop(job_id, None)
         if gone is not None:
             self._bytes -= len(gone[1])
@@ -684,7 +682,8 @@ class Jobs:
             record.webhook_url, record.webhook_secret = webhook["url"], webhook.get("secret") or ""
         record.lease_until = time.time() + self.state.settings.job_lease_seconds
         if self.store.shared:  # another replica can run it if this one dies before it starts
-            await self.store.put_spec(job_id, spec_of(gen, urls))
+            # An edit's images are PNG-encoded: off the event loop.
+            await self.store.put_spec(job_id, await asyncio.to_thread(spec_of, gen, urls))
         await self.store.put(record)
         return record
 
@@ -832,7 +831,7 @@ class Jobs:
             record.seeds = result.seeds
             record.status, record.step = "succeeded", gen.key.denoising_steps
         except Draining:  # this replica began shutting down before the job reached its queue
-            if await self._hand_off(record, gen, urls):
+            if await self._hand_off(record):
                 return
             e = steps.draining_error()
             record.status, record.error = "failed", {"code": e.code, "message": e.message}
@@ -946,10 +945,11 @@ class Jobs:
                 log.warning("webhook of %s, attempt %d: %s", record.id, attempt + 1, problem)
                 await asyncio.sleep(delay * 2**attempt)
 
-    async def _hand_off(self, record: JobRecord, gen: steps.Generation, urls: bool) -> bool:
-        """Offer a job this replica will not run to the replicas sharing its store: the record,
-        still queued, is kept for ``job_handoff_seconds``. False without a shared store, or
-        when the store cannot be reached (the job then fails)."""
+    async def _hand_off(self, record: JobRecord) -> bool:
+        """Offer a job this replica will not run to the replicas sharing its store (its request
+        was stored when it was accepted): the record, still queued, is kept for
+        ``job_handoff_seconds``. False without a shared store, or when the store cannot be
+        reached (the job then fails)."""
         if not self.store.shared:
             return False
         record.offered, record.runner = time.time(), ""
@@ -960,7 +960,6 @@ class Jobs:
             if fresh is not None and self._elsewhere(fresh):
                 return True  # reported lost, cancelled or given to another meanwhile: that stands
             record.cancel_requested = bool(fresh and fresh.cancel_requested)
-            await self.store.put_spec(record.id, spec_of(gen, urls))  # kept since its start; again, in case
             await self.store.put(record)
             await self.store.offer(record.id, record.created)
         except ApiError:
@@ -970,7 +969,7 @@ class Jobs:
         return True
 
     async def _adopt(self) -> None:
-        """Every second: take up jobs handed off by replicas shutting down, oldest first, while
+        """Every second: take up jobs handed off (their replica shut down or died), oldest first, while
         this one is ready and has room to queue them soon (fewer than half its queue waiting,
         as ``steps.enqueue_when_room`` lets in) and below ``job_queue_size`` jobs. Every
         ``REAP_SECONDS``: settle jobs whose lease lapsed (``_settled``), their replica dead."""
@@ -1008,8 +1007,10 @@ class Jobs:
             return
         try:
             if not spec:
-                raise ValueError("its request is no longer stored (evicted from Redis under memory pressure)")
-            gen, urls = generation_of(spec)
+                raise ValueError(
+                    "its request was not stored (by a replica of an older version) or was evicted from Redis"
+                )
+            gen, urls = await asyncio.to_thread(generation_of, spec)  # decodes an edit's images
         except ValueError as e:  # not kept, or kept by a replica of another version (a rolling update)
             record.status, record.error = "failed", {"code": "replica_lost", "message": f"{e}; submit it again"}
             metrics.JOBS.labels("failed").inc()
@@ -1019,7 +1020,7 @@ class Jobs:
         record.lease_until = time.time() + self.state.settings.job_lease_seconds
         await self.store.put(record)
         metrics.JOBS.labels("adopted").inc()
-        log.info("took up job %s, handed off by a replica shutting down", job_id)
+        log.info("took up job %s, handed off when its replica shut down or died", job_id)
         self._launch(record, gen, urls)
 
     async def _end_elsewhere(self, record: JobRecord) -> None:
