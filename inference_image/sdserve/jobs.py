@@ -130,6 +130,11 @@ class JobStore(Protocol):
 
     async def put(self, record: JobRecord) -> None: ...
 
+    async def put_unless_ended(self, record: JobRecord) -> bool:
+        """``put``, unless the stored record has ended (or is gone) meanwhile: False then, and
+        nothing written. A replica taking up an offered job writes so, not over a cancel."""
+        ...
+
     async def claim(self, name: str, value: str) -> str | None:
         """Set ``name`` to ``value`` for the jobs' TTL unless it is set: None when this call set
         it, else the value already there (an Idempotency-Key's job)."""
@@ -268,6 +273,13 @@ class MemoryJobs:
                 if self._bytes <= self.max_bytes:
                     break
 
+    async def put_unless_ended(self, record: JobRecord) -> bool:
+        stored = await self.get(record.id)  # no await between the look and the write
+        if stored is None or stored.status in TERMINAL:
+            return False
+        await self.put(record)
+        return True
+
     def _drop(self, job_id: str) -> None:
         gone = self._data.pop(job_id, None)
         if gone is not None:
@@ -355,21 +367,7 @@ return {popped[1], spec or ''}
         now = time.time()
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.set(self.PREFIX + record.id, json.dumps(asdict(record)))
-                pipe.zadd(self.EXPIRY, {record.id: now + self.ttl})
-                if record.status in TERMINAL:  # nothing left to run or hand off
-                    pipe.zrem(self.LEASES, record.id)
-                    pipe.zrem(self.OFFERED, record.id)
-                    pipe.delete(self.SPEC + record.id)
-                else:
-                    pipe.zadd(self.LEASES, {record.id: record.lease_until})
-                # The owner's index: ids made over two TTLs ago are past (a record lives a TTL
-                # after its last write, and a job does not run for a day), and an owner idle that
-                # long has no record left: the index goes too.
-                owner = self._owner_key(record.owner)
-                pipe.zadd(owner, {record.id: record.created}, nx=True)
-                pipe.zremrangebyscore(owner, "-inf", now - 2 * self.ttl)
-                pipe.expire(owner, 2 * self.ttl)
+                self._write(pipe, record, now)
                 await pipe.execute()
             expired = await self._redis.zrangebyscore(self.EXPIRY, "-inf", now, start=0, num=self.CLEANUP)
             if expired:
@@ -382,6 +380,48 @@ return {popped[1], spec or ''}
                     await pipe.execute()
         except Exception as e:  # any Redis failure is the same retryable 503
             raise unavailable(e) from e
+
+    def _write(self, pipe: Any, record: JobRecord, now: float) -> None:
+        """A record's writes, into a transaction: the record, its expiry, its lease (or, ended,
+        its lease, offer and request gone), its owner's index."""
+        pipe.set(self.PREFIX + record.id, json.dumps(asdict(record)))
+        pipe.zadd(self.EXPIRY, {record.id: now + self.ttl})
+        if record.status in TERMINAL:  # nothing left to run or hand off
+            pipe.zrem(self.LEASES, record.id)
+            pipe.zrem(self.OFFERED, record.id)
+            pipe.delete(self.SPEC + record.id)
+        else:
+            pipe.zadd(self.LEASES, {record.id: record.lease_until})
+        # The owner's index: ids made over two TTLs ago are past (a record lives a TTL after
+        # its last write, and a job does not run for a day), and an owner idle that long has no
+        # record left: the index goes too.
+        owner = self._owner_key(record.owner)
+        pipe.zadd(owner, {record.id: record.created}, nx=True)
+        pipe.zremrangebyscore(owner, "-inf", now - 2 * self.ttl)
+        pipe.expire(owner, 2 * self.ttl)
+
+    async def put_unless_ended(self, record: JobRecord) -> bool:
+        """WATCH the record, look, write in a transaction: a write between the look and the
+        transaction (a cancel) makes it look again."""
+        from redis.exceptions import WatchError
+
+        try:
+            for _ in range(5):
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    await pipe.watch(self.PREFIX + record.id)
+                    raw = await pipe.get(self.PREFIX + record.id)
+                    if not raw or JobRecord.parse(raw).status in TERMINAL:
+                        return False
+                    pipe.multi()
+                    self._write(pipe, record, time.time())
+                    try:
+                        await pipe.execute()
+                        return True
+                    except WatchError:
+                        continue
+        except Exception as e:  # any Redis failure is the same retryable 503
+            raise unavailable(e) from e
+        return False  # written to again and again: another writer is at it
 
     def _owner_key(self, owner: str) -> str:
         return self.OWNER + hashlib.sha256(owner.encode()).hexdigest()
@@ -1018,7 +1058,8 @@ class Jobs:
             return
         record.offered, record.runner, record.attempts = 0.0, self.me, record.attempts + 1
         record.lease_until = time.time() + self.state.settings.job_lease_seconds
-        await self.store.put(record)
+        if not await self.store.put_unless_ended(record):
+            return  # cancelled (or reported lost) since it was read: that stands
         metrics.JOBS.labels("adopted").inc()
         log.info("took up job %s, handed off when its replica shut down or died", job_id)
         self._launch(record, gen, urls)

@@ -254,3 +254,40 @@ async def test_a_full_managed_redis_evicts_cached_results_never_an_accepted_job(
         )
     finally:
         redis.stop()
+
+
+async def test_taking_up_an_offered_job_never_writes_over_a_cancel(tmp_path):
+    """The replica taking up an offered job writes its record only if it has not ended: a
+    cancel written between its look and its write (here, from another client, at the worst
+    moment) makes the transaction fail and the cancel stands."""
+    import json as json_
+    import time
+
+    from sdserve.jobs import JobRecord, RedisJobs
+    from sdtesting.procs import RedisProc
+
+    redis = RedisProc(tmp_path)
+    try:
+
+        class Racing(RedisJobs):
+            cancel_first = False
+
+            def _write(self, pipe, record, now):
+                if self.cancel_first:  # another replica's DELETE lands after the look
+                    self.cancel_first = False
+                    raw = json_.loads(redis.client.get(self.PREFIX + record.id))
+                    redis.client.set(self.PREFIX + record.id, json_.dumps({**raw, "status": "cancelled"}))
+                super()._write(pipe, record, now)
+
+        jobs = Racing(redis.url, 3600)
+        await jobs.put(JobRecord(id="job_offered", owner="alice", offered=1.0, lease_until=time.time() + 60))
+        jobs.cancel_first = True
+        taken = JobRecord(id="job_offered", owner="alice", runner="replica-b", lease_until=time.time() + 60)
+        assert await jobs.put_unless_ended(taken) is False
+        assert (await jobs.get("job_offered")).status == "cancelled"
+        await jobs.put(JobRecord(id="job_free", owner="alice", offered=1.0, lease_until=time.time() + 60))
+        assert await jobs.put_unless_ended(JobRecord(id="job_free", owner="alice", runner="replica-b")) is True
+        assert (await jobs.get("job_free")).runner == "replica-b"
+        assert await jobs.put_unless_ended(JobRecord(id="job_gone", owner="alice")) is False
+    finally:
+        redis.stop()
