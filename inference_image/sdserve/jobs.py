@@ -759,7 +759,8 @@ class Jobs:
         """A record whose lease lapsed (its replica died, or one that shut down handed it off
         and none took it up) is settled by the first to read it: a job that never started, on
         a shared store, is offered to the replicas again (``MAX_ATTEMPTS`` replicas in all);
-        any other is the failed job it is (``replica_lost``), written so and its webhook called."""
+        any other is the failed job it is (``replica_lost``), written so and its webhook called.
+        Neither is written over an end stored meanwhile (a cancel): that end is the answer."""
         now = time.time()
         if record.lapsed(now) and await self.store.reap(record):
             if (
@@ -770,7 +771,8 @@ class Jobs:
             ):
                 record.runner, record.offered = "", now
                 record.lease_until = now + self.state.settings.job_handoff_seconds
-                await self.store.put(record)
+                if not await self.store.put_unless_ended(record):
+                    return (await self.store.get(record.id)) or record
                 await self.store.offer(record.id, record.created)
                 metrics.JOBS.labels("handed_off").inc()
                 log.warning("job %s offered again: its replica stopped renewing it before it started", record.id)
@@ -783,9 +785,7 @@ class Jobs:
                     "replica shutting down; submit it again"
                 )
             record.error = {"code": "replica_lost", "message": message}
-            await self.store.put(record)
-            metrics.JOBS.labels("failed").inc()
-            self._report(record)
+            return await self._end_elsewhere(record)
         return record
 
     async def page(self, principal: str, limit: int, after: str | None) -> dict[str, Any]:
@@ -810,12 +810,12 @@ class Jobs:
         if record.status in TERMINAL:
             return record
         record.cancel_requested = True  # the replica running it reads this within a second
-        if record.offered:  # handed off, no replica holds it: cancelled here (``_take_up`` skips it)
+        if record.offered or record.lapsed(time.time()):
+            # No replica holds it (handed off, or its replica gone and another settling it):
+            # cancelled here. ``_take_up`` and ``_settled`` write nothing over it.
             record.status = "cancelled"
-            metrics.JOBS.labels("cancelled").inc()
-            await self._end_elsewhere(record)
-        else:
-            await self.store.put(record)
+            return await self._end_elsewhere(record)
+        await self.store.put(record)
         return record
 
     def view(self, record: JobRecord) -> dict[str, Any]:
@@ -1053,7 +1053,6 @@ class Jobs:
             gen, urls = await asyncio.to_thread(generation_of, spec)  # decodes an edit's images
         except ValueError as e:  # not kept, or kept by a replica of another version (a rolling update)
             record.status, record.error = "failed", {"code": "replica_lost", "message": f"{e}; submit it again"}
-            metrics.JOBS.labels("failed").inc()
             await self._end_elsewhere(record)
             return
         record.offered, record.runner, record.attempts = 0.0, self.me, record.attempts + 1
@@ -1064,11 +1063,15 @@ class Jobs:
         log.info("took up job %s, handed off when its replica shut down or died", job_id)
         self._launch(record, gen, urls)
 
-    async def _end_elsewhere(self, record: JobRecord) -> None:
-        """Store and report the end of a job no replica holds (cancelled or failed while
-        offered), as the replica running it would."""
-        await self.store.put(record)
+    async def _end_elsewhere(self, record: JobRecord) -> JobRecord:
+        """Store, count and report the end of a job no replica holds (cancelled or failed
+        while offered, or lost), as the replica running it would; unless an end was stored
+        meanwhile: that one is the answer, and is returned."""
+        if not await self.store.put_unless_ended(record):
+            return (await self.store.get(record.id)) or record
+        metrics.JOBS.labels(record.status).inc()
         self._report(record)
+        return record
 
     def _report(self, record: JobRecord) -> None:
         """Its webhook, if it has one, called in the background (a drain waits for it)."""

@@ -709,3 +709,25 @@ async def test_a_webhook_goes_only_to_a_host_allowed_when_it_is_called(keys):
         async with serve(allowed):
             await allowed.state.sd.jobs._deliver(record)
     assert len(calls) == 1  # only the replica that allows the host called it
+
+
+async def test_a_job_whose_replica_died_is_cancelled_at_once_and_never_offered_again(keys):
+    """A cancel of a job no replica renews (its replica died, the lease lapsed) ends it there
+    and then, whoever is settling its lapse: the reaper does not offer it again afterwards, and
+    the cancel is not written over."""
+    shared = MemoryJobs(3600, shared=True)
+    served = app(keys)
+    served.state.sd.jobs.store = shared
+    async with serve(served) as client:
+        lost = JobRecord(id="job_lost", owner="alice", attempts=1, lease_until=time.time() - 1)
+        await shared.put(lost)
+        await shared.reap(lost)  # another replica holds the settling of this lapse
+        r = await client.delete("/v1/jobs/job_lost", headers=ALICE)
+        assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+
+        async def held(record: JobRecord) -> bool:
+            return True  # the other replica's claim, taken before the cancel
+
+        shared.reap = held  # type: ignore[method-assign]  # its settling goes on, from its old copy
+        await served.state.sd.jobs._settled(lost)
+        assert (await shared.get("job_lost")).status == "cancelled" and await shared.offered() == 0
