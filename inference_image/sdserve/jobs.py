@@ -769,12 +769,8 @@ class Jobs:
                 and not record.offered
                 and record.attempts < MAX_ATTEMPTS
             ):
-                record.runner, record.offered = "", now
-                record.lease_until = now + self.state.settings.job_handoff_seconds
-                if not await self.store.put_unless_ended(record):
+                if not await self._offer(record):
                     return (await self.store.get(record.id)) or record
-                await self.store.offer(record.id, record.created)
-                metrics.JOBS.labels("handed_off").inc()
                 log.warning("job %s offered again: its replica stopped renewing it before it started", record.id)
                 return record
             record.status = "failed"
@@ -992,20 +988,29 @@ class Jobs:
         reached (the job then fails)."""
         if not self.store.shared:
             return False
-        record.offered, record.runner = time.time(), ""
-        record.lease_until = record.offered + self.state.settings.job_handoff_seconds
         record.status, record.step, record.preview = "queued", 0, None
         try:
             fresh = await self.store.get(record.id)
             if fresh is not None and self._elsewhere(fresh):
                 return True  # reported lost, cancelled or given to another meanwhile: that stands
             record.cancel_requested = bool(fresh and fresh.cancel_requested)
-            await self.store.put(record)
-            await self.store.offer(record.id, record.created)
+            if not await self._offer(record):
+                return True  # ended meanwhile: that stands
         except ApiError:
             return False
-        metrics.JOBS.labels("handed_off").inc()
         log.info("job %s handed off: this replica is shutting down before it could queue it", record.id)
+        return True
+
+    async def _offer(self, record: JobRecord) -> bool:
+        """Offer a job to the replicas sharing the store (a hand-off at a drain, or a lapse of
+        a job that never started): no runner, kept ``job_handoff_seconds``. False, and nothing
+        written or offered, when an end was stored meanwhile."""
+        record.runner, record.offered = "", time.time()
+        record.lease_until = record.offered + self.state.settings.job_handoff_seconds
+        if not await self.store.put_unless_ended(record):
+            return False
+        await self.store.offer(record.id, record.created)
+        metrics.JOBS.labels("handed_off").inc()
         return True
 
     async def _adopt(self) -> None:
