@@ -128,7 +128,11 @@ class JobRecord:
 class JobStore(Protocol):
     async def get(self, job_id: str) -> JobRecord | None: ...
 
-    async def put(self, record: JobRecord) -> None: ...
+    async def put(self, record: JobRecord, spec: str | None = None) -> None:
+        """Store ``record`` (for the jobs' TTL from now); ``spec``: the job's request, kept with
+        it until it ends (a ``put`` of its end drops it), for the replica that takes the job up
+        if its own goes. Neither is evicted under memory pressure."""
+        ...
 
     async def put_unless_ended(self, record: JobRecord) -> bool:
         """``put``, unless the stored record has ended (or is gone) meanwhile: False then, and
@@ -150,11 +154,6 @@ class JobStore(Protocol):
 
     #: Whether other replicas use this store too (Redis): only then is a job handed off.
     shared: bool
-
-    async def put_spec(self, job_id: str, spec: str) -> None:
-        """Keep a job's request until it ends (a ``put`` of its end drops it), for the replica
-        that takes it up if its own goes."""
-        ...
 
     async def offer(self, job_id: str, created: float) -> None:
         """Hand a job to whichever replica takes it next."""
@@ -216,9 +215,6 @@ class MemoryJobs:
     async def release(self, name: str) -> None:
         self._claims.pop(name, None)
 
-    async def put_spec(self, job_id: str, spec: str) -> None:
-        self._specs[job_id] = spec
-
     async def offer(self, job_id: str, created: float) -> None:
         self._offered[job_id] = created
 
@@ -252,7 +248,7 @@ class MemoryJobs:
         expires, raw, _, _ = self._data.get(job_id, (0.0, "", False, ""))
         return JobRecord.parse(raw) if raw and expires > time.monotonic() else None
 
-    async def put(self, record: JobRecord) -> None:
+    async def put(self, record: JobRecord, spec: str | None = None) -> None:
         now = time.monotonic()
         self._drop(record.id)  # to the end: the dict stays in order of expiry
         raw = json.dumps(asdict(record))
@@ -260,6 +256,8 @@ class MemoryJobs:
         if record.status in TERMINAL:  # nothing left to run or hand off
             self._specs.pop(record.id, None)
             self._offered.pop(record.id, None)
+        elif spec is not None:
+            self._specs[record.id] = spec
         self._by_owner.setdefault(record.owner, {})[record.id] = record.created
         self._bytes += len(raw)
         while True:  # expired records go, oldest write first; the one just written stops it
@@ -267,6 +265,8 @@ class MemoryJobs:
             if self._data[oldest][0] > now:
                 break
             self._drop(oldest)
+            self._specs.pop(oldest, None)  # an unfinished job's request and offer go with it
+            self._offered.pop(oldest, None)
         if self._bytes > self.max_bytes:  # then the oldest finished ones, while over the bound
             for job_id in [i for i, (_, _, finished, _) in self._data.items() if finished and i != record.id]:
                 self._drop(job_id)
@@ -327,10 +327,9 @@ return redis.call('GET', KEYS[1])
     #: was made; the set expires two TTLs after the owner's last write (it may be evicted under
     #: memory pressure before then: a listing then misses jobs, their records stay).
     OWNER = "sdserve:jobs:owner:"
-    #: Jobs handed off (``offer``), by creation time; each unfinished job's request, with the
-    #: jobs' TTL as its Redis expiry (evicted under memory pressure, a job can no longer be
-    #: handed off, and still runs); unfinished jobs by lease end, for ``lapsed``; a lapse
-    #: settled (``reap``), briefly.
+    #: Jobs handed off (``offer``), by creation time; each unfinished job's request, like its
+    #: record without a Redis expiry (deleted with it); unfinished jobs by lease end, for
+    #: ``lapsed``; a lapse settled (``reap``), briefly.
     OFFERED = "sdserve:jobs:offered"
     SPEC = "sdserve:jobspec:"
     LEASES = "sdserve:jobs:leases"
@@ -363,11 +362,11 @@ return {popped[1], spec or ''}
             return None
         return JobRecord.parse(raw)
 
-    async def put(self, record: JobRecord) -> None:
+    async def put(self, record: JobRecord, spec: str | None = None) -> None:
         now = time.time()
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
-                self._write(pipe, record, now)
+                self._write(pipe, record, now, spec)
                 await pipe.execute()
             expired = await self._redis.zrangebyscore(self.EXPIRY, "-inf", now, start=0, num=self.CLEANUP)
             if expired:
@@ -381,9 +380,9 @@ return {popped[1], spec or ''}
         except Exception as e:  # any Redis failure is the same retryable 503
             raise unavailable(e) from e
 
-    def _write(self, pipe: Any, record: JobRecord, now: float) -> None:
-        """A record's writes, into a transaction: the record, its expiry, its lease (or, ended,
-        its lease, offer and request gone), its owner's index."""
+    def _write(self, pipe: Any, record: JobRecord, now: float, spec: str | None = None) -> None:
+        """A record's writes, into a transaction: the record, its expiry, its lease and request
+        (or, ended, its lease, offer and request gone), its owner's index."""
         pipe.set(self.PREFIX + record.id, json.dumps(asdict(record)))
         pipe.zadd(self.EXPIRY, {record.id: now + self.ttl})
         if record.status in TERMINAL:  # nothing left to run or hand off
@@ -392,6 +391,8 @@ return {popped[1], spec or ''}
             pipe.delete(self.SPEC + record.id)
         else:
             pipe.zadd(self.LEASES, {record.id: record.lease_until})
+            if spec is not None:
+                pipe.set(self.SPEC + record.id, spec)
         # The owner's index: ids made over two TTLs ago are past (a record lives a TTL after
         # its last write, and a job does not run for a day), and an owner idle that long has no
         # record left: the index goes too.
@@ -480,12 +481,6 @@ return {popped[1], spec or ''}
                 pipe.delete(self.CLAIM + name)
                 pipe.zrem(self.CLAIMS, name)
                 await pipe.execute()
-        except Exception as e:  # any Redis failure is the same retryable 503
-            raise unavailable(e) from e
-
-    async def put_spec(self, job_id: str, spec: str) -> None:
-        try:
-            await self._redis.set(self.SPEC + job_id, spec, ex=self.ttl)
         except Exception as e:  # any Redis failure is the same retryable 503
             raise unavailable(e) from e
 
@@ -721,10 +716,11 @@ class Jobs:
         if webhook:
             record.webhook_url, record.webhook_secret = webhook["url"], webhook.get("secret") or ""
         record.lease_until = time.time() + self.state.settings.job_lease_seconds
+        spec = None
         if self.store.shared:  # another replica can run it if this one dies before it starts
             # An edit's images are PNG-encoded: off the event loop.
-            await self.store.put_spec(job_id, await asyncio.to_thread(spec_of, gen, urls))
-        await self.store.put(record)
+            spec = await asyncio.to_thread(spec_of, gen, urls)
+        await self.store.put(record, spec)
         return record
 
     async def _replay(self, principal: str, key: str, fingerprint: str, held: str) -> JobRecord:

@@ -211,9 +211,12 @@ def managed_redis_args() -> list[str]:
 async def test_a_full_managed_redis_evicts_cached_results_never_an_accepted_job(tmp_path):
     """The managed Redis's memory limit and eviction policy, on a real redis-server with a
     small limit: caching far more than fits evicts cached results, and the finished job's
-    record (with its images) stays for its whole TTL. A job's expiry is kept apart (the record
-    has no Redis expiry), and a later write deletes the records past it; so with an
-    Idempotency-Key's claim."""
+    record (with its images) stays for its whole TTL, as does a waiting job's request (what
+    another replica needs to take it up). A job's expiry is kept apart (the record has no
+    Redis expiry), and a later write deletes the records past it; so with an Idempotency-Key's
+    claim."""
+    import time
+
     from sdserve.cache import RedisCache
     from sdserve.jobs import JobRecord, RedisJobs
     from sdtesting.procs import RedisProc
@@ -227,6 +230,9 @@ async def test_a_full_managed_redis_evicts_cached_results_never_an_accepted_job(
         jobs = RedisJobs(redis.url, 3600)
         await jobs.put(JobRecord(id="job_done", owner="alice", status="succeeded", images=["i" * 300_000]))
         assert await jobs.claim("key-1", "job_done fp") is None
+        waiting = JobRecord(id="job_waiting", owner="alice", lease_until=time.time() + 60)
+        await jobs.put(waiting, spec="s" * 300_000)
+        assert redis.client.ttl("sdserve:jobspec:job_waiting") == -1  # no expiry: never evicted
         cache = RedisCache(redis.url, 3600)
         for i in range(80):  # 8 MB of results through 4 MB
             await cache.set(f"sdserve:result:{i}", b"r" * 100_000)
@@ -234,6 +240,11 @@ async def test_a_full_managed_redis_evicts_cached_results_never_an_accepted_job(
         kept = await jobs.get("job_done")
         assert kept is not None and kept.images == ["i" * 300_000]
         assert await jobs.claim("key-1", "job_other fp") == "job_done fp"  # the Idempotency-Key too
+        await jobs.offer("job_waiting", waiting.created)
+        assert await jobs.take() == ("job_waiting", "s" * 300_000)  # and the waiting job's request
+        waiting.status = "cancelled"
+        await jobs.put(waiting)
+        assert not redis.client.exists("sdserve:jobspec:job_waiting")  # gone with its end
 
         brief = RedisJobs(redis.url, 1)
         await brief.put(JobRecord(id="job_brief", owner="alice"))
@@ -272,12 +283,12 @@ async def test_taking_up_an_offered_job_never_writes_over_a_cancel(tmp_path):
         class Racing(RedisJobs):
             cancel_first = False
 
-            def _write(self, pipe, record, now):
+            def _write(self, pipe, record, now, spec=None):
                 if self.cancel_first:  # another replica's DELETE lands after the look
                     self.cancel_first = False
                     raw = json_.loads(redis.client.get(self.PREFIX + record.id))
                     redis.client.set(self.PREFIX + record.id, json_.dumps({**raw, "status": "cancelled"}))
-                super()._write(pipe, record, now)
+                super()._write(pipe, record, now, spec)
 
         jobs = Racing(redis.url, 3600)
         await jobs.put(JobRecord(id="job_offered", owner="alice", offered=1.0, lease_until=time.time() + 60))

@@ -315,10 +315,10 @@ class Flaky(MemoryJobs):
             raise unavailable(ConnectionError("connection refused"))
         return await super().get(job_id)
 
-    async def put(self, record: JobRecord) -> None:
+    async def put(self, record: JobRecord, spec: str | None = None) -> None:
         if self.down:
             raise unavailable(ConnectionError("connection refused"))
-        await super().put(record)
+        await super().put(record, spec)
 
 
 async def running_when_the_store_goes(served, client) -> tuple[Flaky, dict]:
