@@ -218,7 +218,8 @@ async def test_a_full_managed_redis_evicts_cached_results_never_an_accepted_job(
     import time
 
     from sdserve.cache import RedisCache
-    from sdserve.jobs import JobRecord, RedisJobs
+    from sdserve.jobs.record import JobRecord
+    from sdserve.jobs.redisstore import RedisJobs
     from sdtesting.procs import RedisProc
 
     args = managed_redis_args()
@@ -274,7 +275,8 @@ async def test_taking_up_an_offered_job_never_writes_over_a_cancel(tmp_path):
     import json as json_
     import time
 
-    from sdserve.jobs import JobRecord, RedisJobs
+    from sdserve.jobs.record import JobRecord
+    from sdserve.jobs.redisstore import RedisJobs
     from sdtesting.procs import RedisProc
 
     redis = RedisProc(tmp_path)

@@ -14,7 +14,10 @@ import pytest
 from aiohttp import web
 
 from sdserve.app import create_app
-from sdserve.jobs import JobRecord, MemoryJobs, signature, unavailable
+from sdserve.jobs.record import JobRecord
+from sdserve.jobs.redisstore import unavailable
+from sdserve.jobs.store import MemoryJobs
+from sdserve.jobs.webhook import signature
 from sdserve.lifecycle import start_drain
 from sdserve.settings import Settings
 from sdtesting.asgi import metric, serve
@@ -617,7 +620,7 @@ def test_a_handed_off_edit_keeps_its_input_image_and_mask_to_the_pixel():
     from PIL import Image
 
     from sdserve.encode import ImageFormat
-    from sdserve.jobs import generation_of, spec_of
+    from sdserve.jobs.spec import generation_of, spec_of
     from sdserve.steps import Generation
     from sdserve.work import BatchKey
 
@@ -644,7 +647,7 @@ async def test_the_jobs_of_a_replica_that_died_run_elsewhere_unless_started_and_
     its webhook). The one that was running fails with replica_lost and its webhook is called;
     those that never started run on the other replica, with their seeds. A job that has
     already been given to MAX_ATTEMPTS replicas is not given again: it fails."""
-    from sdserve.jobs import MAX_ATTEMPTS
+    from sdserve.jobs.service import MAX_ATTEMPTS
 
     shared = MemoryJobs(3600, shared=True)
     calls: list[dict] = []

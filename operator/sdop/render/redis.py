@@ -48,7 +48,7 @@ def redis_deployment(ctx: Ctx) -> dict[str, Any] | None:
                             "image": redis.image,
                             # No persistence, bounded memory. Under memory pressure only keys with an
                             # expiry go, least recently used first: cached results and rate-limit
-                            # buckets. Async jobs' records carry none (sdserve.jobs.RedisJobs keeps
+                            # buckets. Async jobs' records carry none (sdserve.jobs.redisstore.RedisJobs keeps
                             # their expiry apart), so an accepted job is never evicted.
                             "args": [
                                 "--save",

@@ -1,0 +1,478 @@
+"""``Jobs``: accepts jobs, runs this replica's, hands off and takes up waiting ones, answers
+for every job in the store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .. import metrics, steps
+from ..encode import ImageFormat
+from ..errors import ApiError
+from ..queue import Draining, Job
+from .record import TERMINAL, JobRecord
+from .spec import generation_of, spec_of
+from .store import JobStore
+from .webhook import deliver
+
+log = logging.getLogger("sdserve.jobs")
+
+#: How often a replica looks for jobs handed off by replicas shutting down.
+ADOPT_POLL_SECONDS = 1.0
+#: How often it looks for jobs whose replica died (their lease lapsed).
+REAP_SECONDS = 5.0
+#: Replicas a job that never starts may be given to (one dying under it each time) before it fails.
+MAX_ATTEMPTS = 3
+
+
+class Jobs:
+    """Runs this replica's jobs, takes up those other replicas hand off, and answers for every
+    job in the store."""
+
+    def __init__(self, state: Any, store: JobStore):
+        self.state = state
+        self.store = store
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._local: dict[str, JobRecord] = {}  # the jobs this replica runs, for the in-flight gauge
+        self._adopter: asyncio.Task[None] | None = None
+        #: This replica, in the records of the jobs it runs: a record that names another (or
+        #: none, once offered) was given to another replica while this one could not renew it.
+        self.me = f"{socket.gethostname()}-{secrets.token_hex(4)}"
+
+    def start(self) -> None:
+        """Look for jobs other replicas hand off (with a shared store) from now on."""
+        self._adopter = asyncio.get_running_loop().create_task(self._adopt(), name="sdserve-job-adopter")
+
+    def _count(self) -> None:
+        for status in ("queued", "running"):
+            metrics.JOBS_IN_FLIGHT.labels(status).set(sum(r.status == status for r in self._local.values()))
+
+    async def submit(
+        self,
+        principal: str,
+        gen: steps.Generation,
+        webhook: dict[str, str] | None,
+        urls: bool = False,
+        idempotency: tuple[str, str] | None = None,
+    ) -> tuple[JobRecord, bool]:
+        """Accept a job and start it; ``urls``: its images go to object storage and it answers
+        URLs (response_format "url"), its record holding their keys instead of the images.
+        ``idempotency``: (the request's Idempotency-Key, a fingerprint of what it asks for); a
+        key seen before (from this principal, within the jobs' TTL) answers its first job, and
+        True, instead of starting another; with another request behind it, a 422."""
+        steps.admit(self.state)
+        gen.principal = principal
+        job_id = "job_" + secrets.token_hex(12)
+        claimed = None
+        if idempotency is not None:
+            key, fingerprint = idempotency
+            claimed = hashlib.sha256(f"{principal}\0{key}".encode()).hexdigest()
+            held = await self.store.claim(claimed, f"{job_id} {fingerprint}")
+            if held is not None:
+                return await self._replay(principal, key, fingerprint, held), True
+        try:
+            record = await self._accept(job_id, principal, gen, webhook, urls)
+        except BaseException:  # refused or not stored: the key stays free for a retry
+            if claimed is not None:
+                with contextlib.suppress(Exception):
+                    await self.store.release(claimed)
+            raise
+        metrics.JOBS.labels("submitted").inc()
+        self._launch(record, gen, urls)
+        return record, False
+
+    def _launch(self, record: JobRecord, gen: steps.Generation, urls: bool) -> None:
+        self._local[record.id] = record
+        self._count()
+        task = asyncio.get_running_loop().create_task(self._run(record, gen, urls), name=f"sdserve-{record.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept(
+        self, job_id: str, principal: str, gen: steps.Generation, webhook: dict[str, str] | None, urls: bool
+    ) -> JobRecord:
+        """The new job's record, stored; 429 past ``job_queue_size`` unfinished jobs."""
+        limit = self.state.settings.job_queue_size
+        if len(self._local) >= limit:
+            metrics.REJECTED.labels("jobs_full").inc()
+            raise ApiError(
+                429,
+                "too_many_jobs",
+                f"this replica holds {limit} unfinished jobs; retry later",
+                retry_after=max(1, self.state.batcher.retry_after()),
+                type_="rate_limit_error",
+            )
+        record = JobRecord(
+            id=job_id,
+            owner=principal,
+            steps=gen.key.denoising_steps,
+            output_format=gen.output.kind,
+            revised_prompt=await steps.prompt_read(self.state, gen),
+            runner=self.me,
+            attempts=1,
+        )
+        if webhook:
+            record.webhook_url, record.webhook_secret = webhook["url"], webhook.get("secret") or ""
+        record.lease_until = time.time() + self.state.settings.job_lease_seconds
+        spec = None
+        if self.store.shared:  # another replica can run it if this one dies before it starts
+            # An edit's images are PNG-encoded: off the event loop.
+            spec = await asyncio.to_thread(spec_of, gen, urls)
+        await self.store.put(record, spec)
+        return record
+
+    async def _replay(self, principal: str, key: str, fingerprint: str, held: str) -> JobRecord:
+        """The job an Idempotency-Key was first used for. Its record may be a moment from being
+        written (the first request is still in ``submit``): looked for for a second or two."""
+        job_id, _, first = held.partition(" ")
+        if first != fingerprint:
+            raise ApiError(
+                422,
+                "idempotency_key_reused",
+                f"Idempotency-Key {key!r} was used for another request (job {job_id}); use a new key",
+                param="Idempotency-Key",
+            )
+        tries = 0
+        while True:
+            try:
+                return await self.get(principal, job_id)
+            except ApiError as e:
+                tries += 1
+                if e.status != 404 or tries >= 20:
+                    raise
+            await asyncio.sleep(0.1)
+
+    async def get(self, principal: str, job_id: str) -> JobRecord:
+        """The caller's job (404 for another principal's, as for one that does not exist)."""
+        record = await self.store.get(job_id)
+        if record is None or not hmac.compare_digest(record.owner, principal):
+            raise ApiError(404, "job_not_found", f"no job {job_id!r}", param="id")
+        return await self._settled(record)
+
+    async def _settled(self, record: JobRecord) -> JobRecord:
+        """A record whose lease lapsed (its replica died, or one that shut down handed it off
+        and none took it up) is settled by the first to read it: a job that never started, on
+        a shared store, is offered to the replicas again (``MAX_ATTEMPTS`` replicas in all);
+        any other is the failed job it is (``replica_lost``), written so and its webhook called.
+        Neither is written over an end stored meanwhile (a cancel): that end is the answer."""
+        now = time.time()
+        if record.lapsed(now) and await self.store.reap(record):
+            if (
+                self.store.shared
+                and record.status == "queued"
+                and not record.offered
+                and record.attempts < MAX_ATTEMPTS
+            ):
+                if not await self._offer(record):
+                    return (await self.store.get(record.id)) or record
+                log.warning("job %s offered again: its replica stopped renewing it before it started", record.id)
+                return record
+            record.status = "failed"
+            message = "the replica running this job stopped before it finished; submit it again"
+            if record.offered:
+                message = (
+                    f"no replica took this job up within {self.state.settings.job_handoff_seconds:g} s of its "
+                    "replica shutting down; submit it again"
+                )
+            record.error = {"code": "replica_lost", "message": message}
+            return await self._end_elsewhere(record)
+        return record
+
+    async def page(self, principal: str, limit: int, after: str | None) -> dict[str, Any]:
+        """The caller's jobs, newest first, ``limit`` a page, the next page ``after`` the last
+        id of this one. Without results (images): each is one GET away."""
+        before = float("inf")
+        if after is not None:
+            before = (await self.get(principal, after)).created
+        records = await self.store.owned(principal, before, limit + 1)
+        page = [await self._settled(r) for r in records[:limit]]
+        views = [{k: v for k, v in r.public().items() if k not in ("result", "preview")} for r in page]
+        return {
+            "object": "list",
+            "data": views,
+            "first_id": views[0]["id"] if views else None,
+            "last_id": views[-1]["id"] if views else None,
+            "has_more": len(records) > limit,
+        }
+
+    async def cancel(self, principal: str, job_id: str) -> JobRecord:
+        record = await self.get(principal, job_id)
+        if record.status in TERMINAL:
+            return record
+        record.cancel_requested = True  # the replica running it reads this within a second
+        if record.offered or record.lapsed(time.time()):
+            # No replica holds it (handed off, or its replica gone and another settling it):
+            # cancelled here. ``_take_up`` and ``_settled`` write nothing over it.
+            record.status = "cancelled"
+            return await self._end_elsewhere(record)
+        await self.store.put(record)
+        return record
+
+    def view(self, record: JobRecord) -> dict[str, Any]:
+        """A job as clients see it, a result's URLs presigned now."""
+        outputs = self.state.outputs
+        return record.public(outputs.presign if outputs is not None else None)
+
+    async def _run(self, record: JobRecord, gen: steps.Generation, urls: bool) -> None:
+        try:
+            await self._execute(record, gen, urls)
+        finally:
+            self._local.pop(record.id, None)
+            self._count()
+
+    async def _execute(self, record: JobRecord, gen: steps.Generation, urls: bool) -> None:
+        """Run the job, its progress and lease written once a second. An outage of the store
+        (Redis restarting) does not fail it: the job runs on and writes at the next poll that
+        reaches the store. If its lease ran out meanwhile and a reader was told ``replica_lost``,
+        that answer stands: the job stops, as a cancelled one does, and writes nothing."""
+        state = self.state
+        ended_elsewhere = False
+        try:
+            queued: list[Job] = []  # the request path's job, once it is in the queue (not on a cache hit)
+
+            async def poll() -> bool:
+                """Progress and lease into the store; True once a cancel was asked for."""
+                nonlocal ended_elsewhere
+                try:
+                    fresh = await self.store.get(record.id)
+                except ApiError:  # unreachable for now (logged): the next poll tries again
+                    return False
+                if fresh is not None and self._elsewhere(fresh):
+                    ended_elsewhere = True
+                    return True
+                if queued:  # not after a cache hit, whose result came without a queue
+                    job = queued[0]
+                    record.status = "running" if job.started else "queued"
+                    record.step = job.item.progress
+                    if job.item.preview:
+                        record.preview = await asyncio.to_thread(job.item.preview_png)
+                record.lease_until = time.time() + state.settings.job_lease_seconds
+                record.cancel_requested = bool(fresh and fresh.cancel_requested)
+                self._count()
+                with contextlib.suppress(ApiError):
+                    await self.store.put(record)
+                return record.cancel_requested
+
+            result = await steps.generate(state, gen, poll, queued.append, patient=True)
+            if urls:
+                record.keys = await self._upload(result.images, gen.output, poll)
+            else:
+                record.images = result.images
+            record.seeds = result.seeds
+            record.status, record.step = "succeeded", gen.key.denoising_steps
+        except Draining:  # this replica began shutting down before the job reached its queue
+            if await self._hand_off(record):
+                return
+            e = steps.draining_error()
+            record.status, record.error = "failed", {"code": e.code, "message": e.message}
+        except ApiError as e:
+            if ended_elsewhere:
+                log.warning(
+                    "job %s was reported lost or given to another replica while this one could not renew it: stopped",
+                    record.id,
+                )
+                return
+            cancelled = e.status == 499 or record.cancel_requested
+            record.status = "cancelled" if cancelled else "failed"
+            record.error = None if cancelled else {"code": e.code, "message": e.message}
+        except Exception as e:
+            log.exception("job %s failed", record.id)
+            record.status, record.error = "failed", {"code": "generation_failed", "message": f"{type(e).__name__}: {e}"}
+        metrics.JOBS.labels(record.status).inc()
+        if not await self._store_end(record) and record.webhook_url:
+            await self._deliver(record)  # with the store unreachable too: the webhook still has the images
+
+    def _elsewhere(self, fresh: JobRecord) -> bool:
+        """Whether the stored record of a job this replica runs says it is not this replica's
+        to finish: ended (reported lost, or cancelled while no replica held it), or given to
+        another replica while this one could not renew its lease."""
+        return fresh.status in TERMINAL or bool(fresh.offered) or fresh.runner not in ("", self.me)
+
+    async def _upload(self, images: list[str], fmt: ImageFormat, poll: Callable[[], Awaitable[bool]]) -> list[str]:
+        """A URL job's images stored, their keys. An image store that cannot be reached is
+        retried for ``job_storage_retry_seconds``, the job's lease renewed every second all the
+        while (a reader sees it running); then the job fails with storage_unavailable."""
+
+        async def retried() -> list[str]:
+            deadline = time.monotonic() + self.state.settings.job_storage_retry_seconds
+            delay = 0.5
+            while True:
+                try:
+                    return list(await self.state.outputs.store(images, fmt))
+                except ApiError:
+                    if time.monotonic() + delay > deadline:
+                        raise
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 5.0)
+
+        keys: list[str] = await self._renewed(retried(), poll)
+        return keys
+
+    @staticmethod
+    async def _renewed(aw: Awaitable[Any], poll: Callable[[], Awaitable[bool]]) -> Any:
+        """``aw``'s result, the job's progress and lease written every second meanwhile (as
+        while it is generated); a cancel asked for meanwhile ends the job (499)."""
+        task = asyncio.ensure_future(aw)
+        try:
+            while not (await asyncio.wait({task}, timeout=1.0))[0]:
+                if await poll():
+                    raise ApiError(499, "cancelled", "the job was cancelled while its images were being stored")
+            return task.result()
+        finally:
+            task.cancel()
+
+    async def _store_end(self, record: JobRecord) -> bool:
+        """Write a job's end, retried through a store outage for as long as its lease would have
+        lasted (after that, readers see ``replica_lost``). True when a reader was told the job
+        was lost in the meantime: that answer stands, and nothing is written or reported."""
+        deadline = time.monotonic() + self.state.settings.job_lease_seconds
+        delay = 0.1
+        while True:
+            try:
+                fresh = await self.store.get(record.id)
+                if fresh is not None and self._elsewhere(fresh):
+                    log.warning("job %s was reported %s before its end could be stored", record.id, fresh.status)
+                    return True
+                await self.store.put(record)
+                return False
+            except ApiError:
+                if time.monotonic() + delay > deadline:
+                    log.error("could not store the end of job %s: the job store stayed unreachable", record.id)
+                    return False
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 1.0)
+
+    async def _deliver(self, record: JobRecord) -> None:
+        await deliver(self.state.settings, record, json.dumps(self.view(record)).encode())
+
+    async def _hand_off(self, record: JobRecord) -> bool:
+        """Offer a job this replica will not run to the replicas sharing its store (its request
+        was stored when it was accepted): the record, still queued, is kept for
+        ``job_handoff_seconds``. False without a shared store, or when the store cannot be
+        reached (the job then fails)."""
+        if not self.store.shared:
+            return False
+        record.status, record.step, record.preview = "queued", 0, None
+        try:
+            fresh = await self.store.get(record.id)
+            if fresh is not None and self._elsewhere(fresh):
+                return True  # reported lost, cancelled or given to another meanwhile: that stands
+            record.cancel_requested = bool(fresh and fresh.cancel_requested)
+            if not await self._offer(record):
+                return True  # ended meanwhile: that stands
+        except ApiError:
+            return False
+        log.info("job %s handed off: this replica is shutting down before it could queue it", record.id)
+        return True
+
+    async def _offer(self, record: JobRecord) -> bool:
+        """Offer a job to the replicas sharing the store (a hand-off at a drain, or a lapse of
+        a job that never started): no runner, kept ``job_handoff_seconds``. False, and nothing
+        written or offered, when an end was stored meanwhile."""
+        record.runner, record.offered = "", time.time()
+        record.lease_until = record.offered + self.state.settings.job_handoff_seconds
+        if not await self.store.put_unless_ended(record):
+            return False
+        await self.store.offer(record.id, record.created)
+        metrics.JOBS.labels("handed_off").inc()
+        return True
+
+    async def _adopt(self) -> None:
+        """Every second: take up jobs handed off (their replica shut down or died), oldest first, while
+        this one is ready and has room to queue them soon (fewer than half its queue waiting,
+        as ``steps.enqueue_when_room`` lets in) and below ``job_queue_size`` jobs. Every
+        ``REAP_SECONDS``: settle jobs whose lease lapsed (``_settled``), their replica dead."""
+        reaped = time.monotonic()
+        while True:
+            await asyncio.sleep(ADOPT_POLL_SECONDS)
+            try:
+                if self.store.shared and time.monotonic() - reaped >= REAP_SECONDS:
+                    reaped = time.monotonic()
+                    for job_id in await self.store.lapsed(time.time(), 100):
+                        if (record := await self.store.get(job_id)) is not None:
+                            await self._settled(record)
+                while self.store.shared and self._room_to_adopt():
+                    taken = await self.store.take()
+                    if taken is None:
+                        break
+                    await self._take_up(*taken)
+                if self.store.shared:
+                    metrics.JOBS_OFFERED.set(await self.store.offered())
+            except ApiError:
+                pass  # the store unreachable (logged): the next look tries again
+            except Exception:
+                log.exception("taking up handed-off jobs failed")
+
+    def _room_to_adopt(self) -> bool:
+        s, batcher = self.state.settings, self.state.batcher
+        return self.state.ready and len(self._local) < s.job_queue_size and batcher.waiting < max(1, s.queue_size // 2)
+
+    async def _take_up(self, job_id: str, spec: str) -> None:
+        record = await self.store.get(job_id)
+        if record is None or record.status in TERMINAL:
+            return  # cancelled (or gone) while it waited for a replica
+        if record.lapsed(time.time()):  # offered for longer than job_handoff_seconds: lost
+            await self._settled(record)
+            return
+        try:
+            if not spec:
+                raise ValueError(
+                    "its request was not stored (by a replica of an older version) or was evicted from Redis"
+                )
+            gen, urls = await asyncio.to_thread(generation_of, spec)  # decodes an edit's images
+        except ValueError as e:  # not kept, or kept by a replica of another version (a rolling update)
+            record.status, record.error = "failed", {"code": "replica_lost", "message": f"{e}; submit it again"}
+            await self._end_elsewhere(record)
+            return
+        record.offered, record.runner, record.attempts = 0.0, self.me, record.attempts + 1
+        record.lease_until = time.time() + self.state.settings.job_lease_seconds
+        if not await self.store.put_unless_ended(record):
+            return  # cancelled (or reported lost) since it was read: that stands
+        metrics.JOBS.labels("adopted").inc()
+        log.info("took up job %s, handed off when its replica shut down or died", job_id)
+        self._launch(record, gen, urls)
+
+    async def _end_elsewhere(self, record: JobRecord) -> JobRecord:
+        """Store, count and report the end of a job no replica holds (cancelled or failed
+        while offered, or lost), as the replica running it would; unless an end was stored
+        meanwhile: that one is the answer, and is returned."""
+        if not await self.store.put_unless_ended(record):
+            return (await self.store.get(record.id)) or record
+        metrics.JOBS.labels(record.status).inc()
+        self._report(record)
+        return record
+
+    def _report(self, record: JobRecord) -> None:
+        """Its webhook, if it has one, called in the background (a drain waits for it)."""
+        if record.webhook_url:
+            task = asyncio.get_running_loop().create_task(self._deliver(record))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def runs(self, job_id: str) -> bool:
+        """Whether this replica runs the job (its record may be in a store the replicas share)."""
+        return job_id in self._local
+
+    async def drain(self, seconds: float) -> bool:
+        """Wait until this replica's jobs have ended (result stored, webhook delivered or given
+        up), ``seconds`` at most: after the model's part, a job still writes its end."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=seconds)
+        return not self._tasks
+
+    async def stop(self) -> None:
+        if self._adopter is not None:
+            self._adopter.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
