@@ -38,7 +38,7 @@ def test_every_rendered_setting_is_read_by_the_server(path, monkeypatch):
 def test_the_crd_and_the_server_offer_the_same_schedulers():
     from typing import get_args
 
-    from sdop.api.spec import Scheduler
+    from sdop.api.spec.common import Scheduler
     from sdserve.schedulers import NAMES
 
     assert get_args(Scheduler) == NAMES

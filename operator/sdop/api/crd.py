@@ -3,7 +3,7 @@
 Pydantic writes JSON Schema with ``$ref``s, ``anyOf`` for optionals and ``const`` for
 single literals; a CRD needs a structural OpenAPI v3 schema: everything inlined, one
 type per node, defaults that the API server can apply. This module does that conversion
-and nothing else, so ``crds/`` is always a build product of ``spec.py``.
+and nothing else, so ``crds/`` is always a build product of ``sdop.api.spec``.
 """
 
 from __future__ import annotations

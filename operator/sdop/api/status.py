@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from .base import ApiModel
-from .spec import ModelSpec
+from .spec.model import ModelSpec
 
 ConditionType = Literal["Ready", "Progressing", "Degraded", "ModelReady"]
 CONDITION_TYPES: tuple[str, ...] = ("Ready", "Progressing", "Degraded", "ModelReady")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..api.spec import RedisSpec
+from ..api.spec.storage import RedisSpec
 from .context import Ctx
 from .workload import COMPONENT as SERVER
 from .workload import container_security_context

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..api import StableDiffusionService
-from ..api.spec import ModelSpec
+from ..api.spec.model import ModelSpec
 from ..api.status import FailedModel
 from .context import digest
 
