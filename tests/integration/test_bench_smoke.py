@@ -107,8 +107,9 @@ def test_policy_model_reproduces_the_real_time_simulation_it_stands_for(tmp_path
         low = 0.98 if c["policy"] == "request" else 0.93
         assert low <= c["model/sim"] <= 1.02, c
     rows = {r["policy"]: r for r in result["rows"]}
-    assert set(rows) == {"request", "lead", "round-robin", "deadline", "one shape (bound)"}
+    assert set(rows) == {"request", "lead", "round-robin", "deadline", "one shape (bound)", "free decode (bound)"}
     assert rows["request"]["p99 vs request"] == 1 and rows["lead"]["p99_s"] <= result["slo_p99_s"]
+    assert rows["free decode (bound)"]["p99_s"] < rows["lead"]["p99_s"]  # decodes off the device's time
 
 
 def test_scheduling_bench_mixes_in_edits(tmp_path):
