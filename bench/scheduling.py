@@ -222,7 +222,7 @@ class SimPipeline:
         return [object()] * len(states)
 
 
-def real_pipeline(arch: str, device: str, max_batch: int, mix: Mix):
+def real_pipeline(arch: str, device: str, max_batch: int, mix: Mix, step_pad: str = "auto"):
     """sdserve's Pipeline, set to warm up what the runs will see as a server would: the default
     size and the mix's large size (SDSERVE_WARMUP_SIZES), at every batch size on a GPU. Each
     batcher runs that warm-up on its own threads (cuDNN's tuning is kept per thread)."""
@@ -231,6 +231,7 @@ def real_pipeline(arch: str, device: str, max_batch: int, mix: Mix):
         arch,
         device,
         max_batch_size=max_batch,
+        step_pad=step_pad,
         warmup_sizes=f"{big}x{big}",
         min_side=min(256, mix.side),
         max_width=max(1024, big),
@@ -551,6 +552,12 @@ def main() -> int:
         help="closed loop instead of --loads: this many clients each keep one request in flight (comma-separated)",
     )
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--step-pad",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="real pipeline: SDSERVE_STEP_PAD (auto pads every step-batched forward to --max-batch on a CPU)",
+    )
     ap.add_argument("--name", help="result file name (default from pipeline/arch/device)")
     args = ap.parse_args()
     args.arch = args.arch or ("sd15" if args.pipeline == "sim" else "tiny")
@@ -571,8 +578,8 @@ async def run_benchmark(args: argparse.Namespace, spec: dict) -> int:
         inner: Any = SimPipeline(Cost(spec))
         label = f"SIMULATION: sleeps follow the cost curve ({spec['source']})"
     else:
-        inner = real_pipeline(args.arch, args.device, args.max_batch, mix)
-        label = f"real pipeline: {args.arch} on {args.device}"
+        inner = real_pipeline(args.arch, args.device, args.max_batch, mix, args.step_pad)
+        label = f"real pipeline: {args.arch} on {args.device}, step pad {args.step_pad}"
     pipeline = Recorder(inner)
     policies = args.policies.split(",")
     batchers = {policy: make(policy, pipeline, args.max_batch) for policy in ("request", "step")}
