@@ -39,8 +39,8 @@ crd: .stamp-python
 	$(BIN)/sdop crd > crds/stablediffusionservices.sdop.io.yaml
 	cp crds/stablediffusionservices.sdop.io.yaml charts/sdop/crds/
 
-# The main job with no cluster: render every example, then serve the built-in tiny model
-# and generate an image through the HTTP API.
+# The main job with no cluster: render every example, then serve the built-in tiny model and
+# generate images through the HTTP API (request batching, step batching of a mix, a stream).
 demo: install
 	@mkdir -p demo-output
 	@for f in examples/*.yaml; do \
