@@ -22,7 +22,7 @@ def test_the_demo_generates_steps_a_mix_in_shared_forwards_and_streams(tmp_path)
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=280,  # within the suite's per-test timeout (300 s)
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     names = ["tiny-0", "tiny-1", "tiny-step-0", "tiny-step-1", "tiny-step-2", "tiny-streamed"]
