@@ -53,7 +53,11 @@ MODEL_CALL_AGE = Gauge(
     registry=REGISTRY,
 )
 QUEUE_DEPTH = Gauge(
-    "sdserve_queue_depth", "Requests waiting for a batch, and async jobs waiting to queue.", registry=REGISTRY
+    "sdserve_queue_depth",
+    "Requests waiting for a batch, async jobs waiting to queue, and this replica's share of the async "
+    "jobs handed off that no replica has taken up (their count over the live replicas: summed over the "
+    "pods, each counts once).",
+    registry=REGISTRY,
 )
 INFLIGHT = Gauge(
     "sdserve_inflight_requests",

@@ -126,6 +126,9 @@ class QueueBase:
         #: Async jobs waiting for room before they enter the queue (``sdserve.steps.enqueue_when_room``):
         #: not in the queue, but demand the autoscaler must see.
         self.waiting = 0
+        #: This replica's share of the async jobs handed off that no replica has taken up yet
+        #: (``sdserve.jobs.service.Jobs._share``): demand too.
+        self.offered_share = 0.0
 
     def _thread(self, name: str) -> concurrent.futures.ThreadPoolExecutor:
         """A one-thread executor, shut down with the queue."""
@@ -232,9 +235,9 @@ class QueueBase:
         return len(self._pending)
 
     def depth_changed(self) -> None:
-        """sdserve_queue_depth, which the autoscaler reads: queued requests and the async jobs
-        waiting for room to queue."""
-        metrics.QUEUE_DEPTH.set(len(self._pending) + self.waiting)
+        """sdserve_queue_depth, which the autoscaler reads: queued requests, the async jobs
+        waiting for room to queue, and this replica's share of the jobs handed off."""
+        metrics.QUEUE_DEPTH.set(len(self._pending) + self.waiting + self.offered_share)
 
     @property
     def inflight(self) -> int:

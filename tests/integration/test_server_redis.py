@@ -268,6 +268,24 @@ async def test_a_full_managed_redis_evicts_cached_results_never_an_accepted_job(
         redis.stop()
 
 
+async def test_replicas_are_counted_alive_in_redis_until_they_leave_or_go_quiet(tmp_path):
+    """What each replica's share of the offered jobs divides by (``Jobs._share``)."""
+    from sdserve.jobs.redisstore import RedisJobs
+    from sdtesting.procs import RedisProc
+
+    redis = RedisProc(tmp_path)
+    try:
+        jobs, now = RedisJobs(redis.url, 3600), 1000.0
+        assert await jobs.beat("replica-a", now, 3) == 1
+        assert await jobs.beat("replica-b", now + 1, 3) == 2
+        assert await jobs.beat("replica-a", now + 3.5, 3) == 2  # b beat 2.5 s ago
+        assert await jobs.beat("replica-a", now + 4.5, 3) == 1  # b quiet for 3.5 s: gone
+        await jobs.leave("replica-a")
+        assert await jobs.beat("replica-c", now + 4.5, 3) == 1
+    finally:
+        redis.stop()
+
+
 async def test_taking_up_an_offered_job_never_writes_over_a_cancel(tmp_path):
     """The replica taking up an offered job writes its record only if it has not ended: a
     cancel written between its look and its write (here, from another client, at the worst

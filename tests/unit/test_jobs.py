@@ -600,6 +600,38 @@ async def test_a_replica_shutting_down_hands_the_jobs_it_has_not_queued_to_anoth
     assert not any(p in ("job 2", "job 3", "job 4") for _, p, _ in leaving.threads)
 
 
+async def test_jobs_no_replica_has_taken_up_count_in_the_queue_depth_each_live_replica_its_share(keys):
+    """Jobs offered and not taken up (here none is: no replica has room, say) are demand in no
+    pod's queue: each live replica adds offered / live replicas to sdserve_queue_depth, so the
+    autoscaler's sum over the pods counts them once. A draining replica leaves the count."""
+    from sdserve.jobs.service import ALIVE_SECONDS
+
+    class Held(MemoryJobs):
+        async def take(self) -> tuple[str, str] | None:
+            return None
+
+    store = Held(3600, shared=True)
+    served = create_app(drain_settings(keys), FakePipeline(seconds_per_call=0.05))
+    served.state.sd.jobs.store = store
+
+    async def depth_becomes(value: float) -> None:
+        deadline = time.monotonic() + 5
+        while metric("sdserve_queue_depth") != value:
+            assert time.monotonic() < deadline, metric("sdserve_queue_depth")
+            await asyncio.sleep(0.1)
+
+    async with serve(served):
+        for i in range(4):
+            await store.offer(f"job_{i}", float(i))
+        await store.beat("replica-b", time.time() + 60, ALIVE_SECONDS)  # another replica, alive
+        await depth_becomes(2.0)  # 4 offered over 2 live replicas
+        await store.leave("replica-b")
+        await depth_becomes(4.0)  # the only one left: all of them
+        assert await start_drain(served.state.sd)
+        await depth_becomes(0.0)  # draining: out of the count, its share to whoever is left
+        assert served.state.sd.jobs.me not in store._replicas
+
+
 async def test_without_a_shared_store_a_drain_fails_the_jobs_it_has_not_queued(keys):
     """One replica's own store: no other replica could take a job up, so a job still waiting
     for room when the replica shuts down fails at once, saying why."""

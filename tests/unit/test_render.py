@@ -221,7 +221,12 @@ def test_without_the_http_add_on_scale_to_zero_is_refused_and_one_replica_stays(
     assert not any(k in ("HTTPScaledObject",) or n.endswith("-wake") for k, n in objs)
     so = objs[("ScaledObject", "sd-on-demand")]["spec"]
     assert so["minReplicaCount"] == 1 and "sdserve_queue_depth" in so["triggers"][0]["metadata"]["query"]
-    assert "(max(sdserve_jobs_offered{" in so["triggers"][0]["metadata"]["query"]  # handed-off jobs count too
+    # Waiting and running work; handed-off jobs are in the queue depth, each replica its share.
+    sel = 'namespace="tools",service="sd-on-demand"'
+    assert (
+        so["triggers"][0]["metadata"]["query"]
+        == f"sum(sdserve_queue_depth{{{sel}}}) + sum(sdserve_inflight_requests{{{sel}}})"
+    )
 
 
 def test_hpa_targets_queue_depth_per_pod():

@@ -49,6 +49,8 @@ return redis.call('GET', KEYS[1])
     SPEC = "sdserve:jobspec:"
     LEASES = "sdserve:jobs:leases"
     REAP = "sdserve:jobs:reap:"
+    #: Replicas alive, by last beat (``beat``).
+    REPLICAS = "sdserve:replicas"
     CLEANUP = 100
     shared = True
     #: ``take``: pop the oldest offer and read its request in one step (a script runs atomically).
@@ -234,6 +236,23 @@ return {popped[1], spec or ''}
         that failed (Redis went away) is taken up again after it."""
         try:
             return bool(await self._redis.set(f"{self.REAP}{record.id}:{record.lease_until}", 1, nx=True, ex=60))
+        except Exception as e:  # any Redis failure is the same retryable 503
+            raise unavailable(e) from e
+
+    async def beat(self, replica: str, now: float, ttl: float) -> int:
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.zadd(self.REPLICAS, {replica: now})
+                pipe.zremrangebyscore(self.REPLICAS, "-inf", f"({now - ttl}")
+                pipe.zcard(self.REPLICAS)
+                *_, alive = await pipe.execute()
+        except Exception as e:  # any Redis failure is the same retryable 503
+            raise unavailable(e) from e
+        return int(alive)
+
+    async def leave(self, replica: str) -> None:
+        try:
+            await self._redis.zrem(self.REPLICAS, replica)
         except Exception as e:  # any Redis failure is the same retryable 503
             raise unavailable(e) from e
 

@@ -30,6 +30,8 @@ log = logging.getLogger("sdserve.jobs")
 ADOPT_POLL_SECONDS = 1.0
 #: How often it looks for jobs whose replica died (their lease lapsed).
 REAP_SECONDS = 5.0
+#: A replica that has not said it is alive for this long is not counted in the jobs offered's shares.
+ALIVE_SECONDS = 3 * ADOPT_POLL_SECONDS
 #: Replicas a job that never starts may be given to (one dying under it each time) before it fails.
 MAX_ATTEMPTS = 3
 
@@ -389,8 +391,9 @@ class Jobs:
     async def _adopt(self) -> None:
         """Every second: take up jobs handed off (their replica shut down or died), oldest first, while
         this one is ready and has room to queue them soon (fewer than half its queue waiting,
-        as ``steps.enqueue_when_room`` lets in) and below ``job_queue_size`` jobs. Every
-        ``REAP_SECONDS``: settle jobs whose lease lapsed (``_settled``), their replica dead."""
+        as ``steps.enqueue_when_room`` lets in) and below ``job_queue_size`` jobs; then report
+        this replica's share of those still offered (``_share``). Every ``REAP_SECONDS``: settle
+        jobs whose lease lapsed (``_settled``), their replica dead."""
         reaped = time.monotonic()
         while True:
             await asyncio.sleep(ADOPT_POLL_SECONDS)
@@ -406,11 +409,27 @@ class Jobs:
                         break
                     await self._take_up(*taken)
                 if self.store.shared:
-                    metrics.JOBS_OFFERED.set(await self.store.offered())
+                    await self._share(await self.store.offered())
             except ApiError:
                 pass  # the store unreachable (logged): the next look tries again
             except Exception:
                 log.exception("taking up handed-off jobs failed")
+
+    async def _share(self, offered: int) -> None:
+        """Jobs offered and not taken up are demand no replica's queue holds: each live replica
+        adds its share (offered / live replicas) to its queue depth, so the sum over the pods,
+        which the autoscaler reads (an HPA's average times the pods, KEDA's sum), counts each
+        once. A draining replica is on its way out (an HPA no longer counts a terminating pod):
+        it leaves the count and adds nothing."""
+        metrics.JOBS_OFFERED.set(offered)
+        batcher = self.state.batcher
+        if self.state.draining:
+            await self.store.leave(self.me)
+            batcher.offered_share = 0.0
+        else:
+            alive = await self.store.beat(self.me, time.time(), ALIVE_SECONDS)
+            batcher.offered_share = offered / max(1, alive)
+        batcher.depth_changed()
 
     def _room_to_adopt(self) -> bool:
         s, batcher = self.state.settings, self.state.batcher

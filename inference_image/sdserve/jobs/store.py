@@ -66,6 +66,15 @@ class JobStore(Protocol):
         replicas): its readers and every replica's look may meet it at once."""
         ...
 
+    async def beat(self, replica: str, now: float, ttl: float) -> int:
+        """Mark ``replica`` alive at ``now``; how many replicas are alive (marked within the
+        last ``ttl`` seconds), this one included."""
+        ...
+
+    async def leave(self, replica: str) -> None:
+        """``replica`` is no longer counted alive (it is shutting down)."""
+        ...
+
 
 class MemoryJobs:
     """This replica's jobs, each kept ``ttl_seconds`` after its last write, as Redis keeps
@@ -82,6 +91,8 @@ class MemoryJobs:
         self._offered: dict[str, float] = {}
         self._specs: dict[str, str] = {}
         self._reaped: set[tuple[str, float]] = set()
+        #: Replicas alive: name -> last beat.
+        self._replicas: dict[str, float] = {}
         self._bytes = 0
         #: id -> (expiry, record, finished, owner), oldest write first.
         self._data: dict[str, tuple[float, str, bool, str]] = {}
@@ -131,6 +142,14 @@ class MemoryJobs:
             return False
         self._reaped.add(mark)
         return True
+
+    async def beat(self, replica: str, now: float, ttl: float) -> int:
+        self._replicas[replica] = now
+        self._replicas = {r: t for r, t in self._replicas.items() if t > now - ttl}
+        return len(self._replicas)
+
+    async def leave(self, replica: str) -> None:
+        self._replicas.pop(replica, None)
 
     async def get(self, job_id: str) -> JobRecord | None:
         expires, raw, _, _ = self._data.get(job_id, (0.0, "", False, ""))

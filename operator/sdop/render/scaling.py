@@ -11,7 +11,6 @@ from .workload import COMPONENT
 
 QUEUE_METRIC = "sdserve_queue_depth"
 INFLIGHT_METRIC = "sdserve_inflight_requests"
-OFFERED_METRIC = "sdserve_jobs_offered"
 
 
 def _behavior(ctx: Ctx) -> dict[str, Any]:
@@ -60,13 +59,10 @@ def hpa(ctx: Ctx) -> dict[str, Any] | None:
 
 def keda_query(ctx: Ctx) -> str:
     sel = f'namespace="{ctx.namespace}",service="{ctx.name}"'
-    # Waiting plus running work: a busy replica with an empty queue is not idle. Plus the jobs
-    # handed off by replicas that went and not taken up yet (every replica reports the same
-    # count: max; an image without the metric, during an upgrade, adds 0, not an empty result).
-    return (
-        f"sum({QUEUE_METRIC}{{{sel}}}) + sum({INFLIGHT_METRIC}{{{sel}}})"
-        f" + (max({OFFERED_METRIC}{{{sel}}}) or vector(0))"
-    )
+    # Waiting plus running work: a busy replica with an empty queue is not idle. The queue depth
+    # holds each replica's share of the async jobs handed off and not taken up yet, so the sum
+    # counts those once (as the HPA's average over the pods does).
+    return f"sum({QUEUE_METRIC}{{{sel}}}) + sum({INFLIGHT_METRIC}{{{sel}}})"
 
 
 def scaled_object(ctx: Ctx) -> dict[str, Any] | None:
