@@ -19,6 +19,10 @@ log = logging.getLogger("sdserve.lifecycle")
 LOAD_FAILED_EXIT_CODE = 3
 #: The prefix of the termination message the operator recognises.
 LOAD_FAILED = "model_load_failed"
+#: After a drain out of time, how long the jobs it dropped from the queue have to be handed off
+#: (a write or two to Redis each), within the 15 s the operator leaves between the drain
+#: (SDSERVE_DRAIN_SECONDS) and the kill (terminationGracePeriodSeconds).
+JOBS_AFTER_DRAIN_SECONDS = 5.0
 
 
 async def load_model(state: State) -> None:
@@ -69,12 +73,16 @@ def _exit_load_failed() -> None:
 
 async def start_drain(state: State) -> bool:
     """Readiness off, new requests 503, queued and running work finishes, and async jobs store
-    and report their ends (drain_seconds at most, in all)."""
+    and report their ends (drain_seconds at most, in all; then ``JOBS_AFTER_DRAIN_SECONDS``
+    more for the jobs a drain out of time dropped from the queue to be handed off)."""
     metrics.READY.set(0)
     log.info("draining: %d queued, %d in flight", state.batcher.depth, state.batcher.inflight)
     deadline = time.monotonic() + state.settings.drain_seconds
     drained = await state.batcher.drain(state.settings.drain_seconds)
     if state.jobs is not None:
-        drained = await state.jobs.drain(max(0.0, deadline - time.monotonic())) and drained
+        left = deadline - time.monotonic()
+        if not drained:  # out of time: what it dropped is still being handed off
+            left = max(left, JOBS_AFTER_DRAIN_SECONDS)
+        drained = await state.jobs.drain(max(0.0, left)) and drained
     log.info("drain %s", "complete" if drained else "timed out")
     return drained

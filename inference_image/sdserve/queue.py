@@ -287,12 +287,17 @@ class QueueBase:
             metrics.INFLIGHT.set(self.inflight)
 
     async def drain(self, seconds: float) -> bool:
-        """Refuse new work and wait until queued and running work is done, ``seconds`` at most."""
+        """Refuse new work and wait until queued and running work is done, ``seconds`` at most.
+        Out of time, what is still queued is dropped (``cancel``): a job that never started
+        then fails with ``draining`` (a 503 its client may retry elsewhere, or an async job's
+        hand-off: ``sdserve.steps.wait``) instead of being cut off when the process exits."""
         self.draining = True
         deadline = time.monotonic() + seconds
         # Polled: "idle" changes in several places (a batch ends, a queued job is cancelled).
         while not self.idle and time.monotonic() < deadline:  # noqa: ASYNC110 - see the line above
             await asyncio.sleep(0.05)
+        for job in list(self._pending):
+            cancel(job, "drain_timeout")
         return self.idle
 
 

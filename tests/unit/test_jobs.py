@@ -632,6 +632,33 @@ async def test_jobs_no_replica_has_taken_up_count_in_the_queue_depth_each_live_r
         assert served.state.sd.jobs.me not in store._replicas
 
 
+async def test_a_drain_out_of_time_hands_off_a_queued_job_and_refuses_a_queued_request(keys):
+    """A drain that runs out of time (a batch longer than SDSERVE_DRAIN_SECONDS) drops what is
+    still queued rather than leave it to be cut off at exit: a queued async job is handed off
+    at once (not after its lease lapses), a queued request gets a 503 ``draining`` its client
+    can retry elsewhere. The running one is left to finish."""
+    shared = MemoryJobs(3600, shared=True)
+    settings = drain_settings(keys).model_copy(update={"drain_seconds": 0.3})
+    served = create_app(settings, FakePipeline(seconds_per_call=3.0))
+    served.state.sd.jobs.store = shared
+    handed = metric("sdserve_jobs_total", event="handed_off")
+    async with serve(served) as client:
+        running = asyncio.create_task(client.post("/v1/images/generations", json=BODY, headers=ALICE))
+        await asyncio.sleep(0.3)
+        job = (await client.post("/v1/jobs", json={**BODY, "seed": 5}, headers=ALICE)).json()
+        await asyncio.sleep(0.3)  # queued behind the running request (room for one job: half of 2)
+        queued = asyncio.create_task(client.post("/v1/images/generations", json=BODY, headers=ALICE))
+        await asyncio.sleep(0.3)
+        assert served.state.sd.batcher.depth == 2
+        assert not await start_drain(served.state.sd)  # out of time
+        refused = await asyncio.wait_for(queued, 5)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining", refused.text
+        view = (await client.get(f"/v1/jobs/{job['id']}", headers=ALICE)).json()
+        assert view["status"] == "queued" and metric("sdserve_jobs_total", event="handed_off") - handed == 1, view
+        assert (await shared.get(job["id"])).offered > 0  # another replica's to take up now
+        assert (await asyncio.wait_for(running, 10)).status_code == 200
+
+
 async def test_without_a_shared_store_a_drain_fails_the_jobs_it_has_not_queued(keys):
     """One replica's own store: no other replica could take a job up, so a job still waiting
     for room when the replica shuts down fails at once, saying why."""

@@ -283,6 +283,8 @@ class Jobs:
                     record.id,
                 )
                 return
+            if e.code == "draining" and await self._hand_off(record):
+                return  # it never started: the drain dropped it from the queue, out of time
             cancelled = e.status == 499 or record.cancel_requested
             record.status = "cancelled" if cancelled else "failed"
             record.error = None if cancelled else {"code": e.code, "message": e.message}
