@@ -181,6 +181,7 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=300)
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--defaults-share", type=float, default=0.5)
+    ap.add_argument("--name", help="result file name (default from --defaults-share)")
     ap.add_argument(
         "--validate",
         nargs="*",
@@ -237,10 +238,13 @@ def main() -> int:
     if out:
         print("\nthe model against the real-time simulation (same arrivals):")
         print(table(out, ["file", "seed", "policy", "load", "sim p99_s", "model p99_s", "model/sim"]))
-    path = write(
+    default_name = (
         "policy_model_sd15_cuda"
         if args.defaults_share == 0.5
-        else f"policy_model_share{args.defaults_share:g}_sd15_cuda",
+        else f"policy_model_share{args.defaults_share:g}_sd15_cuda"
+    )
+    path = write(
+        args.name or default_name,
         {
             "what": "MODEL (event time, no sleeping) of request vs step batching rules on a measured cost curve",
             "cost": cost.spec,
