@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one go, for a machine with one CUDA GPU and no network:
 #
-#     bash bench/gpu.sh [part ...]      parts: tests quant sd15 sd15c overhead sched sat sdxl (default: all, in this order)
+#     bash bench/gpu.sh [part ...]      parts: tests quant sd15 sd15c costc overhead sched sat sdxl (default: all, in this order)
 #
 # With a short lease, run `sched sd15 tests` first: sched places the served-vs-direct gap
 # (cuDNN's per-thread tuning, bench/README.md), sd15 says which of sdserve's eager settings pay
 # (one at a time on plain diffusers) and measures the server's own Pipeline, tests re-checks
 # the out-of-memory fixes and the compiled paths. sd15c is the compiled figure (CUDA graphs);
-# sat is the two policies at saturation (8 clients, every request its own parameters).
+# sat is the two policies at saturation (8 clients, every request its own parameters). costc is
+# the UNet step's cost curve compiled with CUDA graphs, which decides whether step batching's p99
+# gain survives compile: `python bench/policy_model.py --cost <its JSON> --name policy_model_compiled_sd15`
+# (bench/README.md, "On an assumed compiled curve").
 #
 # Results go to $SDOP_BENCH_RESULTS (default bench/results/), logs next to them. Python wheels
 # in .whl/ (a machine without the inference extra's packages) are installed to /tmp/site first;
@@ -37,7 +40,7 @@ part() {  # name, seconds, command...
 }
 
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(tests quant sd15 sd15c overhead sched sat sdxl)
+[ ${#parts[@]} -eq 0 ] && parts=(tests quant sd15 sd15c costc overhead sched sat sdxl)
 for p in "${parts[@]}"; do
   case $p in
     tests) part tests 300 $PY -m pytest -q -s -p no:cacheprovider --run-gpu --timeout 240 tests/gpu ;;
@@ -46,6 +49,7 @@ for p in "${parts[@]}"; do
       --parts plain,ablate,eager ;;
     sd15c) part sd15c 300 $PY bench/gpu_pipeline.py --arch sd15 --batches 1,8 --warmup 1 --repeats 2 \
       --parts compiled --compile-mode reduce-overhead --name gpu_pipeline_sd15_compiled ;;
+    costc) part costc 300 $PY bench/scheduling.py --arch sd15 --device cuda --cost-only --compile-mode reduce-overhead ;;
     overhead) part overhead 60 $PY bench/step_overhead.py --arch sd15 --device cuda ;;
     sched) part sched 240 $PY bench/scheduling.py --arch sd15 --device cuda --loads 0.8,1.2,1.6 --duration 20 ;;
     sat) part sat 150 $PY bench/scheduling.py --arch sd15 --device cuda --clients 8 --duration 20 --defaults-share 0 ;;

@@ -222,16 +222,19 @@ class SimPipeline:
         return [object()] * len(states)
 
 
-def real_pipeline(arch: str, device: str, max_batch: int, mix: Mix, step_pad: str = "auto"):
+def real_pipeline(arch: str, device: str, max_batch: int, mix: Mix, step_pad: str = "auto", compile_mode: str = ""):
     """sdserve's Pipeline, set to warm up what the runs will see as a server would: the default
     size and the mix's large size (SDSERVE_WARMUP_SIZES), at every batch size on a GPU. Each
-    batcher runs that warm-up on its own threads (cuDNN's tuning is kept per thread)."""
+    batcher runs that warm-up on its own threads (cuDNN's tuning is kept per thread).
+    ``compile_mode``: the UNet compiled so (SDSERVE_COMPILE), as a server with compile on."""
     big = mix.side * 3 // 2
+    compiled = {"compile": True, "compile_mode": compile_mode} if compile_mode else {}
     return sdserve_pipeline(
         arch,
         device,
         max_batch_size=max_batch,
         step_pad=step_pad,
+        **compiled,
         warmup_sizes=f"{big}x{big}",
         min_side=min(256, mix.side),
         max_width=max(1024, big),
@@ -242,7 +245,8 @@ def real_pipeline(arch: str, device: str, max_batch: int, mix: Mix, step_pad: st
 def measure_cost(pipeline: Any, mix: Mix, max_batch: int, source: str) -> dict:
     """Seconds per UNet step at 1..max_batch images of the default size (and 1 and 2 of the
     large size), the decode and the text encode: the curve --pipeline sim replays. Run on the
-    step batcher's worker thread, whose shapes its warm-up tuned."""
+    step batcher's worker thread, whose shapes its warm-up tuned (or, --cost-only, on a thread
+    that tunes each shape in the untimed first step: cuDNN's choice, a compile)."""
     points = []
     sizes = [(mix.side, b) for b in sorted({1, 2, max(1, max_batch // 2), max_batch})]
     sizes += [(mix.side * 3 // 2, b) for b in (1, 2)]
@@ -253,12 +257,16 @@ def measure_cost(pipeline: Any, mix: Mix, max_batch: int, source: str) -> dict:
         states = [s for i in range(b) for s in pipeline.begin(key, Item("cost", None, 1, i))]
         sync(str(pipeline.device))
         t1 = time.perf_counter()
+        if side == mix.side and b == 1:
+            encode = t1 - t0
+        pipeline.step(states)  # untimed: a shape met for the first time is tuned or compiled here
+        sync(str(pipeline.device))
+        t1 = time.perf_counter()
         for _ in range(3):
             pipeline.step(states)
         sync(str(pipeline.device))
         t2 = time.perf_counter()
         if side == mix.side and b == 1:
-            encode = t1 - t0
             while not pipeline.finished(states[0]):
                 pipeline.step(states)
             pipeline.finish(states)  # once to warm this thread's decode kernels, then timed
@@ -558,6 +566,16 @@ def main() -> int:
         default="auto",
         help="real pipeline: SDSERVE_STEP_PAD (auto pads every step-batched forward to --max-batch on a CPU)",
     )
+    ap.add_argument(
+        "--compile-mode",
+        default="",
+        help="real pipeline: torch.compile the UNet in this mode (reduce-overhead: CUDA graphs), as SDSERVE_COMPILE",
+    )
+    ap.add_argument(
+        "--cost-only",
+        action="store_true",
+        help="real pipeline: measure the step cost curve and stop (no batchers, no runs): for policy_model.py --cost",
+    )
     ap.add_argument("--name", help="result file name (default from pipeline/arch/device)")
     args = ap.parse_args()
     args.arch = args.arch or ("sd15" if args.pipeline == "sim" else "tiny")
@@ -569,6 +587,26 @@ def main() -> int:
     return asyncio.run(run_benchmark(args, spec))
 
 
+def cost_only(args: argparse.Namespace, mix: Mix, pipeline: Any, label: str) -> int:
+    """The step cost curve alone, on this thread, each shape tuned (or compiled) before it is timed."""
+    compiled = f" compiled {args.compile_mode}" if args.compile_mode else ""
+    curve = measure_cost(pipeline, mix, args.max_batch, f"{args.arch} on {args.device}{compiled}")
+    print(label)
+    print("step cost (latent pixels, seconds):", [(p, round(s, 4)) for p, s in curve["points"]])
+    print(f"decode {curve['decode_seconds']:.4f} s, text encode {curve['encode_seconds']:.4f} s")
+    suffix = "_compiled" if args.compile_mode else ""
+    path = write(
+        args.name or f"scheduling_cost_{args.arch}{suffix}_{args.device.split(':')[0]}",
+        {
+            "settings": vars(args),
+            "what": label,
+            "step_cost": curve,
+        },
+    )
+    print(f"wrote {path}")
+    return 0
+
+
 async def run_benchmark(args: argparse.Namespace, spec: dict) -> int:
     """--pipeline sim replays ``spec``; a real pipeline measures its own cost curve."""
     mix = mixes(args.arch, args.defaults_share, args.edits)
@@ -578,8 +616,11 @@ async def run_benchmark(args: argparse.Namespace, spec: dict) -> int:
         inner: Any = SimPipeline(Cost(spec))
         label = f"SIMULATION: sleeps follow the cost curve ({spec['source']})"
     else:
-        inner = real_pipeline(args.arch, args.device, args.max_batch, mix, args.step_pad)
-        label = f"real pipeline: {args.arch} on {args.device}, step pad {args.step_pad}"
+        inner = real_pipeline(args.arch, args.device, args.max_batch, mix, args.step_pad, args.compile_mode)
+        compiled = f", UNet compiled ({args.compile_mode})" if args.compile_mode else ""
+        label = f"real pipeline: {args.arch} on {args.device}, step pad {args.step_pad}{compiled}"
+        if args.cost_only:
+            return cost_only(args, mix, inner, label)
     pipeline = Recorder(inner)
     policies = args.policies.split(",")
     batchers = {policy: make(policy, pipeline, args.max_batch) for policy in ("request", "step")}

@@ -112,6 +112,15 @@ def test_policy_model_reproduces_the_real_time_simulation_it_stands_for(tmp_path
     assert rows["free decode (bound)"]["p99_s"] < rows["lead"]["p99_s"]  # decodes off the device's time
 
 
+def test_scheduling_bench_measures_a_cost_curve_alone(tmp_path):
+    """--cost-only: the step cost curve of the real (tiny) pipeline, for policy_model.py --cost."""
+    out = bench(tmp_path, "bench/scheduling.py", "--cost-only", "--max-batch", "2")
+    assert "step cost" in out
+    curve = json.loads((tmp_path / "scheduling_cost_tiny_cpu.json").read_text())["step_cost"]
+    assert [p for p, _ in curve["points"]] == [64, 128, 144, 288]  # 1 and 2 images of two sizes
+    assert all(s > 0 for _, s in curve["points"]) and curve["decode_seconds"] > 0
+
+
 def test_scheduling_bench_mixes_in_edits(tmp_path):
     args = ["--pipeline", "sim", "--duration", "4", "--loads", "0.6", "--edits", "0.5", "--seed", "3"]
     bench(tmp_path, "bench/scheduling.py", *args, "--name", "edits")
