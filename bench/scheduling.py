@@ -246,7 +246,7 @@ def measure_cost(pipeline: Any, mix: Mix, max_batch: int, source: str) -> dict:
     """Seconds per UNet step at 1..max_batch images of the default size (and 1 and 2 of the
     large size), the decode and the text encode: the curve --pipeline sim replays. Run on the
     step batcher's worker thread, whose shapes its warm-up tuned (or, --cost-only, on a thread
-    that tunes each shape in the untimed first step: cuDNN's choice, a compile)."""
+    that tunes each shape in the untimed first steps: cuDNN's choice, a compile, a CUDA graph)."""
     points = []
     sizes = [(mix.side, b) for b in sorted({1, 2, max(1, max_batch // 2), max_batch})]
     sizes += [(mix.side * 3 // 2, b) for b in (1, 2)]
@@ -259,7 +259,8 @@ def measure_cost(pipeline: Any, mix: Mix, max_batch: int, source: str) -> dict:
         t1 = time.perf_counter()
         if side == mix.side and b == 1:
             encode = t1 - t0
-        pipeline.step(states)  # untimed: a shape met for the first time is tuned or compiled here
+        for _ in range(2):  # untimed: a new shape is tuned or compiled, then (CUDA graphs) recorded
+            pipeline.step(states)
         sync(str(pipeline.device))
         t1 = time.perf_counter()
         for _ in range(3):
