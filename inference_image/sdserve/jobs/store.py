@@ -145,7 +145,7 @@ class MemoryJobs:
 
     async def beat(self, replica: str, now: float, ttl: float) -> int:
         self._replicas[replica] = now
-        self._replicas = {r: t for r, t in self._replicas.items() if t > now - ttl}
+        self._replicas = {r: t for r, t in self._replicas.items() if t >= now - ttl}  # as Redis: older goes
         return len(self._replicas)
 
     async def leave(self, replica: str) -> None:
