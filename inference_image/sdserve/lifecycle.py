@@ -19,10 +19,12 @@ log = logging.getLogger("sdserve.lifecycle")
 LOAD_FAILED_EXIT_CODE = 3
 #: The prefix of the termination message the operator recognises.
 LOAD_FAILED = "model_load_failed"
-#: After a drain out of time, how long the jobs it dropped from the queue have to be handed off
-#: (a write or two to Redis each), within the 15 s the operator leaves between the drain
-#: (SDSERVE_DRAIN_SECONDS) and the kill (terminationGracePeriodSeconds).
-JOBS_AFTER_DRAIN_SECONDS = 5.0
+#: After a drain out of time, the seconds the server still has, within the 15 s the operator
+#: leaves between the drain (SDSERVE_DRAIN_SECONDS) and the kill (terminationGracePeriodSeconds):
+#: running work that would end within them ends; what would not is dropped at its next step,
+#: as what is still queued is; and the jobs dropped have them to be handed off (a write or two
+#: to Redis each).
+AFTER_DRAIN_SECONDS = 5.0
 
 
 async def load_model(state: State) -> None:
@@ -73,16 +75,18 @@ def _exit_load_failed() -> None:
 
 async def start_drain(state: State) -> bool:
     """Readiness off, new requests 503, queued and running work finishes, and async jobs store
-    and report their ends (drain_seconds at most, in all; then ``JOBS_AFTER_DRAIN_SECONDS``
-    more for the jobs a drain out of time dropped from the queue to be handed off)."""
+    and report their ends (drain_seconds at most, in all). Out of time, the queued work and the
+    running work that would not end within ``AFTER_DRAIN_SECONDS`` are dropped (requests 503
+    ``draining``, jobs handed off to other replicas), and the jobs have those seconds more to
+    end or be handed off."""
     metrics.READY.set(0)
     log.info("draining: %d queued, %d in flight", state.batcher.depth, state.batcher.inflight)
     deadline = time.monotonic() + state.settings.drain_seconds
-    drained = await state.batcher.drain(state.settings.drain_seconds)
+    drained = await state.batcher.drain(state.settings.drain_seconds, AFTER_DRAIN_SECONDS)
     if state.jobs is not None:
         left = deadline - time.monotonic()
         if not drained:  # out of time: what it dropped is still being handed off
-            left = max(left, JOBS_AFTER_DRAIN_SECONDS)
+            left = max(left, AFTER_DRAIN_SECONDS)
         drained = await state.jobs.drain(max(0.0, left)) and drained
     log.info("drain %s", "complete" if drained else "timed out")
     return drained

@@ -85,7 +85,8 @@ PROMPTS_TRUNCATED = Counter(
 REJECTED = Counter("sdserve_requests_rejected", "Requests refused before the queue.", ["reason"], registry=REGISTRY)
 CANCELLED = Counter(
     "sdserve_requests_cancelled",
-    "Queued requests dropped because the client left or timed out.",
+    "Requests dropped before their end: queued ones, and running ones at a step boundary "
+    "(reason: client_disconnected, timeout, drain_timeout).",
     ["reason"],
     registry=REGISTRY,
 )

@@ -21,7 +21,7 @@ from typing import Any
 
 from .schedulers import SCHEDULERS
 from .settings import Settings
-from .work import TASKS, BatchKey, Item, ModelLoadError, OutOfMemory
+from .work import TASKS, BatchKey, Interrupted, Item, ModelLoadError, OutOfMemory
 
 log = logging.getLogger("sdserve.pipeline")
 
@@ -299,8 +299,14 @@ class Pipeline:
 
     # ---- generation ------------------------------------------------------------------
     def run(self, key: BatchKey, items: list[Item]) -> list[Item]:
-        """Generate every item's images; a CUDA OOM splits the batch and retries the halves."""
-        if not out_of_memory(self._run, key, items):
+        """Generate every item's images; a CUDA OOM splits the batch and retries the halves.
+        Once every item is dropped, the call ends at the next step (Interrupted)."""
+        return self._split(key, items, items)
+
+    def _split(self, key: BatchKey, items: list[Item], batch: list[Item]) -> list[Item]:
+        """``run`` for ``items``, a part of ``batch`` (all of it until an OOM split): the
+        whole batch is what must be dropped for a part to stop."""
+        if not out_of_memory(self._run, key, items, batch):
             return items
         self._free()
         total = sum(i.n for i in items)
@@ -315,16 +321,16 @@ class Pipeline:
             half = item.n // 2
             a = Item(item.prompt, item.negative_prompt, half, item.seed)
             b = Item(item.prompt, item.negative_prompt, item.n - half, item.seed + half)
-            self.run(key, [a])
-            self.run(key, [b])
+            self._split(key, [a], batch)
+            self._split(key, [b], batch)
             item.images = a.images + b.images
         else:
             mid = len(items) // 2
-            self.run(key, items[:mid])
-            self.run(key, items[mid:])
+            self._split(key, items[:mid], batch)
+            self._split(key, items[mid:], batch)
         return items
 
-    def _run(self, key: BatchKey, items: list[Item]) -> None:
+    def _run(self, key: BatchKey, items: list[Item], batch: list[Item]) -> None:
         import torch
 
         gen_device = self.device if self.device.startswith("cuda") else "cpu"
@@ -343,6 +349,8 @@ class Pipeline:
             kwargs.update(width=key.width, height=key.height)
 
         def progress(_pipe: Any, i: int, _t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+            if all(item.dropped for item in batch):  # nobody wants these images any more
+                raise Interrupted(f"every request of the batch was dropped after step {i + 1} of {key.steps}")
             first = 0  # the index of each item's first image in the batch
             for item in items:
                 item.progress = i + 1

@@ -3,7 +3,8 @@
 The event loop only enqueues jobs and awaits their futures. One batcher task takes the
 oldest job, gathers queued jobs with the same BatchKey until ``max_batch_size`` images or
 ``max_wait_ms``, and hands the batch to the single worker thread that owns the model.
-Jobs whose client left or timed out are dropped before they reach the model.
+Jobs whose client left or timed out are dropped before they reach the model; a running batch
+whose clients have all left ends at its next step.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from . import metrics
-from .work import BatchKey, ImagePipeline, Item, OutOfMemory
+from .work import BatchKey, ImagePipeline, Interrupted, Item, OutOfMemory
 
 log = logging.getLogger("sdserve.queue")
 
@@ -47,6 +48,8 @@ class Job:
     started: float | None = None
     #: Step batching: a started job can still be cancelled (it leaves at the next step).
     preemptible: bool = False
+    #: Why it was dropped (``cancel``): "client_disconnected", "timeout" or "drain_timeout".
+    cancel_reason: str | None = None
 
     @property
     def cancelled(self) -> bool:
@@ -286,11 +289,13 @@ class QueueBase:
             self._taken.discard(job)
             metrics.INFLIGHT.set(self.inflight)
 
-    async def drain(self, seconds: float) -> bool:
+    async def drain(self, seconds: float, finish_within: float = 0.0) -> bool:
         """Refuse new work and wait until queued and running work is done, ``seconds`` at most.
-        Out of time, what is still queued is dropped (``cancel``): a job that never started
-        then fails with ``draining`` (a 503 its client may retry elsewhere, or an async job's
-        hand-off: ``sdserve.steps.wait``) instead of being cut off when the process exits."""
+        Out of time, what is still queued is dropped (``cancel``), and so is running work that
+        would not end within ``finish_within`` seconds more (the time the process has left):
+        it stops at its next step. Each then fails with ``draining`` (a 503 its client may retry
+        elsewhere, or an async job's hand-off: ``sdserve.steps.wait``) instead of being cut off
+        when the process exits. Running work that will end in time ends."""
         self.draining = True
         deadline = time.monotonic() + seconds
         # Polled: "idle" changes in several places (a batch ends, a queued job is cancelled).
@@ -298,7 +303,16 @@ class QueueBase:
             await asyncio.sleep(0.05)
         for job in list(self._pending):
             cancel(job, "drain_timeout")
+        for job in list(self._taken):
+            left = self._seconds_left(job)
+            if left > finish_within:
+                log.warning("drain out of time: a running request dropped, %.1f s from its end", left)
+                cancel(job, "drain_timeout")
         return self.idle
+
+    def _seconds_left(self, job: Job) -> float:
+        """Roughly how long a running job has left (0 once denoised: it is being decoded)."""
+        raise NotImplementedError
 
 
 class Batcher(QueueBase):
@@ -366,17 +380,33 @@ class Batcher(QueueBase):
                 continue
             await self._run(batch)
 
+    def _seconds_left(self, job: Job) -> float:
+        """At the batch's own pace so far (its steps run alike). Before its first step ends, that
+        step has taken at least what has passed, and so will each one after it."""
+        steps, done = job.key.denoising_steps, job.item.progress
+        if done >= steps or job.started is None:
+            return 0.0
+        elapsed = time.monotonic() - job.started
+        if not done:
+            return max(self._batch_seconds - elapsed, elapsed * (steps - 1))
+        return elapsed / done * (steps - done)
+
     async def _run(self, batch: list[Job]) -> None:
         self._began(batch)
         images = sum(j.item.n for j in batch)
         metrics.BATCH_SIZE.observe(images)
         t0 = time.perf_counter()
+        whole = True  # ran to its end (or failed): its time is a batch's, for Retry-After
         try:
             await self._serve(self._worker, self.pipeline.run, batch[0].key, [j.item for j in batch])
         except OutOfMemory:
             # The batch was split down to single images and one still did not fit.
             # Retry one at a time so that only the request that cannot fit fails.
             await self._run_singly(batch)
+        except Interrupted:  # every request in it was dropped: it stopped at a step boundary
+            whole = False
+            for job in batch:
+                _dropped(job)
         except Exception as e:  # the worker never dies; the batch's requests fail
             log.exception("batch of %d failed", images)
             for job in batch:
@@ -390,7 +420,8 @@ class Batcher(QueueBase):
         finally:
             elapsed = time.perf_counter() - t0
             metrics.INFERENCE_DURATION.observe(elapsed)
-            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+            if whole:
+                self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
 
     async def _run_singly(self, batch: list[Job]) -> None:
         for job in batch:
@@ -400,14 +431,28 @@ class Batcher(QueueBase):
                 await self._serve(self._worker, self.pipeline.run, job.key, [job.item])
                 job.future.set_result(job.item)
                 metrics.IMAGES.inc(job.item.n)
+            except Interrupted:
+                _dropped(job)
             except Exception as e:  # noqa: BLE001 - the worker never dies; this request fails alone
                 if not job.future.done():
                     job.future.set_exception(e)
 
 
 def cancel(job: Job, reason: str) -> None:
-    """The client is gone or out of time: drop the job if it has not started (or, with step
-    batching, at the next step boundary)."""
-    if not job.future.done() and (job.started is None or job.preemptible):
+    """The client is gone, out of time, or a drain out of time drops the job: one not started
+    leaves the queue at once; a running one, with step batching, leaves the batch at the next
+    step; with request batching its batch runs on for the others, and ends at its next step
+    once every request in it is dropped (``Batcher._run``)."""
+    if job.future.done() or job.item.dropped:
+        return
+    job.item.dropped, job.cancel_reason = True, reason
+    if job.started is None or job.preemptible:
         job.future.cancel()
         metrics.CANCELLED.labels(reason).inc()
+
+
+def _dropped(job: Job) -> None:
+    """A request batch ended at a step boundary, every request in it dropped (``cancel``)."""
+    if not job.future.done():
+        job.future.cancel()
+        metrics.CANCELLED.labels(job.cancel_reason or "unknown").inc()

@@ -16,8 +16,8 @@ group's images, and ``max_batch_size`` images); a queued request of another grou
 over, and the younger requests that passed it are paused (kept, not stepped) once it is the
 oldest. So no request waits for a younger one, and a request queued behind another shape
 still joins the running batch instead of waiting for that shape's whole run.
-A request whose client leaves (or whose time runs out) is dropped at the next step,
-running, paused or queued. An out-of-memory step is split (``pipeline.step``); an image
+A request whose client leaves (or whose time runs out, or that a drain out of time drops)
+is dropped at the next step, running, paused or queued. An out-of-memory step is split (``pipeline.step``); an image
 that does not fit alone fails its request with OutOfMemory and the budget shrinks to what
 fit (growing back after ``REGROW_AFTER_STEPS`` steps without another). Edits are stepped
 like generations: they start from the noised input image at a later timestep, and
@@ -83,6 +83,13 @@ class StepBatcher(QueueBase):
         while not all(self.pipeline.finished(s) for s in states):
             await loop.run_in_executor(self._worker, self.pipeline.step, states)
         await loop.run_in_executor(self._decoder, self.pipeline.finish, states)
+
+    def _seconds_left(self, job: Job) -> float:
+        """Its steps left at the current step time, once per group running (the groups take
+        turns at the step boundaries): rough, and on the long side."""
+        left = job.key.denoising_steps - job.item.progress
+        groups = len({self._shape(r.job) for r in self._running}) or 1
+        return max(0, left) * self._step_seconds * groups
 
     # ---- the schedule -------------------------------------------------------------------
     @staticmethod

@@ -19,6 +19,11 @@ class OutOfMemory(RuntimeError):
     """The device ran out of memory for one request on its own."""
 
 
+class Interrupted(RuntimeError):
+    """A request batch (``ImagePipeline.run``) ended at a step boundary: every request in it was
+    dropped (its client left, its time ran out, or a drain ran out of time)."""
+
+
 #: What a request asks for: text to image, an edit without a mask, an edit with one.
 TASKS = ("generate", "img2img", "inpaint")
 
@@ -66,6 +71,10 @@ class Item:
     #: that stalls the next step's kernel launches for every request in the batch.
     preview: bool = False
     latest: tuple[Any, str] | None = None
+    #: Set on the event loop once the request is no longer wanted (``sdserve.queue.cancel``),
+    #: read by the model's thread at each step: a request batch whose requests are all dropped
+    #: ends at its next step (``Interrupted``) instead of running on for nobody.
+    dropped: bool = False
 
     def preview_png(self) -> str | None:
         """The latest preview, a low-resolution base64 PNG (sdserve.preview); None before the
@@ -111,7 +120,8 @@ class ImagePipeline(Protocol):
 
     def run(self, key: BatchKey, items: list[Item]) -> list[Item]:
         """Fill every item's ``images`` (None for an image withheld by the content check);
-        raise OutOfMemory when one image alone does not fit."""
+        raise OutOfMemory when one image alone does not fit, and Interrupted at the first step
+        boundary at which every item is ``dropped``."""
         ...
 
     # Step-level batching (sdserve.stepper): one image's denoising as a state advanced one

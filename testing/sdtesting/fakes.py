@@ -11,7 +11,7 @@ from typing import Any
 
 from PIL import Image
 
-from sdserve.work import TASKS, BatchKey, Item, ModelLoadError, OutOfMemory
+from sdserve.work import TASKS, BatchKey, Interrupted, Item, ModelLoadError, OutOfMemory
 
 
 class FakePipeline:
@@ -72,11 +72,16 @@ class FakePipeline:
             self.calls.append((key, sum(i.n for i in items)))
         if self.oom_prompt is not None and any(i.prompt == self.oom_prompt for i in items):
             raise OutOfMemory(f"out of memory for one {key.width}x{key.height} image")
-        if self.seconds_per_call:
-            time.sleep(self.seconds_per_call)
+        steps = key.denoising_steps
+        for step in range(1, max(1, steps) + 1):  # the call's cost spread over its steps, as in step batching
+            if self.seconds_per_call:
+                time.sleep(self.seconds_per_call / max(1, steps))
+            for item in items:
+                item.progress = min(step, steps)
+            if all(item.dropped for item in items):  # as the real pipeline's step callback
+                raise Interrupted(f"every request of the batch was dropped after step {step} of {steps}")
         for item in items:
             item.images = [self._image(key, item.prompt, item.seed + i) for i in range(item.n)]
-            item.progress = key.denoising_steps
         return items
 
     # ---- step batching: a state is [key, prompt, seed, steps taken] --------------------

@@ -659,6 +659,50 @@ async def test_a_drain_out_of_time_hands_off_a_queued_job_and_refuses_a_queued_r
         assert (await asyncio.wait_for(running, 10)).status_code == 200
 
 
+async def test_a_drain_out_of_time_stops_running_work_that_would_not_end_before_the_exit(keys, monkeypatch):
+    """Running work that would not end within the seconds the server has after a drain out of
+    time stops at its next step rather than be cut off at exit: a request gets a 503
+    ``draining`` its client can retry elsewhere, a job is handed off at once (not failed as
+    ``replica_lost`` once its lease lapses) and another replica runs it from its first step,
+    with its seed. (Work that would end in time ends: the test above.)"""
+    from sdserve import lifecycle
+
+    monkeypatch.setattr(lifecycle, "AFTER_DRAIN_SECONDS", 1.0)
+    shared = MemoryJobs(3600, shared=True)
+    settings = Settings(
+        model="fake", min_side=64, api_keys_file=keys, queue_size=4, max_batch_size=2, max_wait_ms=300,
+        cache_type="none", drain_seconds=0.3,
+    )  # fmt: skip
+    leaving, taking = FakePipeline(seconds_per_call=20.0), FakePipeline(seconds_per_call=0.05)  # 0.5 s a step
+    a, b = create_app(settings, leaving), create_app(settings, taking)
+    a.state.sd.jobs.store = b.state.sd.jobs.store = shared
+    long = {**BODY, "num_inference_steps": 40}
+    handed = metric("sdserve_jobs_total", event="handed_off")
+    dropped = metric("sdserve_requests_cancelled_total", reason="drain_timeout")
+    async with serve(a) as ca:
+        job = (await ca.post("/v1/jobs", json={**long, "seed": 5}, headers=ALICE)).json()
+        request = asyncio.create_task(ca.post("/v1/images/generations", json=long, headers=ALICE))
+        deadline = time.monotonic() + 5
+        while a.state.sd.batcher.inflight < 2:  # both running (one batch, under request batching)
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        assert not await start_drain(a.state.sd)  # out of time, 39 steps (~20 s) from the end
+        refused = await asyncio.wait_for(request, 5)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining", refused.text
+        assert time.monotonic() - t0 < 3  # at the next step, not at the end of its 40
+        view = (await ca.get(f"/v1/jobs/{job['id']}", headers=ALICE)).json()
+        assert view["status"] == "queued" and view["progress"]["step"] == 0, view
+        assert metric("sdserve_jobs_total", event="handed_off") - handed == 1
+        assert metric("sdserve_requests_cancelled_total", reason="drain_timeout") - dropped == 2
+        assert a.state.sd.batcher.inflight == 0
+    async with serve(b) as cb:
+        done = await until_done(cb, job["id"])
+    assert done["status"] == "succeeded" and done["result"]["data"][0]["seed"] == 5, done
+    assert (await shared.get(job["id"])).attempts == 2
+    assert [p for m, p, _ in taking.threads if m in ("run", "begin")] == [BODY["prompt"]]
+
+
 async def test_without_a_shared_store_a_drain_fails_the_jobs_it_has_not_queued(keys):
     """One replica's own store: no other replica could take a job up, so a job still waiting
     for room when the replica shuts down fails at once, saying why."""

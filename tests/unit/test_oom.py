@@ -25,12 +25,12 @@ class SmallGpu(Pipeline):
         super().__init__(Settings(model="tiny", warmup=False))
         self.fits, self.too_big_prompt, self.calls = fits, too_big_prompt, []
 
-    def _run(self, key, items):
+    def _run(self, key, items, batch):
         total = sum(i.n for i in items)
         self.calls.append(total)
         if total > self.fits or any(i.prompt == self.too_big_prompt for i in items):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        super()._run(key, items)
+        super()._run(key, items, batch)
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +99,22 @@ def test_a_split_batch_retries_only_after_the_failed_attempt_is_freed():
     p.run(KEY, items)
     assert [len(i.images) for i in items] == [2, 1]
     assert len(alive_at_call) > 3 and max(alive_at_call) == 0
+
+
+def test_a_split_batch_stops_only_once_every_request_of_the_whole_batch_is_dropped(loaded):
+    """The halves of a split batch watch the whole batch: a request dropped (its client left)
+    does not stop the half it is in while another request of the batch is wanted, and once
+    every one is dropped the call ends at its next step (Interrupted, not an out-of-memory)."""
+    from sdserve.work import Interrupted
+
+    tight = SmallGpu(fits=1)
+    tight.pipe, tight._schedulers = loaded.pipe, loaded._schedulers
+    gone, wanted = Item("gone", None, 1, 1), Item("wanted", None, 2, 2)
+    gone.dropped = True
+    tight.run(KEY, [gone, wanted])  # split down to single images
+    assert len(gone.images) == 1 and len(wanted.images) == 2
+    wanted.images, wanted.dropped = [], True
+    tight.calls.clear()
+    with pytest.raises(Interrupted):
+        tight.run(KEY, [gone, wanted])
+    assert tight.calls == [3, 1] and not wanted.images  # stopped in the first half that fit

@@ -334,6 +334,28 @@ async def test_a_drain_waits_for_a_request_being_admitted():
         await batcher.stop()
 
 
+async def test_a_drain_out_of_time_drops_the_running_requests_that_would_not_end_in_the_time_left():
+    """Out of time, the drain keeps a running request a few steps from its end (it ends in the
+    seconds the server has left) and drops, at the next step, one that would not."""
+    fake, k = FakePipeline(seconds_per_call=4.0), key(40)  # 0.1 s a step
+    batcher = StepBatcher(fake, max_batch_size=4, queue_size=4)
+    batcher.start()
+    try:
+        near = batcher.submit(k, Item("near", None, 1, 1))
+        while near.item.progress < 34:  # noqa: ASYNC110 - the fake steps on the worker thread
+            await asyncio.sleep(0.01)
+        far = batcher.submit(k, Item("far", None, 1, 2))
+        while far.started is None:  # noqa: ASYNC110 - as above
+            await asyncio.sleep(0.01)
+        assert not await batcher.drain(0, finish_within=1.0)
+        assert far.future.cancelled() and far.cancel_reason == "drain_timeout"
+        done = await asyncio.wait_for(near.future, 5)
+        assert len(done.images) == 1 and near.cancel_reason is None
+        assert fake.step_prompts[-1] == ["near"]  # the last steps were its alone
+    finally:
+        await batcher.stop()
+
+
 async def test_the_in_flight_gauge_falls_to_zero_when_the_only_running_request_leaves():
     """The autoscaler reads sdserve_inflight: a request dropped at a step boundary (its client
     left) leaves it, even when no step follows."""

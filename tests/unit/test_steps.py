@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -85,6 +86,47 @@ async def test_a_request_whose_client_left_frees_its_queue_place_at_once(batchin
         await asyncio.wait_for(asyncio.gather(running.future, live.future), 10)
     finally:
         await s.batcher.stop()
+
+
+async def test_a_request_batch_runs_on_for_a_request_still_wanted_and_stops_once_none_is():
+    """Request batching runs a batch in one pipeline call: a request dropped from it (its client
+    left) is still made while another request in the batch is wanted; once every one is
+    dropped, the batch ends at its next step, not after all its steps, and its requests count
+    as cancelled with their reasons."""
+    fake = FakePipeline(seconds_per_call=4.0)  # 40 steps of 0.1 s
+    batcher = Batcher(fake, max_batch_size=4, max_wait_ms=100, queue_size=16)
+    batcher.start()
+    key = BatchKey(64, 64, 40, 7.5, "euler")
+
+    def cancelled(reason: str) -> float:
+        return metrics.CANCELLED.labels(reason)._value.get()
+
+    before = cancelled("client_disconnected"), cancelled("timeout")
+    try:
+        kept, left = batcher.submit(key, Item("kept", None, 1, 1)), batcher.submit(key, Item("left", None, 1, 2))
+        while kept.item.progress < 2:  # noqa: ASYNC110 - the fake steps on the worker thread
+            await asyncio.sleep(0.01)
+        cancel(left, "client_disconnected")
+        await asyncio.wait_for(kept.future, 10)
+        assert kept.item.progress == 40 and len(kept.item.images) == 1 and not left.future.cancelled()
+        assert cancelled("client_disconnected") == before[0]  # it was made all the same
+
+        a, b = batcher.submit(key, Item("a", None, 1, 3)), batcher.submit(key, Item("b", None, 1, 4))
+        while a.item.progress < 2:  # noqa: ASYNC110 - as above
+            await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        cancel(a, "client_disconnected")
+        cancel(b, "timeout")
+        await asyncio.wait({a.future, b.future}, timeout=5)
+        assert time.monotonic() - t0 < 1.0 and a.future.cancelled() and b.future.cancelled()
+        assert a.item.progress < 10 and not a.item.images
+        assert (cancelled("client_disconnected"), cancelled("timeout")) == (before[0] + 1, before[1] + 1)
+        await asyncio.sleep(0)  # the futures' done-callbacks run on the next loop turn
+        assert batcher.inflight == 0 and batcher.idle
+        nxt = batcher.submit(key, Item("next", None, 1, 5))  # the model is free for the next batch
+        await asyncio.wait_for(nxt.future, 10)
+    finally:
+        await batcher.stop()
 
 
 async def test_a_full_queue_is_429_and_a_loaded_server_generates_through_the_cache():

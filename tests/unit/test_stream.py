@@ -127,15 +127,22 @@ async def test_what_a_plain_request_is_refused_with_a_stream_is_refused_with_bef
 
 
 async def test_a_client_that_leaves_mid_stream_cancels_its_request(tiny):
-    """The client reads the first partial image and hangs up: under step batching its request
-    leaves the batch at the next step (sdserve_requests_cancelled_total counts it); a running
-    request-level batch cannot be stopped, but nothing more is sent. Either way the stream
-    ends without a completed event."""
+    """The client reads the first partial image and hangs up: its request stops at the next
+    step (sdserve_requests_cancelled_total counts it), under step batching by leaving the
+    batch, under request batching by ending its batch, which holds no other request (the
+    pipeline's step callback raises). The stream ends without a completed event."""
     settings = Settings(**BASE, max_batch_size=4, max_wait_ms=0, cache_type="none", max_steps=300)
     app = create_app(settings, tiny)
     steps = 300
     body = {"prompt": "a long walk", "size": "64x64", "num_inference_steps": steps, "stream": True}
     body["partial_images"] = 3
+    forwards = 0
+
+    def counted(*_):
+        nonlocal forwards
+        forwards += 1
+
+    hook = tiny.pipe.unet.register_forward_hook(counted)
     async with serve(app):
         before = metric("sdserve_requests_cancelled_total", reason="client_disconnected")
         sent: list[bytes] = []
@@ -175,13 +182,16 @@ async def test_a_client_that_leaves_mid_stream_cancels_its_request(tiny):
         text = b"".join(sent).decode()
         assert "image_generation.partial_image" in text and "image_generation.completed" not in text
         batcher = app.state.sd.batcher
-        if batcher.PREEMPTIBLE:
-            deadline = asyncio.get_running_loop().time() + 10
-            while metric("sdserve_requests_cancelled_total", reason="client_disconnected") == before:
-                assert asyncio.get_running_loop().time() < deadline
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.3)
-            assert not batcher._running and batcher.inflight == 0  # it left the batch: nothing runs
+        deadline = asyncio.get_running_loop().time() + 10
+        while metric("sdserve_requests_cancelled_total", reason="client_disconnected") == before:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        hook.remove()
+        assert batcher.inflight == 0 and batcher.idle  # it stopped: nothing runs
+        assert not getattr(batcher, "_running", [])
+        # The first partial image is sent after step 75: it stopped long before its 300th.
+        assert 75 <= forwards < 200, forwards
 
 
 async def test_previews_are_rendered_when_read_never_on_the_model_thread(client, monkeypatch):

@@ -11,8 +11,9 @@ so no job is left running forever or silently lost. A job belongs to the princip
 it: another principal gets 404.
 
 A replica that shuts down (a rolling update, a scale-down) finishes what it has queued and
-running; with Redis it hands the jobs still waiting for room (and those still queued when its
-drain runs out of time) to the other replicas: their
+running; with Redis it hands the jobs still waiting for room (and, when its drain runs out of
+time, those still queued and those running that would not end in the seconds it has left,
+which start again there) to the other replicas: their
 requests go to the store (``offer``), and any ready replica with room takes them up, oldest
 first (``take``), under the same id, so clients polling, streaming or waiting for a webhook
 see the job go on. One that no replica takes up within SDSERVE_JOB_HANDOFF_SECONDS reads as

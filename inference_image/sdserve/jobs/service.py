@@ -284,7 +284,7 @@ class Jobs:
                 )
                 return
             if e.code == "draining" and await self._hand_off(record):
-                return  # it never started: the drain dropped it from the queue, out of time
+                return  # a drain out of time dropped it, queued or running: another replica runs it
             cancelled = e.status == 499 or record.cancel_requested
             record.status = "cancelled" if cancelled else "failed"
             record.error = None if cancelled else {"code": e.code, "message": e.message}
@@ -359,8 +359,9 @@ class Jobs:
         await deliver(self.state.settings, record, json.dumps(self.view(record)).encode())
 
     async def _hand_off(self, record: JobRecord) -> bool:
-        """Offer a job this replica will not run to the replicas sharing its store (its request
-        was stored when it was accepted): the record, still queued, is kept for
+        """Offer a job this replica will not run, or not finish, to the replicas sharing its
+        store (its request was stored when it was accepted; one that ran starts again from its
+        first step, with its seed, if it had one): the record, queued again, is kept for
         ``job_handoff_seconds``. False without a shared store, or when the store cannot be
         reached (the job then fails)."""
         if not self.store.shared:
@@ -375,7 +376,7 @@ class Jobs:
                 return True  # ended meanwhile: that stands
         except ApiError:
             return False
-        log.info("job %s handed off: this replica is shutting down before it could queue it", record.id)
+        log.info("job %s handed off: this replica is shutting down before it could finish it", record.id)
         return True
 
     async def _offer(self, record: JobRecord) -> bool:
