@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED := 1
 
 # The server tests that run a second time with SDSERVE_BATCHING=step (test_stepper.py builds its
 # batchers itself: it runs once).
-SERVER_TESTS := tests/unit/test_api.py tests/unit/test_api_security.py tests/unit/test_steps.py tests/unit/test_edits.py tests/unit/test_lora.py tests/unit/test_jobs.py tests/unit/test_stream.py \
+SERVER_TESTS := tests/unit/test_api.py tests/unit/test_api_security.py tests/unit/test_steps.py tests/unit/test_edits.py tests/unit/test_lora.py tests/unit/test_jobs.py tests/unit/test_jobs_replicas.py tests/unit/test_stream.py \
 	tests/integration/test_server_lifecycle.py tests/integration/test_server_load.py \
 	tests/integration/test_server_redis.py tests/integration/test_observability.py
 
