@@ -174,8 +174,11 @@ async def test_a_job_with_a_bad_body_is_a_422_naming_the_field(keys):
         assert r.status_code == 422 and r.json()["error"]["param"] == "colour"
 
 
-async def test_a_running_job_is_cancelled_at_its_next_step_under_step_batching(keys):
-    async with serve(app(keys, seconds=4.0, batching="step")) as client:  # 1 s a step
+@pytest.mark.parametrize("batching", ["request", "step"])
+async def test_a_running_job_is_cancelled_at_its_next_step(keys, batching):
+    """Under step batching it leaves the batch; under request batching its batch, which holds
+    no other request, ends."""
+    async with serve(app(keys, seconds=4.0, batching=batching)) as client:  # 1 s a step
         job = (await client.post("/v1/jobs", json=BODY, headers=ALICE)).json()
         while (await client.get(f"/v1/jobs/{job['id']}", headers=ALICE)).json()["status"] != "running":  # noqa: ASYNC110 - polling the API is the point
             await asyncio.sleep(0.05)
