@@ -350,7 +350,7 @@ class Pipeline:
 
         def progress(_pipe: Any, i: int, _t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
             if all(item.dropped for item in batch):  # nobody wants these images any more
-                raise Interrupted(f"every request of the batch was dropped after step {i + 1} of {key.steps}")
+                raise Interrupted(f"every request of the batch was dropped after step {i + 1} of {key.denoising_steps}")
             first = 0  # the index of each item's first image in the batch
             for item in items:
                 item.progress = i + 1

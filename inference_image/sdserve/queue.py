@@ -48,8 +48,6 @@ class Job:
     started: float | None = None
     #: Step batching: a started job can still be cancelled (it leaves at the next step).
     preemptible: bool = False
-    #: Why it was dropped (``cancel``): "client_disconnected", "timeout" or "drain_timeout".
-    cancel_reason: str | None = None
 
     @property
     def cancelled(self) -> bool:
@@ -445,7 +443,7 @@ def cancel(job: Job, reason: str) -> None:
     once every request in it is dropped (``Batcher._run``)."""
     if job.future.done() or job.item.dropped:
         return
-    job.item.dropped, job.cancel_reason = True, reason
+    job.item.dropped = reason
     if job.started is None or job.preemptible:
         job.future.cancel()
         metrics.CANCELLED.labels(reason).inc()
@@ -455,4 +453,4 @@ def _dropped(job: Job) -> None:
     """A request batch ended at a step boundary, every request in it dropped (``cancel``)."""
     if not job.future.done():
         job.future.cancel()
-        metrics.CANCELLED.labels(job.cancel_reason or "unknown").inc()
+        metrics.CANCELLED.labels(job.item.dropped or "unknown").inc()

@@ -17,12 +17,12 @@ over, and the younger requests that passed it are paused (kept, not stepped) onc
 oldest. So no request waits for a younger one, and a request queued behind another shape
 still joins the running batch instead of waiting for that shape's whole run.
 A request whose client leaves (or whose time runs out, or that a drain out of time drops)
-is dropped at the next step, running, paused or queued. An out-of-memory step is split (``pipeline.step``); an image
-that does not fit alone fails its request with OutOfMemory and the budget shrinks to what
-fit (growing back after ``REGROW_AFTER_STEPS`` steps without another). Edits are stepped
-like generations: they start from the noised input image at a later timestep, and
-inpainting puts the unmasked part back after each step (on an inpainting model's UNet, the
-mask and the masked image go into every forward instead).
+is dropped at the next step, running, paused or queued. An out-of-memory step is split
+(``pipeline.step``); an image that does not fit alone fails its request with OutOfMemory and
+the budget shrinks to what fit (growing back after ``REGROW_AFTER_STEPS`` steps without
+another). Edits are stepped like generations: they start from the noised input image at a
+later timestep, and inpainting puts the unmasked part back after each step (on an
+inpainting model's UNet, the mask and the masked image go into every forward instead).
 """
 
 from __future__ import annotations

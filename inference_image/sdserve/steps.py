@@ -292,7 +292,7 @@ async def wait(state: State, job: Job, disconnected: Callable[[], Awaitable[bool
             cancel(job, "client_disconnected")
             raise ApiError(499, "client_closed_request", "client disconnected")
     if job.future.cancelled():
-        if job.cancel_reason == "drain_timeout":  # dropped by a drain out of time, queued or running
+        if job.item.dropped == "drain_timeout":  # dropped by a drain out of time, queued or running
             raise draining_error()
         raise ApiError(504, "timeout", "request was cancelled")
     exc = job.future.exception()

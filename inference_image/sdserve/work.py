@@ -71,10 +71,11 @@ class Item:
     #: that stalls the next step's kernel launches for every request in the batch.
     preview: bool = False
     latest: tuple[Any, str] | None = None
-    #: Set on the event loop once the request is no longer wanted (``sdserve.queue.cancel``),
-    #: read by the model's thread at each step: a request batch whose requests are all dropped
-    #: ends at its next step (``Interrupted``) instead of running on for nobody.
-    dropped: bool = False
+    #: Why the request is no longer wanted, once it is not ("client_disconnected", "timeout",
+    #: "drain_timeout"; set on the event loop by ``sdserve.queue.cancel``), read by the model's
+    #: thread at each step: a request batch whose requests are all dropped ends at its next
+    #: step (``Interrupted``) instead of running on for nobody.
+    dropped: str | None = None
 
     def preview_png(self) -> str | None:
         """The latest preview, a low-resolution base64 PNG (sdserve.preview); None before the

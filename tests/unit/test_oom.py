@@ -110,10 +110,10 @@ def test_a_split_batch_stops_only_once_every_request_of_the_whole_batch_is_dropp
     tight = SmallGpu(fits=1)
     tight.pipe, tight._schedulers = loaded.pipe, loaded._schedulers
     gone, wanted = Item("gone", None, 1, 1), Item("wanted", None, 2, 2)
-    gone.dropped = True
+    gone.dropped = "client_disconnected"
     tight.run(KEY, [gone, wanted])  # split down to single images
     assert len(gone.images) == 1 and len(wanted.images) == 2
-    wanted.images, wanted.dropped = [], True
+    wanted.images, wanted.dropped = [], "client_disconnected"
     tight.calls.clear()
     with pytest.raises(Interrupted):
         tight.run(KEY, [gone, wanted])

@@ -348,9 +348,9 @@ async def test_a_drain_out_of_time_drops_the_running_requests_that_would_not_end
         while far.started is None:  # noqa: ASYNC110 - as above
             await asyncio.sleep(0.01)
         assert not await batcher.drain(0, finish_within=1.0)
-        assert far.future.cancelled() and far.cancel_reason == "drain_timeout"
+        assert far.future.cancelled() and far.item.dropped == "drain_timeout"
         done = await asyncio.wait_for(near.future, 5)
-        assert len(done.images) == 1 and near.cancel_reason is None
+        assert len(done.images) == 1 and near.item.dropped is None
         assert fake.step_prompts[-1] == ["near"]  # the last steps were its alone
     finally:
         await batcher.stop()
