@@ -309,7 +309,21 @@ class QueueBase:
         return self.idle
 
     def _seconds_left(self, job: Job) -> float:
-        """Roughly how long a running job has left (0 once denoised: it is being decoded)."""
+        """Roughly how long a running job has left (0 once denoised: it is being decoded), at
+        its own pace so far: the time since it started over the steps it took (with step
+        batching, that counts the steps it waited while other groups stepped). Before its
+        first step ends, that step has taken at least what has passed, and so will each one
+        after it; and the policy's estimate of a whole run (``_expected_seconds``) holds."""
+        steps, done = job.key.denoising_steps, job.item.progress
+        if done >= steps or job.started is None:
+            return 0.0
+        elapsed = time.monotonic() - job.started
+        if done:
+            return elapsed / done * (steps - done)
+        return max(self._expected_seconds(job) - elapsed, elapsed * (steps - 1))
+
+    def _expected_seconds(self, job: Job) -> float:
+        """A running job's whole time, as the policy's running estimates have it."""
         raise NotImplementedError
 
 
@@ -378,16 +392,8 @@ class Batcher(QueueBase):
                 continue
             await self._run(batch)
 
-    def _seconds_left(self, job: Job) -> float:
-        """At the batch's own pace so far (its steps run alike). Before its first step ends, that
-        step has taken at least what has passed, and so will each one after it."""
-        steps, done = job.key.denoising_steps, job.item.progress
-        if done >= steps or job.started is None:
-            return 0.0
-        elapsed = time.monotonic() - job.started
-        if not done:
-            return max(self._batch_seconds - elapsed, elapsed * (steps - 1))
-        return elapsed / done * (steps - done)
+    def _expected_seconds(self, job: Job) -> float:
+        return self._batch_seconds
 
     async def _run(self, batch: list[Job]) -> None:
         self._began(batch)

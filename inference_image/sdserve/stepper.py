@@ -84,12 +84,11 @@ class StepBatcher(QueueBase):
             await loop.run_in_executor(self._worker, self.pipeline.step, states)
         await loop.run_in_executor(self._decoder, self.pipeline.finish, states)
 
-    def _seconds_left(self, job: Job) -> float:
-        """Its steps left at the current step time, once per group running (the groups take
-        turns at the step boundaries): rough, and on the long side."""
-        left = job.key.denoising_steps - job.item.progress
+    def _expected_seconds(self, job: Job) -> float:
+        """Its steps at the current step time, once per group running (the groups take turns
+        at the step boundaries): on the long side."""
         groups = len({self._shape(r.job) for r in self._running}) or 1
-        return max(0, left) * self._step_seconds * groups
+        return job.key.denoising_steps * self._step_seconds * groups
 
     # ---- the schedule -------------------------------------------------------------------
     @staticmethod

@@ -162,6 +162,41 @@ def test_a_replica_stopped_with_a_backlog_hands_its_waiting_jobs_to_another_thro
     assert b.metric("sdserve_jobs_total", event="adopted") == 2
 
 
+def test_a_replica_whose_drain_runs_out_of_time_hands_its_running_job_to_another(start_server, tmp_path, request):
+    """A SIGTERM on a replica running a job far longer than its drain: the job stops at its next
+    step, the replica exits 0 at once (not after the job, nor killed under it), and the other
+    replica runs the job from its first step with its seed. Before, it was cut off at exit and
+    failed as ``replica_lost`` once its lease lapsed."""
+    import signal
+    import time
+
+    from sdtesting.procs import RedisProc
+
+    redis = RedisProc(tmp_path)
+    request.addfinalizer(redis.stop)
+    shared = {"cache_type": "redis", "redis_url": redis.url, "max_steps": 80, "max_batch_size": 1}  # no padding
+    a, b = start_server(**shared, drain_seconds=0), start_server(**shared)
+    long = {"prompt": "a long one", "size": "128x128", "num_inference_steps": 80, "seed": 7}  # 10-20 s
+    job_id = httpx.post(a.url + "/v1/jobs", json=long, timeout=10).json()["id"]
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{a.url}/v1/jobs/{job_id}", timeout=10).json()["progress"]["step"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    a.proc.send_signal(signal.SIGTERM)
+    assert a.proc.wait(timeout=60) == 0
+    stopped = time.monotonic() - t0
+    deadline = time.monotonic() + 120
+    while (view := httpx.get(f"{b.url}/v1/jobs/{job_id}", timeout=10).json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, view
+        time.sleep(0.1)
+    ran = time.monotonic() - t0 - stopped
+    assert view["status"] == "succeeded" and view["result"]["data"][0]["seed"] == 7, view
+    assert stopped < ran / 2, (stopped, ran)  # the drain did not wait for the job
+    assert a.log().count("drain out of time: a running request dropped") == 1 and a.log().count("handed off") == 1
+    assert b.log().count("took up job") == 1 and b.metric("sdserve_jobs_total", event="adopted") == 1
+
+
 async def test_the_shared_rate_limit_keeps_redis_time_not_each_replicas_clock(tmp_path, monkeypatch):
     """Two replicas whose clocks disagree by a minute share one bucket: the one ahead must not
     see a minute of refill in a bucket the other just emptied."""
