@@ -100,7 +100,8 @@ class QueueBase:
     full and 503 while draining, the jobs taken from it and not finished (in flight), the
     schedule task, the worker threads, and the drain."""
 
-    #: Step batching can drop a started job at a step boundary; a request batch runs whole.
+    #: Step batching drops a started job alone, at its next step; a request batch runs on while any
+    #: request in it is wanted (``cancel``).
     PREEMPTIBLE = False
     TASK_NAME = "sdserve-batcher"
 
