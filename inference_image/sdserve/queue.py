@@ -452,12 +452,12 @@ def cancel(job: Job, reason: str) -> None:
         return
     job.item.dropped = reason
     if job.started is None or job.preemptible:
-        job.future.cancel()
-        metrics.CANCELLED.labels(reason).inc()
+        _dropped(job)
 
 
 def _dropped(job: Job) -> None:
-    """A request batch ended at a step boundary, every request in it dropped (``cancel``)."""
+    """A dropped job ends (``cancel``, or its request batch ended at a step boundary): its
+    future cancelled, counted by its reason."""
     if not job.future.done():
         job.future.cancel()
         metrics.CANCELLED.labels(job.item.dropped or "unknown").inc()
