@@ -231,13 +231,14 @@ def test_a_handed_off_edit_keeps_its_input_image_and_mask_to_the_pixel():
         generation_of(json.dumps({"v": 2}))
 
 
-async def test_the_jobs_of_a_replica_that_died_run_elsewhere_unless_started_and_webhooks_say_so(keys):
+async def test_the_jobs_of_a_replica_that_died_run_elsewhere_and_webhooks_say_so(keys):
     """A replica killed with jobs (no drain, nothing handed off): once their leases lapse, a
     replica sharing the store finds them by itself (nobody polls them: the client waits for
-    its webhook). The one that was running fails with replica_lost and its webhook is called;
-    those that never started run on the other replica, with their seeds. A job that has
-    already been given to MAX_ATTEMPTS replicas is not given again: it fails."""
-    from sdserve.jobs.service import MAX_ATTEMPTS
+    its webhook) and runs them, with their seeds: those that never started, and the one that
+    was running, from its first step. A job whose replica died while running it once before
+    is not run again, nor one already given to MAX_ATTEMPTS replicas: they fail with
+    replica_lost, and their webhooks say so."""
+    from sdserve.jobs.service import MAX_ATTEMPTS, MAX_LOST_RUNS
 
     shared = MemoryJobs(3600, shared=True)
     calls: list[dict] = []
@@ -266,20 +267,33 @@ async def test_the_jobs_of_a_replica_that_died_run_elsewhere_unless_started_and_
         # A is gone without a drain: its tasks ended, its records stay as they were.
         assert [(await shared.get(i)).status for i in ids] == ["running", "queued", "queued"]
         spent = JobRecord(id="job_spent", owner="alice", attempts=MAX_ATTEMPTS, lease_until=time.time() - 1)
-        spent.webhook_url, spent.webhook_secret = url, ""
-        await shared.put(spent)
+        twice = JobRecord(
+            id="job_twice",
+            owner="alice",
+            status="running",
+            attempts=2,
+            lost_runs=MAX_LOST_RUNS,
+            lease_until=time.time() - 1,
+        )
+        for lapsed in (spent, twice):
+            lapsed.webhook_url, lapsed.webhook_secret = url, ""
+            await shared.put(lapsed)
         async with serve(b):
             deadline = time.monotonic() + 30
-            while len(calls) < 4:
+            while len(calls) < 5:
                 assert time.monotonic() < deadline, calls
                 await asyncio.sleep(0.1)
     ends = {c["id"]: c for c in calls}
-    assert ends[ids[0]]["status"] == "failed" and ends[ids[0]]["error"]["code"] == "replica_lost"
-    assert [ends[i]["status"] for i in ids[1:]] == ["succeeded", "succeeded"]
-    assert [ends[i]["result"]["data"][0]["seed"] for i in ids[1:]] == [31, 32]
-    assert ends["job_spent"]["status"] == "failed" and ends["job_spent"]["error"]["code"] == "replica_lost"
+    assert [ends[i]["status"] for i in ids] == ["succeeded"] * 3, [ends[i] for i in ids]
+    assert [ends[i]["result"]["data"][0]["seed"] for i in ids] == [30, 31, 32]
+    rerun = await shared.get(ids[0])
+    assert (rerun.attempts, rerun.lost_runs) == (2, 1)
+    assert [(await shared.get(i)).lost_runs for i in ids[1:]] == [0, 0]  # never started: no run lost
+    for lost in ("job_spent", "job_twice"):
+        assert ends[lost]["status"] == "failed" and ends[lost]["error"]["code"] == "replica_lost"
+    assert "2 times" in ends["job_twice"]["error"]["message"], ends["job_twice"]
     ran = [prompt for method, prompt, _ in other.threads if method in ("run", "begin")]
-    assert ran == ["job 1", "job 2"], ran
+    assert sorted(ran) == ["job 0", "job 1", "job 2"], ran
 
 
 async def test_a_webhook_goes_only_to_a_host_allowed_when_it_is_called(keys):

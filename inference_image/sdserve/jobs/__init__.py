@@ -20,9 +20,10 @@ see the job go on. One that no replica takes up within SDSERVE_JOB_HANDOFF_SECON
 failed (``replica_lost``); without Redis there is no other replica, and it fails with
 ``draining`` at once. A replica that dies instead (killed, its node lost) hands nothing off:
 with Redis every replica looks for jobs whose lease lapsed (``lapsed``) every few seconds; one
-that never started is offered again (its request was stored with it), up to
-``MAX_ATTEMPTS`` replicas in all, and one that was running fails with ``replica_lost``, its
-webhook called, so a client waiting only for the webhook hears of it too.
+that never started is offered again (its request was stored with it), and so is one that was
+running, to start again from its first step, once (``MAX_LOST_RUNS``): one whose second
+replica dies under it, or already given to ``MAX_ATTEMPTS`` replicas, fails with
+``replica_lost``, its webhook called, so a client waiting only for the webhook hears of it too.
 
 Webhooks (``webhook``) go only to allowed hosts, signed, retried with backoff.
 

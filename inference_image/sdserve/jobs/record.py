@@ -35,6 +35,7 @@ class JobRecord:
     offered: float = 0.0  # when it was handed off (its replica shut down or died); 0 once one took it up
     runner: str = ""  # the replica that runs it (``Jobs.me``); none while offered
     attempts: int = 0  # the replicas that took it, the first included
+    lost_runs: int = 0  # the replicas that stopped renewing it (died) while they ran it
 
     @classmethod
     def parse(cls, raw: str | bytes) -> JobRecord:

@@ -32,8 +32,13 @@ ADOPT_POLL_SECONDS = 1.0
 REAP_SECONDS = 5.0
 #: A replica that has not said it is alive for this long is not counted in the jobs offered's shares.
 ALIVE_SECONDS = 3 * ADOPT_POLL_SECONDS
-#: Replicas a job that never starts may be given to (one dying under it each time) before it fails.
+#: Replicas a job may be given to (one dying under it, or handing it off, each time) before it fails.
 MAX_ATTEMPTS = 3
+#: Times a job whose replica died while running it is run again from its first step. A node
+#: lost (a spot GPU reclaimed, a kernel fault) should not cost the client its job; a job that
+#: is itself what kills its replicas (host memory, a driver fault) should not take down more
+#: than one more. The next death while it runs fails it (``replica_lost``).
+MAX_LOST_RUNS = 1
 
 
 class Jobs:
@@ -163,24 +168,45 @@ class Jobs:
     async def _settled(self, record: JobRecord) -> JobRecord:
         """A record whose lease lapsed (its replica died, or one that shut down handed it off
         and none took it up) is settled by the first to read it: a job that never started, on
-        a shared store, is offered to the replicas again (``MAX_ATTEMPTS`` replicas in all);
-        any other is the failed job it is (``replica_lost``), written so and its webhook called.
-        Neither is written over an end stored meanwhile (a cancel): that end is the answer."""
+        a shared store, is offered to the replicas again (``MAX_ATTEMPTS`` replicas in all),
+        and so is one that was running, to start again from its first step, once
+        (``MAX_LOST_RUNS``); any other is the failed job it is (``replica_lost``), written so
+        and its webhook called. Neither is written over an end stored meanwhile (a cancel):
+        that end is the answer."""
         now = time.time()
         if record.lapsed(now) and await self.store.reap(record):
+            running = record.status == "running"
             if (
                 self.store.shared
-                and record.status == "queued"
                 and not record.offered
                 and record.attempts < MAX_ATTEMPTS
+                and (not running or record.lost_runs < MAX_LOST_RUNS)
             ):
+                step = record.step
+                if running:
+                    record.status, record.step, record.preview = "queued", 0, None
+                    record.lost_runs += 1
                 if not await self._offer(record):
                     return (await self.store.get(record.id)) or record
-                log.warning("job %s offered again: its replica stopped renewing it before it started", record.id)
+                if running:
+                    log.warning(
+                        "job %s offered again: its replica stopped renewing it at step %d of %d; it starts again "
+                        "from its first step",
+                        record.id,
+                        step,
+                        record.steps,
+                    )
+                else:
+                    log.warning("job %s offered again: its replica stopped renewing it before it started", record.id)
                 return record
             record.status = "failed"
             message = "the replica running this job stopped before it finished; submit it again"
-            if record.offered:
+            if running and record.lost_runs:
+                message = (
+                    f"the replicas running this job stopped before it finished {record.lost_runs + 1} times; it is not "
+                    "run again, as it may be what stops them (see their logs and restarts); submit it again"
+                )
+            elif record.offered:
                 message = (
                     f"no replica took this job up within {self.state.settings.job_handoff_seconds:g} s of its "
                     "replica shutting down; submit it again"
