@@ -7,6 +7,7 @@ import json
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 
 class ApiError(Exception):
@@ -42,9 +43,17 @@ async def validation_error(request: Request, e: Exception) -> JSONResponse:
     assert isinstance(e, RequestValidationError)
     errors = e.errors()
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":  # its loc is a character position, not a field
+        where = first["loc"][-1] if len(first["loc"]) > 1 else 0
+        ctx = first.get("ctx")
+        reason = (ctx.get("error") if isinstance(ctx, dict) else None) or first["msg"]
+        message = f"the body is not valid JSON: {reason} at character {where}"
+        return error_response(ApiError(422, "invalid_json", message))
     loc = [str(p) for p in first["loc"] if p != "body"]
     param = loc[-1] if loc else None
-    message = "; ".join(f"{'.'.join(str(p) for p in err['loc'] if p != 'body')}: {err['msg']}" for err in errors)
+    message = "; ".join(
+        f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}" for err in errors
+    )
     body = {
         "error": {"message": message, "type": "invalid_request_error", "code": "invalid_value", "param": param},
         # NaN or Infinity in the body (Python's JSON parser takes them) is echoed as a string:
@@ -54,6 +63,28 @@ async def validation_error(request: Request, e: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=422)
 
 
+#: Starlette's own refusals (no such route, a method the route does not take), by status.
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def http_error(request: Request, e: Exception) -> JSONResponse:
+    """What the router refuses before any route runs, in the same shape as every other error
+    (FastAPI's default is ``{"detail": ...}``), its headers (a 405's ``Allow``) kept."""
+    assert isinstance(e, HTTPException)
+    where = f"{request.method} {request.url.path}"
+    headers = dict(e.headers or {})
+    if e.status_code == 404:
+        message = f"no such endpoint: {where}"
+    elif e.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}; it takes {headers.get('Allow', '')}".rstrip()
+    else:
+        message = f"{where}: {e.detail}"
+    response = error_response(ApiError(e.status_code, HTTP_CODES.get(e.status_code, "invalid_request"), message))
+    response.headers.update(headers)
+    return response
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(HTTPException, http_error)

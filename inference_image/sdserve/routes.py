@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile as StarletteUpload
+from starlette.exceptions import HTTPException
 
 from . import metrics, steps, stream
 from .edits import Upload, edit_inputs
@@ -211,8 +212,11 @@ async def submit_job(request: Request, state: StateDep, principal: LimitedPrinci
             body = JobRequest.model_validate(await request.json())
         except ValidationError as e:
             raise RequestValidationError(e.errors()) from None
-        except ValueError:
-            raise ApiError(422, "invalid_json", "the body must be JSON or a multipart form") from None
+        except json.JSONDecodeError as e:
+            message = f"the body is not valid JSON: {e.msg} at character {e.pos}; send JSON or a multipart form"
+            raise ApiError(422, "invalid_json", message) from None
+        except ValueError:  # not UTF-8
+            raise ApiError(422, "invalid_json", "the body must be JSON (UTF-8) or a multipart form") from None
         gen = openai_generation(state, body)  # a JobRequest is a generations body
     if body.webhook is not None:
         check_webhook(state.settings, body.webhook.url)
@@ -332,7 +336,12 @@ async def images_edits(request: Request, state: StateDep, principal: LimitedPrin
 async def edit_generation(state: State, request: Request, model: type[EditBody]) -> tuple[steps.Generation, EditBody]:
     """A validated edit from a multipart form (the edits route's, or a job's)."""
     s = state.settings
-    form = await request.form()
+    try:
+        form = await request.form()
+    except HTTPException as e:  # Starlette's 400 for a body that does not parse as the form it says it is
+        raise ApiError(
+            400, "invalid_multipart", f"the body is not a valid multipart/form-data form: {e.detail}"
+        ) from None
     uploads: dict[str, Upload] = {}
     fields: dict[str, Any] = {}
     for name, value in form.multi_items():

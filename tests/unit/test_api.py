@@ -234,6 +234,34 @@ async def test_nan_or_infinity_in_a_body_is_a_422_naming_the_field_not_a_500(cli
         assert r.status_code == 422 and r.json()["error"]["param"] == param, r.text
 
 
+@pytest.mark.parametrize(
+    ("method", "route", "content_type", "raw", "status", "code", "said"),
+    [
+        ("POST", "/generate", "application/json", b"nul", 422, "invalid_json", "at character 0"),
+        ("POST", "/v1/images/generations", "application/json", b'{"prompt": "p",', 422, "invalid_json", "character 15"),
+        ("POST", "/v1/jobs", "application/json", b'{"prompt": "p",', 422, "invalid_json", "character 15"),
+        ("POST", "/v1/images/generations", "application/json", b"[1]", 422, "invalid_value", "body: "),
+        ("POST", "/v1/images/edits", "multipart/form-data; boundary=x", b"{}", 400, "invalid_multipart", "multipart"),
+        ("POST", "/v1/jobs", "multipart/form-data", b"--x\r\n", 400, "invalid_multipart", "boundary"),
+        ("GET", "/v1/images/generate", None, b"", 404, "not_found", "GET /v1/images/generate"),
+        ("GET", "/v1/images/generations", None, b"", 405, "method_not_allowed", "it takes POST"),
+    ],
+)
+async def test_a_body_or_route_the_server_cannot_read_is_a_4xx_in_the_api_error_shape(
+    client, method, route, content_type, raw, status, code, said
+):
+    """Malformed JSON (its loc is a character position, not a field), a broken multipart form,
+    an unknown route or method: the same ``{"error": ...}`` body as every other error, saying
+    what was wrong (FastAPI's defaults are ``{"detail": ...}`` or name character 15 a field)."""
+    headers = {"content-type": content_type} if content_type else {}
+    r = await client.request(method, route, content=raw, headers=headers)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == code and said in error["message"] and error["param"] is None, error
+    if status == 405:
+        assert r.headers["allow"] == "POST"
+
+
 async def test_a_prompt_longer_than_clip_reads_is_answered_with_the_part_it_read(client, tiny):
     """CLIP reads 75 tokens and diffusers drops the rest with only a log line. The answer's
     revised_prompt (the Images API's field for the prompt used) is the longest start of the

@@ -530,5 +530,6 @@ async def test_the_caller_lists_its_own_jobs_newest_first_a_page_at_a_time(keys)
         rest = (await client.get("/v1/jobs", params={"limit": 3, "after": first["last_id"]}, headers=ALICE)).json()
         assert [j["id"] for j in rest["data"]] == mine[::-1][3:] and rest["has_more"] is False
         assert [j["id"] for j in (await client.get("/v1/jobs", headers=BOB)).json()["data"]] == [theirs]
-        assert (await client.get("/v1/jobs", params={"after": theirs}, headers=ALICE)).status_code == 404
+        other = await client.get("/v1/jobs", params={"after": theirs}, headers=ALICE)
+        assert other.status_code == 404 and other.json()["error"]["param"] == "after", other.text
         assert (await client.get("/v1/jobs", params={"limit": 500}, headers=ALICE)).json()["error"]["param"] == "limit"

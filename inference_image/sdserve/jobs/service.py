@@ -220,7 +220,10 @@ class Jobs:
         id of this one. Without results (images): each is one GET away."""
         before = float("inf")
         if after is not None:
-            before = (await self.get(principal, after)).created
+            try:
+                before = (await self.get(principal, after)).created
+            except ApiError as e:  # the cursor names no job of the caller's (any more)
+                raise ApiError(404, e.code, f"after: {e.message}", param="after") from None
         records = await self.store.owned(principal, before, limit + 1)
         page = [await self._settled(r) for r in records[:limit]]
         views = [{k: v for k, v in r.public().items() if k not in ("result", "preview")} for r in page]
