@@ -42,6 +42,17 @@ def resolve_dtype(setting: str, device: str):
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[setting]
 
 
+def dtype_kwarg(dtype: Any) -> dict[str, Any]:
+    """``from_pretrained``'s dtype argument: ``dtype`` from diffusers 0.42 on, where
+    ``torch_dtype`` warns at every load and is to go in 1.0; ``torch_dtype`` before, where a
+    ``dtype`` would not be read and the weights would load in float32. (``from_single_file``
+    still takes ``torch_dtype``.)"""
+    import diffusers
+
+    release = tuple(int(part) for part in re.findall(r"\d+", diffusers.__version__)[:2])
+    return {"dtype" if release >= (0, 42) else "torch_dtype": dtype}
+
+
 class Pipeline:
     """A loaded diffusers pipeline plus the schedulers it can switch between."""
 
@@ -109,9 +120,9 @@ class Pipeline:
                 raise FileNotFoundError(f"{s.model} is not a diffusers folder (no model_index.json)")
             self.revision = f"dir:{int(os.path.getmtime(pathlib.Path(s.model) / 'model_index.json'))}"
             apart: dict[str, Any] = {"safety_checker": None} if s.pipeline == "sd" else {}  # see nsfw_check
-            pipe = cls.from_pretrained(s.model, torch_dtype=self.dtype, local_files_only=True, **apart)
+            pipe = cls.from_pretrained(s.model, **dtype_kwarg(self.dtype), local_files_only=True, **apart)
         else:
-            kwargs: dict[str, Any] = {"torch_dtype": self.dtype, "revision": s.model_revision}
+            kwargs: dict[str, Any] = {**dtype_kwarg(self.dtype), "revision": s.model_revision}
             if s.variant:
                 kwargs["variant"] = s.variant
             if s.hf_token:

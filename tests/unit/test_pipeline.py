@@ -66,6 +66,25 @@ def test_a_diffusers_folder_loads_and_serves_what_the_same_weights_serve(tmp_pat
     assert again.revision == "dir:1" != p.revision
 
 
+def test_a_folder_loads_in_the_dtype_asked_for_without_a_deprecation_warning(tmp_path):
+    """SDSERVE_DTYPE reaches every weight of the folder's pipeline (a dtype argument diffusers
+    did not read would load float32: twice the GPU memory), through the argument the installed
+    diffusers takes: no FutureWarning about ``torch_dtype`` at every load."""
+    import warnings
+
+    import torch
+
+    from sdserve.tiny import build_tiny_pipeline
+
+    build_tiny_pipeline().save_pretrained(tmp_path / "model")
+    p = Pipeline(Settings(model=str(tmp_path / "model"), dtype="bfloat16", device="cpu", warmup=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        p.load()
+    assert {p.pipe.unet.dtype, p.pipe.vae.dtype, p.pipe.text_encoder.dtype} == {torch.bfloat16}
+    assert not [w for w in caught if "torch_dtype" in str(w.message)], [str(w.message) for w in caught]
+
+
 def test_a_model_that_cannot_load_names_itself_and_why(tmp_path):
     from sdserve.work import ModelLoadError
 
