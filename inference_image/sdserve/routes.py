@@ -110,10 +110,9 @@ def check_openai(state: State, body: OpenAIImageRequest | OpenAIEditRequest) -> 
             "response_format 'url' needs object storage (spec.outputs.s3, SDSERVE_S3_BUCKET); use b64_json",
             param="response_format",
         )
-    if body.model and body.model != state.settings.model_id:
-        raise ApiError(
-            404, "model_not_found", f"this server serves {state.settings.model_id!r}, not {body.model!r}", param="model"
-        )
+    if body.model and body.model not in state.settings.model_names:
+        names = " or ".join(repr(n) for n in state.settings.model_names)
+        raise ApiError(404, "model_not_found", f"this server serves {names}, not {body.model!r}", param="model")
 
 
 def key_for(state: State, width: int, height: int, body: Extensions) -> BatchKey:
@@ -459,6 +458,8 @@ async def models(state: StateDep, principal: Principal) -> dict[str, Any]:
                 "created": int(state.started),
                 "owned_by": "sdop",
                 "revision": state.pipeline.revision,
+                # other names a request's model may give (a canary's: the stable model's)
+                "aliases": state.settings.model_names[1:],
                 "ready": state.ready,
                 # generate, img2img, inpaint; an inpainting model: inpaint alone (once loaded)
                 "tasks": list(state.pipeline.tasks),

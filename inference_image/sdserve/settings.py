@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     # Model
     model: str = Field("tiny", description="'tiny', a Hugging Face id, a diffusers folder or a .safetensors file.")
     model_revision: str = "main"
+    #: Other names a request's ``model`` may give, comma-separated: a canary's is the stable
+    #: model's, so a client that names the model it knows is served by either track.
+    model_aliases: str = ""
     pipeline: Literal["sd", "sdxl"] = "sd"
     variant: str | None = None
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
@@ -232,6 +235,11 @@ class Settings(BaseSettings):
     def model_id(self) -> str:
         """What identifies the weights in cache keys and /v1/models."""
         return self.model
+
+    @property
+    def model_names(self) -> list[str]:
+        """What a request's ``model`` may say: the model, then its aliases."""
+        return [self.model_id, *(a.strip() for a in self.model_aliases.split(",") if a.strip())]
 
     @property
     def jwt_algorithm_list(self) -> list[str]:

@@ -219,6 +219,22 @@ async def test_bad_openai_request(client, body, status, param):
     assert r.json()["error"]["param"] == param
 
 
+async def test_a_server_with_aliases_answers_to_each_name_and_lists_them():
+    """SDSERVE_MODEL_ALIASES (a canary's: the stable model's id): a request naming an alias is
+    served, one naming another model is still a 404 that lists the names it would take."""
+    app = create_app(Settings(model="fake", min_side=64, model_aliases="sd15, acme/old"), FakePipeline())
+    async with serve(app) as client:
+        body = {"prompt": "p", "size": "64x64", "num_inference_steps": 2}
+        for name in ("fake", "sd15", "acme/old"):
+            r = await client.post("/v1/images/generations", json={**body, "model": name})
+            assert r.status_code == 200, r.text
+        r = await client.post("/v1/jobs", json={**body, "model": "dall-e-3"})
+        assert r.status_code == 404 and r.json()["error"]["param"] == "model", r.text
+        assert "'fake' or 'sd15' or 'acme/old'" in r.json()["error"]["message"]
+        listed = (await client.get("/v1/models")).json()["data"][0]
+        assert (listed["id"], listed["aliases"]) == ("fake", ["sd15", "acme/old"])
+
+
 @pytest.mark.parametrize(
     ("raw", "param"),
     [

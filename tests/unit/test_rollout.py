@@ -81,6 +81,22 @@ def test_a_canary_is_a_second_deployment_with_its_own_model_sharing_the_cache():
         assert matches(sel, labels) and not matches(sel, other)
 
 
+def test_a_canary_of_another_model_answers_to_the_stable_models_name_too():
+    """Clients that name the model (the Images API's ``model``) know the stable one: the share
+    of their requests the canary gets must not be 404 there. A canary of another revision of
+    the same id needs no alias; the stable replicas never get one."""
+    same = by_kind(render(example("canary-gateway")))
+    assert "SDSERVE_MODEL_ALIASES" not in env(same, f"{NAME}-canary-config")
+    cr = example("canary-gateway")
+    cr["spec"]["canary"]["model"] = {"id": "acme/sd15-finetune", "revision": "v2"}
+    other = by_kind(render(cr))
+    canary = env(other, f"{NAME}-canary-config")
+    assert canary["SDSERVE_MODEL"] == "acme/sd15-finetune"
+    assert canary["SDSERVE_MODEL_ALIASES"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert "SDSERVE_MODEL_ALIASES" not in env(other, f"{NAME}-config")
+    assert env(other, f"{NAME}-config") == env(same, f"{NAME}-config")
+
+
 def test_the_route_gives_the_canary_its_weight_only_once_it_serves():
     cr = example("canary-gateway")
     route = by_kind(render(cr))[("HTTPRoute", NAME)]

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..api import quantity
 from ..api.semantics import max_sides
+from ..api.spec.model import ModelSpec
 from .context import HF_CACHE_MOUNT, HTTP_PORT, Ctx
 
 AUTH_DIR = "/etc/sdserve/auth"
@@ -16,8 +17,8 @@ MODEL_PVC_DIR = "/models"
 HF_HOME = HF_CACHE_MOUNT
 
 
-def model_location(ctx: Ctx) -> str:
-    m = ctx.spec.model
+def model_location(m: ModelSpec) -> str:
+    """What SDSERVE_MODEL says for a model block: its id, path, or the PVC's mount."""
     if m.id is not None:
         return m.id
     if m.path is not None:
@@ -30,7 +31,7 @@ def model_location(ctx: Ctx) -> str:
 def settings_env(ctx: Ctx) -> dict[str, str]:
     s = ctx.spec
     env: dict[str, Any] = {
-        "SDSERVE_MODEL": model_location(ctx),
+        "SDSERVE_MODEL": model_location(s.model),
         "SDSERVE_MODEL_REVISION": s.model.revision,
         "SDSERVE_PIPELINE": s.model.pipeline,
         "SDSERVE_DTYPE": s.model.dtype,
@@ -69,6 +70,12 @@ def settings_env(ctx: Ctx) -> dict[str, str]:
         "SDSERVE_TERMINATION_LOG": "/dev/termination-log",
         "SDSERVE_EXIT_AFTER_LOAD_FAILURE_SECONDS": 30,
     }
+    if ctx.is_canary:
+        stable = model_location(ctx.plan.stable)
+        if stable != env["SDSERVE_MODEL"]:  # only when set, as below
+            # Clients that name the stable model (the Images API's ``model``) are served by
+            # the canary their share of requests goes to, not refused there.
+            env["SDSERVE_MODEL_ALIASES"] = stable
     if s.server.compile_mode is not None:  # only when set, as below
         env["SDSERVE_COMPILE_MODE"] = s.server.compile_mode
     if s.server.stall_seconds is not None:  # only when set, as below
