@@ -34,6 +34,8 @@ class EditInputs:
 #: The most pixels an upload may have: a 4096x4096 image, the largest the CR allows. Checked
 #: from the header, before decoding: a small file can claim a huge image (a decompression bomb).
 MAX_UPLOAD_PIXELS = 4096 * 4096
+#: What an upload may be (PIL's names), as in the OpenAI Images API.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
 def open_image(upload: Upload, max_bytes: int) -> Any:
@@ -52,7 +54,10 @@ def open_image(upload: Upload, max_bytes: int) -> Any:
         return ApiError(422, "invalid_value", message, param=upload.field)
 
     try:
-        im = Image.open(io.BytesIO(upload.data))  # the header only
+        # The header only, and only by the three decoders the API takes: PIL would otherwise
+        # try each of its dozens (TIFF, BMP, ICO, PSD, EPS through Ghostscript...) on what a
+        # client sends, each one more parser exposed to untrusted bytes.
+        im = Image.open(io.BytesIO(upload.data), formats=ACCEPTED_FORMATS)
         if im.size[0] * im.size[1] > MAX_UPLOAD_PIXELS:
             raise too_many(f"is {im.size[0]}x{im.size[1]}")
         im.load()
@@ -90,6 +95,14 @@ def edit_inputs(image: Upload, mask: Upload | None, size: tuple[int, int] | None
             param="mask",
         )
     width, height = size or (im.size[0] // 8 * 8, im.size[1] // 8 * 8)
+    if not (width and height):  # under 8 pixels a side: nothing to round down to (the limits say more)
+        raise ApiError(
+            422,
+            "invalid_value",
+            f"image is {im.size[0]}x{im.size[1]}; without size, an edit is made at the image's size rounded "
+            "down to a multiple of 8, so each side needs 8 pixels or more (the server's limits may ask more)",
+            param="image",
+        )
     digest = hashlib.sha256(image.data + b"\0" + (mask.data if mask else b"")).hexdigest()
     rgb = im.convert("RGB")
     if rgb.size != (width, height):

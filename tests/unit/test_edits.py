@@ -36,6 +36,12 @@ async def client(tiny) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
+def encoded(fmt: str, size=(64, 64)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 40, 40)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
 def png(size=(64, 64), mode="RGB", colour=(200, 40, 40), alpha_box=None) -> bytes:
     im = Image.new(mode, size, colour if mode == "RGB" else (*colour, 255))
     if alpha_box:  # a fully transparent box: the part to repaint
@@ -128,6 +134,9 @@ async def test_edits_are_counted_like_generations(client):
     ("files", "fields", "status", "param"),
     [
         ({"image": ("x.png", b"not an image", "image/png")}, {}, 422, "image"),
+        ({"image": ("x.gif", encoded("GIF"), "image/gif")}, {}, 422, "image"),  # a format PIL reads, not the API
+        ({"image": ("x.png", png()), "mask": ("m.tif", encoded("TIFF"), "image/tiff")}, {}, 422, "mask"),
+        ({"image": ("x.png", png(size=(7, 64)), "image/png")}, {}, 422, "image"),  # nothing to round down to
         ({"image": ("x.png", png(), "image/png"), "mask": ("m.png", png(size=(32, 32)), "image/png")}, {}, 422, "mask"),
         ({"image": ("x.png", noise_png(300, 300), "image/png")}, {}, 413, "image"),
         ({"image": ("x.png", png(size=(2048, 64)), "image/png")}, {}, 422, "image"),
