@@ -20,15 +20,19 @@ class ApiError(Exception):
         param: str | None = None,
         retry_after: int | None = None,
         type_: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status, self.code, self.message, self.param = status, code, message, param
         self.retry_after = retry_after
+        self.headers = dict(headers or {})
         self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
 
 
 def error_response(e: ApiError) -> JSONResponse:
-    headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
+    headers = dict(e.headers)
+    if e.retry_after is not None:
+        headers["Retry-After"] = str(e.retry_after)
     body = {"error": {"message": e.message, "type": e.type, "code": e.code, "param": e.param}}
     return JSONResponse(body, status_code=e.status, headers=headers)
 
@@ -79,9 +83,8 @@ async def http_error(request: Request, e: Exception) -> JSONResponse:
         message = f"{request.method} is not allowed on {request.url.path}; it takes {headers.get('Allow', '')}".rstrip()
     else:
         message = f"{where}: {e.detail}"
-    response = error_response(ApiError(e.status_code, HTTP_CODES.get(e.status_code, "invalid_request"), message))
-    response.headers.update(headers)
-    return response
+    code = HTTP_CODES.get(e.status_code, "invalid_request")
+    return error_response(ApiError(e.status_code, code, message, headers=headers))
 
 
 def install(app: FastAPI) -> None:

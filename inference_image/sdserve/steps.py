@@ -112,7 +112,13 @@ async def authenticate(state: State, authorization: str | None, x_api_key: str |
     try:
         return await state.auth.authenticate(authorization, x_api_key)
     except AuthError as e:
-        raise ApiError(e.status, e.code, e.message, type_="authentication_error") from None
+        headers = None
+        if e.status == 401:  # RFC 6750: the scheme to use, and what was wrong when something was sent
+            challenge = 'Bearer realm="sdserve"'
+            if e.code != "missing_credentials":
+                challenge += ', error="invalid_token"'
+            headers = {"WWW-Authenticate": challenge}
+        raise ApiError(e.status, e.code, e.message, type_="authentication_error", headers=headers) from None
 
 
 async def rate_limit(state: State, principal: str, client_host: str | None) -> str:

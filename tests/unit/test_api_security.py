@@ -57,13 +57,16 @@ async def test_missing_credentials_is_401_with_clear_body(secured):
     r = await post(secured)
     assert r.status_code == 401
     assert r.json()["error"]["code"] == "missing_credentials"
+    assert r.headers["www-authenticate"] == 'Bearer realm="sdserve"'  # RFC 6750: no error when none was sent
 
 
 async def test_wrong_api_key_is_401(secured):
     r = await post(secured, {"Authorization": "Bearer nope"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert r.headers["www-authenticate"] == 'Bearer realm="sdserve", error="invalid_token"'
     r = await post(secured, {"Authorization": "Basic abc"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_authorization_header"
+    assert r.headers["www-authenticate"].startswith("Bearer ")
 
 
 async def test_api_key_by_bearer_or_header_is_accepted(secured):
