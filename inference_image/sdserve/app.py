@@ -49,6 +49,8 @@ def create_app(settings: Settings | None = None, pipeline: ImagePipeline | None 
         state.load_task.cancel()
         await state.jobs.stop()
         await state.batcher.stop()
+        if state.caching:  # images of requests given up on, on their way to the cache
+            await asyncio.wait(state.caching, timeout=5)
         await state.cache.close()
 
     app = FastAPI(

@@ -70,6 +70,12 @@ CACHE_MISSES = Counter("sdserve_cache_misses", "Result cache misses (seeded requ
 CACHE_ERRORS = Counter(
     "sdserve_cache_errors", "Result cache backend errors (served without the cache).", registry=REGISTRY
 )
+CACHED_AFTER_DROP = Counter(
+    "sdserve_cache_unclaimed_results",
+    "Results of seeded requests given up on (client gone, timeout) whose request batch ran on anyway: "
+    "cached for the client's retry.",
+    registry=REGISTRY,
+)
 CACHE_UP = Gauge(
     "sdserve_cache_backend_up", "1 when the cache backend answers (always 1 for memory).", registry=REGISTRY
 )

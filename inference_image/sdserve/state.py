@@ -43,6 +43,8 @@ class State:
     outputs: Any = None
     #: Async jobs waiting for room in the queue take turns through it (sdserve.steps.enqueue_when_room).
     job_gate: JobGate = field(default_factory=JobGate)
+    #: Images of requests whose client left, made anyway, on their way to the cache (steps.cache_later).
+    caching: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
     def build(cls, settings: Settings, pipeline: ImagePipeline) -> State:

@@ -9,6 +9,7 @@ their request bodies into one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import time
@@ -319,6 +320,30 @@ async def encode(job: Job, fmt: ImageFormat = PNG) -> list[str]:
     return encoded
 
 
+def cache_later(state: State, job: Job, key: str, fmt: ImageFormat) -> None:
+    """A seeded request given up on (its client left, or out of time) whose request batch runs
+    on for the others has its images made all the same: once they are, they go to the cache, so
+    the client's retry of the same request (an SDK retries a timeout with the same body) is a
+    hit instead of a second run. Nothing is cached for a request that did not run to its end."""
+    if job.future.done():  # cancelled before it ran, stopped at a step, or failed
+        return
+
+    async def store() -> None:
+        with contextlib.suppress(ApiError):  # withheld by the content check: nothing to cache
+            encoded = await encode(job, fmt)
+            await state.cache.set(key, json.dumps(encoded).encode())
+            metrics.CACHED_AFTER_DROP.inc()
+
+    def done(future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        task = asyncio.get_running_loop().create_task(store(), name="sdserve-cache-later")
+        state.caching.add(task)
+        task.add_done_callback(state.caching.discard)
+
+    job.future.add_done_callback(done)
+
+
 async def generate(
     state: State,
     gen: Generation,
@@ -343,7 +368,12 @@ async def generate(
     job = await enqueue_when_room(state, gen, seed, disconnected) if patient else enqueue(state, gen, seed)
     if queued is not None:
         queued(job)
-    await wait(state, job, disconnected)
+    try:
+        await wait(state, job, disconnected)
+    except ApiError:
+        if key is not None:
+            cache_later(state, job, key, gen.output)
+        raise
     done = time.monotonic()
     encoded = await encode(job, gen.output)
     if key is not None:

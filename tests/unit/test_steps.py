@@ -129,6 +129,45 @@ async def test_a_request_batch_runs_on_for_a_request_still_wanted_and_stops_once
         await batcher.stop()
 
 
+async def test_a_seeded_request_given_up_on_in_a_batch_that_runs_on_is_cached_for_its_retry():
+    """Request batching: a seeded request whose client leaves while another request of its
+    batch is still wanted is made all the same. Its images go to the cache once made, so the
+    client's retry of the same body is a hit, not a second run. One that never ran (dropped from
+    the queue) caches nothing, and nor does an unseeded one (no key)."""
+    s = state(FakePipeline(seconds_per_call=3.0), max_batch_size=4, max_wait_ms=100, cache_type="memory")
+    s.loaded = True
+    s.batcher.start()
+    key = BatchKey(64, 64, 10, 7.5, "euler")
+    left = asyncio.Event()
+
+    async def never() -> bool:
+        return False
+
+    async def gone() -> bool:
+        return left.is_set()
+
+    unclaimed = metrics.CACHED_AFTER_DROP._value.get()
+    try:
+        kept = asyncio.create_task(steps.generate(s, gen(key, "kept", seed=1), never))
+        dropped = asyncio.create_task(steps.generate(s, gen(key, "dropped", seed=2), gone))
+        await asyncio.sleep(0.4)  # both in one batch, running
+        left.set()
+        with pytest.raises(ApiError) as e:
+            await dropped
+        assert e.value.status == 499
+        await asyncio.wait_for(kept, 10)
+        deadline = time.monotonic() + 5
+        while s.caching or metrics.CACHED_AFTER_DROP._value.get() == unclaimed:
+            assert time.monotonic() < deadline, "the dropped request's images never reached the cache"
+            await asyncio.sleep(0.01)
+        calls = len(s.pipeline.calls)  # type: ignore[attr-defined]
+        retry = await steps.generate(s, gen(key, "dropped", seed=2), never)
+        assert retry.cached and len(s.pipeline.calls) == calls  # type: ignore[attr-defined]
+        assert metrics.CACHED_AFTER_DROP._value.get() == unclaimed + 1
+    finally:
+        await s.batcher.stop()
+
+
 async def test_a_full_queue_is_429_and_a_loaded_server_generates_through_the_cache():
     s = state(queue_size=1, max_batch_size=2)
     key = BatchKey(64, 64, 1, 7.5, "euler")
