@@ -1,15 +1,30 @@
-"""Prompt blocklist: words (whole-word, case-insensitive) and 're:' regular expressions."""
+"""Prompt blocklist: words (whole-word, case-insensitive) and 're:' regular expressions.
+
+A prompt is matched as written and as its plain form (``plain``): Unicode compatibility forms
+folded (fullwidth ``ｎｕｄｅ``, ligatures, circled letters) and invisible format characters
+dropped (zero-width spaces and joiners, soft hyphens), so spellings that read as a listed
+word do not slip it past the list (CLIP's tokenizer folds fullwidth letters itself when ftfy
+is installed). Look-alike letters of other scripts
+(Cyrillic ``е`` for Latin ``e``) are not folded: list those spellings, or a pattern.
+"""
 
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from .watched import WatchedFile
 
 
+def plain(text: str) -> str:
+    """``text`` in NFKC with its format characters (Unicode category Cf) dropped."""
+    folded = unicodedata.normalize("NFKC", text)
+    return "".join(c for c in folded if unicodedata.category(c) != "Cf")
+
+
 class Blocklist:
     def __init__(self, words: list[str], patterns: list[str]):
-        self.words = [w.lower() for w in words]
+        self.words = [plain(w).lower() for w in words]
         self._word_re = (
             re.compile(r"\b(" + "|".join(re.escape(w) for w in self.words) + r")\b", re.IGNORECASE) if words else None
         )
@@ -33,10 +48,11 @@ class Blocklist:
         for text in texts:
             if not text:
                 continue
-            if self._word_re and self._word_re.search(text):
+            forms = {text, plain(text)}
+            if self._word_re and any(self._word_re.search(f) for f in forms):
                 return "blocked_word"
             for p in self._patterns:
-                if p.search(text):
+                if any(p.search(f) for f in forms):
                     return "blocked_pattern"
         return None
 

@@ -122,6 +122,26 @@ async def test_blocklist_words_and_patterns_are_400_with_reason(secured):
     assert (await post(secured, h, prompt="unforbiddenness")).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("prompt", "reason"),
+    [
+        ("a ＦＯＲＢＩＤＤＥＮ castle", "blocked_word"),  # fullwidth letters
+        ("a for\u200bbidden castle", "blocked_word"),  # a zero-width space inside the word
+        ("a forbid\u00addent castle", None),  # a soft hyphen, but another word
+        ("a forbid\u00adden castle", "blocked_word"),
+        ("a bad\u2003\u2060thing", "blocked_pattern"),  # an em space and a word joiner
+        ("unforbiddenness", None),
+        ("a fоrbidden castle", None),  # a Cyrillic o: look-alikes are not folded (documented)
+    ],
+)
+def test_the_blocklist_matches_the_plain_form_of_a_prompt(prompt, reason):
+    """Spellings a reader (and the text encoder) reads as the listed word do not slip past it:
+    Unicode compatibility forms are folded and invisible format characters dropped."""
+    from sdserve.safety import Blocklist
+
+    assert Blocklist.from_text("forbidden\nre:bad\\s+thing\n").check(prompt) == reason
+
+
 async def test_jwt_rs256_via_jwks_endpoint():
     """RS256 tokens checked against keys fetched from a JWKS URL (served on loopback)."""
     import http.server
