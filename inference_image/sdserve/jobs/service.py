@@ -182,22 +182,14 @@ class Jobs:
                 and record.attempts < MAX_ATTEMPTS
                 and (not running or record.lost_runs < MAX_LOST_RUNS)
             ):
-                step = record.step
+                when = "before it started"
                 if running:
+                    when = f"at step {record.step} of {record.steps}; it starts again from its first step"
                     record.status, record.step, record.preview = "queued", 0, None
                     record.lost_runs += 1
                 if not await self._offer(record):
                     return (await self.store.get(record.id)) or record
-                if running:
-                    log.warning(
-                        "job %s offered again: its replica stopped renewing it at step %d of %d; it starts again "
-                        "from its first step",
-                        record.id,
-                        step,
-                        record.steps,
-                    )
-                else:
-                    log.warning("job %s offered again: its replica stopped renewing it before it started", record.id)
+                log.warning("job %s offered again: its replica stopped renewing it %s", record.id, when)
                 return record
             record.status = "failed"
             message = "the replica running this job stopped before it finished; submit it again"
