@@ -16,10 +16,28 @@ import unicodedata
 from .watched import WatchedFile
 
 
+def _format_class() -> re.Pattern[str]:
+    """Every format character (Unicode category Cf, about 160 in 20 runs) as one character class
+    of ranges: a pass over a prompt (100 000 characters at the CR's longest) takes about a
+    millisecond, where a loop in Python, or a class of single characters, takes ten."""
+    runs: list[list[int]] = []
+    for c in range(0x110000):
+        if unicodedata.category(chr(c)) == "Cf":
+            if runs and runs[-1][1] == c - 1:
+                runs[-1][1] = c
+            else:
+                runs.append([c, c])
+    return re.compile("[" + "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in runs) + "]")
+
+
+_FORMAT = _format_class()
+
+
 def plain(text: str) -> str:
     """``text`` in NFKC with its format characters (Unicode category Cf) dropped."""
-    folded = unicodedata.normalize("NFKC", text)
-    return "".join(c for c in folded if unicodedata.category(c) != "Cf")
+    if text.isascii():  # the common case, already plain
+        return text
+    return _FORMAT.sub("", unicodedata.normalize("NFKC", text))
 
 
 class Blocklist:
@@ -45,6 +63,8 @@ class Blocklist:
 
     def check(self, *texts: str | None) -> str | None:
         """The reason code of the first match, or None."""
+        if self._word_re is None and not self._patterns:
+            return None
         for text in texts:
             if not text:
                 continue
