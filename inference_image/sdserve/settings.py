@@ -123,6 +123,10 @@ class Settings(BaseSettings):
     #: (sdserve.jobs): one no replica takes up within this long reads as failed (replica_lost).
     #: It covers a rolling update's new pod loading the model.
     job_handoff_seconds: float = Field(600, gt=0)
+    #: Take up jobs other replicas handed off or lost (and count among the replicas that share
+    #: them in sdserve_queue_depth). Off for a canary: it serves its share of the traffic, and
+    #: jobs accepted by the stable model stay on the stable replicas.
+    job_adopt: bool = True
     #: Hosts job webhooks may call, comma-separated ("*.example.com" for subdomains); empty: none.
     webhook_allowed_hosts: str = ""
     webhook_backoff_seconds: float = Field(1.0, gt=0)

@@ -119,6 +119,33 @@ async def test_jobs_no_replica_has_taken_up_count_in_the_queue_depth_each_live_r
         assert served.state.sd.jobs.me not in store._replicas
 
 
+async def test_a_replica_that_adopts_no_jobs_leaves_them_and_their_share_to_the_others(keys):
+    """SDSERVE_JOB_ADOPT=false (a canary's: another model, a share of the traffic): jobs offered
+    by a replica that shut down or died are not taken up there, and it is not counted among the
+    replicas that share them in sdserve_queue_depth. A replica that adopts takes them."""
+    store = MemoryJobs(3600, shared=True)
+    spec = json.dumps({"v": 0})  # never read: the canary must not take the job
+
+    canary_app = app(keys, job_adopt=False)
+    canary = canary_app.state.sd
+    canary.jobs.store = store
+    async with serve(canary_app):
+        offered = JobRecord(id="job_offered", owner="alice", offered=time.time(), lease_until=time.time() + 60)
+        await store.put(offered, spec)
+        await store.offer(offered.id, offered.created)
+        await asyncio.sleep(2.5)  # two looks for jobs to take up
+        assert await store.offered() == 1 and not canary.jobs.runs(offered.id)
+        assert canary.jobs.me not in store._replicas and canary.batcher.offered_share == 0.0
+    adopter = app(keys)
+    adopter.state.sd.jobs.store = store
+    async with serve(adopter):
+        deadline = time.monotonic() + 10
+        while await store.offered():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+    assert (await store.get(offered.id)).status == "failed"  # taken up, and its spec refused there
+
+
 async def test_a_drain_out_of_time_hands_off_a_queued_job_and_refuses_a_queued_request(keys):
     """A drain that runs out of time (a batch longer than SDSERVE_DRAIN_SECONDS) drops what is
     still queued rather than leave it to be cut off at exit: a queued async job is handed off

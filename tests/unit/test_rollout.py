@@ -97,6 +97,14 @@ def test_a_canary_of_another_model_answers_to_the_stable_models_name_too():
     assert env(other, f"{NAME}-config") == env(same, f"{NAME}-config")
 
 
+def test_a_canary_takes_up_no_jobs_the_stable_replicas_hand_off():
+    """Jobs accepted by the stable model stay on it when a stable replica shuts down or dies:
+    the canary serves its share of the traffic, not the stable track's backlog."""
+    objs = by_kind(render(example("canary-gateway")))
+    assert env(objs, f"{NAME}-canary-config")["SDSERVE_JOB_ADOPT"] == "false"
+    assert "SDSERVE_JOB_ADOPT" not in env(objs, f"{NAME}-config")  # the default: take them up
+
+
 def test_the_route_gives_the_canary_its_weight_only_once_it_serves():
     cr = example("canary-gateway")
     route = by_kind(render(cr))[("HTTPRoute", NAME)]

@@ -414,8 +414,9 @@ class Jobs:
 
     async def _adopt(self) -> None:
         """Every second: take up jobs handed off (their replica shut down or died), oldest first, while
-        this one is ready and has room to queue them soon (fewer than half its queue waiting,
-        as ``steps.enqueue_when_room`` lets in) and below ``job_queue_size`` jobs; then report
+        this one is ready, takes jobs up at all (``job_adopt``: not a canary) and has room to
+        queue them soon (fewer than half its queue waiting, as ``steps.enqueue_when_room`` lets
+        in) and below ``job_queue_size`` jobs; then report
         this replica's share of those still offered (``_share``). Every ``REAP_SECONDS``: settle
         jobs whose lease lapsed (``_settled``), their replica dead."""
         reaped = time.monotonic()
@@ -447,7 +448,7 @@ class Jobs:
         it leaves the count and adds nothing."""
         metrics.JOBS_OFFERED.set(offered)
         batcher = self.state.batcher
-        if self.state.draining:
+        if self.state.draining or not self.state.settings.job_adopt:  # takes none up: no share
             await self.store.leave(self.me)
             batcher.offered_share = 0.0
         else:
@@ -457,7 +458,9 @@ class Jobs:
 
     def _room_to_adopt(self) -> bool:
         s, batcher = self.state.settings, self.state.batcher
-        return self.state.ready and len(self._local) < s.job_queue_size and batcher.waiting < max(1, s.queue_size // 2)
+        if not (s.job_adopt and self.state.ready):
+            return False
+        return len(self._local) < s.job_queue_size and batcher.waiting < max(1, s.queue_size // 2)
 
     async def _take_up(self, job_id: str, spec: str) -> None:
         record = await self.store.get(job_id)

@@ -76,6 +76,9 @@ def settings_env(ctx: Ctx) -> dict[str, str]:
             # Clients that name the stable model (the Images API's ``model``) are served by
             # the canary their share of requests goes to, not refused there.
             env["SDSERVE_MODEL_ALIASES"] = stable
+        # Jobs handed off (a stable replica shutting down) or lost stay on the stable model:
+        # the canary serves its share of the traffic, and counts for no share of those jobs.
+        env["SDSERVE_JOB_ADOPT"] = False
     if s.server.compile_mode is not None:  # only when set, as below
         env["SDSERVE_COMPILE_MODE"] = s.server.compile_mode
     if s.server.stall_seconds is not None:  # only when set, as below
