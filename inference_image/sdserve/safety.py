@@ -10,16 +10,20 @@ is installed). Look-alike letters of other scripts
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 
 from .watched import WatchedFile
 
 
+@functools.cache
 def _format_class() -> re.Pattern[str]:
     """Every format character (Unicode category Cf, about 160 in 20 runs) as one character class
     of ranges: a pass over a prompt (100 000 characters at the CR's longest) takes about a
-    millisecond, where a loop in Python, or a class of single characters, takes ten."""
+    millisecond, where a loop in Python, or a class of single characters, takes ten. Built once
+    (a scan of every code point, ~0.1 s) by the first blocklist that lists anything, not at
+    import and not at a request."""
     runs: list[list[int]] = []
     for c in range(0x110000):
         if unicodedata.category(chr(c)) == "Cf":
@@ -30,18 +34,17 @@ def _format_class() -> re.Pattern[str]:
     return re.compile("[" + "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in runs) + "]")
 
 
-_FORMAT = _format_class()
-
-
 def plain(text: str) -> str:
     """``text`` in NFKC with its format characters (Unicode category Cf) dropped."""
     if text.isascii():  # the common case, already plain
         return text
-    return _FORMAT.sub("", unicodedata.normalize("NFKC", text))
+    return _format_class().sub("", unicodedata.normalize("NFKC", text))
 
 
 class Blocklist:
     def __init__(self, words: list[str], patterns: list[str]):
+        if words or patterns:
+            _format_class()  # what check's plain forms need, built here rather than at a request
         self.words = [plain(w).lower() for w in words]
         self._word_re = (
             re.compile(r"\b(" + "|".join(re.escape(w) for w in self.words) + r")\b", re.IGNORECASE) if words else None
