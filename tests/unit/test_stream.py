@@ -186,10 +186,16 @@ async def test_a_client_that_leaves_mid_stream_cancels_its_request(tiny):
         while metric("sdserve_requests_cancelled_total", reason="client_disconnected") == before:
             assert asyncio.get_running_loop().time() < deadline
             await asyncio.sleep(0.05)
+        # It leaves the running batch at the step boundary after the cancel: polled, as that
+        # step may still be on the model's thread (a loaded CI machine: a fixed sleep flaked).
+        while getattr(batcher, "_running", []) or not batcher.idle:
+            assert asyncio.get_running_loop().time() < deadline, "the cancelled request still runs"
+            await asyncio.sleep(0.05)
+        assert batcher.inflight == 0
+        stopped_at = forwards
         await asyncio.sleep(0.3)
         hook.remove()
-        assert batcher.inflight == 0 and batcher.idle  # it stopped: nothing runs
-        assert not getattr(batcher, "_running", [])
+        assert forwards == stopped_at, "the model still steps after the request left"
         # The first partial image is sent after step 75: it stopped long before its 300th.
         assert 75 <= forwards < 200, forwards
 
