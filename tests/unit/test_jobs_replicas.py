@@ -119,6 +119,29 @@ async def test_jobs_no_replica_has_taken_up_count_in_the_queue_depth_each_live_r
         assert served.state.sd.jobs.me not in store._replicas
 
 
+async def test_a_job_naming_an_adapter_no_longer_served_fails_naming_it_when_taken_up(keys):
+    """A rolling update removed a LoRA adapter while a job that names it waited for a replica:
+    the replica that takes it up fails it at once with unknown_lora, naming the adapter and the
+    field (run, it would fail inside diffusers); a job without it runs."""
+    from sdserve.jobs.spec import spec_of
+    from sdserve.steps import Generation
+    from sdserve.work import BatchKey
+
+    store = MemoryJobs(3600, shared=True)
+    served = app(keys)  # no adapters
+    served.state.sd.jobs.store = store
+    for job_id, loras in (("job_ink", (("ink", 0.5), ("pixel", 1.0))), ("job_plain", ())):
+        key = BatchKey(64, 64, 4, 7.5, "default", loras=loras)
+        record = JobRecord(id=job_id, owner="alice", steps=4, lease_until=time.time() + 3600, offered=time.time())
+        await store.put(record, spec_of(Generation(key, "a fox", None, 1, 5, principal="alice"), False))
+        await store.offer(job_id, record.created)
+    async with serve(served) as client:
+        failed, plain = await until_done(client, "job_ink"), await until_done(client, "job_plain")
+    assert plain["status"] == "succeeded", plain
+    assert failed["status"] == "failed" and failed["error"]["code"] == "unknown_lora", failed
+    assert failed["error"]["param"] == "loras" and "'ink', 'pixel'" in failed["error"]["message"], failed
+
+
 async def test_a_replica_that_adopts_no_jobs_leaves_them_and_their_share_to_the_others(keys):
     """SDSERVE_JOB_ADOPT=false (a canary's: another model, a share of the traffic): jobs offered
     by a replica that shut down or died are not taken up there, and it is not counted among the

@@ -479,6 +479,14 @@ class Jobs:
             record.status, record.error = "failed", {"code": "replica_lost", "message": f"{e}; submit it again"}
             await self._end_elsewhere(record)
             return
+        if missing := self._missing_adapters(gen):
+            message = (
+                f"this job names LoRA adapters the service no longer loads: {', '.join(map(repr, missing))} "
+                "(removed since the job was accepted); submit it again without them, or add them back"
+            )
+            record.status, record.error = "failed", {"code": "unknown_lora", "param": "loras", "message": message}
+            await self._end_elsewhere(record)
+            return
         record.offered, record.runner, record.attempts = 0.0, self.me, record.attempts + 1
         record.lease_until = time.time() + self.state.settings.job_lease_seconds
         if not await self.store.put_unless_ended(record):
@@ -486,6 +494,13 @@ class Jobs:
         metrics.JOBS.labels("adopted").inc()
         log.info("took up job %s, handed off when its replica shut down or died", job_id)
         self._launch(record, gen, urls)
+
+    def _missing_adapters(self, gen: steps.Generation) -> list[str]:
+        """Adapters a handed-off job names that this replica does not load: the job was accepted
+        by a replica of an earlier spec (a rolling update removed the adapter). Run here, it
+        would fail inside diffusers with a message about its internals."""
+        known = {a.name for a in self.state.settings.loras}
+        return sorted(name for name, _ in gen.key.loras if name not in known)
 
     async def _end_elsewhere(self, record: JobRecord) -> JobRecord:
         """Store, count and report the end of a job no replica holds (cancelled or failed
