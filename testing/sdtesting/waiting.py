@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -23,3 +24,13 @@ def eventually(check: Callable[[], T], timeout: float = 20.0, interval: float = 
             if time.time() > deadline:
                 raise
             time.sleep(interval)
+
+
+async def until(condition: Callable[[], bool], within: float = 10.0, what: str = "") -> None:
+    """Wait on the event loop until ``condition()`` holds: for a state the server reaches by
+    itself (a request running, another queued), where a fixed sleep flakes on a loaded machine."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {within} s: {what or getattr(condition, '__name__', 'condition')}")
+        await asyncio.sleep(0.01)

@@ -81,5 +81,5 @@ def test_drain_endpoint_only_from_localhost_and_preStop_command_and_ctrl_c(start
     assert httpx.get(s.url + "/readyz").status_code == 503
     # Ctrl-C in a terminal: shut down, exit 128 + SIGINT, no traceback in the log.
     s.proc.send_signal(signal.SIGINT)
-    assert s.proc.wait(timeout=30) == 130
+    assert s.proc.wait(timeout=30) == 130, s.log()[-4000:]  # once 0 under a CPU hog: the log says why next time
     assert "Application shutdown complete" in s.log() and "Traceback" not in s.log()

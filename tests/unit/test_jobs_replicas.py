@@ -19,6 +19,7 @@ from sdserve.lifecycle import start_drain
 from sdserve.settings import Settings
 from sdtesting.asgi import metric, serve
 from sdtesting.fakes import FakePipeline
+from sdtesting.waiting import until
 from tests.unit.test_jobs import ALICE, BODY, app, receiver, until_done
 
 
@@ -56,7 +57,7 @@ async def test_a_replica_shutting_down_hands_the_jobs_it_has_not_queued_to_anoth
     takes them up oldest first and runs them with their own seeds; one cancelled while no
     replica holds it is cancelled at once and never runs."""
     shared = MemoryJobs(3600, shared=True)
-    leaving, taking = FakePipeline(seconds_per_call=0.3), FakePipeline(seconds_per_call=0.05)
+    leaving, taking = FakePipeline(seconds_per_call=0.6), FakePipeline(seconds_per_call=0.05)
     a, b = create_app(drain_settings(keys), leaving), create_app(drain_settings(keys), taking)
     a.state.sd.jobs.store = b.state.sd.jobs.store = shared
     handed, adopted = metric("sdserve_jobs_total", event="handed_off"), metric("sdserve_jobs_total", event="adopted")
@@ -65,7 +66,8 @@ async def test_a_replica_shutting_down_hands_the_jobs_it_has_not_queued_to_anoth
         for i in range(5):
             r = await ca.post("/v1/jobs", json={**BODY, "prompt": f"job {i}", "seed": 10 + i}, headers=ALICE)
             ids.append(r.json()["id"])
-        await asyncio.sleep(0.1)  # job 0 runs, job 1 is queued, jobs 2-4 wait for room
+        batcher = a.state.sd.batcher
+        await until(lambda: (batcher.inflight, batcher.depth, batcher.waiting) == (1, 1, 3), what="0 runs, 1 queued")
         assert await start_drain(a.state.sd)
         views = [(await ca.get(f"/v1/jobs/{i}", headers=ALICE)).json() for i in ids]
         assert [v["status"] for v in views] == ["succeeded"] * 2 + ["queued"] * 3, views

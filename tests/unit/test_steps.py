@@ -16,6 +16,7 @@ from sdserve.settings import Settings
 from sdserve.state import State
 from sdserve.work import BatchKey, Item
 from sdtesting.fakes import FakePipeline
+from sdtesting.waiting import until
 
 
 def state(pipeline: FakePipeline | None = None, **settings) -> State:
@@ -152,7 +153,7 @@ async def test_a_seeded_request_given_up_on_in_a_batch_that_runs_on_is_cached_fo
     try:
         kept = asyncio.create_task(steps.generate(s, gen(key, "kept", seed=1), never))
         dropped = asyncio.create_task(steps.generate(s, gen(key, "dropped", seed=2), gone))
-        await asyncio.sleep(0.4)  # both in one batch, running
+        await until(lambda: s.batcher.inflight == 2, what="both in one batch, running")
         left.set()
         with pytest.raises(ApiError) as e:
             await dropped

@@ -22,6 +22,7 @@ from sdserve.stream import marks
 from sdtesting.asgi import BASE_URL, metric, serve
 from sdtesting.fakes import FakePipeline
 from sdtesting.imaging import decode
+from sdtesting.waiting import until
 
 BASE = {"model": "tiny", "min_side": 64}
 
@@ -104,12 +105,14 @@ async def test_what_a_plain_request_is_refused_with_a_stream_is_refused_with_bef
     """A refusal is the HTTP error a plain request gets, not a 200 stream: a full queue is a 429
     with Retry-After; options that do not go together are 422s naming the field."""
     settings = Settings(model="fake", min_side=64, queue_size=1, max_batch_size=1, max_wait_ms=0, cache_type="none")
-    async with serve(create_app(settings, FakePipeline(seconds_per_call=1.0))) as client:
+    app = create_app(settings, FakePipeline(seconds_per_call=1.0))
+    async with serve(app) as client:
         body = {"prompt": "a boat", "size": "64x64", "num_inference_steps": 4}
+        batcher = app.state.sd.batcher
         first = asyncio.create_task(client.post("/v1/images/generations", json=body))
-        await asyncio.sleep(0.2)  # it runs
+        await until(lambda: batcher.inflight == 1, what="the first request runs")
         second = asyncio.create_task(client.post("/v1/images/generations", json=body))
-        await asyncio.sleep(0.1)  # it is queued: the queue is full
+        await until(lambda: batcher.depth == 1, what="the second is queued: the queue is full")
         full = await client.post("/v1/images/generations", json={**body, "stream": True})
         assert full.status_code == 429 and full.headers["retry-after"], full.text
         assert full.json()["error"]["code"] == "queue_full"
