@@ -249,18 +249,24 @@ async def test_a_job_that_asks_for_previews_shows_them_while_it_runs(tiny, batch
     assert '"preview"' not in r.text.split("event: done")[1]  # the finished job has its result instead
 
 
-async def test_jobs_kept_in_memory_expire_as_in_redis():
+async def test_jobs_kept_in_memory_expire_as_in_redis(monkeypatch):
     """Without Redis a replica keeps its jobs (with their images) for SDSERVE_JOB_TTL_SECONDS
-    after their last write, as Redis would, not for ever."""
+    after their last write, as Redis would, not for ever. (The store's clock is the test's.)"""
+    import types
+
+    import sdserve.jobs.store
+
+    now = [1000.0]
+    monkeypatch.setattr(sdserve.jobs.store, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
     store = MemoryJobs(ttl_seconds=0.2)
     old = JobRecord(id="job_old", owner="alice")
     await store.put(old)
-    await asyncio.sleep(0.15)
+    now[0] += 0.15
     await store.put(JobRecord(id="job_new", owner="alice"))
     await store.put(old)  # written again (its progress, say): kept from now
-    await asyncio.sleep(0.1)  # past the first write's expiry
+    now[0] += 0.1  # past the first write's expiry
     assert (await store.get("job_old")) is not None and (await store.get("job_new")) is not None
-    await asyncio.sleep(0.15)
+    now[0] += 0.15
     assert (await store.get("job_old")) is None and (await store.get("job_new")) is None
     await store.put(JobRecord(id="job_last", owner="bob"))
     assert list(store._data) == ["job_last"]  # the expired ones are gone from memory too

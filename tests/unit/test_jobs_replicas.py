@@ -182,13 +182,14 @@ async def test_a_drain_out_of_time_hands_off_a_queued_job_and_refuses_a_queued_r
     served.state.sd.jobs.store = shared
     handed = metric("sdserve_jobs_total", event="handed_off")
     async with serve(served) as client:
+        batcher = served.state.sd.batcher
         running = asyncio.create_task(client.post("/v1/images/generations", json=BODY, headers=ALICE))
-        await asyncio.sleep(0.3)
+        await until(lambda: batcher.inflight == 1, what="a request runs")
         job = (await client.post("/v1/jobs", json={**BODY, "seed": 5}, headers=ALICE)).json()
-        await asyncio.sleep(0.3)  # queued behind the running request (room for one job: half of 2)
+        # Queued behind the running request (room for one job: half of 2).
+        await until(lambda: batcher.depth == 1, what="the job is queued")
         queued = asyncio.create_task(client.post("/v1/images/generations", json=BODY, headers=ALICE))
-        await asyncio.sleep(0.3)
-        assert served.state.sd.batcher.depth == 2
+        await until(lambda: batcher.depth == 2, what="a request is queued behind the job")
         assert not await start_drain(served.state.sd)  # out of time
         refused = await asyncio.wait_for(queued, 5)
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining", refused.text
