@@ -131,15 +131,27 @@ async def test_blocklist_words_and_patterns_are_400_with_reason(secured):
         ("a forbid\u00adden castle", "blocked_word"),
         ("a bad\u2003\u2060thing", "blocked_pattern"),  # an em space and a word joiner
         ("unforbiddenness", None),
-        ("a fоrbidden castle", None),  # a Cyrillic o: look-alikes are not folded (documented)
+        ("a f\u043erbidden castle", "blocked_word"),  # a Cyrillic o
+        ("a FORB\u0406DDEN castle", "blocked_word"),  # a Cyrillic capital I (reads as l; its lower case as i)
+        ("a f\u03bfrbidd\u0435\u0578 castle", "blocked_word"),  # Greek o, Cyrillic e, Armenian n
+        ("a b\u0430d thing", "blocked_pattern"),  # a Cyrillic a, in a pattern's match
+        ("a f\u043erbiddenness", None),  # still whole words only
+        (
+            "\u0441\u0435\u043a\u0441 \u0441\u043e\u0431\u0430\u043a\u0430",
+            None,
+        ),  # Russian words that read as no listed word
+        ("\u0441\u0435\u043a\u0441\u0442", "blocked_word"),  # a listed Cyrillic word in Cyrillic
+        ("\u0441e\u043a\u0441\u0442", "blocked_word"),  # and with a Latin e in it
     ],
 )
 def test_the_blocklist_matches_the_plain_form_of_a_prompt(prompt, reason):
     """Spellings a reader (and the text encoder) reads as the listed word do not slip past it:
-    Unicode compatibility forms are folded and invisible format characters dropped."""
+    Unicode compatibility forms are folded, invisible format characters dropped, and letters
+    of other scripts that look like Latin ones read as those, in the prompt and the list."""
     from sdserve.safety import Blocklist
 
-    assert Blocklist.from_text("forbidden\nre:bad\\s+thing\n").check(prompt) == reason
+    listed = "forbidden\n\u0441\u0435\u043a\u0441\u0442\nre:bad\\s+thing\n"
+    assert Blocklist.from_text(listed).check(prompt) == reason
 
 
 async def test_jwt_rs256_via_jwks_endpoint():
