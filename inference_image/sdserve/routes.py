@@ -154,7 +154,7 @@ def openai_generation(state: State, body: OpenAIImageRequest) -> steps.Generatio
         raise ApiError(422, "invalid_value", f"size must be WIDTHxHEIGHT, got {body.size!r}", param="size")
     key = key_for(state, size[0], size[1], body)
     negative = steps.negative_prompt(state, body.negative_prompt)
-    gen = steps.Generation(key, body.prompt, negative, body.n, body.seed, output=body.image_format())
+    gen = steps.Generation(key, body.prompt, negative, body.n, body.seed, output=body.image_format(), model=body.model)
     problems = limit_problems(
         s,
         prompt=body.prompt,
@@ -388,6 +388,7 @@ async def edit_generation(state: State, request: Request, model: type[EditBody])
         inputs.mask,
         inputs.digest,
         output=body.image_format(),
+        model=body.model,
     )
     side_field = "size" if size else "image"
     problems = limit_problems(

@@ -50,6 +50,10 @@ class Generation:
     output: ImageFormat = PNG
     #: Who asked (async jobs take turns by principal: sdserve.queue.JobGate).
     principal: str = "anonymous"
+    #: The model the request named (``model``), if it named one: a job taken up by a replica
+    #: that no longer serves that name (the CR's model changed) fails instead of running on
+    #: another model.
+    model: str | None = None
 
 
 @dataclass

@@ -121,10 +121,11 @@ async def test_jobs_no_replica_has_taken_up_count_in_the_queue_depth_each_live_r
         assert served.state.sd.jobs.me not in store._replicas
 
 
-async def test_a_job_naming_an_adapter_no_longer_served_fails_naming_it_when_taken_up(keys):
-    """A rolling update removed a LoRA adapter while a job that names it waited for a replica:
-    the replica that takes it up fails it at once with unknown_lora, naming the adapter and the
-    field (run, it would fail inside diffusers); a job without it runs."""
+async def test_a_job_naming_what_is_no_longer_served_fails_naming_it_when_taken_up(keys):
+    """A rolling update changed the model or removed a LoRA adapter while a job that names it
+    waited for a replica: the replica that takes it up fails it at once, naming the model
+    (model_not_found) or the adapters (unknown_lora) and the field; run, it would run on
+    another model, or fail inside diffusers. A job naming what is served, or no model, runs."""
     from sdserve.jobs.spec import spec_of
     from sdserve.steps import Generation
     from sdserve.work import BatchKey
@@ -132,16 +133,26 @@ async def test_a_job_naming_an_adapter_no_longer_served_fails_naming_it_when_tak
     store = MemoryJobs(3600, shared=True)
     served = app(keys)  # no adapters
     served.state.sd.jobs.store = store
-    for job_id, loras in (("job_ink", (("ink", 0.5), ("pixel", 1.0))), ("job_plain", ())):
+    jobs = {
+        "job_ink": ((("ink", 0.5), ("pixel", 1.0)), None),
+        "job_old_model": ((), "org/old-model"),
+        "job_named": ((), "fake"),  # the model served now
+        "job_plain": ((), None),
+    }
+    for job_id, (loras, model) in jobs.items():
         key = BatchKey(64, 64, 4, 7.5, "default", loras=loras)
         record = JobRecord(id=job_id, owner="alice", steps=4, lease_until=time.time() + 3600, offered=time.time())
-        await store.put(record, spec_of(Generation(key, "a fox", None, 1, 5, principal="alice"), False))
+        await store.put(record, spec_of(Generation(key, "a fox", None, 1, 5, principal="alice", model=model), False))
         await store.offer(job_id, record.created)
     async with serve(served) as client:
-        failed, plain = await until_done(client, "job_ink"), await until_done(client, "job_plain")
-    assert plain["status"] == "succeeded", plain
-    assert failed["status"] == "failed" and failed["error"]["code"] == "unknown_lora", failed
-    assert failed["error"]["param"] == "loras" and "'ink', 'pixel'" in failed["error"]["message"], failed
+        ends = {job_id: await until_done(client, job_id) for job_id in jobs}
+    assert ends["job_named"]["status"] == ends["job_plain"]["status"] == "succeeded", ends
+    lora, model = ends["job_ink"], ends["job_old_model"]
+    assert lora["status"] == "failed" and lora["error"]["code"] == "unknown_lora", lora
+    assert lora["error"]["param"] == "loras" and "'ink', 'pixel'" in lora["error"]["message"], lora
+    assert model["status"] == "failed" and model["error"]["code"] == "model_not_found", model
+    assert model["error"]["param"] == "model" and "'org/old-model'" in model["error"]["message"], model
+    assert "'fake'" in model["error"]["message"], model
 
 
 async def test_a_replica_that_adopts_no_jobs_leaves_them_and_their_share_to_the_others(keys):
@@ -271,8 +282,9 @@ def test_a_handed_off_edit_keeps_its_input_image_and_mask_to_the_pixel():
     photo = Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8))
     mask = Image.fromarray((rng.random((64, 96)) > 0.5).astype(np.uint8) * 255, mode="L")
     key = BatchKey(96, 64, 20, 6.0, "euler", task="inpaint", strength=0.9, loras=(("pixel", 0.8),))
-    gen = Generation(key, "a fox", "blurry", 2, 77, photo, mask, "abc", True, ImageFormat("webp", 70), "alice")
+    gen = Generation(key, "a fox", "blurry", 2, 77, photo, mask, "abc", True, ImageFormat("webp", 70), "alice", "m/1")
     again, urls = generation_of(spec_of(gen, True))
+    assert again.model == "m/1"
     assert urls is True and again.key == key and hash(again.key) == hash(key)
     assert (again.prompt, again.negative_prompt, again.n, again.seed) == ("a fox", "blurry", 2, 77)
     assert (again.inputs_digest, again.preview, again.output, again.principal) == ("abc", True, gen.output, "alice")

@@ -479,12 +479,8 @@ class Jobs:
             record.status, record.error = "failed", {"code": "replica_lost", "message": f"{e}; submit it again"}
             await self._end_elsewhere(record)
             return
-        if missing := self._missing_adapters(gen):
-            message = (
-                f"this job names LoRA adapters the service no longer loads: {', '.join(map(repr, missing))} "
-                "(removed since the job was accepted); submit it again without them, or add them back"
-            )
-            record.status, record.error = "failed", {"code": "unknown_lora", "param": "loras", "message": message}
+        if (error := self._unservable(gen)) is not None:
+            record.status, record.error = "failed", error
             await self._end_elsewhere(record)
             return
         record.offered, record.runner, record.attempts = 0.0, self.me, record.attempts + 1
@@ -495,12 +491,27 @@ class Jobs:
         log.info("took up job %s, handed off when its replica shut down or died", job_id)
         self._launch(record, gen, urls)
 
-    def _missing_adapters(self, gen: steps.Generation) -> list[str]:
-        """Adapters a handed-off job names that this replica does not load: the job was accepted
-        by a replica of an earlier spec (a rolling update removed the adapter). Run here, it
-        would fail inside diffusers with a message about its internals."""
+    def _unservable(self, gen: steps.Generation) -> dict[str, Any] | None:
+        """Why this replica cannot run a handed-off job as it was accepted, if it cannot (the
+        job's error): a rolling update since changed the model the job named, or removed an
+        adapter it names. Run here, it would run on another model, or fail inside diffusers
+        with a message about its internals. A job that named no model runs on the current one."""
+        names = self.state.settings.model_names
+        if gen.model and gen.model not in names:
+            message = (
+                f"this job asked for model {gen.model!r}; the service now serves "
+                f"{' or '.join(map(repr, names))} (its model changed since the job was accepted): "
+                "submit it again naming the model served now, or none"
+            )
+            return {"code": "model_not_found", "param": "model", "message": message}
         known = {a.name for a in self.state.settings.loras}
-        return sorted(name for name, _ in gen.key.loras if name not in known)
+        if missing := sorted(name for name, _ in gen.key.loras if name not in known):
+            message = (
+                f"this job names LoRA adapters the service no longer loads: {', '.join(map(repr, missing))} "
+                "(removed since the job was accepted); submit it again without them, or add them back"
+            )
+            return {"code": "unknown_lora", "param": "loras", "message": message}
+        return None
 
     async def _end_elsewhere(self, record: JobRecord) -> JobRecord:
         """Store, count and report the end of a job no replica holds (cancelled or failed

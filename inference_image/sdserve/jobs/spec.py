@@ -40,6 +40,7 @@ def spec_of(gen: steps.Generation, urls: bool) -> str:
             "preview": gen.preview,
             "output": asdict(gen.output),
             "principal": gen.principal,
+            "model": gen.model,
             "urls": urls,
         }
     )
@@ -77,6 +78,7 @@ def generation_of(spec: str) -> tuple[steps.Generation, bool]:
             preview=d["preview"],
             output=ImageFormat(**d["output"]),
             principal=d["principal"],
+            model=d.get("model"),  # not in the specs of replicas before it was kept
         )
         return gen, bool(d["urls"])
     except (KeyError, TypeError, ValueError, OSError) as e:
