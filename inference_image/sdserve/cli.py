@@ -35,8 +35,10 @@ def _serve(args: argparse.Namespace) -> int:
         """SIGTERM: readiness false, new requests 503, queued work finishes, then exit."""
 
         draining_task = None
+        interrupted = False
 
         def handle_exit(self, sig, frame):
+            self.interrupted = self.interrupted or sig == signal.SIGINT
             if sig == signal.SIGTERM and self.draining_task is None and self.started:
                 loop = asyncio.get_event_loop()
                 self.draining_task = loop.create_task(self._drain_then_exit())
@@ -59,8 +61,12 @@ def _serve(args: argparse.Namespace) -> int:
         forwarded_allow_ips=settings.forwarded_allow_ips,
         access_log=False,
     )
-    DrainingServer(config).run()
-    return 0
+    server = DrainingServer(config)
+    server.run()
+    # Ctrl-C: 128 + SIGINT, as a shell expects. uvicorn raises the signal again once it has shut
+    # down (a KeyboardInterrupt: main returns 130), but into the disposition it started with: one
+    # started with SIGINT ignored (a background job of a non-interactive shell) would exit 0.
+    return 130 if server.interrupted else 0
 
 
 def _drain(args: argparse.Namespace) -> int:
