@@ -43,9 +43,9 @@ def _format_class() -> re.Pattern[str]:
 def _look_alikes() -> dict[int, str]:
     """Lower-case letters and digits of other scripts -> the Latin letter or digit Unicode's
     confusables list (as the confusable_homoglyphs package ships it) gives them as looking like
-    (about 1 300). For text already lower-cased: a capital's lower case takes its own entry,
-    else its capital's (Cyrillic ``І`` reads as ``l``, ``і`` as ``i``). Built once (~0.1 s),
-    as ``_format_class``."""
+    (about 1 250). For text already lower-cased: Cyrillic ``І`` is read as ``і``, so as ``i``
+    (its own entry says ``l``), and a lower case with no entry takes its capital's (Cherokee
+    ``ꭺ``, as ``Ꭺ``: ``a``). Built once (~0.1 s), as ``_format_class``."""
     from confusable_homoglyphs.confusables import confusables_data
 
     latin: dict[str, str] = {}
