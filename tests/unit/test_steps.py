@@ -160,10 +160,11 @@ async def test_a_seeded_request_given_up_on_in_a_batch_that_runs_on_is_cached_fo
         assert e.value.status == 499
         await asyncio.wait_for(kept, 10)
         if batching == "request":
-            deadline = time.monotonic() + 5
-            while s.caching or metrics.CACHED_AFTER_DROP._value.get() == unclaimed:
-                assert time.monotonic() < deadline, "the dropped request's images never reached the cache"
-                await asyncio.sleep(0.01)
+            await until(
+                lambda: not s.caching and metrics.CACHED_AFTER_DROP._value.get() != unclaimed,
+                within=5,
+                what="the dropped request's images reach the cache",
+            )
         retry = await steps.generate(s, gen(key, "dropped", seed=2), never)
         assert retry.cached == (batching == "request")
         assert metrics.CACHED_AFTER_DROP._value.get() == unclaimed + (batching == "request")
