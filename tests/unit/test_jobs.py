@@ -25,6 +25,7 @@ from sdserve.settings import Settings
 from sdtesting.asgi import metric, serve
 from sdtesting.fakes import FakePipeline
 from sdtesting.imaging import decode
+from sdtesting.waiting import until
 
 BODY = {"prompt": "a lighthouse", "size": "64x64", "num_inference_steps": 4, "seed": 3}
 
@@ -311,7 +312,8 @@ async def running_when_the_store_goes(served, client) -> tuple[Flaky, dict]:
     """A job submitted to ``served`` with a Flaky store, which goes away once the job runs."""
     store = served.state.sd.jobs.store = Flaky()
     job = (await client.post("/v1/jobs", json=BODY, headers=ALICE)).json()
-    await asyncio.sleep(0.2)
+    batcher = served.state.sd.batcher
+    await until(lambda: batcher.inflight == 1, what="the job runs")
     store.down = True
     return store, job
 
@@ -323,8 +325,7 @@ async def test_a_job_runs_on_through_an_outage_of_its_store_and_stores_its_end_a
     served = app(keys, seconds=1.0)
     async with serve(served) as client:
         store, job = await running_when_the_store_goes(served, client)
-        await asyncio.sleep(2.0)  # the fake model's second ends meanwhile
-        assert served.state.sd.batcher.idle
+        await until(lambda: served.state.sd.batcher.idle, what="the fake model's second ends, the store still away")
         store.down = False
         done = await until_done(client, job["id"])
         assert done["status"] == "succeeded" and done["result"]["data"][0]["seed"] == 3
@@ -341,7 +342,7 @@ async def test_a_job_reported_lost_while_its_store_was_away_stays_failed(keys):
         lost.status, lost.error = "failed", {"code": "replica_lost", "message": "lost"}
         await MemoryJobs.put(store, lost)  # what another replica's reader wrote
         store.down = False
-        await asyncio.sleep(3.0)  # the job's polls and its end
+        await until(lambda: not served.state.sd.jobs.runs(job["id"]), what="the job stops at its next poll")
         view = (await client.get(f"/v1/jobs/{job['id']}", headers=ALICE)).json()
         assert view["status"] == "failed" and view["error"]["code"] == "replica_lost"
         assert not served.state.sd.jobs.runs(job["id"])

@@ -260,7 +260,8 @@ async def test_without_a_shared_store_a_drain_fails_the_jobs_it_has_not_queued(k
     served = create_app(drain_settings(keys), FakePipeline(seconds_per_call=0.3))
     async with serve(served) as client:
         ids = [(await client.post("/v1/jobs", json=BODY, headers=ALICE)).json()["id"] for _ in range(3)]
-        await asyncio.sleep(0.1)
+        batcher = served.state.sd.batcher
+        await until(lambda: (batcher.inflight, batcher.depth, batcher.waiting) == (1, 1, 1), what="1 runs, 1 queued")
         assert await start_drain(served.state.sd)
         views = [(await client.get(f"/v1/jobs/{i}", headers=ALICE)).json() for i in ids]
     assert [v["status"] for v in views] == ["succeeded", "succeeded", "failed"]

@@ -21,6 +21,7 @@ from sdserve.stepper import LATENT_512, StepBatcher
 from sdserve.tiny import build_tiny_pipeline
 from sdserve.work import TASKS, BatchKey, Item, OutOfMemory
 from sdtesting.fakes import FakePipeline
+from sdtesting.waiting import until
 
 
 @pytest.fixture(scope="module")
@@ -370,8 +371,7 @@ async def test_the_in_flight_gauge_falls_to_zero_when_the_only_running_request_l
         cancel(job, "client_disconnected")
         while not batcher.idle:  # noqa: ASYNC110 - the scheduler drops it at the next step boundary
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)  # the scheduler is waiting for work now
-        assert metrics.INFLIGHT._value.get() == 0
+        await until(lambda: metrics.INFLIGHT._value.get() == 0, what="the gauge falls to 0 with no step to follow")
     finally:
         await batcher.stop()
 
