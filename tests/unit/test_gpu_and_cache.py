@@ -10,8 +10,9 @@ import time
 import pytest
 
 from sdop.api import SpecError, load
+from sdop.api.presets import PRESETS, preset
 from sdop.render import render
-from sdtesting.examples import by_kind, example
+from sdtesting.examples import ROOT, by_kind, example
 
 
 def rendered(mutate) -> dict:
@@ -39,6 +40,11 @@ def server_pod(objs: dict) -> dict:
         ),
         ({"type": "a100-40gb", "match": "gke"}, "cloud.google.com/gke-accelerator", ["nvidia-tesla-a100"]),
         ({"type": "h100-80gb", "match": "karpenter"}, "karpenter.k8s.aws/instance-gpu-name", ["h100"]),
+        ({"type": "l4-24gb", "match": "gke"}, "cloud.google.com/gke-accelerator", ["nvidia-l4"]),
+        ({"type": "l40s-48gb", "match": "eks-auto"}, "eks.amazonaws.com/instance-gpu-name", ["l40s"]),
+        ({"type": "a10g-24gb"}, "nvidia.com/gpu.product", ["NVIDIA-A10G"]),
+        ({"type": "t4-16gb", "match": "karpenter"}, "karpenter.k8s.aws/instance-gpu-name", ["t4"]),
+        ({"type": "h200-141gb"}, "nvidia.com/gpu.product", ["NVIDIA-H200", "NVIDIA-H200-NVL"]),
         (
             {"type": "a100-40gb", "nodeLabelValues": ["NVIDIA-A100-SXM4-80GB"]},
             "nvidia.com/gpu.product",
@@ -47,7 +53,11 @@ def server_pod(objs: dict) -> dict:
     ],
 )
 def test_replicas_select_every_form_factor_of_the_preset_gpu(gpu, key, values):
-    objs = rendered(lambda s: s["gpu"].update(gpu))
+    def on(spec: dict) -> None:
+        spec["gpu"].update(gpu)
+        spec["batching"]["maxBatchSize"] = min(spec["batching"]["maxBatchSize"], preset(gpu["type"]).max_batch_size)
+
+    objs = rendered(on)
     pod = server_pod(objs)
     assert gpu_terms(pod) == [{"matchExpressions": [{"key": key, "operator": "In", "values": values}]}]
     assert "nvidia.com/gpu.product" not in pod.get("nodeSelector", {})
@@ -75,6 +85,74 @@ def test_a_match_without_a_known_label_value_is_refused():
     with pytest.raises(SpecError) as e:
         load(cr)
     assert e.value.fields == ["spec.gpu.match"]
+
+
+def test_a_preset_sizes_the_replica_for_its_smallest_cloud_instance():
+    """The L4's preset fits a g6.xlarge or g2-standard-4 (4 vCPUs, 16 GiB): a request above
+    what such a node has to give would leave the pod Pending on every node of that GPU."""
+    cr = example("minimal")
+    cr["spec"]["gpu"] = {"type": "l4-24gb", "match": "gke"}
+    objs = by_kind(render(cr))
+    container = objs[("Deployment", "sd-minimal")]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["requests"] == {"cpu": "3", "memory": "12Gi"}
+    config = objs[("ConfigMap", "sd-minimal-config")]["data"]
+    assert (config["SDSERVE_MAX_BATCH_SIZE"], config["SDSERVE_MAX_WIDTH"]) == ("4", "1024")
+
+
+@pytest.mark.parametrize(("gpu", "refused"), [("t4-16gb", True), ("l4-24gb", False), ("a100-80gb", False)])
+def test_bfloat16_is_refused_on_a_gpu_without_it(gpu, refused):
+    cr = example("minimal")
+    cr["spec"]["gpu"] = {"type": gpu}
+    cr["spec"]["model"]["dtype"] = "bfloat16"
+    if not refused:
+        render(cr)
+        return
+    with pytest.raises(SpecError) as e:
+        load(cr)
+    assert e.value.fields == ["spec.model.dtype"] and "8.0" in str(e.value) and "7.5" in str(e.value)
+    cr["spec"]["model"]["dtype"] = "float16"
+    cr["spec"]["canary"] = {"model": {"id": "other/model", "dtype": "bfloat16"}}
+    with pytest.raises(SpecError) as e:
+        load(cr)
+    assert e.value.fields == ["spec.canary.model.dtype"]
+
+
+def test_no_karpenter_value_picks_the_80_gb_a100():
+    """Karpenter calls both A100 sizes a100: a match on it could land the 80 GB preset's
+    batch on a 40 GB card, so it is refused unless the nodes are named."""
+    cr = example("minimal")
+    cr["spec"]["gpu"] = {"type": "a100-80gb", "match": "karpenter"}
+    with pytest.raises(SpecError) as e:
+        load(cr)
+    assert e.value.fields == ["spec.gpu.match"]
+    cr["spec"]["gpu"]["nodeLabelValues"] = ["a100"]
+    render(cr)
+
+
+def test_the_preset_table_in_the_docs_is_the_operators():
+    rows = {}
+    for line in (ROOT / "docs" / "operations.md").read_text().splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and cells[0] in PRESETS:
+            rows[cells[0]] = cells
+    assert set(rows) == set(PRESETS)
+    for name, p in PRESETS.items():
+
+        def values(match: str, p=p) -> str:
+            return ", ".join(f"`{v}`" for v in p.labels.get(match, ())).strip("`") or "-"
+
+        expected = [
+            name,
+            f"{p.gpu_memory_gib} GiB",
+            str(p.max_batch_size),
+            str(p.max_side),
+            f"{p.cpu} / {p.memory}",
+            ".".join(map(str, p.compute_capability)),
+            values("product"),
+            values("gke"),
+            values("karpenter"),
+        ]
+        assert rows[name] == expected, name
 
 
 def test_more_than_one_gpu_per_replica_is_refused():

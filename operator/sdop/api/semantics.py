@@ -39,7 +39,7 @@ def problems(spec: StableDiffusionServiceSpec) -> list[tuple[str, str]]:
                 "gpu.type custom to pick nodes yourself",
             )
         )
-    if spec.gpu.match != "none" and not spec.gpu.node_label_values and not p.labels.get(spec.gpu.match):
+    if spec.gpu.match != "none" and not spec.gpu.node_label_values and not p.label_values(spec.gpu.match):
         out.append(
             (
                 "spec.gpu.match",
@@ -80,6 +80,14 @@ def problems(spec: StableDiffusionServiceSpec) -> list[tuple[str, str]]:
                 "int8_weight_only or none",
             )
         )
+    if spec.gpu.count > 0 and p.compute_capability < (8, 0):  # Turing and older: no bfloat16 tensor cores
+        models = [("spec.model.dtype", spec.model)] + (
+            [("spec.canary.model.dtype", spec.canary.model)] if spec.canary else []
+        )
+        for field, m in models:
+            if m.dtype == "bfloat16":
+                cc = ".".join(map(str, p.compute_capability))
+                out.append((field, f"bfloat16 needs compute capability 8.0 or newer; {gpu_type} is {cc}: use float16"))
     if spec.model.pipeline == "sdxl" and p.gpu_memory_gib < 16:
         out.append(("spec.model.pipeline", f"sdxl does not fit {gpu_type} ({p.gpu_memory_gib} GiB)"))
     return out

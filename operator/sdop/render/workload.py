@@ -151,7 +151,7 @@ def gpu_node_requirement(ctx: Ctx) -> dict[str, Any] | None:
     g = ctx.spec.gpu
     if g.count == 0 or g.match == "none":
         return None
-    values = list(g.node_label_values) or list(ctx.preset.labels.get(g.match, ()))
+    values = list(g.node_label_values) or list(ctx.preset.label_values(g.match))
     if not values:
         return None
     return {"key": MATCH_LABELS[g.match], "operator": "In", "values": values}

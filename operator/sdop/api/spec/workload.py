@@ -52,8 +52,9 @@ class GpuSpec(ApiModel):
     type: GpuType = Field(
         "a100-40gb",
         description=(
-            "GPU preset: rtx3080-10gb, rtx4090-24gb, a100-40gb, h100-80gb or custom. It sets the default batch size, "
-            "CPU/memory requests, largest image side and the nvidia.com/gpu.product node selector."
+            "GPU preset: t4-16gb, rtx3080-10gb, rtx4090-24gb, a10g-24gb, l4-24gb, l40s-48gb, a100-40gb, a100-80gb, "
+            "h100-80gb, h200-141gb or custom. It sets the default batch size, CPU/memory requests, largest image side "
+            "and the node label values that select the GPU."
         ),
     )
     match: GpuMatch = Field(
@@ -61,7 +62,8 @@ class GpuSpec(ApiModel):
         description=(
             "How replicas find nodes with this GPU: product (NVIDIA GPU feature discovery's nvidia.com/gpu.product, "
             "any of the preset's form factors), gke (cloud.google.com/gke-accelerator), karpenter "
-            "(karpenter.k8s.aws/instance-gpu-name), or none (only the GPU resource request)."
+            "(karpenter.k8s.aws/instance-gpu-name), eks-auto (EKS Auto Mode's eks.amazonaws.com/instance-gpu-name), "
+            "or none (only the GPU resource request)."
         ),
     )
     node_label_values: list[str] = Field(
