@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 grep -qxF '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 PY=${PYTHON:-.venv/bin/python}
 NEED="diffusers torchao pydantic pydantic-core pydantic-settings python-dotenv annotated-types typing-inspection
-typing-extensions fastapi starlette python-multipart"
+typing-extensions fastapi starlette python-multipart confusable-homoglyphs"
 pins=$($PY -m pip freeze 2>/dev/null)
 specs=()
 for name in $NEED; do
