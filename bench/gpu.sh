@@ -3,7 +3,10 @@
 #
 #     bash bench/gpu.sh [part ...]      parts: tests quant sd15 sd15c costc overhead sched sat sdxl (default: all, in this order)
 #
-# With a short lease, run `sched sd15 tests` first: sched places the served-vs-direct gap
+# A 15-minute lease holds one call of about 9 minutes once the machine has started: make it
+# `SDOP_BENCH_RESULTS=$OUT bash bench/gpu.sh costc sched` (caps 300 + 240 s; `run` timeout_s 590,
+# carry [".whl"]). costc writes its curve after every point, so a compile that tunes past its cap
+# still leaves the points it reached. With more time, `sd15 tests` next: sched places the served-vs-direct gap
 # (cuDNN's per-thread tuning, bench/README.md), sd15 says which of sdserve's eager settings pay
 # (one at a time on plain diffusers) and measures the server's own Pipeline, tests re-checks
 # the out-of-memory fixes and the compiled paths. sd15c is the compiled figure (CUDA graphs);

@@ -196,6 +196,8 @@ def main() -> int:
     slo = 6 * alone
     capacity = 1 / mean_service_seconds(alone, mix)  # requests/s at load 1.0, as scheduling.py defines it
     print(f"MODEL on {cost.spec.get('source')}: default request alone {alone:.3f}s, SLO p99 <= {slo:.2f}s")
+    if cost.spec.get("complete") is False:  # scheduling.py --cost-only cut by its time cap
+        print(f"the cost curve is incomplete ({len(cost.points)} points): linear between them and beyond")
     policies = ["request", *RULES, "one shape (bound)", "free decode (bound)"]
     rows, out = [], []
     for seed in (int(s) for s in args.seeds.split(",")):

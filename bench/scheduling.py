@@ -39,6 +39,7 @@ import random
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -242,13 +243,18 @@ def real_pipeline(arch: str, device: str, max_batch: int, mix: Mix, step_pad: st
     )
 
 
-def measure_cost(pipeline: Any, mix: Mix, max_batch: int, source: str) -> dict:
+def measure_cost(
+    pipeline: Any, mix: Mix, max_batch: int, source: str, on_point: Callable[[dict], None] | None = None
+) -> dict:
     """Seconds per UNet step at 1..max_batch images of the default size (and 1 and 2 of the
     large size), the decode and the text encode: the curve --pipeline sim replays. Run on the
     step batcher's worker thread, whose shapes its warm-up tuned (or, --cost-only, on a thread
-    that tunes each shape in the untimed first steps: cuDNN's choice, a compile, a CUDA graph)."""
-    points = []
-    sizes = [(mix.side, b) for b in sorted({1, 2, max(1, max_batch // 2), max_batch})]
+    that tunes each shape in the untimed first steps: cuDNN's choice, a compile, a CUDA graph).
+    The two ends of the default size's curve come first, and ``on_point`` is given the curve
+    after each point: a run cut short (a compile that tunes for minutes) keeps what it measured."""
+    points: list[list[float]] = []
+    curve = {"source": source, "points": points, "decode_seconds": 0.0, "encode_seconds": 0.0}
+    sizes = [(mix.side, b) for b in dict.fromkeys([1, max_batch, 2, max(1, max_batch // 2)])]
     sizes += [(mix.side * 3 // 2, b) for b in (1, 2)]
     decode = encode = 0.0
     for side, b in sizes:
@@ -277,7 +283,11 @@ def measure_cost(pipeline: Any, mix: Mix, max_batch: int, source: str) -> dict:
             sync(str(pipeline.device))
             decode = time.perf_counter() - t3
         points.append([(side // 8) ** 2 * b, (t2 - t1) / 3])
-    return {"source": source, "points": points, "decode_seconds": decode, "encode_seconds": encode}
+        points.sort()
+        curve.update(decode_seconds=decode, encode_seconds=encode, complete=len(points) == len(sizes))
+        if on_point is not None:
+            on_point(curve)
+    return curve
 
 
 # ---- one run ----------------------------------------------------------------------------------
@@ -591,20 +601,19 @@ def main() -> int:
 def cost_only(args: argparse.Namespace, mix: Mix, pipeline: Any, label: str) -> int:
     """The step cost curve alone, on this thread, each shape tuned (or compiled) before it is timed."""
     compiled = f" compiled {args.compile_mode}" if args.compile_mode else ""
-    curve = measure_cost(pipeline, mix, args.max_batch, f"{args.arch} on {args.device}{compiled}")
-    print(label)
-    print("step cost (latent pixels, seconds):", [(p, round(s, 4)) for p, s in curve["points"]])
-    print(f"decode {curve['decode_seconds']:.4f} s, text encode {curve['encode_seconds']:.4f} s")
     suffix = "_compiled" if args.compile_mode else ""
-    path = write(
-        args.name or f"scheduling_cost_{args.arch}{suffix}_{args.device.split(':')[0]}",
-        {
-            "settings": vars(args),
-            "what": label,
-            "step_cost": curve,
-        },
-    )
-    print(f"wrote {path}")
+    name = args.name or f"scheduling_cost_{args.arch}{suffix}_{args.device.split(':')[0]}"
+    print(label, flush=True)
+
+    def written(curve: dict) -> None:
+        path = write(name, {"settings": vars(args), "what": label, "step_cost": curve})
+        print(
+            f"step cost so far (latent pixels, seconds): {[(p, round(s, 4)) for p, s in curve['points']]}", flush=True
+        )
+        print(f"wrote {path}", flush=True)
+
+    curve = measure_cost(pipeline, mix, args.max_batch, f"{args.arch} on {args.device}{compiled}", written)
+    print(f"decode {curve['decode_seconds']:.4f} s, text encode {curve['encode_seconds']:.4f} s")
     return 0
 
 

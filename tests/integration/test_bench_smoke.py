@@ -118,7 +118,8 @@ def test_scheduling_bench_measures_a_cost_curve_alone(tmp_path):
     assert "step cost" in out
     curve = json.loads((tmp_path / "scheduling_cost_tiny_cpu.json").read_text())["step_cost"]
     assert [p for p, _ in curve["points"]] == [64, 128, 144, 288]  # 1 and 2 images of two sizes
-    assert all(s > 0 for _, s in curve["points"]) and curve["decode_seconds"] > 0
+    assert all(s > 0 for _, s in curve["points"]) and curve["decode_seconds"] > 0 and curve["complete"]
+    assert out.count("wrote ") == 4  # after every point: a run its time cap cuts keeps what it measured
 
 
 def test_scheduling_bench_mixes_in_edits(tmp_path):
