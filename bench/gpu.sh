@@ -31,7 +31,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=inference_image:operator:testing:bench${PYTHONPATH:+:$PYTHONPATH}
+# The lent machine's image turns inductor's coordinate-descent tuning on: on 2026-11-30 the
+# compiled SD 1.5 UNet was still tuning kernels when its 230-s cap ended it. torch.compile's own
+# default (off) is what sdserve's users get, and what fits a lease.
+export TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=0
 nvidia-smi -L | tee -a "$LOG"
+env | grep -E '^(TORCH|CUDA|PYTORCH)' | sort | tee -a "$LOG"
 
 part() {  # name, seconds, command...
   local name=$1 cap=$2
