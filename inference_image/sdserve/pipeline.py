@@ -1,4 +1,5 @@
-"""Model loading and batched generation. Everything here runs in the worker thread.
+"""Model loading and batched generation. Everything here runs on the model's threads, except
+``prompt_used`` (the request path's, with a tokenizer of its own).
 
 Loading: the built-in ``tiny`` model, a Hugging Face id (revision, token, variant), a
 local diffusers folder, or a single-file .safetensors checkpoint. Precision is fp16 on a
@@ -10,6 +11,7 @@ before the server reports ready.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import os
@@ -74,6 +76,15 @@ class Pipeline:
         #: too): an unguarded decode then meets weights of the other dtype halfway and fails. SD 1.x
         #: pipelines leave the VAE alone, and are not held up by the lock.
         self._vae_lock = threading.Lock()
+        #: The tokenizer ``prompt_used`` reads prompts with, off the model's threads (a copy of
+        #: the text encoder's, made at ``use``), and the lock its callers take turns by.
+        #: transformers' tokenizers (Rust-backed from transformers 5 on, CLIP's included) keep
+        #: padding and truncation as state that each call sets before it encodes: the request
+        #: path measuring a prompt with the model's own tokenizer while the model's thread
+        #: encoded a batch made that batch's negative prompt 2 tokens long instead of 77 (a 500
+        #: for the whole batch), or let a long prompt through untruncated.
+        self._request_tokenizer: Any = None
+        self._request_tokenizer_lock = threading.Lock()
 
     # ---- loading ---------------------------------------------------------------------
     def load(self) -> None:
@@ -94,6 +105,8 @@ class Pipeline:
         built from configs with random weights. The warm-up is the batcher's (``warmup_shapes``)."""
         self._check_model(pipe)
         self.pipe = pipe
+        tokenizer = getattr(pipe, "tokenizer", None)
+        self._request_tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else None
         self._load_loras()
         self._optimise()
         self._schedulers["default"] = pipe.scheduler
@@ -457,7 +470,11 @@ class Pipeline:
         return w * scale, h * scale
 
     def prompt_used(self, prompt: str) -> str | None:
-        tokenizer = getattr(self.pipe, "tokenizer", None)
+        with self._request_tokenizer_lock:
+            return self._prompt_used(prompt)
+
+    def _prompt_used(self, prompt: str) -> str | None:
+        tokenizer = self._request_tokenizer
         if tokenizer is None:
             return None
         limit = tokenizer.model_max_length - 2  # the start and end tokens

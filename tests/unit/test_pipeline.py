@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from sdserve.pipeline import Pipeline
@@ -189,3 +191,31 @@ async def test_a_request_naming_no_size_gets_the_loaded_models_native_size(tmp_p
         assert decode(r.json()["data"][0]["b64_json"]).shape == (96, 96, 3)
         r = await client.post("/generate", json={"prompt": "a", "num_inference_steps": 2})
         assert decode(r.json()["image"]).shape == (96, 96, 3)
+
+
+def test_measuring_a_prompt_on_another_thread_leaves_the_models_encoding_alone():
+    """The request path measures every prompt (``revised_prompt``) on a thread of its own while
+    the model's thread encodes a batch's prompts padded to 77 tokens, as diffusers does. The
+    tokenizer keeps padding and truncation as state that each call sets before it encodes:
+    shared, a measuring call in between made a batch's negative prompts 2 tokens long, and the
+    batch failed with a 500 (found by a soak of the server). The request path has its own copy."""
+    p = Pipeline(Settings(model="tiny", warmup=False))
+    p.load()
+    long = " ".join(f"Fox{i}, in the Snow;" for i in range(40))
+    stop = threading.Event()
+    measured: list[str | None] = []
+
+    def measure() -> None:
+        while not stop.is_set():
+            measured.append(p.prompt_used(long))
+
+    thread = threading.Thread(target=measure)
+    thread.start()
+    try:
+        for _ in range(300):
+            ids = p.pipe.tokenizer(["", "a fox"], padding="max_length", max_length=77, truncation=True).input_ids
+            assert [len(row) for row in ids] == [77, 77]
+    finally:
+        stop.set()
+        thread.join()
+    assert measured and all(m is not None and long.startswith(m) for m in measured)
