@@ -357,3 +357,52 @@ async def test_taking_up_an_offered_job_never_writes_over_a_cancel(tmp_path):
         assert await jobs.put_unless_ended(JobRecord(id="job_gone", owner="alice")) is False
     finally:
         redis.stop()
+
+
+async def test_a_runners_progress_write_keeps_a_cancel_sent_after_its_look(tmp_path):
+    """The replica running a job writes its progress over the record as it is stored at the
+    write: a DELETE from another replica landing between its look and its write makes the
+    transaction fail, and the write that follows keeps the cancel (the runner stops at its
+    next look). A record that says the job is another's is not written over at all."""
+    import json as json_
+    import time
+
+    from sdserve.jobs.record import JobRecord, keeping_cancel
+    from sdserve.jobs.redisstore import RedisJobs
+    from sdtesting.procs import RedisProc
+
+    redis = RedisProc(tmp_path)
+    try:
+
+        class Racing(RedisJobs):
+            cancel_first = False
+
+            def _write(self, pipe, record, now, spec=None):
+                if self.cancel_first:  # another replica's DELETE lands after the look
+                    self.cancel_first = False
+                    raw = json_.loads(redis.client.get(self.PREFIX + record.id))
+                    redis.client.set(self.PREFIX + record.id, json_.dumps({**raw, "cancel_requested": True}))
+                super()._write(pipe, record, now, spec)
+
+        jobs = Racing(redis.url, 3600)
+        lease = time.time() + 60
+        await jobs.put(
+            JobRecord(id="job_running", owner="alice", status="running", runner="replica-a", lease_until=lease)
+        )
+        jobs.cancel_first = True
+        progress = JobRecord(id="job_running", owner="alice", status="running", step=3, runner="replica-a")
+        assert await jobs.update(progress.id, lambda stored: keeping_cancel(progress, stored)) is True
+        stored = await jobs.get("job_running")
+        assert stored.cancel_requested and stored.step == 3 and progress.cancel_requested
+
+        def unless_another_runs(stored):
+            return None if stored is not None and stored.runner != "replica-a" else progress
+
+        await jobs.put(
+            JobRecord(id="job_taken", owner="alice", status="running", runner="replica-b", lease_until=lease)
+        )
+        progress.id = "job_taken"
+        assert await jobs.update("job_taken", unless_another_runs) is False
+        assert (await jobs.get("job_taken")).runner == "replica-b"
+    finally:
+        redis.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -540,3 +541,59 @@ async def test_the_caller_lists_its_own_jobs_newest_first_a_page_at_a_time(keys)
         other = await client.get("/v1/jobs", params={"after": theirs}, headers=ALICE)
         assert other.status_code == 404 and other.json()["error"]["param"] == "after", other.text
         assert (await client.get("/v1/jobs", params={"limit": 500}, headers=ALICE)).json()["error"]["param"] == "limit"
+
+
+async def test_a_cancel_sent_while_the_runner_writes_its_progress_is_kept(keys, monkeypatch):
+    """The runner's poll renders a job's preview off the event loop between its look at the
+    stored record and its write. A DELETE landing there was written over: the job ran on to
+    succeeded, its cancel lost. The runner's write now keeps a cancel stored since its look."""
+    from sdserve.work import Item
+
+    rendering, release = threading.Event(), threading.Event()
+
+    def held(item: Item) -> str | None:
+        rendering.set()
+        release.wait(10)
+        return None
+
+    monkeypatch.setattr(Item, "preview_png", held)
+    async with serve(app(keys, seconds=3.0)) as client:
+        job = (await client.post("/v1/jobs", json={**BODY, "preview": True}, headers=ALICE)).json()
+        await until(rendering.is_set, what="the runner's poll rendering the preview")
+        cancelled = await client.delete(f"/v1/jobs/{job['id']}", headers=ALICE)
+        assert cancelled.status_code == 200 and cancelled.json()["status"] in ("queued", "running")
+        release.set()
+        done = await until_done(client, job["id"])
+    assert done["status"] == "cancelled", done
+
+
+async def test_a_cancel_does_not_write_over_an_end_stored_since_it_looked(keys):
+    """DELETE reads the job, then writes the cancel. An end stored in between (the runner's
+    last write) was written over with the running record it had read: the images were lost and
+    the job, its lease lapsing, was run again or reported lost. Now the cancel is not written
+    over an end, and the answer is that end."""
+    from sdserve.jobs.record import JobRecord
+
+    class EndsMeanwhile(MemoryJobs):
+        end_on_look = False
+
+        async def get(self, job_id: str) -> JobRecord | None:
+            seen = await super().get(job_id)
+            if self.end_on_look and seen is not None:  # the job's end lands right after the look
+                self.end_on_look = False
+                ended = JobRecord.parse(
+                    json.dumps({**seen.__dict__, "status": "succeeded", "seeds": [3], "images": ["aW1n"]})
+                )
+                await self.put(ended)
+            return seen
+
+    served = app(keys, seconds=2.0)
+    store = served.state.sd.jobs.store = EndsMeanwhile(3600)
+    async with serve(served) as client:
+        job = (await client.post("/v1/jobs", json=BODY, headers=ALICE)).json()
+        await until(lambda: served.state.sd.batcher.inflight == 1, what="the job runs")
+        store.end_on_look = True
+        answer = await client.delete(f"/v1/jobs/{job['id']}", headers=ALICE)
+        assert answer.status_code == 200 and answer.json()["status"] == "succeeded", answer.json()
+        stored = await MemoryJobs.get(store, job["id"])
+        assert stored.status == "succeeded" and stored.images == ["aW1n"]

@@ -71,3 +71,24 @@ class JobRecord:
         if self.preview and self.status not in TERMINAL:
             out["preview"] = {"b64_json": self.preview, "step": self.step}
         return out
+
+
+def keeping_cancel(record: JobRecord, stored: JobRecord | None) -> JobRecord:
+    """``record``, to be written over ``stored``, with the cancel asked for there: no write
+    undoes a cancel (the runner's progress, a hand-off or a take-up written between a client's
+    DELETE and the runner's next look would otherwise drop it)."""
+    if stored is not None and stored.cancel_requested:
+        record.cancel_requested = True
+    return record
+
+
+def unless_ended(record: JobRecord) -> Callable[[JobRecord | None], JobRecord | None]:
+    """A store ``update`` writing ``record`` over a stored record that has not ended (and is
+    there), keeping its cancel."""
+
+    def change(stored: JobRecord | None) -> JobRecord | None:
+        if stored is None or stored.status in TERMINAL:
+            return None
+        return keeping_cancel(record, stored)
+
+    return change

@@ -6,11 +6,12 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
 from ..errors import ApiError
-from .record import TERMINAL, JobRecord
+from .record import TERMINAL, JobRecord, unless_ended
 
 log = logging.getLogger("sdserve.jobs")
 
@@ -118,17 +119,24 @@ return {popped[1], spec or ''}
         pipe.zremrangebyscore(owner, "-inf", now - 2 * self.ttl)
         pipe.expire(owner, 2 * self.ttl)
 
-    async def put_unless_ended(self, record: JobRecord) -> bool:
-        """WATCH the record, look, write in a transaction: a write between the look and the
-        transaction (a cancel) makes it look again."""
+    async def update(self, job_id: str, change: Callable[[JobRecord | None], JobRecord | None]) -> bool:
+        """WATCH the record, look, write what ``change`` makes of it in a transaction: a write
+        between the look and the transaction (a cancel, the runner's progress) makes it look
+        again. A ``change`` that returns None writes nothing: False."""
         from redis.exceptions import WatchError
 
+        key = self.PREFIX + job_id
         try:
             for _ in range(5):
                 async with self._redis.pipeline(transaction=True) as pipe:
-                    await pipe.watch(self.PREFIX + record.id)
-                    raw = await pipe.get(self.PREFIX + record.id)
-                    if not raw or JobRecord.parse(raw).status in TERMINAL:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    expires = await pipe.zscore(self.EXPIRY, job_id)
+                    stored = None
+                    if raw is not None and (expires is None or expires >= time.time()):  # as ``get``
+                        stored = JobRecord.parse(raw)
+                    record = change(stored)
+                    if record is None:
                         return False
                     pipe.multi()
                     self._write(pipe, record, time.time())
@@ -139,7 +147,10 @@ return {popped[1], spec or ''}
                         continue
         except Exception as e:  # any Redis failure is the same retryable 503
             raise unavailable(e) from e
-        return False  # written to again and again: another writer is at it
+        raise unavailable(RuntimeError(f"job {job_id} was written to again and again meanwhile"))
+
+    async def put_unless_ended(self, record: JobRecord) -> bool:
+        return await self.update(record.id, unless_ended(record))
 
     def _owner_key(self, owner: str) -> str:
         return self.OWNER + hashlib.sha256(owner.encode()).hexdigest()

@@ -19,7 +19,7 @@ from .. import metrics, steps
 from ..encode import ImageFormat
 from ..errors import ApiError
 from ..queue import Draining, Job
-from .record import TERMINAL, JobRecord
+from .record import TERMINAL, JobRecord, keeping_cancel
 from .spec import generation_of, spec_of
 from .store import JobStore
 from .webhook import deliver
@@ -231,14 +231,25 @@ class Jobs:
         record = await self.get(principal, job_id)
         if record.status in TERMINAL:
             return record
-        record.cancel_requested = True  # the replica running it reads this within a second
         if record.offered or record.lapsed(time.time()):
             # No replica holds it (handed off, or its replica gone and another settling it):
             # cancelled here. ``_take_up`` and ``_settled`` write nothing over it.
-            record.status = "cancelled"
+            record.cancel_requested, record.status = True, "cancelled"
             return await self._end_elsewhere(record)
-        await self.store.put(record)
-        return record
+        asked: list[JobRecord] = []
+
+        def ask(stored: JobRecord | None) -> JobRecord | None:
+            """The cancel, on the record as it is stored when written (the runner reads it within
+            a second), unless it ended, was handed off or lapsed since it was read."""
+            if stored is None or stored.status in TERMINAL or stored.offered or stored.lapsed(time.time()):
+                return None
+            stored.cancel_requested = True
+            asked.append(stored)
+            return stored
+
+        if await self.store.update(job_id, ask):
+            return asked[-1]
+        return await self.cancel(principal, job_id)  # ended, handed off or lapsed: as it is now
 
     def view(self, record: JobRecord) -> dict[str, Any]:
         """A job as clients see it, a result's URLs presigned now."""
@@ -263,15 +274,9 @@ class Jobs:
             queued: list[Job] = []  # the request path's job, once it is in the queue (not on a cache hit)
 
             async def poll() -> bool:
-                """Progress and lease into the store; True once a cancel was asked for."""
+                """Progress and lease into the store, over the stored record only while it is
+                this replica's (``_mine``); True once a cancel was asked for."""
                 nonlocal ended_elsewhere
-                try:
-                    fresh = await self.store.get(record.id)
-                except ApiError:  # unreachable for now (logged): the next poll tries again
-                    return False
-                if fresh is not None and self._elsewhere(fresh):
-                    ended_elsewhere = True
-                    return True
                 if queued:  # not after a cache hit, whose result came without a queue
                     job = queued[0]
                     record.status = "running" if job.started else "queued"
@@ -279,10 +284,13 @@ class Jobs:
                     if job.item.preview:
                         record.preview = await asyncio.to_thread(job.item.preview_png)
                 record.lease_until = time.time() + state.settings.job_lease_seconds
-                record.cancel_requested = bool(fresh and fresh.cancel_requested)
                 self._count()
-                with contextlib.suppress(ApiError):
-                    await self.store.put(record)
+                try:
+                    if not await self.store.update(record.id, self._mine(record)):
+                        ended_elsewhere = True
+                        return True
+                except ApiError:  # unreachable for now (logged): the next poll tries again
+                    return False
                 return record.cancel_requested
 
             result = await steps.generate(state, gen, poll, queued.append, patient=True)
@@ -315,6 +323,19 @@ class Jobs:
         metrics.JOBS.labels(record.status).inc()
         if not await self._store_end(record) and record.webhook_url:
             await self._deliver(record)  # with the store unreachable too: the webhook still has the images
+
+    def _mine(self, record: JobRecord) -> Callable[[JobRecord | None], JobRecord | None]:
+        """A store ``update`` writing the record of a job this replica runs: not over one that
+        says the job is not this replica's to finish (``_elsewhere``), and keeping a cancel
+        asked for since the last write. A record gone (a Redis restarted empty) is written
+        again."""
+
+        def change(stored: JobRecord | None) -> JobRecord | None:
+            if stored is not None and self._elsewhere(stored):
+                return None
+            return keeping_cancel(record, stored)
+
+        return change
 
     def _elsewhere(self, fresh: JobRecord) -> bool:
         """Whether the stored record of a job this replica runs says it is not this replica's
@@ -363,11 +384,11 @@ class Jobs:
         delay = 0.1
         while True:
             try:
-                fresh = await self.store.get(record.id)
-                if fresh is not None and self._elsewhere(fresh):
-                    log.warning("job %s was reported %s before its end could be stored", record.id, fresh.status)
+                if not await self.store.update(record.id, self._mine(record)):
+                    fresh = await self.store.get(record.id)
+                    said = fresh.status if fresh is not None else "gone"
+                    log.warning("job %s was reported %s before its end could be stored", record.id, said)
                     return True
-                await self.store.put(record)
                 return False
             except ApiError:
                 if time.monotonic() + delay > deadline:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Protocol
 
 from ..settings import Settings
-from .record import TERMINAL, JobRecord
+from .record import TERMINAL, JobRecord, unless_ended
 from .redisstore import RedisJobs
 
 
@@ -22,9 +23,18 @@ class JobStore(Protocol):
         if its own goes. Neither is evicted under memory pressure."""
         ...
 
+    async def update(self, job_id: str, change: Callable[[JobRecord | None], JobRecord | None]) -> bool:
+        """Write what ``change`` makes of the stored record (None when there is none), looked
+        at and written in one step: nothing is written between the look and the write (Redis:
+        WATCH and MULTI, looking again when another write came between). A ``change`` that
+        returns None writes nothing: False. Every write that depends on what is stored now
+        (a cancel, a runner's progress, a take-up) goes through it; a job's first write does not."""
+        ...
+
     async def put_unless_ended(self, record: JobRecord) -> bool:
         """``put``, unless the stored record has ended (or is gone) meanwhile: False then, and
-        nothing written. A replica taking up an offered job writes so, not over a cancel."""
+        nothing written; a cancel asked for meanwhile is kept (``keeping_cancel``). A replica
+        taking up an offered job writes so, not over a cancel."""
         ...
 
     async def claim(self, name: str, value: str) -> str | None:
@@ -180,12 +190,15 @@ class MemoryJobs:
                 if self._bytes <= self.max_bytes:
                     break
 
-    async def put_unless_ended(self, record: JobRecord) -> bool:
-        stored = await self.get(record.id)  # no await between the look and the write
-        if stored is None or stored.status in TERMINAL:
+    async def update(self, job_id: str, change: Callable[[JobRecord | None], JobRecord | None]) -> bool:
+        record = change(await self.get(job_id))  # nothing runs between the look and the write
+        if record is None:
             return False
         await self.put(record)
         return True
+
+    async def put_unless_ended(self, record: JobRecord) -> bool:
+        return await self.update(record.id, unless_ended(record))
 
     def _drop(self, job_id: str) -> None:
         gone = self._data.pop(job_id, None)
