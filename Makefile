@@ -12,7 +12,7 @@ SERVER_TESTS := tests/unit/test_api.py tests/unit/test_api_security.py tests/uni
 	tests/integration/test_server_lifecycle.py tests/integration/test_server_load.py \
 	tests/integration/test_server_redis.py tests/integration/test_observability.py
 
-.PHONY: demo test unit integration e2e install system-deps crd bench lint format clean
+.PHONY: demo test unit integration e2e soak install system-deps crd bench lint format clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -76,6 +76,10 @@ unit: .stamp-python
 
 e2e: install
 	$(BIN)/python -m pytest -q --run-e2e tests/e2e
+
+# Minutes of random load on real servers, both batching policies (SDOP_SOAK_SECONDS, default 60 per test).
+soak: install
+	$(BIN)/python -m pytest -q --run-soak --timeout 900 tests/soak
 
 bench: install
 	$(BIN)/python bench/run_all.py

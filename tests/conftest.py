@@ -1,4 +1,4 @@
-"""Shared fixtures: real processes on loopback (sdserve, redis-server), and the e2e opt-in."""
+"""Shared fixtures: real processes on loopback (sdserve, redis-server), and the opt-ins (e2e, gpu, soak)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from sdtesting.procs import RedisProc, ServerProc
 def pytest_addoption(parser):
     parser.addoption("--run-e2e", action="store_true", default=False, help="run tests/e2e against a real kind cluster")
     parser.addoption("--run-gpu", action="store_true", default=False, help="run tests/gpu on a CUDA GPU")
+    parser.addoption("--run-soak", action="store_true", default=False, help="run tests/soak (minutes of random load)")
 
 
 def pytest_ignore_collect(collection_path, config):
@@ -22,7 +23,11 @@ def pytest_ignore_collect(collection_path, config):
 
 
 def pytest_collection_modifyitems(config, items):
-    opt_in = {"e2e": config.getoption("--run-e2e"), "gpu": config.getoption("--run-gpu")}
+    opt_in = {
+        "e2e": config.getoption("--run-e2e"),
+        "gpu": config.getoption("--run-gpu"),
+        "soak": config.getoption("--run-soak"),
+    }
     deselected = [i for i in items if any(mark in i.keywords and not on for mark, on in opt_in.items())]
     if deselected:
         config.hook.pytest_deselected(items=deselected)
