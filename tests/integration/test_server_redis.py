@@ -321,33 +321,40 @@ async def test_replicas_are_counted_alive_in_redis_until_they_leave_or_go_quiet(
         redis.stop()
 
 
+def racing_jobs(redis, patch: dict):
+    """A RedisJobs on ``redis`` in which, once ``armed``, another replica's write (``patch`` on
+    the stored record) lands between the next write's look and its transaction."""
+    import json
+
+    from sdserve.jobs.redisstore import RedisJobs
+
+    class Racing(RedisJobs):
+        armed = False
+
+        def _write(self, pipe, record, now, spec=None):
+            if self.armed:
+                self.armed = False
+                raw = json.loads(redis.client.get(self.PREFIX + record.id))
+                redis.client.set(self.PREFIX + record.id, json.dumps({**raw, **patch}))
+            super()._write(pipe, record, now, spec)
+
+    return Racing(redis.url, 3600)
+
+
 async def test_taking_up_an_offered_job_never_writes_over_a_cancel(tmp_path):
     """The replica taking up an offered job writes its record only if it has not ended: a
     cancel written between its look and its write (here, from another client, at the worst
     moment) makes the transaction fail and the cancel stands."""
-    import json as json_
     import time
 
     from sdserve.jobs.record import JobRecord
-    from sdserve.jobs.redisstore import RedisJobs
     from sdtesting.procs import RedisProc
 
     redis = RedisProc(tmp_path)
     try:
-
-        class Racing(RedisJobs):
-            cancel_first = False
-
-            def _write(self, pipe, record, now, spec=None):
-                if self.cancel_first:  # another replica's DELETE lands after the look
-                    self.cancel_first = False
-                    raw = json_.loads(redis.client.get(self.PREFIX + record.id))
-                    redis.client.set(self.PREFIX + record.id, json_.dumps({**raw, "status": "cancelled"}))
-                super()._write(pipe, record, now, spec)
-
-        jobs = Racing(redis.url, 3600)
+        jobs = racing_jobs(redis, {"status": "cancelled"})
         await jobs.put(JobRecord(id="job_offered", owner="alice", offered=1.0, lease_until=time.time() + 60))
-        jobs.cancel_first = True
+        jobs.armed = True
         taken = JobRecord(id="job_offered", owner="alice", runner="replica-b", lease_until=time.time() + 60)
         assert await jobs.put_unless_ended(taken) is False
         assert (await jobs.get("job_offered")).status == "cancelled"
@@ -364,32 +371,18 @@ async def test_a_runners_progress_write_keeps_a_cancel_sent_after_its_look(tmp_p
     write: a DELETE from another replica landing between its look and its write makes the
     transaction fail, and the write that follows keeps the cancel (the runner stops at its
     next look). A record that says the job is another's is not written over at all."""
-    import json as json_
     import time
 
     from sdserve.jobs.record import JobRecord, keeping_cancel
-    from sdserve.jobs.redisstore import RedisJobs
     from sdtesting.procs import RedisProc
 
     redis = RedisProc(tmp_path)
     try:
-
-        class Racing(RedisJobs):
-            cancel_first = False
-
-            def _write(self, pipe, record, now, spec=None):
-                if self.cancel_first:  # another replica's DELETE lands after the look
-                    self.cancel_first = False
-                    raw = json_.loads(redis.client.get(self.PREFIX + record.id))
-                    redis.client.set(self.PREFIX + record.id, json_.dumps({**raw, "cancel_requested": True}))
-                super()._write(pipe, record, now, spec)
-
-        jobs = Racing(redis.url, 3600)
+        jobs = racing_jobs(redis, {"cancel_requested": True})
         lease = time.time() + 60
-        await jobs.put(
-            JobRecord(id="job_running", owner="alice", status="running", runner="replica-a", lease_until=lease)
-        )
-        jobs.cancel_first = True
+        running = JobRecord(id="job_running", owner="alice", status="running", runner="replica-a", lease_until=lease)
+        await jobs.put(running)
+        jobs.armed = True
         progress = JobRecord(id="job_running", owner="alice", status="running", step=3, runner="replica-a")
         assert await jobs.update(progress.id, lambda stored: keeping_cancel(progress, stored)) is True
         stored = await jobs.get("job_running")
@@ -398,9 +391,8 @@ async def test_a_runners_progress_write_keeps_a_cancel_sent_after_its_look(tmp_p
         def unless_another_runs(stored):
             return None if stored is not None and stored.runner != "replica-a" else progress
 
-        await jobs.put(
-            JobRecord(id="job_taken", owner="alice", status="running", runner="replica-b", lease_until=lease)
-        )
+        taken = JobRecord(id="job_taken", owner="alice", status="running", runner="replica-b", lease_until=lease)
+        await jobs.put(taken)
         progress.id = "job_taken"
         assert await jobs.update("job_taken", unless_another_runs) is False
         assert (await jobs.get("job_taken")).runner == "replica-b"
