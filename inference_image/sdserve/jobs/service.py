@@ -413,8 +413,7 @@ class Jobs:
             fresh = await self.store.get(record.id)
             if fresh is not None and self._elsewhere(fresh):
                 return True  # reported lost, cancelled or given to another meanwhile: that stands
-            record.cancel_requested = bool(fresh and fresh.cancel_requested)
-            if not await self._offer(record):
+            if not await self._offer(record):  # keeping a cancel asked for since (``keeping_cancel``)
                 return True  # ended meanwhile: that stands
         except ApiError:
             return False
