@@ -193,14 +193,13 @@ async def test_a_request_naming_no_size_gets_the_loaded_models_native_size(tmp_p
         assert decode(r.json()["image"]).shape == (96, 96, 3)
 
 
-def test_measuring_a_prompt_on_another_thread_leaves_the_models_encoding_alone():
+def test_measuring_a_prompt_on_another_thread_leaves_the_models_encoding_alone(euler):
     """The request path measures every prompt (``revised_prompt``) on a thread of its own while
     the model's thread encodes a batch's prompts padded to 77 tokens, as diffusers does. The
     tokenizer keeps padding and truncation as state that each call sets before it encodes:
     shared, a measuring call in between made a batch's negative prompts 2 tokens long, and the
     batch failed with a 500 (found by a soak of the server). The request path has its own copy."""
-    p = Pipeline(Settings(model="tiny", warmup=False))
-    p.load()
+    p = euler
     long = " ".join(f"Fox{i}, in the Snow;" for i in range(40))
     stop = threading.Event()
     measured: list[str | None] = []
