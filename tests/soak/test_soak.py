@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import io
 import os
 import random
@@ -35,6 +36,7 @@ import pytest
 from PIL import Image
 
 from sdtesting.procs import RedisProc, ServerProc
+from sdtesting.waiting import until
 
 pytestmark = pytest.mark.soak
 
@@ -126,10 +128,10 @@ async def a_job(c: httpx.AsyncClient, rng: random.Random, tally: Tally) -> None:
             return
 
 
-async def one_client(url: str, seed: int, until: float, tally: Tally) -> None:
+async def one_client(url: str, seed: int, stop_at: float, tally: Tally) -> None:
     rng = random.Random(seed)
     async with httpx.AsyncClient(base_url=url, timeout=60) as c:
-        while time.monotonic() < until:
+        while time.monotonic() < stop_at:
             roll = rng.random()
             try:
                 if roll < 0.30:
@@ -197,10 +199,12 @@ async def test_a_random_mix_of_everything_clients_do_breaks_no_rule(tmp_path, ba
     tally = Tally()
     try:
         await asyncio.to_thread(server.wait)
-        until = time.monotonic() + SECONDS
-        await asyncio.gather(*(one_client(server.url, i, until, tally) for i in range(16)))
-        await asyncio.sleep(3)  # the given-up requests' batches end
-        for gauge in ("sdserve_inflight_requests", "sdserve_queue_depth", "sdserve_model_call_age_seconds"):
+        stop_at = time.monotonic() + SECONDS
+        await asyncio.gather(*(one_client(server.url, i, stop_at, tally) for i in range(16)))
+        gauges = ("sdserve_inflight_requests", "sdserve_queue_depth", "sdserve_model_call_age_seconds")
+        with contextlib.suppress(AssertionError):  # the given-up requests' batches end; checked below
+            await until(lambda: not any(server.metric(g) for g in gauges), within=30, what="the server idle")
+        for gauge in gauges:
             if (value := server.metric(gauge)) != 0:
                 tally.problems.append(f"{gauge} is {value} with no load")
         for status in ("queued", "running"):
@@ -237,10 +241,10 @@ async def test_jobs_end_through_a_replica_draining_and_one_dying_under_load(tmp_
     jobs: dict[str, bool] = {}  # id -> a cancel was accepted
     tally = Tally()
 
-    async def submit(seed: int, until: float) -> None:
+    async def submit(seed: int, stop_at: float) -> None:
         rng = random.Random(seed)
         async with httpx.AsyncClient(timeout=30) as c:
-            while time.monotonic() < until:
+            while time.monotonic() < stop_at:
                 live = [s for s in serving if s.proc.poll() is None]
                 try:
                     if rng.random() < 0.4:  # a synchronous request: the client waits, which paces it
