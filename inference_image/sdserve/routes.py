@@ -111,8 +111,8 @@ def check_openai(state: State, body: OpenAIImageRequest | OpenAIEditRequest) -> 
             param="response_format",
         )
     if body.model and body.model not in state.settings.model_names:
-        names = " or ".join(repr(n) for n in state.settings.model_names)
-        raise ApiError(404, "model_not_found", f"this server serves {names}, not {body.model!r}", param="model")
+        served = state.settings.served_models
+        raise ApiError(404, "model_not_found", f"this server serves {served}, not {body.model!r}", param="model")
 
 
 def key_for(state: State, width: int, height: int, body: Extensions) -> BatchKey:

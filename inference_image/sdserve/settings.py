@@ -246,6 +246,11 @@ class Settings(BaseSettings):
         return [self.model_id, *(a.strip() for a in self.model_aliases.split(",") if a.strip())]
 
     @property
+    def served_models(self) -> str:
+        """The names a request's ``model`` may say, as an error message lists them."""
+        return " or ".join(map(repr, self.model_names))
+
+    @property
     def jwt_algorithm_list(self) -> list[str]:
         return [a.strip() for a in self.jwt_algorithms.split(",") if a.strip()]
 

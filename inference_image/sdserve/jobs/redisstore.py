@@ -76,6 +76,11 @@ return {popped[1], spec or ''}
                 raw, expires = await pipe.execute()
         except Exception as e:  # any Redis failure is the same retryable 503
             raise unavailable(e) from e
+        return self._live(raw, expires)
+
+    @staticmethod
+    def _live(raw: bytes | str | None, expires: float | None) -> JobRecord | None:
+        """A stored record, unless there is none or it is past its time (not yet cleaned up)."""
         if not raw or (expires is not None and expires < time.time()):
             return None
         return JobRecord.parse(raw)
@@ -132,10 +137,7 @@ return {popped[1], spec or ''}
                     await pipe.watch(key)
                     raw = await pipe.get(key)
                     expires = await pipe.zscore(self.EXPIRY, job_id)
-                    stored = None
-                    if raw is not None and (expires is None or expires >= time.time()):  # as ``get``
-                        stored = JobRecord.parse(raw)
-                    record = change(stored)
+                    record = change(self._live(raw, expires))
                     if record is None:
                         return False
                     pipe.multi()

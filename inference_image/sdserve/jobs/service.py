@@ -516,15 +516,15 @@ class Jobs:
         job's error): a rolling update since changed the model the job named, or removed an
         adapter it names. Run here, it would run on another model, or fail inside diffusers
         with a message about its internals. A job that named no model runs on the current one."""
-        names = self.state.settings.model_names
-        if gen.model and gen.model not in names:
+        s = self.state.settings
+        if gen.model and gen.model not in s.model_names:
             message = (
                 f"this job asked for model {gen.model!r}; the service now serves "
-                f"{' or '.join(map(repr, names))} (its model changed since the job was accepted): "
+                f"{s.served_models} (its model changed since the job was accepted): "
                 "submit it again naming the model served now, or none"
             )
             return {"code": "model_not_found", "param": "model", "message": message}
-        known = {a.name for a in self.state.settings.loras}
+        known = {a.name for a in s.loras}
         if missing := sorted(name for name, _ in gen.key.loras if name not in known):
             message = (
                 f"this job names LoRA adapters the service no longer loads: {', '.join(map(repr, missing))} "
