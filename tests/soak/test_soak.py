@@ -1,6 +1,7 @@
 """Soaks: real `sdserve serve` processes (the tiny model) under a random mix of what clients do,
 for a minute or more each; opt-in with --run-soak (`make soak`), SDOP_SOAK_SECONDS sets the
-load's length (default 60).
+load's length (default 60) and SDOP_SOAK_SEED the clients' random choices (default 0; another
+seed is another mix, and a failing one replays).
 
 Each unit and integration test drives one path at a time. A soak runs them all at once, at
 random, where threads and shared objects meet: it found the tokenizer the request path shared
@@ -41,6 +42,7 @@ from sdtesting.waiting import until
 pytestmark = pytest.mark.soak
 
 SECONDS = float(os.environ.get("SDOP_SOAK_SECONDS", "60"))
+SEED = int(os.environ.get("SDOP_SOAK_SEED", "0"))
 SCHEDULERS = ["default", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim"]
 SEEDED = {"prompt": "the same", "size": "64x64", "num_inference_steps": 4, "seed": 1234, "scheduler": "euler_a"}
 BAD = [
@@ -200,7 +202,7 @@ async def test_a_random_mix_of_everything_clients_do_breaks_no_rule(tmp_path, ba
     try:
         await asyncio.to_thread(server.wait)
         stop_at = time.monotonic() + SECONDS
-        await asyncio.gather(*(one_client(server.url, i, stop_at, tally) for i in range(16)))
+        await asyncio.gather(*(one_client(server.url, SEED * 100 + i, stop_at, tally) for i in range(16)))
         gauges = ("sdserve_inflight_requests", "sdserve_queue_depth", "sdserve_model_call_age_seconds")
         with contextlib.suppress(AssertionError):  # the given-up requests' batches end; checked below
             await until(lambda: not any(server.metric(g) for g in gauges), within=30, what="the server idle")
@@ -282,7 +284,7 @@ async def test_jobs_end_through_a_replica_draining_and_one_dying_under_load(tmp_
         for s in started:
             await asyncio.to_thread(s.wait)
         began = time.monotonic()
-        await asyncio.gather(roll(began), *(submit(i, began + SECONDS) for i in range(8)))
+        await asyncio.gather(roll(began), *(submit(SEED * 100 + i, began + SECONDS) for i in range(8)))
         assert await asyncio.to_thread(started[0].proc.wait, 60) == 0  # the drained one exited cleanly
         live = [s for s in serving if s.proc.poll() is None]
         async with httpx.AsyncClient(base_url=live[0].url, timeout=10) as c:
