@@ -13,7 +13,7 @@ test alone could. What must hold after any mix:
 - once the load stops, the in-flight, queue-depth and model-call-age gauges are 0 and no
   job is in flight; the log holds no traceback and no ERROR line;
 - with step batching (bit-identical on the CPU), a seeded request gives one image whatever
-  company it kept;
+  company it kept, with LoRA adapters or without them while others use them;
 - jobs on replicas that share Redis all end as succeeded, or cancelled when a cancel was
   sent, through one replica draining (SIGTERM) and another dying (SIGKILL): none fails, none
   is lost.
@@ -26,6 +26,7 @@ import base64
 import collections
 import contextlib
 import io
+import json
 import os
 import random
 import signal
@@ -36,6 +37,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sdtesting.lora import make_adapter
 from sdtesting.procs import RedisProc, ServerProc
 from sdtesting.waiting import until
 
@@ -45,6 +47,7 @@ SECONDS = float(os.environ.get("SDOP_SOAK_SECONDS", "60"))
 SEED = int(os.environ.get("SDOP_SOAK_SEED", "0"))
 SCHEDULERS = ["default", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim"]
 SEEDED = {"prompt": "the same", "size": "64x64", "num_inference_steps": 4, "seed": 1234, "scheduler": "euler_a"}
+SEEDED_LORA = {**SEEDED, "loras": {"ink": 0.5, "pixel": 1.0}}
 BAD = [
     {"prompt": "", "size": "64x64"},
     {"prompt": "x", "size": "65x64"},
@@ -62,7 +65,7 @@ class Tally:
     def __init__(self) -> None:
         self.counts: collections.Counter = collections.Counter()
         self.problems: list[str] = []
-        self.seeded_images: set[str] = set()
+        self.seeded_images: dict[str, set[str]] = collections.defaultdict(set)  # by request kind
 
     def answer(self, kind: str, r: httpx.Response) -> None:
         self.counts[(kind, r.status_code)] += 1
@@ -97,6 +100,12 @@ def generation(rng: random.Random) -> dict:
     }
     if rng.random() < 0.3:
         body["output_format"] = rng.choice(["jpeg", "webp"])
+    if rng.random() < 0.3:
+        body["negative_prompt"] = rng.choice(["blurry", "a dog, " * 30])
+    if rng.random() < 0.3:  # adapters switch between batches, and steps, that share a set
+        body[rng.choice(["lora", "loras"])] = rng.choice(["ink", "pixel"])
+        if "loras" in body:
+            body["loras"] = rng.choice([{"ink": 1.0}, {"ink": 0.5, "pixel": 1.0}])
     return body
 
 
@@ -139,10 +148,11 @@ async def one_client(url: str, seed: int, stop_at: float, tally: Tally) -> None:
                 if roll < 0.30:
                     tally.answer("generation", await c.post("/v1/images/generations", json=generation(rng)))
                 elif roll < 0.38:
-                    r = await c.post("/v1/images/generations", json=SEEDED)
-                    tally.answer("seeded", r)
+                    kind, body = rng.choice([("seeded", SEEDED), ("seeded with adapters", SEEDED_LORA)])
+                    r = await c.post("/v1/images/generations", json=body)
+                    tally.answer(kind, r)
                     if r.status_code == 200:
-                        tally.seeded_images.add(r.json()["data"][0]["b64_json"])
+                        tally.seeded_images[kind].add(r.json()["data"][0]["b64_json"])
                 elif roll < 0.48:
                     body = {**generation(rng), "stream": True, "partial_images": rng.randint(0, 3)}
                     async with c.stream("POST", "/v1/images/generations", json=body) as r:
@@ -176,6 +186,9 @@ async def one_client(url: str, seed: int, stop_at: float, tally: Tally) -> None:
                     tally.counts[("bad request", r.status_code)] += 1
                     if not 400 <= r.status_code < 500:
                         tally.problems.append(f"{bad} answered {r.status_code}")
+                elif roll < 0.93:  # the seed's own route
+                    body = {"prompt": "a fox", "width": 64, "height": rng.choice([64, 96]), "num_inference_steps": 3}
+                    tally.answer("/generate", await c.post("/generate", json=body))
                 else:
                     tally.answer("get", await c.get(rng.choice(["/healthz", "/readyz", "/v1/models", "/metrics"])))
             except httpx.HTTPError as e:
@@ -186,11 +199,21 @@ def log_problems(server: ServerProc) -> list[str]:
     return [line[:300] for line in server.log().splitlines() if "Traceback" in line or " ERROR " in line]
 
 
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> str:
+    """Two LoRA adapters for the tiny model, as SDSERVE_LORAS names them."""
+    ink, pixel = tmp_path_factory.mktemp("ink"), tmp_path_factory.mktemp("pixel")
+    return json.dumps(
+        [{"name": "ink", "source": make_adapter(ink, 2)}, {"name": "pixel", "source": make_adapter(pixel, 1)}]
+    )
+
+
 @pytest.mark.parametrize("batching", ["request", "step"])
-async def test_a_random_mix_of_everything_clients_do_breaks_no_rule(tmp_path, batching):
+async def test_a_random_mix_of_everything_clients_do_breaks_no_rule(tmp_path, batching, adapters):
     server = ServerProc(
         tmp_path,
         batching=batching,
+        loras=adapters,
         max_batch_size=4,
         queue_size=12,
         max_steps=10,
@@ -217,12 +240,16 @@ async def test_a_random_mix_of_everything_clients_do_breaks_no_rule(tmp_path, ba
         server.stop()
     assert not tally.problems, tally.report()
     assert tally.counts[("generation", 200)] and tally.counts[("edit", 200)] and tally.counts[("job end", "succeeded")]
-    if batching == "step":  # padded on the CPU: bit-identical in any company
-        assert len(tally.seeded_images) == 1, tally.report()
-    elif len(tally.seeded_images) > 1:  # a batch's rounding depends on its size (docs/serving.md)
-        first, *others = (np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in tally.seeded_images)
-        for other in others:
-            assert np.abs(other.astype(int) - first).max() <= 2
+    assert tally.counts[("/generate", 200)] and set(tally.seeded_images) == {"seeded", "seeded with adapters"}
+    for images in tally.seeded_images.values():
+        if batching == "step":  # padded on the CPU: bit-identical in any company
+            assert len(images) == 1, tally.report()
+        elif len(images) > 1:  # a batch's rounding depends on its size (docs/serving.md)
+            first, *others = (np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in images)
+            for other in others:
+                assert np.abs(other.astype(int) - first).max() <= 2
+    plain, adapted = (next(iter(tally.seeded_images[k])) for k in ("seeded", "seeded with adapters"))
+    assert plain != adapted  # the adapters were on for the one, off for the other
 
 
 @pytest.mark.parametrize("batching", ["request", "step"])
