@@ -118,7 +118,11 @@ JOBS = Counter(
     registry=REGISTRY,
 )
 WEBHOOKS = Counter(
-    "sdserve_webhooks", "Job webhook deliveries by outcome: delivered, retried, failed.", ["outcome"], registry=REGISTRY
+    "sdserve_webhooks",
+    "Job webhook deliveries by outcome: delivered, retried, failed (given up), resumed (taken over from a "
+    "replica that stopped before it ended).",
+    ["outcome"],
+    registry=REGISTRY,
 )
 OUTPUTS = Counter(
     "sdserve_url_outputs",

@@ -321,6 +321,34 @@ async def test_replicas_are_counted_alive_in_redis_until_they_leave_or_go_quiet(
         redis.stop()
 
 
+async def test_an_ended_job_whose_webhook_is_due_keeps_a_lease_another_replica_can_find_lapsed(tmp_path):
+    """Redis keeps the lease of an ended job while its webhook is being delivered, so the
+    replicas' look for lapsed leases finds a delivery whose replica died; once delivered (or
+    given up) it has no lease, and an ended job without a webhook never had one."""
+    import time
+
+    from sdserve.jobs.record import JobRecord
+    from sdserve.jobs.redisstore import RedisJobs
+    from sdtesting.procs import RedisProc
+
+    redis = RedisProc(tmp_path)
+    try:
+        jobs, now = RedisJobs(redis.url, 3600), time.time()
+        due = JobRecord(id="job_due", owner="alice", status="succeeded", webhook_url="http://h/", webhook_due=True)
+        due.lease_until = now + 30
+        await jobs.put(due)
+        await jobs.put(JobRecord(id="job_plain", owner="alice", status="succeeded", lease_until=now - 30))
+        assert await jobs.lapsed(now, 10) == []
+        assert await jobs.lapsed(now + 60, 10) == ["job_due"]
+        assert (await jobs.get("job_due")).delivery_lapsed(now + 60)
+        due.webhook_due = False
+        await jobs.put(due)
+        assert await jobs.lapsed(now + 60, 10) == []
+        assert redis.client.zscore(RedisJobs.LEASES, "job_due") is None
+    finally:
+        redis.stop()
+
+
 def racing_jobs(redis, patch: dict):
     """A RedisJobs on ``redis`` in which, once ``armed``, another replica's write (``patch`` on
     the stored record) lands between the next write's look and its transaction."""

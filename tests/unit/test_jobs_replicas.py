@@ -404,3 +404,67 @@ async def test_a_job_whose_replica_died_is_cancelled_at_once_and_never_offered_a
         shared.reap = held  # type: ignore[method-assign]  # its settling goes on, from its old copy
         await served.state.sd.jobs._settled(lost)
         assert (await shared.get("job_lost")).status == "cancelled" and await shared.offered() == 0
+
+
+async def test_a_webhook_whose_replica_stopped_before_delivering_it_is_delivered_by_another(keys):
+    """Webhooks are delivered at least once. A replica that shuts down while its job's webhook
+    is still being retried (the receiver down) ends its lease on the delivery; another replica
+    sharing the store takes it over at its next look and goes on from the attempts made. One
+    whose replica died (its lease lapsed) is taken over too, and given up once every attempt
+    is spent, by whichever replicas made them. A delivered webhook is due no more."""
+    from sdserve.jobs.webhook import WEBHOOK_ATTEMPTS
+
+    shared = MemoryJobs(3600, shared=True)
+    calls: list[tuple[str, dict]] = []
+    up = asyncio.Event()
+
+    async def hook(request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        calls.append((request.headers["x-sdserve-job-id"], body))
+        return web.Response(status=204 if up.is_set() and body["id"] != "job_spent" else 503)
+
+    def settings() -> Settings:
+        base = drain_settings(keys)  # backoff 30 s: the first replica waits to retry when it stops
+        return base.model_copy(update={"webhook_allowed_hosts": "127.0.0.1", "webhook_backoff_seconds": 30.0})
+
+    a, b = create_app(settings(), FakePipeline()), create_app(settings(), FakePipeline())
+    a.state.sd.jobs.store = b.state.sd.jobs.store = shared
+    resumed, failed = (
+        metric("sdserve_webhooks_total", outcome="resumed"),
+        metric("sdserve_webhooks_total", outcome="failed"),
+    )
+    async with receiver(hook) as url:
+        async with serve(a) as ca:
+            job = (await ca.post("/v1/jobs", json={**BODY, "webhook": {"url": url}}, headers=ALICE)).json()["id"]
+            await until(lambda: len(calls) == 1, what="the first attempt")
+            await until(lambda: stored_now(shared, job).webhook_attempts == 1, what="the attempt written")
+            stored = await shared.get(job)
+            assert (stored.status, stored.webhook_due, stored.runner) == ("succeeded", True, a.state.sd.jobs.me)
+        assert (await shared.get(job)).lease_until <= time.time()  # A's shutdown ended its lease
+        spent = JobRecord(
+            id="job_spent",
+            owner="alice",
+            status="succeeded",
+            webhook_url=url,
+            webhook_due=True,
+            webhook_attempts=WEBHOOK_ATTEMPTS - 1,
+            runner="a-replica-that-died",
+            lease_until=time.time() - 1,
+        )
+        await shared.put(spent)
+        up.set()
+        async with serve(b):
+            await until(lambda: len(calls) == 3, within=15, what="B's attempts")
+            await until(lambda: not any(stored_now(shared, i).webhook_due for i in (job, "job_spent")), what="none due")
+    assert [(i, body["status"]) for i, body in calls] == [(job, "succeeded")] * 2 + [("job_spent", "succeeded")]
+    delivered, given_up = await shared.get(job), await shared.get("job_spent")
+    assert (delivered.webhook_attempts, delivered.runner) == (2, b.state.sd.jobs.me)
+    assert given_up.webhook_attempts == WEBHOOK_ATTEMPTS  # one more by B, then given up
+    assert metric("sdserve_webhooks_total", outcome="resumed") - resumed == 2
+    assert metric("sdserve_webhooks_total", outcome="failed") - failed == 1
+    assert await shared.lapsed(time.time() + 3600, 10) == []  # no lease left to lapse
+
+
+def stored_now(store: MemoryJobs, job_id: str) -> JobRecord:
+    """A record as the in-memory store holds it, read without awaiting (for ``until``)."""
+    return JobRecord.parse(store._data[job_id][1])

@@ -25,7 +25,10 @@ running, to start again from its first step, once (``MAX_LOST_RUNS``): one whose
 replica dies under it, or already given to ``MAX_ATTEMPTS`` replicas, fails with
 ``replica_lost``, its webhook called, so a client waiting only for the webhook hears of it too.
 
-Webhooks (``webhook``) go only to allowed hosts, signed, retried with backoff.
+Webhooks (``webhook``) go only to allowed hosts, signed, retried with backoff, at least once:
+an ended job's record says its webhook is due until it is delivered or given up, under a
+lease of the replica delivering it, and with Redis a replica finds a lapsed one (its
+deliverer died or shut down) as it finds a lapsed job, and delivers it.
 
 The parts: ``record`` (a job's record), ``store`` and ``redisstore`` (where records live),
 ``spec`` (a job's request, stored for another replica to run), ``webhook``, and ``service``

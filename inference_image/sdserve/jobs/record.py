@@ -36,6 +36,11 @@ class JobRecord:
     runner: str = ""  # the replica that runs it (``Jobs.me``); none while offered
     attempts: int = 0  # the replicas that took it, the first included
     lost_runs: int = 0  # the replicas that stopped renewing it (died) while they ran it
+    #: Ended with a webhook not yet delivered nor given up: the replica that wrote the end
+    #: (``runner``) delivers it, holding ``lease_until`` across its retries; a replica that
+    #: finds that lease lapsed (the deliverer died, or shut down first) delivers it instead.
+    webhook_due: bool = False
+    webhook_attempts: int = 0  # the POSTs of its webhook so far, by every replica
 
     @classmethod
     def parse(cls, raw: str | bytes) -> JobRecord:
@@ -46,6 +51,14 @@ class JobRecord:
 
     def lapsed(self, now: float) -> bool:
         return self.status not in TERMINAL and self.lease_until < now
+
+    def delivery_lapsed(self, now: float) -> bool:
+        """Ended, its webhook due, and no replica renewing its delivery."""
+        return self.status in TERMINAL and self.webhook_due and self.lease_until < now
+
+    def leased(self) -> bool:
+        """Whether a replica holds it under ``lease_until``: running it, or delivering its webhook."""
+        return self.status not in TERMINAL or self.webhook_due
 
     def public(self, presign: Callable[[str], str] | None = None) -> dict[str, Any]:
         """What GET, the events and the webhook show (never the webhook's secret); ``presign``

@@ -45,7 +45,8 @@ return redis.call('GET', KEYS[1])
     OWNER = "sdserve:jobs:owner:"
     #: Jobs handed off (``offer``), by creation time; each unfinished job's request, like its
     #: record without a Redis expiry (deleted with it); unfinished jobs by lease end, for
-    #: ``lapsed``; a lapse settled (``reap``), briefly.
+    #: ``lapsed`` (and ended ones whose webhook is being delivered); a lapse settled (``reap``),
+    #: briefly.
     OFFERED = "sdserve:jobs:offered"
     SPEC = "sdserve:jobspec:"
     LEASES = "sdserve:jobs:leases"
@@ -108,14 +109,15 @@ return {popped[1], spec or ''}
         (or, ended, its lease, offer and request gone), its owner's index."""
         pipe.set(self.PREFIX + record.id, json.dumps(asdict(record)))
         pipe.zadd(self.EXPIRY, {record.id: now + self.ttl})
-        if record.status in TERMINAL:  # nothing left to run or hand off
+        if record.leased():  # running, or its webhook being delivered: ``lapsed`` finds it
+            pipe.zadd(self.LEASES, {record.id: record.lease_until})
+        else:
             pipe.zrem(self.LEASES, record.id)
+        if record.status in TERMINAL:  # nothing left to run or hand off
             pipe.zrem(self.OFFERED, record.id)
             pipe.delete(self.SPEC + record.id)
-        else:
-            pipe.zadd(self.LEASES, {record.id: record.lease_until})
-            if spec is not None:
-                pipe.set(self.SPEC + record.id, spec)
+        elif spec is not None:
+            pipe.set(self.SPEC + record.id, spec)
         # The owner's index: ids made over two TTLs ago are past (a record lives a TTL after
         # its last write, and a job does not run for a day), and an owner idle that long has no
         # record left: the index goes too.

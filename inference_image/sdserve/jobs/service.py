@@ -15,6 +15,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import httpx
+
 from .. import metrics, steps
 from ..encode import ImageFormat
 from ..errors import ApiError
@@ -22,7 +24,7 @@ from ..queue import Draining, Job
 from .record import TERMINAL, JobRecord, keeping_cancel
 from .spec import generation_of, spec_of
 from .store import JobStore
-from .webhook import deliver
+from .webhook import WEBHOOK_ATTEMPTS, WEBHOOK_TIMEOUT_SECONDS, attempt, check_webhook
 
 log = logging.getLogger("sdserve.jobs")
 
@@ -321,6 +323,7 @@ class Jobs:
             log.exception("job %s failed", record.id)
             record.status, record.error = "failed", {"code": "generation_failed", "message": f"{type(e).__name__}: {e}"}
         metrics.JOBS.labels(record.status).inc()
+        self._due(record)
         if not await self._store_end(record) and record.webhook_url:
             await self._deliver(record)  # with the store unreachable too: the webhook still has the images
 
@@ -397,8 +400,112 @@ class Jobs:
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 1.0)
 
+    def _due(self, record: JobRecord) -> None:
+        """An end about to be written: its webhook, if it has one, due from this replica, under
+        a lease that covers a POST (``_deliver``)."""
+        record.webhook_due, record.webhook_attempts = bool(record.webhook_url), 0
+        if record.webhook_due:
+            record.runner = self.me
+            record.lease_until = time.time() + self._delivery_lease()
+
+    def _delivery_lease(self) -> float:
+        return self.state.settings.job_lease_seconds + WEBHOOK_TIMEOUT_SECONDS
+
     async def _deliver(self, record: JobRecord) -> None:
-        await deliver(self.state.settings, record, json.dumps(self.view(record)).encode())
+        """POST the job's webhook (``WEBHOOK_ATTEMPTS`` in all, those another replica made
+        before included), with exponential backoff between attempts. The record says the
+        webhook is due until it is delivered or given up; between attempts this replica renews
+        its lease on the delivery and writes the attempts made, so a replica that finds the
+        lease lapsed (this one died, or shut down first) goes on from there. A host no longer
+        allowed is not called."""
+        s = self.state.settings
+        assert record.webhook_url is not None
+        try:  # as allowed now: another replica took the job, or the allowed hosts changed since
+            check_webhook(s, record.webhook_url)
+        except ApiError as e:
+            metrics.WEBHOOKS.labels("failed").inc()
+            log.warning("webhook of %s not called: %s", record.id, e.message)
+            await self._delivery_ended(record)
+            return
+        body = json.dumps(self.view(record)).encode()
+        try:
+            async with httpx.AsyncClient(timeout=WEBHOOK_TIMEOUT_SECONDS, follow_redirects=False) as client:
+                while True:
+                    problem = await attempt(client, record, body)
+                    record.webhook_attempts += 1
+                    if problem is None:
+                        metrics.WEBHOOKS.labels("delivered").inc()
+                        break
+                    last = record.webhook_attempts >= WEBHOOK_ATTEMPTS
+                    metrics.WEBHOOKS.labels("failed" if last else "retried").inc()
+                    log.warning("webhook of %s, attempt %d: %s", record.id, record.webhook_attempts, problem)
+                    if last:
+                        break
+                    delay = s.webhook_backoff_seconds * 2 ** (record.webhook_attempts - 1)
+                    if not await self._hold_delivery(record, delay):
+                        return  # another replica took the delivery over: it goes on from here
+                    await asyncio.sleep(delay)
+        except asyncio.CancelledError:  # shut down before it ended: its lease ends now, for another replica
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._hold_delivery(record, 0.0, until=time.time()), 2)
+            raise
+        await self._delivery_ended(record)
+
+    async def _hold_delivery(self, record: JobRecord, delay: float, until: float | None = None) -> bool:
+        """Renew this replica's lease on a delivery (for ``delay`` and one more attempt; or to
+        ``until``) and write the attempts made; False when another replica holds it now. With
+        the store unreachable, the delivery goes on here."""
+        record.lease_until = time.time() + delay + self._delivery_lease() if until is None else until
+        taken = False
+
+        def renew(stored: JobRecord | None) -> JobRecord | None:
+            nonlocal taken
+            if stored is None:
+                return None
+            if not stored.webhook_due or stored.runner != self.me:
+                taken = True
+                return None
+            stored.lease_until, stored.webhook_attempts = record.lease_until, record.webhook_attempts
+            return stored
+
+        try:
+            await self.store.update(record.id, renew)
+        except ApiError:
+            return True
+        return not taken
+
+    async def _delivery_ended(self, record: JobRecord) -> None:
+        """The webhook delivered or given up: no longer due (unless another replica holds it now)."""
+
+        def ended(stored: JobRecord | None) -> JobRecord | None:
+            if stored is None or not stored.webhook_due or stored.runner != self.me:
+                return None
+            stored.webhook_due, stored.webhook_attempts = False, record.webhook_attempts
+            return stored
+
+        with contextlib.suppress(ApiError):  # unreachable: another replica may call it again (at least once)
+            await self.store.update(record.id, ended)
+
+    async def _resume_delivery(self, record: JobRecord) -> None:
+        """A webhook whose delivery lapsed (its replica died, or shut down, before it ended):
+        this replica takes it over, once per lapse across replicas (``reap``), and goes on from
+        the attempts made."""
+        if not await self.store.reap(record):
+            return
+        lapse = record.lease_until
+        taken: list[JobRecord] = []
+
+        def take(stored: JobRecord | None) -> JobRecord | None:
+            if stored is None or not stored.webhook_due or stored.lease_until != lapse:
+                return None  # delivered, or taken over, since it was read
+            stored.runner, stored.lease_until = self.me, time.time() + self._delivery_lease()
+            taken.append(stored)
+            return stored
+
+        if await self.store.update(record.id, take):
+            metrics.WEBHOOKS.labels("resumed").inc()
+            log.info("delivering the webhook of job %s: the replica delivering it stopped first", record.id)
+            self._report(taken[-1])
 
     async def _hand_off(self, record: JobRecord) -> bool:
         """Offer a job this replica will not run, or not finish, to the replicas sharing its
@@ -438,7 +545,8 @@ class Jobs:
         queue them soon (fewer than half its queue waiting, as ``steps.enqueue_when_room`` lets
         in) and below ``job_queue_size`` jobs; then report
         this replica's share of those still offered (``_share``). Every ``REAP_SECONDS``: settle
-        jobs whose lease lapsed (``_settled``), their replica dead."""
+        jobs whose lease lapsed (``_settled``), their replica dead, and take over the webhooks
+        whose delivery lapsed (``_resume_delivery``)."""
         reaped = time.monotonic()
         while True:
             await asyncio.sleep(ADOPT_POLL_SECONDS)
@@ -446,7 +554,11 @@ class Jobs:
                 if self.store.shared and time.monotonic() - reaped >= REAP_SECONDS:
                     reaped = time.monotonic()
                     for job_id in await self.store.lapsed(time.time(), 100):
-                        if (record := await self.store.get(job_id)) is not None:
+                        if (record := await self.store.get(job_id)) is None:
+                            continue
+                        if record.delivery_lapsed(time.time()):
+                            await self._resume_delivery(record)
+                        else:
                             await self._settled(record)
                 while self.store.shared and self._room_to_adopt():
                     taken = await self.store.take()
@@ -537,6 +649,7 @@ class Jobs:
         """Store, count and report the end of a job no replica holds (cancelled or failed
         while offered, or lost), as the replica running it would; unless an end was stored
         meanwhile: that one is the answer, and is returned."""
+        self._due(record)
         if not await self.store.put_unless_ended(record):
             return (await self.store.get(record.id)) or record
         metrics.JOBS.labels(record.status).inc()

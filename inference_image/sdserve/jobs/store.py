@@ -68,7 +68,8 @@ class JobStore(Protocol):
         ...
 
     async def lapsed(self, now: float, limit: int) -> list[str]:
-        """Ids of unfinished jobs whose lease ended before ``now`` (``limit`` at most)."""
+        """Ids of jobs whose lease ended before ``now`` (``limit`` at most): unfinished ones,
+        and ended ones whose webhook is due (``JobRecord.leased``)."""
         ...
 
     async def reap(self, record: JobRecord) -> bool:
@@ -139,8 +140,9 @@ class MemoryJobs:
 
     async def lapsed(self, now: float, limit: int) -> list[str]:
         out = []
-        for job_id, (_, raw, finished, _) in list(self._data.items()):
-            if not finished and JobRecord.parse(raw).lapsed(now):
+        for job_id, (_, raw, _, _) in list(self._data.items()):  # every record parsed: tests only
+            record = JobRecord.parse(raw)
+            if record.leased() and record.lease_until < now:
                 out.append(job_id)
                 if len(out) == limit:
                     break

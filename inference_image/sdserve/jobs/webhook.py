@@ -4,25 +4,29 @@ Webhooks go only to hosts in SDSERVE_WEBHOOK_ALLOWED_HOSTS (an open webhook lets
 the server call inside the cluster). The body is the job as GET shows it; the headers carry
 ``X-Sdserve-Timestamp`` and ``X-Sdserve-Signature: sha256=HMAC(secret, "{timestamp}.{body}")``
 so a receiver can check who sent it and refuse a replay. Failed deliveries are retried with
-exponential backoff."""
+exponential backoff, ``WEBHOOK_ATTEMPTS`` in all, by whichever replica holds the delivery
+(``sdserve.jobs.Jobs``): at least once, so a receiver dedupes by ``X-Sdserve-Job-Id``."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
 import time
 import urllib.parse
 
-from .. import metrics
+import httpx
+
 from ..errors import ApiError
 from ..settings import Settings
 from .record import JobRecord
 
 log = logging.getLogger("sdserve.jobs")
 
+#: POSTs of one webhook, by every replica, before it is given up.
 WEBHOOK_ATTEMPTS = 4
+#: The longest one POST may take.
+WEBHOOK_TIMEOUT_SECONDS = 10.0
 
 
 def check_webhook(s: Settings, url: str) -> None:
@@ -45,36 +49,20 @@ def signature(secret: str, timestamp: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
 
 
-async def deliver(s: Settings, record: JobRecord, body: bytes) -> None:
-    """POST ``body`` (the job as GET shows it) to ``record``'s webhook, signed, up to
-    ``WEBHOOK_ATTEMPTS`` times with exponential backoff; a host no longer allowed is not called."""
-    import httpx
-
+async def attempt(client: httpx.AsyncClient, record: JobRecord, body: bytes) -> str | None:
+    """One signed POST of ``body`` (the job as GET shows it) to ``record``'s webhook: None when
+    the receiver answered 2xx, else what went wrong. Retries, and the record of them, are the
+    caller's (``sdserve.jobs.Jobs``): a delivery outlives the replica that began it."""
     assert record.webhook_url is not None
-    try:  # as allowed now: another replica took the job, or the allowed hosts changed since
-        check_webhook(s, record.webhook_url)
-    except ApiError as e:
-        metrics.WEBHOOKS.labels("failed").inc()
-        log.warning("webhook of %s not called: %s", record.id, e.message)
-        return
-    delay = s.webhook_backoff_seconds
-    async with httpx.AsyncClient(timeout=10, follow_redirects=False) as client:
-        for attempt in range(WEBHOOK_ATTEMPTS):
-            ts = str(int(time.time()))
-            headers = {
-                "content-type": "application/json",
-                "x-sdserve-job-id": record.id,
-                "x-sdserve-timestamp": ts,
-                "x-sdserve-signature": signature(record.webhook_secret or "", ts, body),
-            }
-            try:
-                r = await client.post(record.webhook_url, content=body, headers=headers)
-                if 200 <= r.status_code < 300:
-                    metrics.WEBHOOKS.labels("delivered").inc()
-                    return
-                problem = f"HTTP {r.status_code}"
-            except httpx.HTTPError as e:
-                problem = f"{type(e).__name__}: {e}"
-            metrics.WEBHOOKS.labels("retried" if attempt + 1 < WEBHOOK_ATTEMPTS else "failed").inc()
-            log.warning("webhook of %s, attempt %d: %s", record.id, attempt + 1, problem)
-            await asyncio.sleep(delay * 2**attempt)
+    ts = str(int(time.time()))
+    headers = {
+        "content-type": "application/json",
+        "x-sdserve-job-id": record.id,
+        "x-sdserve-timestamp": ts,
+        "x-sdserve-signature": signature(record.webhook_secret or "", ts, body),
+    }
+    try:
+        r = await client.post(record.webhook_url, content=body, headers=headers)
+    except httpx.HTTPError as e:
+        return f"{type(e).__name__}: {e}"
+    return None if 200 <= r.status_code < 300 else f"HTTP {r.status_code}"
