@@ -9,14 +9,15 @@ with the model's thread (a batch's negative prompts encoded 2 tokens long, a 500
 test alone could. What must hold after any mix:
 - no answer is a 5xx other than 503 (draining, out of memory) or 504 (timeout); a 429 carries
   Retry-After; a bad request is a 4xx;
-- every streamed answer ends with its completed event, every job's event stream with done;
+- every streamed answer ends with its completed event (or the error event of one of those
+  503s and 504s), every job's event stream with done;
 - once the load stops, the in-flight, queue-depth and model-call-age gauges are 0 and no
   job is in flight; the log holds no traceback and no ERROR line;
 - with step batching (bit-identical on the CPU), a seeded request gives one image whatever
   company it kept, with LoRA adapters or without them while others use them;
 - jobs on replicas that share Redis all end as succeeded, or cancelled when a cancel was
   sent, through one replica draining (SIGTERM) and another dying (SIGKILL): none fails, none
-  is lost.
+  is lost; and each one's webhook is delivered (a third fail their first call), saying so.
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ import time
 import httpx
 import numpy as np
 import pytest
+from aiohttp import web
 from PIL import Image
 
 from sdtesting.lora import make_adapter
 from sdtesting.procs import RedisProc, ServerProc
 from sdtesting.waiting import until
+from tests.unit.test_jobs import receiver
 
 pytestmark = pytest.mark.soak
 
@@ -47,6 +50,8 @@ SECONDS = float(os.environ.get("SDOP_SOAK_SECONDS", "60"))
 SEED = int(os.environ.get("SDOP_SOAK_SEED", "0"))
 SCHEDULERS = ["default", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim"]
 SEEDED = {"prompt": "the same", "size": "64x64", "num_inference_steps": 4, "seed": 1234, "scheduler": "euler_a"}
+#: The error events that end a stream as 504 and 503 end an answer that is not streamed.
+RETRYABLE_STREAM_ERRORS = {"timeout", "draining", "out_of_memory"}
 SEEDED_LORA = {**SEEDED, "loras": {"ink": 0.5, "pixel": 1.0}}
 BAD = [
     {"prompt": "", "size": "64x64"},
@@ -73,6 +78,16 @@ class Tally:
             self.problems.append(f"{kind}: {r.status_code} {r.text[:300]}")
         if r.status_code == 429 and "retry-after" not in r.headers:
             self.problems.append(f"{kind}: a 429 without Retry-After")
+
+    def stream_ended(self, last: str) -> None:
+        """A stream that did not complete: its headers (200) went out before the outcome, so a
+        timeout, a drain or an out-of-memory (a 504 or 503 unstreamed) ends it with an error event."""
+        event, _, data = last.partition("\ndata: ")
+        code = json.loads(data)["error"]["code"] if event == "event: error" else None
+        if code in RETRYABLE_STREAM_ERRORS:
+            self.counts[("stream error", code)] += 1
+        else:
+            self.problems.append(f"a stream ended with {last[:300]}")
 
     def report(self) -> str:
         seen = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items(), key=str))
@@ -160,7 +175,7 @@ async def one_client(url: str, seed: int, stop_at: float, tally: Tally) -> None:
                         tally.answer("stream", r)
                         last = text.strip().split("\n\n")[-1]
                         if r.status_code == 200 and "image_generation.completed" not in last:
-                            tally.problems.append(f"a stream ended with {last[:300]}")
+                            tally.stream_ended(last)
                 elif roll < 0.60:
                     await a_job(c, rng, tally)
                 elif roll < 0.70:
@@ -264,11 +279,28 @@ async def test_jobs_end_through_a_replica_draining_and_one_dying_under_load(tmp_
         "drain_seconds": 3,
         "job_lease_seconds": 3,
         "max_steps": 10,
+        "webhook_allowed_hosts": "127.0.0.1",
+        "webhook_backoff_seconds": 4,  # a retry waits long enough to meet the drain or the kill
     }
-    started = [ServerProc(tmp_path, **shared), ServerProc(tmp_path, **shared)]
-    serving = list(started)
     jobs: dict[str, bool] = {}  # id -> a cancel was accepted
     tally = Tally()
+    hooks: dict[str, list[str]] = collections.defaultdict(list)  # id -> the statuses its webhooks said
+    delivered: set[str] = set()
+
+    async def hook(request: web.Request) -> web.Response:
+        """Every job's webhook: the first call for a third of them fails (a retry follows)."""
+        job = json.loads(await request.read())
+        first = not hooks[job["id"]]
+        hooks[job["id"]].append(job["status"])
+        if first and int(job["id"][-2:], 16) % 3 == 0:
+            return web.Response(status=503)
+        delivered.add(job["id"])
+        return web.Response(status=204)
+
+    stack = contextlib.AsyncExitStack()
+    hooks_at = await stack.enter_async_context(receiver(hook))
+    started = [ServerProc(tmp_path, **shared), ServerProc(tmp_path, **shared)]
+    serving = list(started)
 
     async def submit(seed: int, stop_at: float) -> None:
         rng = random.Random(seed)
@@ -280,7 +312,8 @@ async def test_jobs_end_through_a_replica_draining_and_one_dying_under_load(tmp_
                         sync = await c.post(rng.choice(live).url + "/v1/images/generations", json=generation(rng))
                         tally.answer("generation", sync)
                         continue
-                    r = await c.post(rng.choice(live).url + "/v1/jobs", json=generation(rng))
+                    body = {**generation(rng), "webhook": {"url": hooks_at}}
+                    r = await c.post(rng.choice(live).url + "/v1/jobs", json=body)
                     tally.answer("job", r)
                     if r.status_code == 202:
                         jobs[r.json()["id"]] = False
@@ -324,15 +357,28 @@ async def test_jobs_end_through_a_replica_draining_and_one_dying_under_load(tmp_
                 # A cancel reaches the runner at its next look: a job can end first.
                 if not (view["status"] == "succeeded" or cancelled and view["status"] == "cancelled"):
                     tally.problems.append(f"job {job} (cancel accepted: {cancelled}) ended {view}")
+        # Every webhook arrives, those the stopped replicas were retrying too (another takes
+        # each over: at once from the drained one, once its lease lapses from the killed one),
+        # and says how its job ended.
+        with contextlib.suppress(AssertionError):
+            await until(lambda: delivered >= set(jobs), within=60, what="every webhook delivered")
+        async with httpx.AsyncClient(base_url=live[0].url, timeout=10) as c:
+            for job in jobs:
+                status = (await c.get(f"/v1/jobs/{job}")).json()["status"]
+                if job not in delivered or status not in hooks[job]:
+                    tally.problems.append(f"job {job} ended {status}; its webhooks said {hooks[job]}")
+                tally.counts[("webhook calls", len(hooks[job]))] += 1
         for s in live:
             for gauge in ("sdserve_inflight_requests", "sdserve_queue_depth"):
                 if (value := s.metric(gauge)) != 0:
                     tally.problems.append(f"{s.url} {gauge} is {value} with no load")
         for s in started:
             tally.problems += log_problems(s)
+        tally.counts[("webhooks resumed", 0)] = sum(s.log().count("delivering the webhook of job") for s in started)
     finally:
         for s in started:
             s.stop()
         redis.stop()
+        await stack.aclose()
     assert not tally.problems, tally.report()
     assert tally.counts[("job end", "succeeded")] > 10, tally.report()
