@@ -462,7 +462,7 @@ class Jobs:
             nonlocal taken
             if stored is None:
                 return None
-            if not stored.webhook_due or stored.runner != self.me:
+            if not self._delivering(stored):
                 taken = True
                 return None
             stored.lease_until, stored.webhook_attempts = record.lease_until, record.webhook_attempts
@@ -474,11 +474,15 @@ class Jobs:
             return True
         return not taken
 
+    def _delivering(self, stored: JobRecord) -> bool:
+        """Whether the stored record says this replica holds its webhook's delivery."""
+        return stored.webhook_due and stored.runner == self.me
+
     async def _delivery_ended(self, record: JobRecord) -> None:
         """The webhook delivered or given up: no longer due (unless another replica holds it now)."""
 
         def ended(stored: JobRecord | None) -> JobRecord | None:
-            if stored is None or not stored.webhook_due or stored.runner != self.me:
+            if stored is None or not self._delivering(stored):
                 return None
             stored.webhook_due, stored.webhook_attempts = False, record.webhook_attempts
             return stored
