@@ -442,20 +442,20 @@ class Jobs:
                     if last:
                         break
                     delay = s.webhook_backoff_seconds * 2 ** (record.webhook_attempts - 1)
-                    if not await self._hold_delivery(record, delay):
+                    if not await self._hold_delivery(record, time.time() + delay + self._delivery_lease()):
                         return  # another replica took the delivery over: it goes on from here
                     await asyncio.sleep(delay)
         except asyncio.CancelledError:  # shut down before it ended: its lease ends now, for another replica
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._hold_delivery(record, 0.0, until=time.time()), 2)
+                await asyncio.wait_for(self._hold_delivery(record, time.time()), 2)
             raise
         await self._delivery_ended(record)
 
-    async def _hold_delivery(self, record: JobRecord, delay: float, until: float | None = None) -> bool:
-        """Renew this replica's lease on a delivery (for ``delay`` and one more attempt; or to
-        ``until``) and write the attempts made; False when another replica holds it now. With
-        the store unreachable, the delivery goes on here."""
-        record.lease_until = time.time() + delay + self._delivery_lease() if until is None else until
+    async def _hold_delivery(self, record: JobRecord, until: float) -> bool:
+        """Set this replica's lease on a delivery to end at ``until`` (past the next attempt, or
+        now to give it up) and write the attempts made; False when another replica holds it
+        now. With the store unreachable, the delivery goes on here."""
+        record.lease_until = until
         taken = False
 
         def renew(stored: JobRecord | None) -> JobRecord | None:
@@ -492,10 +492,9 @@ class Jobs:
 
     async def _resume_delivery(self, record: JobRecord) -> None:
         """A webhook whose delivery lapsed (its replica died, or shut down, before it ended):
-        this replica takes it over, once per lapse across replicas (``reap``), and goes on from
-        the attempts made."""
-        if not await self.store.reap(record):
-            return
+        this replica takes it over and goes on from the attempts made. Once per lapse across
+        replicas: the take-over writes only over the lease it read (a store ``update``), so of
+        the replicas that found the same lapse, the first to write takes it."""
         lapse = record.lease_until
         taken: list[JobRecord] = []
 
